@@ -1,0 +1,21 @@
+"""Typed exceptions that the CLI turns into one-line messages and exit codes."""
+
+from __future__ import annotations
+
+
+class TagclipError(Exception):
+    """Base class: a problem the user can fix; the message is shown as one line."""
+
+    exit_code = 2
+
+
+class UsageError(TagclipError):
+    """Bad arguments or inputs detected before any work was done (exit code 2)."""
+
+
+class ModelLoadError(TagclipError):
+    """Weights or a model config could not be loaded; the message says how to supply them."""
+
+
+class ConfigMismatchError(TagclipError):
+    """An existing output was produced with a different configuration."""
