@@ -1,0 +1,91 @@
+"""The synthetic shapes generator: determinism, ground truth consistency, folder layout."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tagclip_cli.synthetic import (
+    OBJECT_CLASSES,
+    STUFF_CLASSES,
+    generate_scene,
+    read_folder_dataset,
+    write_folder_dataset,
+)
+from tagclip_cli.vocab import load_vocabulary
+
+
+def test_same_seed_and_index_give_the_same_scene() -> None:
+    a, b = generate_scene(5, seed=3), generate_scene(5, seed=3)
+    assert np.array_equal(a.image, b.image)
+    assert np.array_equal(a.label_map, b.label_map)
+    assert (a.objects, a.areas, a.stuff, a.caption) == (b.objects, b.areas, b.stuff, b.caption)
+
+
+def test_scene_does_not_depend_on_generation_order() -> None:
+    later_first = [generate_scene(i, seed=1) for i in (2, 1, 0)]
+    in_order = [generate_scene(i, seed=1) for i in (0, 1, 2)]
+    for x, y in zip(reversed(later_first), in_order, strict=True):
+        assert np.array_equal(x.image, y.image)
+
+
+def test_different_seeds_or_indices_differ() -> None:
+    base = generate_scene(0, seed=0).image
+    assert not np.array_equal(base, generate_scene(1, seed=0).image)
+    assert not np.array_equal(base, generate_scene(0, seed=1).image)
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_label_map_is_consistent_with_tags(index: int) -> None:
+    scene = generate_scene(index, seed=11)
+    assert scene.image.shape == (224, 224, 3) and scene.image.dtype == np.uint8
+    assert scene.label_map.shape == (224, 224) and scene.label_map.dtype == np.uint8
+    present = {OBJECT_CLASSES[v - 1] for v in np.unique(scene.label_map) if v != 0}
+    assert present == set(scene.objects)
+    assert 1 <= len(scene.objects) <= 4
+    assert len(set(scene.objects)) == len(scene.objects)
+    counts = [int((scene.label_map == OBJECT_CLASSES.index(c) + 1).sum()) for c in scene.objects]
+    assert counts == list(scene.areas)
+    assert counts == sorted(counts, reverse=True)  # objects are listed largest first
+    assert scene.salient == scene.objects[0]
+    assert set(scene.stuff) <= set(STUFF_CLASSES) and 1 <= len(scene.stuff) <= 2
+    # Captions name the salient object, or (rarely) only the stuff.
+    assert scene.salient in scene.caption or any(s in scene.caption for s in scene.stuff)
+
+
+def test_stream_has_small_objects_and_every_class_is_sometimes_salient() -> None:
+    scenes = [generate_scene(i, seed=2) for i in range(120)]
+    salient = {s.salient for s in scenes}
+    assert len(salient) >= 10
+    smallest = min(a for s in scenes for a in s.areas)
+    assert smallest < 0.01 * 224 * 224  # some objects cover under 1% of the image
+    captions = [s.caption for s in scenes]
+    only_salient = sum(not any(o in c for o in s.objects[1:]) for s, c in zip(scenes, captions, strict=True))
+    assert only_salient > 0.6 * len(scenes)  # the salience bias of web captions
+
+
+def test_folder_layout_round_trips(tmp_path) -> None:
+    root = write_folder_dataset(tmp_path / "shapes", count=3, seed=4, start=10)
+    classes, records = read_folder_dataset(root)
+    assert classes == list(OBJECT_CLASSES)
+    assert sorted(records) == ["000010", "000011", "000012"]
+    for image_id, record in records.items():
+        scene = generate_scene(int(image_id), seed=4)
+        image = np.asarray(Image.open(root / "images" / f"{image_id}.png"))
+        labels_img = Image.open(root / "labels" / f"{image_id}.png")
+        assert labels_img.mode == "L"
+        assert np.array_equal(image, scene.image)
+        assert np.array_equal(np.asarray(labels_img), scene.label_map)
+        assert record["tags"] == list(scene.objects)
+        assert record["labels"] == [classes.index(t) + 1 for t in record["tags"]]
+    manifest = json.loads((root / "tags.json").read_text())
+    assert manifest["background"] == list(STUFF_CLASSES) and manifest["seed"] == 4
+
+
+def test_shapes_vocabulary_matches_the_generator() -> None:
+    vocab = load_vocabulary("shapes")
+    assert vocab.classes == OBJECT_CLASSES
+    assert vocab.background == STUFF_CLASSES
