@@ -748,3 +748,49 @@ def test_write_report_is_valid_json(tmp_path: Path):
     ev.write_report({"a": 1, "b": [None, 0.5]}, path)
     assert json.loads(path.read_text()) == {"a": 1, "b": [None, 0.5]}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def run_cli(args):
+    from typer.testing import CliRunner
+
+    from tagclip_cli.cli import app
+
+    return CliRunner().invoke(app, ["evaluate", *args])
+
+
+def test_cli_evaluate_writes_report_and_table(voc2007: Path, tmp_path: Path):
+    rng = np.random.default_rng(3)
+    rows = [(f"{n}.jpg", f"{n}.jpg", voc_scores(rng, o), ["person"]) for n, o in VOC07_OBJECTS.items()]
+    pred = write_tags_parquet(tmp_path / "tags.parquet", ev.VOC_CLASSES, rows)
+    out = tmp_path / "report.json"
+    result = run_cli(["--gt", "voc2007", "--root", str(voc2007), "--pred", str(pred), "--report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "mAP" in result.output and "aeroplane" in result.output
+    report = json.loads(out.read_text())
+    assert report["settings"]["gt"] == "voc2007" and report["images"]["evaluated"] == 5
+    assert report["metric_settings"]["ap"] == "paper"
+    assert any("difficult objects: counted as positives" in n for n in report["settings"]["notes"])
+    assert f"{100 * report['metrics']['mAP']:.2f}" in result.output
+    voc07 = run_cli(["--gt", "voc2007", "--root", str(voc2007), "--pred", str(pred), "--ap", "voc07"])
+    assert voc07.exit_code == 0 and "VOC07 11-point" in voc07.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gt", "imagenet"], "--gt must be one of"),
+        (["--gt", "voc2012"], "no SegmentationClass or SegmentationClassAug directory"),
+        (["--gt", "voc2007", "--ap", "11pt"], "--ap must be one of"),
+    ],
+)
+def test_cli_errors_are_one_line_exit_2(voc2007: Path, tmp_path: Path, args, message):
+    pred = write_tags_parquet(tmp_path / "t.parquet", ev.VOC_CLASSES, [])
+    result = run_cli(["--root", str(voc2007), "--pred", str(pred), *args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
