@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -25,13 +26,14 @@ err_console = Console(stderr=True)
 
 
 def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
+    """Our messages through rich on stderr; third-party chatter (open_clip logs on the root logger)
+    only at --verbose."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    logging.basicConfig(
-        level=level,
-        format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False, show_time=False, markup=False)],
-        force=True,
-    )
+    ours = logging.getLogger("tagclip_cli")
+    ours.handlers[:] = [RichHandler(console=err_console, show_path=False, show_time=False, markup=False)]
+    ours.setLevel(level)
+    ours.propagate = False
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -74,7 +76,7 @@ def evaluate_command(
         "positive", "--difficult", help="VOC2007 difficult objects: positive (default), negative or ignore."
     ),
     classes: str | None = typer.Option(
-        None, "--classes", help="--gt folder: class names, line i = pixel value i."
+        None, "--classes", help="--gt folder: class names, one per line (default ROOT/classes.txt)."
     ),
     vocab: str | None = typer.Option(
         None, "--vocab", help="Class names of a --pred PNG directory (vocabulary name or file)."
@@ -144,3 +146,131 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+
+
+# ---- shared options ---------------------------------------------------------------------------
+
+def _model_options(model: str | None, pretrained: str, checkpoint: Path | None, device: str, cache_dir: Path | None):
+    from tagclip_cli.pipeline import ModelOptions
+
+    if checkpoint is not None and not checkpoint.is_file():
+        raise fail(f"{checkpoint}: checkpoint file not found")
+    return ModelOptions(
+        model=model or "ViT-B-16",
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        device=_resolve_device(device),
+        cache_dir=cache_dir,
+        model_explicit=model is not None,
+    )
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise fail(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def _load_vocab(vocab: str, background: Path | None, no_background: bool):
+    from tagclip_cli.vocab import VocabularyError, load_vocabulary, read_name_list
+
+    try:
+        voc = load_vocabulary(vocab)
+        if no_background:
+            voc = voc.with_background(())
+        elif background is not None:
+            voc = voc.with_background(read_name_list(background))
+    except VocabularyError as exc:
+        raise fail(str(exc)) from exc
+    return voc
+
+
+def _progress(quiet: bool):
+    from contextlib import contextmanager
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    @contextmanager
+    def factory(total: int):
+        if quiet:
+            yield lambda n: None
+            return
+        with Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=False,
+        ) as prog:
+            task = prog.add_task("tagging", total=total)
+            yield lambda n: prog.advance(task, n)
+
+    return factory
+
+
+def _report(summary, out: Path) -> None:
+    for image_id, error in summary.failures[:20]:
+        logging.getLogger("tagclip_cli").warning("failed: %s: %s", image_id, error)
+    if len(summary.failures) > 20:
+        logging.getLogger("tagclip_cli").warning("... and %d more failures (see the status/error columns)",
+                                                 len(summary.failures) - 20)
+    err_console.print(
+        f"{out}: {summary.done} done, {summary.skipped} skipped (already done), {summary.failed} failed",
+        highlight=False,
+    )
+
+
+MODEL_HELP = "open_clip model name (default ViT-B-16, the paper's), or a built-in demo model such as shapes-demo."
+PRETRAINED_HELP = "open_clip pretrained tag (default openai; needs network once). 'random' = seeded random weights."
+CHECKPOINT_HELP = "Weights file: OpenAI TorchScript .pt, or a state dict .pt/.bin/.safetensors (OpenAI or open_clip keys)."
+
+
+@app.command()
+def annotate(
+    images: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+    vocab: str = typer.Option(..., "--vocab", "-v", help="Vocabulary file, or a built-in name (voc, coco)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output Parquet file (one row per image)."),
+    model: str = typer.Option(None, "--model", help=MODEL_HELP),
+    pretrained: str = typer.Option("openai", "--pretrained", help=PRETRAINED_HELP),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    background: Path = typer.Option(None, "--background", help="File of background class names (replaces the vocabulary's)."),
+    no_background: bool = typer.Option(False, "--no-background", help="Score against foreground classes only."),
+    tag_threshold: float = typer.Option(0.5, "--tag-threshold", min=0.0, max=1.0, help="Keep classes whose normalised score is above this."),
+    reference_compat: bool = typer.Option(False, "--reference-compat", help="Reproduce the reference implementation's quirks exactly (for published numbers)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward."),
+    workers: int = typer.Option(2, "--workers", min=0, help="DataLoader worker processes for decoding."),
+    max_side: int = typer.Option(None, "--max-side", min=16, help="Downscale images whose longer side exceeds this."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or unfinished run."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first image that cannot be read."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Text-embedding cache (default ~/.cache/tagclip or $TAGCLIP_CACHE_DIR)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+    verbose: bool = typer.Option(False, "--verbose", help="Debug logging."),
+) -> None:
+    """Tag every image with TagCLIP: the fused score of every class and the predicted tags, to Parquet."""
+    from tagclip_cli.data import list_folder
+    from tagclip_cli.pipeline import AnnotateOptions, run_annotate
+    from tagclip_cli.tagclip import TagCLIPConfig
+
+    setup_logging(quiet, verbose)
+    voc = _load_vocab(vocab, background, no_background)
+    items = list_folder(images)
+    if not items:
+        raise fail(f"{images}: no images found (extensions: jpg, jpeg, png, bmp, webp, tif, gif)")
+    cfg = TagCLIPConfig(tag_threshold=tag_threshold, reference_compat=reference_compat,
+                        use_background=not no_background)
+    opts = AnnotateOptions(
+        items=items, vocab=voc, out=out,
+        model=_model_options(model, pretrained, checkpoint, device, cache_dir),
+        tagclip=cfg, batch_size=batch_size, workers=workers, max_side=max_side,
+        overwrite=overwrite, fail_fast=fail_fast,
+    )
+    summary = run_annotate(opts, progress=_progress(quiet))
+    _report(summary, out)
+    if summary.failed:
+        raise typer.Exit(1)

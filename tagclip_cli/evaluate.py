@@ -780,43 +780,54 @@ def cocostuff27(root: Path, split: Path | None) -> LabelMapDir:
 
 
 def folder_ground_truth(root: Path, split: Path | None, classes_file: Path | None) -> LabelMapDir:
-    """A user's label PNGs: pixel value i = line i of ``classes_file``; a class named
-    "background" is the background; 255 = ignore."""
+    """A user's label PNGs (255 = ignore).
+
+    ``root`` is the PNG directory, or a dataset directory holding ``labels/`` (and ``classes.txt``,
+    used when ``classes_file`` is None): the layout ``tagclip_cli.synthetic`` writes. The class
+    file has one name per line. If a line is "background", line i (0-based) names pixel value i;
+    otherwise 0 is background and line i (1-based) names value i, as in our own mask PNGs.
+    """
     from tagclip_cli.vocab import VocabularyError, read_name_list
 
+    if not root.is_dir():
+        raise UsageError(f"{root}: not a directory of label PNGs")
+    label_dir = root / "labels" if (root / "labels").is_dir() else root
+    if classes_file is None and (root / "classes.txt").is_file():
+        classes_file = root / "classes.txt"
     if classes_file is None:
-        raise UsageError("--gt folder needs --classes FILE (one class name per line; line i = pixel value i)")
+        raise UsageError("--gt folder needs --classes FILE (one class name per line) or ROOT/classes.txt")
     try:
         names = read_name_list(classes_file)
     except VocabularyError as exc:
         raise UsageError(str(exc)) from exc
     if not names:
         raise UsageError(f"{classes_file}: lists no classes")
-    if len(names) > 255:
-        raise UsageError(f"{classes_file}: {len(names)} classes; label PNGs allow at most 255 (255 = ignore)")
     keys = [name_key(n) for n in names]
     dup = sorted({n for n, k in zip(names, keys, strict=True) if keys.count(k) > 1})
     if dup:
         raise UsageError(f"{classes_file}: duplicate class names: {', '.join(dup)}")
-    if not root.is_dir():
-        raise UsageError(f"{root}: not a directory of label PNGs")
-    background = next((i for i, k in enumerate(keys) if k == "background"), None)
+    if "background" in keys:
+        background = keys.index("background")
+        rule = f"classes from {classes_file}: line i = pixel value i, '{names[background]}' = background"
+    else:
+        names, background = ("background", *names), 0
+        rule = f"classes from {classes_file}: line i = pixel value i (1-based), 0 = background"
+    if len(names) > 255:
+        raise UsageError(f"{classes_file}: {len(names)} classes; label PNGs allow at most 255 (255 = ignore)")
     map_lut = _lut(65536, {i: i for i in range(len(names))} | {RAW_IGNORE: IGNORE}, _INVALID)
     fg = [i for i in range(len(names)) if i != background]
-    label_pairs = {raw: j for j, raw in enumerate(fg)} | {RAW_IGNORE: IGNORE}
-    if background is not None:
-        label_pairs[background] = IGNORE
+    label_pairs = {raw: j for j, raw in enumerate(fg)} | {RAW_IGNORE: IGNORE, background: IGNORE}
     label_lut = _lut(65536, label_pairs, _INVALID)
     return LabelMapDir(
         name="folder",
-        label_dir=root,
+        label_dir=label_dir,
         split=split,
         map_classes=tuple(names),
         map_lut=map_lut,
         map_background=background,
         label_classes=tuple(names[i] for i in fg),
         label_lut=label_lut,
-        notes=(f"classes from {classes_file}", "255 = ignore"),
+        notes=(rule, "255 = ignore", f"mIoU over {len(names)} classes including background"),
     )
 
 

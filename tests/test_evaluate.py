@@ -576,6 +576,17 @@ def test_folder_ground_truth_with_background(tmp_path: Path):
         gt.load_map(gt.images[0])
 
 
+def test_folder_dataset_layout_one_based_classes(tmp_path: Path):
+    # The layout of tagclip_cli.synthetic: ROOT/labels/*.png, ROOT/classes.txt without background.
+    write_png(tmp_path / "labels" / "000001.png", np.array([[0, 1], [2, 2]]), palette=False)
+    (tmp_path / "classes.txt").write_text("circle\nsquare\n")
+    gt = ev.load_ground_truth("folder", tmp_path)
+    assert gt.map_classes == ("background", "circle", "square") and gt.map_background == 0
+    assert [im.key for im in gt.images] == ["000001"]
+    np.testing.assert_array_equal(gt.load_map(gt.images[0]), [[0, 1], [2, 2]])
+    np.testing.assert_array_equal(gt.labels(gt.images), [[1, 1]])
+
+
 def test_rgb_label_png_is_rejected(tmp_path: Path):
     path = tmp_path / "x.png"
     Image.new("RGB", (2, 2)).save(path)

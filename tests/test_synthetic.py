@@ -89,3 +89,32 @@ def test_shapes_vocabulary_matches_the_generator() -> None:
     vocab = load_vocabulary("shapes")
     assert vocab.classes == OBJECT_CLASSES
     assert vocab.background == STUFF_CLASSES
+
+
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_synthetic.py"
+    spec = importlib.util.spec_from_file_location("bench_synthetic", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_average_precision_by_hand() -> None:
+    bench = _bench_module()
+    # Ranking: pos, neg, pos, neg -> precision at the positives 1/1 and 2/3.
+    scores = np.array([0.9, 0.8, 0.7, 0.1])
+    positive = np.array([True, False, True, False])
+    assert bench.average_precision(scores, positive) == pytest.approx((1 + 2 / 3) / 2)
+    assert np.isnan(bench.average_precision(scores, np.zeros(4, bool)))
+    truth = np.stack([positive, ~positive], 1)
+    m, aps = bench.mean_ap(np.stack([scores, -scores], 1), truth)
+    assert aps[1] == pytest.approx((1 / 2 + 2 / 4) / 2)
+    assert m == pytest.approx(100 * (aps[0] + aps[1]) / 2)
+    # A perfect segmentation has mIoU 100; ignore (255) pixels do not count.
+    conf = np.zeros((3, 3), np.int64)
+    labels = np.array([[0, 1], [2, 255]], np.uint8)
+    bench.confusion_iou(np.where(labels == 255, 0, labels), labels, 3, conf)
+    assert bench.miou(conf) == pytest.approx(100.0)

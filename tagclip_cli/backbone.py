@@ -1,0 +1,545 @@
+"""The CLIP backbone: loading open_clip models and checkpoints, the cached text classifier, and the
+encoder surgeries TagCLIP and CLIP-ES need. This is the only module that knows open_clip internals.
+
+Surgeries (all batched, generic over ViT patch size, grid and depth):
+- `dense_forward`: native-resolution forward (interpolated positional embedding), blocks 1..L-1 as
+  usual, block L on the value path (no query/key mixing), every token through ln_post and proj; the
+  head-averaged attention maps of all L layers are returned.
+- `masked_cls_forward`: the unmodified encoder at its native size, where the class-token query may
+  only attend to the patches of a per-crop mask (CWR).
+- `last_block` / `project_tokens` / `embed`: the pieces CLIP-ES runs with gradients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tagclip_cli.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+TEXT_CACHE_VERSION = 1
+
+# The five scene templates MaskCLIP and TagCLIP add to CLIP's 80 ImageNet templates.
+SCENE_TEMPLATES = (
+    "there is a {} in the scene.",
+    "there is the {} in the scene.",
+    "this is a {} in the scene.",
+    "this is the {} in the scene.",
+    "this is one {} in the scene.",
+)
+CLS_SEG_TEMPLATES = ("a clean origami {}.",)
+
+
+def imagenet_templates() -> tuple[str, ...]:
+    """The 80 CLIP ImageNet templates as format strings, taken from open_clip's metadata."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+
+
+def tagclip_templates() -> tuple[str, ...]:
+    """The 85-template prompt ensemble (80 ImageNet + 5 scene templates)."""
+    return imagenet_templates() + SCENE_TEMPLATES
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("TAGCLIP_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tagclip"
+
+
+def builtin_models() -> list[str]:
+    """Models shipped inside the package (config JSON + safetensors weights)."""
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.json") if p.with_suffix(".safetensors").exists())
+
+
+@dataclass
+class DenseOutput:
+    """Result of `Backbone.dense_forward` for a batch of B same-sized images.
+
+    tokens: (B, 1+N, D) projected tokens (class token first), value path in the last block.
+    attn: (B, L, 1+N, 1+N) head-averaged softmax attention of every layer (fp32).
+    grid: (gh, gw) patch grid, N = gh * gw.
+    pre_last: (B, 1+N, W) tokens entering block L (only when requested).
+    """
+
+    tokens: Tensor
+    attn: Tensor
+    grid: tuple[int, int]
+    pre_last: Tensor | None = None
+
+
+@dataclass
+class Backbone:
+    """A frozen open_clip ViT CLIP plus what the algorithms need to know about it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    weights: str  # pretrained tag, "checkpoint:<sha256>", "builtin:<name>" or "random"
+    device: torch.device
+    cache_dir: Path | None = field(default_factory=default_cache_dir)
+
+    def __post_init__(self) -> None:
+        visual = self.model.visual
+        if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
+            raise ModelLoadError(f"model '{self.name}' is not a ViT CLIP; TagCLIP needs a ViT image tower")
+        if getattr(visual, "attn_pool", None) is not None:
+            raise ModelLoadError(f"model '{self.name}' uses attentional pooling, which is not supported")
+        block = visual.transformer.resblocks[0]
+        if not isinstance(getattr(block, "attn", None), torch.nn.MultiheadAttention):
+            raise ModelLoadError(f"model '{self.name}' has custom attention blocks, which are not supported")
+        self.model.eval().requires_grad_(False)
+
+    # ---- geometry -------------------------------------------------------------------------------
+    @property
+    def visual(self) -> torch.nn.Module:
+        return self.model.visual
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.visual.conv1.kernel_size[0])
+
+    @property
+    def native_grid(self) -> tuple[int, int]:
+        n = self.visual.positional_embedding.shape[0] - 1
+        side = math.isqrt(n)
+        return (side, side)
+
+    @property
+    def native_size(self) -> int:
+        return self.native_grid[0] * self.patch_size
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.visual.transformer.resblocks[0].attn.num_heads)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return tuple(getattr(self.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073))
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return tuple(getattr(self.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711))
+
+    def identity(self) -> dict:
+        """What determines every output of this backbone (for caches and run metadata)."""
+        return {"model": self.name, "weights": self.weights}
+
+    # ---- text -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: Sequence[str], batch_size: int = 256) -> Tensor:
+        """L2-normalised text embeddings of prompts, (P, D) fp32 on the device."""
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            tokens = self.tokenizer(list(prompts[start : start + batch_size])).to(self.device)
+            emb = self.model.encode_text(tokens).float()
+            out.append(F.normalize(emb, dim=-1))
+        return torch.cat(out)
+
+    def text_classifier(self, names: Sequence[str], templates: Sequence[str]) -> Tensor:
+        """Prompt-ensemble classifier, (C, D): per class, mean of normalised template embeddings,
+        re-normalised. Classes already in the on-disk cache are not encoded again."""
+        cache = _TextCache(self.cache_dir, self.identity(), templates) if self.cache_dir else None
+        cached = cache.load() if cache else {}
+        missing = [n for n in dict.fromkeys(names) if n not in cached]
+        if cache:
+            log.info(
+                "text cache: %d of %d classes from cache%s",
+                len(set(names)) - len(missing),
+                len(set(names)),
+                f" ({cache.path})" if not missing else f", encoding {len(missing)} x {len(templates)} prompts",
+            )
+        if missing:
+            prompts = [t.format(n) for n in missing for t in templates]
+            emb = self.encode_prompts(prompts).reshape(len(missing), len(templates), -1)
+            class_emb = F.normalize(emb.mean(dim=1), dim=-1).cpu()
+            cached.update({n: class_emb[i] for i, n in enumerate(missing)})
+            if cache:
+                cache.save(cached)
+        return torch.stack([cached[n] for n in names]).to(self.device, torch.float32)
+
+    # ---- image: shared pieces ---------------------------------------------------------------
+    def positional_embedding(self, grid: tuple[int, int], fp16_round: bool = False) -> Tensor:
+        """(1+gh*gw, W) positional embedding: the native patch grid bilinearly interpolated to `grid`.
+
+        fp16_round reproduces the reference's rounding of an interpolated embedding through fp16."""
+        pos = self.visual.positional_embedding
+        if tuple(grid) == self.native_grid:
+            return pos
+        gh0, gw0 = self.native_grid
+        patch_pos = pos[1:].T.reshape(1, -1, gh0, gw0).float()
+        patch_pos = F.interpolate(patch_pos, size=grid, mode="bilinear", align_corners=False)
+        out = torch.cat([pos[:1].float(), patch_pos.reshape(pos.shape[1], -1).T]).to(pos.dtype)
+        if fp16_round:
+            out = out.half().to(pos.dtype)
+        return out
+
+    def embed(self, pixels: Tensor, fp16_round: bool = False) -> Tensor:
+        """Patch embedding + class token + positional embedding + ln_pre: (B, 3, H, W) -> (B, 1+N, W)."""
+        p = self.patch_size
+        grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
+        x = self.visual.conv1(pixels.to(self.dtype))
+        x = x.flatten(2).transpose(1, 2)
+        cls = self.visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = x + self.positional_embedding(grid, fp16_round).to(x.dtype)
+        return self.visual.ln_pre(x)
+
+    def _attention(
+        self, block: torch.nn.Module, x: Tensor, attn_mask: Tensor | None, value_path: bool
+    ) -> tuple[Tensor, Tensor]:
+        """One block's attention on ln_1 output x (B, T, W).
+
+        Returns (output before the residual (B, T, W), head-averaged softmax map (B, T, T) fp32).
+        With value_path the output is out_proj(v) for every token (no query/key mixing) while the
+        returned map is still the ordinary softmax attention."""
+        mha: torch.nn.MultiheadAttention = block.attn
+        b, t, w = x.shape
+        h = mha.num_heads
+        qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+        q, k, v = qkv.reshape(b, t, 3, h, w // h).permute(2, 0, 3, 1, 4)  # each (B, h, T, d)
+        scores = (q * (w // h) ** -0.5) @ k.transpose(-1, -2)
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        probs = scores.softmax(dim=-1)
+        if value_path:
+            mixed = v
+        else:
+            mixed = probs @ v
+        out = mha.out_proj(mixed.transpose(1, 2).reshape(b, t, w))
+        return out, probs.float().mean(dim=1)
+
+    def block_forward(
+        self, index: int, x: Tensor, attn_mask: Tensor | None = None, value_path: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Run block `index` (0-based) on (B, T, W); returns (new x, attention map (B, T, T))."""
+        block = self.visual.transformer.resblocks[index]
+        out, attn = self._attention(block, block.ln_1(x), attn_mask, value_path)
+        x = x + block.ls_1(out)
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return x, attn
+
+    def project_tokens(self, x: Tensor) -> Tensor:
+        """ln_post and proj on every token: (B, T, W) -> (B, T, D)."""
+        x = self.visual.ln_post(x)
+        return x @ self.visual.proj if self.visual.proj is not None else x
+
+    # ---- image: surgeries ---------------------------------------------------------------------
+    def dense_forward(self, pixels: Tensor, fp16_round_pos: bool = False, keep_pre_last: bool = False) -> DenseOutput:
+        """Native-resolution dense forward of (B, 3, H, W) normalised images, H and W multiples of
+        the patch size. See `DenseOutput` for shapes."""
+        p = self.patch_size
+        if pixels.shape[-2] % p or pixels.shape[-1] % p:
+            raise ValueError(f"image size {tuple(pixels.shape[-2:])} is not a multiple of the patch size {p}")
+        grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
+        x = self.embed(pixels, fp16_round_pos)
+        maps = []
+        last = self.num_layers - 1
+        for i in range(last):
+            x, attn = self.block_forward(i, x)
+            maps.append(attn)
+        pre_last = x if keep_pre_last else None
+        x, attn = self.block_forward(last, x, value_path=True)
+        maps.append(attn)
+        return DenseOutput(self.project_tokens(x).float(), torch.stack(maps, dim=1), grid, pre_last)
+
+    def masked_cls_forward(self, crops: Tensor, patch_masks: Tensor, mask_value: float = -1000.0) -> Tensor:
+        """Class-token embeddings of crops where the class-token query only sees masked-in patches.
+
+        crops: (B, 3, S, S) normalised, S = native size. patch_masks: (B, N) bool, N = native grid
+        cells, True = the class token may attend to that patch. Returns (B, D) fp32 (not normalised).
+        Every layer uses the mask; patch queries are unrestricted."""
+        b = crops.shape[0]
+        n = patch_masks.shape[1]
+        additive = torch.zeros(b, 1, 1 + n, 1 + n, device=crops.device, dtype=torch.float32)
+        additive[:, 0, 0, 1:] = (~patch_masks.bool()).float() * mask_value
+        x = self.embed(crops)
+        additive = additive.to(x.dtype)
+        for i in range(self.num_layers):
+            x, _ = self.block_forward(i, x, attn_mask=additive)
+        return self.project_tokens(x[:, :1])[:, 0].float()
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        """Standard CLIP image embedding of (B, 3, S, S) images at the native size, (B, D) fp32."""
+        return self.model.encode_image(pixels.to(self.dtype)).float()
+
+
+class _TextCache:
+    """Class embeddings on disk, one file per (model identity, template list)."""
+
+    def __init__(self, cache_dir: Path, identity: dict, templates: Sequence[str]) -> None:
+        key = json.dumps(
+            {"v": TEXT_CACHE_VERSION, "identity": identity, "templates": list(templates)}, sort_keys=True
+        )
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:24]
+        self.path = Path(cache_dir) / "text" / f"{digest}.pt"
+
+    def load(self) -> dict[str, Tensor]:
+        if not self.path.exists():
+            return {}
+        try:
+            data = torch.load(self.path, map_location="cpu", weights_only=True)
+            return dict(data["classes"])
+        except Exception as exc:  # a corrupt cache is rebuilt, never fatal
+            log.warning("text cache %s unreadable (%s); re-encoding", self.path, exc)
+            return {}
+
+    def save(self, classes: dict[str, Tensor]) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save({"classes": classes}, self.path)
+        except OSError as exc:
+            log.warning("could not write text cache %s (%s)", self.path, exc)
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
+    """Content hash of a checkpoint, memoised by (path, size, mtime) in the cache dir."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    memo_key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    memo = Path(cache_dir) / "hashes" / memo_key if cache_dir else None
+    if memo is not None and memo.exists():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    if memo is not None:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            memo.write_text(value)
+        except OSError:
+            pass
+    return value
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """A CLIP state dict from an OpenAI TorchScript archive, a torch pickle (.pt/.bin, optionally
+    wrapped in {"state_dict": ...} with "module." prefixes) or a .safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: checkpoint file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        elif zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: not a readable CLIP checkpoint ({type(exc).__name__}: {exc})") from exc
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd:
+        raise ModelLoadError(f"{path}: no state dict found in the checkpoint")
+    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
+    for key in ("input_resolution", "context_length", "vocab_size"):
+        sd.pop(key, None)
+    return sd
+
+
+def _is_openai_layout(sd: dict[str, Tensor]) -> bool:
+    return "visual.proj" in sd and "visual.conv1.weight" in sd and "token_embedding.weight" in sd
+
+
+def _tokenizer_for(model: torch.nn.Module, model_name: str | None):
+    import open_clip
+
+    context = int(getattr(model, "context_length", 77))
+    if model_name:
+        try:
+            return open_clip.get_tokenizer(model_name, context_length=context)
+        except Exception:  # unknown name (e.g. a checkpoint-inferred model): the CLIP BPE tokenizer
+            pass
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context)
+
+
+def load_backbone(
+    model: str = "ViT-B-16",
+    pretrained: str | None = "openai",
+    checkpoint: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    cache_dir: Path | None = None,
+    model_explicit: bool = False,
+    seed: int = 0,
+) -> Backbone:
+    """Load a CLIP ViT.
+
+    - `checkpoint`: a file (see `read_state_dict`). OpenAI-layout weights build their own
+      architecture (QuickGELU) unless `model_explicit`, in which case open_clip's config `model`
+      is created and loaded strictly.
+    - `model` naming a model shipped in the package (e.g. `shapes-demo`): loaded from the package.
+    - `pretrained="random"`: seeded random weights (tests and benchmarks only).
+    - otherwise open_clip's `pretrained` tag, which needs network access the first time.
+    """
+    import open_clip
+
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    device = torch.device(device)
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        sd = read_state_dict(path)
+        digest = file_sha256(path, cache_dir)
+        if _is_openai_layout(sd) and not model_explicit:
+            try:
+                net = open_clip.model.build_model_from_openai_state_dict(sd, quick_gelu=True, cast_dtype=None)
+            except Exception as exc:
+                raise ModelLoadError(f"{path}: OpenAI-layout weights but not a CLIP ViT ({exc})") from exc
+            name = f"openai-{_describe_openai(sd)}"
+        else:
+            net = _create(model, None, seed)
+            try:
+                net.load_state_dict(_to_open_clip_layout(net, sd), strict=True)
+            except RuntimeError as exc:
+                first = str(exc).splitlines()[0]
+                raise ModelLoadError(
+                    f"{path}: weights do not fit model '{model}' ({first}); pass the matching --model"
+                ) from exc
+            name = model
+        weights = f"checkpoint:{digest}"
+    elif model in builtin_models():
+        net, name, weights = _load_builtin(model), model, f"builtin:{model}"
+    elif pretrained in (None, "", "none", "random"):
+        log.warning("model %s with RANDOM weights (seed %d): outputs are meaningless except for testing", model, seed)
+        net, name, weights = _create(model, None, seed), model, f"random:{seed}"
+    else:
+        net = _create(model, pretrained, seed)
+        name, weights = model, pretrained
+    net = net.float().to(device)
+    return Backbone(net, _tokenizer_for(net, name), name, weights, device, cache_dir)
+
+
+def _describe_openai(sd: dict[str, Tensor]) -> str:
+    width = sd["visual.conv1.weight"].shape[0]
+    patch = sd["visual.conv1.weight"].shape[-1]
+    layers = len([k for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")])
+    return f"vit-w{width}-p{patch}-l{layers}"
+
+
+def _to_open_clip_layout(net: torch.nn.Module, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    if "logit_scale" in sd and net.logit_scale.ndim != sd["logit_scale"].ndim:
+        sd = dict(sd)
+        sd["logit_scale"] = sd["logit_scale"].reshape(net.logit_scale.shape)
+    return sd
+
+
+def _create(model: str, pretrained: str | None, seed: int) -> torch.nn.Module:
+    import open_clip
+
+    if model not in open_clip.list_models():
+        known = ", ".join(m for m in open_clip.list_models() if m.startswith("ViT-"))[:300]
+        raise ModelLoadError(f"unknown model '{model}' (open_clip ViTs include: {known}, ...; built-in: "
+                             f"{', '.join(builtin_models()) or 'none'})")
+    if pretrained:
+        try:
+            tags = open_clip.list_pretrained_tags_by_model(model)
+        except Exception:
+            tags = []
+        if pretrained not in tags and not Path(pretrained).exists():
+            raise ModelLoadError(f"model '{model}' has no pretrained tag '{pretrained}' (known: {', '.join(tags)})")
+    torch.manual_seed(seed)
+    offline = bool(pretrained) and not Path(pretrained).exists() and not _hub_reachable()
+    try:
+        with _hub_offline(offline):
+            return open_clip.create_model(
+                model, pretrained=pretrained or None, force_quick_gelu=(pretrained == "openai"), device="cpu"
+            )
+    except Exception as exc:
+        if not pretrained:
+            raise ModelLoadError(f"could not build model '{model}': {exc}") from exc
+        raise ModelLoadError(
+            f"could not get the '{pretrained}' weights of {model} ({type(exc).__name__}; offline?). "
+            f"Supply weights with --checkpoint FILE (OpenAI ViT-B-16.pt, or an open_clip .bin/.safetensors "
+            f"with --model), or try the offline demo with --model {', '.join(builtin_models()) or 'shapes-demo'}"
+        ) from exc
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """A quick probe, so that an offline machine fails in seconds instead of minutes of retries."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _hub_offline(offline: bool):
+    """Force huggingface_hub to use only its local cache while `offline`."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _load_builtin(name: str) -> torch.nn.Module:
+    import open_clip
+    from safetensors.torch import load_file
+
+    config = WEIGHTS_DIR / f"{name}.json"
+    open_clip.add_model_config(config)
+    net = open_clip.create_model(name, pretrained=None, device="cpu")
+    sd = load_file(str(WEIGHTS_DIR / f"{name}.safetensors"), device="cpu")
+    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    return net

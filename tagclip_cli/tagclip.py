@@ -1,0 +1,312 @@
+"""TagCLIP (Lin et al., AAAI 2024): coarse patch scores, DMAR, CWR, fusion and the tag rule.
+
+Pure tensor functions (shapes in the docstrings; N patches on a (gh, gw) grid, C classes = F
+foreground + background, L layers) plus a small `Tagger` that batches them over images.
+Spec: ALGORITHM.md sections 2-6.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tagclip_cli.backbone import Backbone, DenseOutput, tagclip_templates
+from tagclip_cli.vocab import Vocabulary
+
+
+@dataclass(frozen=True)
+class TagCLIPConfig:
+    """Every knob of TagCLIP, with the paper's values as defaults."""
+
+    vote_k: int = 4  # DMAR: a pair votes in at least K layers
+    refine_layers: tuple[int, int] | None = None  # 1-based inclusive, hi<=0 counts from L; None = (L-3, L-1)
+    cwr_threshold: float = 0.5  # CWR candidates: P_local > min + f * (max - min) of P_refined
+    cwr_patch_threshold: float = 0.5  # CWR box: normalised P_refined column above this
+    fusion_lambda: float = 0.5  # P_final = lambda * local + (1 - lambda) * global
+    tag_threshold: float = 0.5  # tags: normalised P_final over foreground above this
+    use_dmar: bool = True  # ablation switch: False = coarse patch scores only
+    use_cwr: bool = True  # ablation switch: False = local scores only
+    use_background: bool = True
+    cwr_mask_value: float = -1000.0
+    reference_compat: bool = False  # reproduce the reference's three quirks (see ALGORITHM.md)
+
+    def layers_for(self, num_layers: int) -> tuple[int, int]:
+        if self.refine_layers is not None:
+            lo, hi = self.refine_layers
+            hi = hi if hi > 0 else num_layers + hi  # (1, -1) means layers 1..L-1
+        else:
+            lo, hi = max(1, num_layers - 3), max(1, num_layers - 1)
+        if not 1 <= lo <= hi <= num_layers:
+            raise ValueError(f"refine_layers {lo}..{hi} outside 1..{num_layers}")
+        return lo, hi
+
+    @classmethod
+    def coco_stuff(cls, **kw) -> TagCLIPConfig:
+        """The reference's COCO-Stuff setting: layers 1..L-1, thresholds 0.1, no background set."""
+        return cls(refine_layers=(1, -1), cwr_threshold=0.1, tag_threshold=0.1, use_background=False, **kw)
+
+
+# ---- pure functions -------------------------------------------------------------------------------
+
+def minmax(x: Tensor, dim: int | None = None) -> Tensor:
+    """Min-max normalise to [0, 1] (over all of x, or along dim). A constant input maps to 0."""
+    if dim is None:
+        lo, hi = x.min(), x.max()
+    else:
+        lo, hi = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
+    span = hi - lo
+    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(x))
+
+
+def coarse_scores(patch_features: Tensor, text_classifier: Tensor, logit_scale: float) -> Tensor:
+    """P_coarse (N, C): softmax over all classes of logit_scale * cos(patch, class).
+
+    patch_features: (N, D) projected patch tokens. text_classifier: (C, D) L2-normalised."""
+    feats = F.normalize(patch_features.float(), dim=-1)
+    return (logit_scale * feats @ text_classifier.T).softmax(dim=-1)
+
+
+def vote_mask(attn: Tensor, k: int) -> Tensor:
+    """M_attn (N, N) bool: A_l(i, j) above the mean of A_l in at least k of the L maps (L, N, N)."""
+    means = attn.mean(dim=(-2, -1), keepdim=True)
+    return (attn > means).sum(dim=0) >= k
+
+
+def refined_attention(attn: Tensor, layers: tuple[int, int], k: int) -> Tensor:
+    """A (N, N): mean of the maps of 1-based layers lo..hi, times the K-of-L vote mask.
+
+    attn: (L, N, N) patch-to-patch maps (class-token row and column removed)."""
+    lo, hi = layers
+    return attn[lo - 1 : hi].mean(dim=0) * vote_mask(attn, k).to(attn.dtype)
+
+
+def _boxes_from_binary(binary: np.ndarray, retrieval: int) -> list[tuple[int, int, int, int]]:
+    """Bounding boxes (x, y, w, h) of the contours of a uint8 0/255 map."""
+    contours = cv2.findContours(binary, retrieval, cv2.CHAIN_APPROX_SIMPLE)[0]
+    return [cv2.boundingRect(c) for c in contours]
+
+
+def box_mask(
+    score_map: Tensor,
+    threshold: float,
+    relative_to_mean: bool = False,
+    all_contours: bool = False,
+    reference_compat: bool = False,
+) -> Tensor:
+    """Union of the bounding boxes of the blobs of a min-max normalised score map, (gh, gw) bool.
+
+    Binarisation follows the reference on an 8-bit map: floor(255 v) > floor(255 * t), where t is
+    `threshold`, or mean(v) with relative_to_mean. External contours
+    (8-connected blobs) unless all_contours (RETR_TREE; the union is the same). reference_compat
+    clamps each box's right/bottom end to size-1 (exclusive), dropping a border row/column."""
+    v = minmax(score_map.float()).cpu().numpy().astype(np.float32)
+    img = (v * np.float32(255)).astype(np.uint8)
+    t = float(v.mean()) if relative_to_mean else threshold
+    level = int(np.float32(t) * np.float32(img.max())) if img.max() > 0 else 255
+    binary = np.where(img > level, 255, 0).astype(np.uint8)
+    gh, gw = v.shape
+    mask = np.zeros((gh, gw), dtype=bool)
+    retrieval = cv2.RETR_TREE if all_contours else cv2.RETR_EXTERNAL
+    for x, y, w, h in _boxes_from_binary(binary, retrieval):
+        x1, y1 = x + w, y + h
+        if reference_compat:
+            x1, y1 = min(x1, gw - 1), min(y1, gh - 1)
+        mask[y:y1, x:x1] = True
+    return torch.from_numpy(mask).to(score_map.device)
+
+
+def class_box_masks(first_refinement: Tensor, grid: tuple[int, int], reference_compat: bool = False) -> Tensor:
+    """DMAR's class-wise masks (N, C) bool: per class, boxes of the patches above the mean of the
+    normalised column of R = A @ P_coarse (classes whose max is <= 0 get no box, as in the reference)."""
+    n, c = first_refinement.shape
+    masks = torch.zeros(n, c, dtype=torch.bool, device=first_refinement.device)
+    col_max = first_refinement.amax(dim=0)
+    for cls in range(c):
+        if col_max[cls] > 0:
+            column = first_refinement[:, cls].reshape(grid)
+            masks[:, cls] = box_mask(column, 0.0, relative_to_mean=True, reference_compat=reference_compat).flatten()
+    return masks
+
+
+def dmar(p_coarse: Tensor, attn_refined: Tensor, grid: tuple[int, int], reference_compat: bool = False) -> Tensor:
+    """P_refined (N, C): for each class c, (A * m_c as column mask) @ P_coarse[:, c]."""
+    first = attn_refined @ p_coarse
+    masks = class_box_masks(first, grid, reference_compat)
+    refined = attn_refined @ (p_coarse * masks.to(p_coarse.dtype))
+    # Classes the reference does not refine (max of R <= 0, only possible with an all-zero A) keep R.
+    untouched = first.amax(dim=0) <= 0
+    return torch.where(untouched[None, :], first, refined)
+
+
+def cwr_candidates(p_refined: Tensor, p_local: Tensor, factor: float) -> Tensor:
+    """Foreground classes (indices, ascending) with P_local > min + factor * (max - min) of P_refined."""
+    lo, hi = p_refined.min(), p_refined.max()
+    return torch.nonzero(p_local > lo + factor * (hi - lo)).flatten()
+
+
+@dataclass
+class CwrBox:
+    """A CWR crop on the patch grid: rows y0:y1, columns x0:x1 (exclusive ends), and its patch mask."""
+
+    cls: int
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    patch_mask: Tensor  # (y1-y0, x1-x0) bool
+
+    @property
+    def empty(self) -> bool:
+        return self.y1 <= self.y0 or self.x1 <= self.x0
+
+
+def cwr_box(column: Tensor, grid: tuple[int, int], cls: int, threshold: float, reference_compat: bool) -> CwrBox:
+    """One bounding box around the patches whose normalised score exceeds threshold."""
+    above = (minmax(column) > threshold).reshape(grid)
+    rows = torch.nonzero(above.any(dim=1)).flatten()
+    cols = torch.nonzero(above.any(dim=0)).flatten()
+    if len(rows) == 0:
+        y0 = y1 = x0 = x1 = 0
+    else:
+        y0, y1 = int(rows[0]), int(rows[-1]) + 1
+        x0, x1 = int(cols[0]), int(cols[-1]) + 1
+    if reference_compat:
+        y1, x1 = min(y1, grid[0] - 1), min(x1, grid[1] - 1)
+    return CwrBox(cls, y0, y1, x0, x1, above[y0:y1, x0:x1])
+
+
+def crop_for_cwr(image: Tensor, box: CwrBox, patch_size: int, native_grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The crop (3, S, S) of a normalised image (3, H, W) resized bilinearly to the native size S, and
+    the box's patch mask resized (nearest) to the native grid, flattened to (N0,) bool."""
+    p = patch_size
+    crop = image[:, box.y0 * p : box.y1 * p, box.x0 * p : box.x1 * p]
+    size = (native_grid[0] * p, native_grid[1] * p)
+    crop = F.interpolate(crop[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    mask = F.interpolate(box.patch_mask[None, None].float(), size=native_grid, mode="nearest")[0, 0]
+    return crop, mask.flatten() > 0.5
+
+
+def fuse(p_local: Tensor, p_global: Tensor, fused: Tensor, lam: float) -> Tensor:
+    """P_final (F,): lam * local + (1 - lam) * global where `fused` (F,) bool, else local."""
+    return torch.where(fused, lam * p_local + (1 - lam) * p_global, p_local)
+
+
+def tags_from_scores(scores: Tensor, threshold: float) -> list[int]:
+    """Classes whose min-max normalised score is > threshold (strictly); the argmax if none pass."""
+    keep = torch.nonzero(minmax(scores) > threshold).flatten().tolist()
+    return keep if keep else [int(torch.argmax(scores))]
+
+
+# ---- batching -------------------------------------------------------------------------------------
+
+@dataclass
+class TagOutput:
+    """TagCLIP result of one image, with every intermediate.
+
+    p_coarse, p_refined: (N, C); attn_refined: (N, N); p_local, p_global, scores: (F,) (p_global
+    is NaN where no CWR crop was run); candidates: CWR candidate classes; boxes: the crops run."""
+
+    grid: tuple[int, int]
+    p_coarse: Tensor
+    attn_refined: Tensor | None
+    p_refined: Tensor
+    p_local: Tensor
+    candidates: list[int]
+    boxes: list[CwrBox]
+    p_global: Tensor
+    scores: Tensor
+    tags: list[int]
+    dense: DenseOutput | None = field(default=None, repr=False)
+
+
+class Tagger:
+    """Runs TagCLIP on batches of preprocessed images with one backbone and one vocabulary."""
+
+    def __init__(self, backbone: Backbone, vocab: Vocabulary, config: TagCLIPConfig | None = None) -> None:
+        self.backbone = backbone
+        self.vocab = vocab
+        self.config = config or TagCLIPConfig()
+        names = vocab.all_names if self.config.use_background else vocab.classes
+        self.class_names: tuple[str, ...] = names
+        self.text = backbone.text_classifier(names, tagclip_templates())
+        self.layers = self.config.layers_for(backbone.num_layers)
+
+    @torch.inference_mode()
+    def tag(self, images: Sequence[Tensor], keep_dense: bool = False) -> list[TagOutput]:
+        """Tag normalised images (each (3, H, W), H and W multiples of the patch size).
+
+        Images of the same size share one dense forward; the CWR crops of all images share one
+        masked forward. keep_dense keeps each image's DenseOutput (with pre-last-block tokens)."""
+        device = self.backbone.device
+        outputs: list[TagOutput | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(tuple(img.shape[-2:]), []).append(i)
+        pending: list[tuple[int, CwrBox]] = []
+        for indices in groups.values():
+            batch = torch.stack([images[i] for i in indices]).to(device, non_blocking=True)
+            dense = self.backbone.dense_forward(
+                batch, fp16_round_pos=self.config.reference_compat, keep_pre_last=keep_dense
+            )
+            for j, i in enumerate(indices):
+                one = DenseOutput(
+                    dense.tokens[j],
+                    dense.attn[j],
+                    dense.grid,
+                    dense.pre_last[j] if dense.pre_last is not None else None,
+                )
+                outputs[i] = self._local(one, keep_dense)
+                pending.extend((i, box) for box in outputs[i].boxes)
+        self._global(images, outputs, pending)
+        return outputs  # type: ignore[return-value]
+
+    def _local(self, dense: DenseOutput, keep_dense: bool) -> TagOutput:
+        cfg = self.config
+        nf = self.vocab.num_classes
+        p_coarse = coarse_scores(dense.tokens[1:], self.text, self.backbone.logit_scale)
+        attn_refined = None
+        if cfg.use_dmar:
+            attn_refined = refined_attention(dense.attn[:, 1:, 1:], self.layers, cfg.vote_k)
+            p_refined = dmar(p_coarse, attn_refined, dense.grid, cfg.reference_compat)
+        else:
+            p_refined = p_coarse
+        p_local = p_refined[:, :nf].amax(dim=0)
+        candidates: list[int] = []
+        boxes: list[CwrBox] = []
+        if cfg.use_cwr:
+            candidates = cwr_candidates(p_refined, p_local, cfg.cwr_threshold).tolist()
+            for cls in candidates:
+                box = cwr_box(p_refined[:, cls], dense.grid, cls, cfg.cwr_patch_threshold, cfg.reference_compat)
+                if box.empty:
+                    if cfg.reference_compat:
+                        break  # the reference stops CWR for the whole image at the first empty box
+                    continue
+                boxes.append(box)
+        nan = torch.full_like(p_local, float("nan"))
+        return TagOutput(
+            dense.grid, p_coarse, attn_refined, p_refined, p_local, candidates, boxes, nan, p_local.clone(), [],
+            dense if keep_dense else None,
+        )
+
+    def _global(self, images: Sequence[Tensor], outputs: list[TagOutput | None], pending: list) -> None:
+        bb = self.backbone
+        if pending:
+            crops, masks = zip(
+                *(crop_for_cwr(images[i].to(bb.device), box, bb.patch_size, bb.native_grid) for i, box in pending),
+                strict=True,
+            )
+            cls_emb = bb.masked_cls_forward(torch.stack(crops), torch.stack(masks), self.config.cwr_mask_value)
+            probs = (bb.logit_scale * F.normalize(cls_emb, dim=-1) @ self.text.T).softmax(dim=-1)
+            for (i, box), row in zip(pending, probs, strict=True):
+                outputs[i].p_global[box.cls] = row[box.cls]
+        for out in outputs:
+            fused = ~torch.isnan(out.p_global)
+            out.scores = fuse(out.p_local, torch.nan_to_num(out.p_global), fused, self.config.fusion_lambda)
+            out.tags = tags_from_scores(out.scores, self.config.tag_threshold)
+

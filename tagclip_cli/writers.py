@@ -1,0 +1,111 @@
+"""Output files: tags Parquet (one row per image, every class's score, run metadata) and atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+METADATA_KEY = b"tagclip"
+ROW_GROUP_SIZE = 4096
+
+
+def tags_schema(metadata: dict | None = None) -> pa.Schema:
+    """Columns of the tags Parquet. `scores` holds the fused score of every foreground class in
+    vocabulary order (names in the metadata's "classes"); failed rows have status "failed", an
+    error and null scores."""
+    schema = pa.schema(
+        [
+            ("index", pa.int64()),
+            ("image_id", pa.string()),
+            ("path", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("tags", pa.list_(pa.string())),
+            ("scores", pa.list_(pa.float32())),
+        ]
+    )
+    if metadata is not None:
+        schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode("utf-8")})
+    return schema
+
+
+def tag_row(item, width, height, error: str | None, tags: Sequence[str] = (), scores=None) -> dict:
+    """One Parquet row (a dict in `tags_schema` order)."""
+    return {
+        "index": item.index,
+        "image_id": item.image_id,
+        "path": item.path,
+        "width": width,
+        "height": height,
+        "status": "failed" if error else "ok",
+        "error": error,
+        "tags": list(tags) if not error else [],
+        "scores": [float(s) for s in scores] if scores is not None and not error else None,
+    }
+
+
+def rows_to_table(rows: Sequence[dict], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=schema)
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_parquet_atomic(tables: Iterable[pa.Table], path: str | Path, schema: pa.Schema) -> int:
+    """Stream tables into one Parquet file, atomically. Returns the number of rows."""
+    rows = 0
+    with atomic_path(path) as tmp:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for table in tables:
+                writer.write_table(table.cast(schema), row_group_size=ROW_GROUP_SIZE)
+                rows += table.num_rows
+    return rows
+
+
+def write_json_atomic(obj: object, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The run metadata stored in a tags Parquet file."""
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
