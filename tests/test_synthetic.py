@@ -111,7 +111,7 @@ def test_benchmark_average_precision_by_hand() -> None:
     assert np.isnan(bench.average_precision(scores, np.zeros(4, bool)))
     truth = np.stack([positive, ~positive], 1)
     m, aps = bench.mean_ap(np.stack([scores, -scores], 1), truth)
-    assert aps[1] == pytest.approx((1 / 2 + 2 / 4) / 2)
+    assert aps[1] == pytest.approx((1 + 2 / 3) / 2)  # ranking 3 (pos), 2, 1 (pos), 0
     assert m == pytest.approx(100 * (aps[0] + aps[1]) / 2)
     # A perfect segmentation has mIoU 100; ignore (255) pixels do not count.
     conf = np.zeros((3, 3), np.int64)
