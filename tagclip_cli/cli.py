@@ -119,7 +119,9 @@ def evaluate_command(
         require_all=require_all,
     )
     try:
-        with Progress(console=err_console, transient=True, disable=quiet) as bar:
+        # No live display (not even its blank line) when stderr is a file or pipe.
+        show = not quiet and err_console.is_terminal
+        with Progress(console=err_console, transient=True, disable=not show) as bar:
             task = bar.add_task("evaluating", total=None)
 
             def advance(step: int, total: int) -> None:
@@ -127,11 +129,12 @@ def evaluate_command(
 
             result = ev.evaluate(config, progress=advance)
         if report:
-            ev.write_report(result, Path(report))
+            try:
+                ev.write_report(result, Path(report))
+            except OSError as exc:
+                raise fail(f"{report}: cannot write report ({exc.strerror or exc})") from None
     except TagclipError as exc:
         raise fail(str(exc), exc.exit_code) from None
-    except OSError as exc:
-        raise fail(f"{report}: cannot write report ({exc.strerror or exc})") from None
     ev.render_report(result, Console())
     if report:
         logging.getLogger(__name__).info("report written to %s", report)
