@@ -383,7 +383,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     if not isinstance(sd, dict) or not sd:
         raise ModelLoadError(f"{path}: no state dict found in the checkpoint")
     sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
-    for key in ("input_resolution", "context_length", "vocab_size"):
+    for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
         sd.pop(key, None)
     return sd
 
@@ -396,7 +396,7 @@ def _tokenizer_for(model: torch.nn.Module, model_name: str | None):
     import open_clip
 
     context = int(getattr(model, "context_length", 77))
-    if model_name:
+    if model_name and (model_name in open_clip.list_models() or model_name in builtin_models()):
         try:
             return open_clip.get_tokenizer(model_name, context_length=context)
         except Exception:  # unknown name (e.g. a checkpoint-inferred model): the CLIP BPE tokenizer
