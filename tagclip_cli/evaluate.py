@@ -1509,8 +1509,20 @@ def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> dict[s
     }
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN -> None and numpy scalars -> Python, recursively (the report is strict JSON)."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [_json_safe(v) for v in value.tolist()]
+    return _nan_to_none(value)
+
+
 def write_report(report: Mapping[str, Any], path: Path) -> None:
     """Write the JSON report atomically (temp file in the same directory, fsync, rename)."""
+    report = _json_safe(report)
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():

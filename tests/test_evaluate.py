@@ -756,8 +756,8 @@ def test_bad_prediction_files(voc2007: Path, tmp_path: Path):
 
 def test_write_report_is_valid_json(tmp_path: Path):
     path = tmp_path / "r.json"
-    ev.write_report({"a": 1, "b": [None, 0.5]}, path)
-    assert json.loads(path.read_text()) == {"a": 1, "b": [None, 0.5]}
+    ev.write_report({"a": np.int64(1), "b": [math.nan, np.float32(0.5)], "c": np.array([1.0, np.nan])}, path)
+    assert json.loads(path.read_text()) == {"a": 1, "b": [None, 0.5], "c": [1.0, None]}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
