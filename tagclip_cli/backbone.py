@@ -412,6 +412,7 @@ def load_backbone(
     cache_dir: Path | None = None,
     model_explicit: bool = False,
     seed: int = 0,
+    fp16_weights: bool = False,
 ) -> Backbone:
     """Load a CLIP ViT.
 
@@ -421,6 +422,9 @@ def load_backbone(
     - `model` naming a model shipped in the package (e.g. `shapes-demo`): loaded from the package.
     - `pretrained="random"`: seeded random weights (tests and benchmarks only).
     - otherwise open_clip's `pretrained` tag, which needs network access the first time.
+
+    fp16_weights rounds the linear/conv/attention weights through fp16 before computing in fp32, as
+    the reference's OpenAI loader does for every checkpoint (reference-compatibility mode).
     """
     import open_clip
 
@@ -432,7 +436,8 @@ def load_backbone(
         digest = file_sha256(path, cache_dir)
         if _is_openai_layout(sd) and not model_explicit:
             try:
-                net = open_clip.model.build_model_from_openai_state_dict(sd, quick_gelu=True, cast_dtype=None)
+                net = open_clip.model.build_model_from_openai_state_dict(dict(sd), quick_gelu=True, cast_dtype=None)
+                net.float().load_state_dict(sd)  # the builder rounds through fp16; reload exactly
             except Exception as exc:
                 raise ModelLoadError(f"{path}: OpenAI-layout weights but not a CLIP ViT ({exc})") from exc
             name = f"openai-{_describe_openai(sd)}"
@@ -455,6 +460,9 @@ def load_backbone(
     else:
         net = _create(model, pretrained, seed)
         name, weights = model, pretrained
+    if fp16_weights:
+        open_clip.model.convert_weights_to_fp16(net)
+        weights += "+fp16-rounded"
     net = net.float().to(device)
     return Backbone(net, _tokenizer_for(net, name), name, weights, device, cache_dir)
 

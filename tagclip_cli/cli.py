@@ -267,9 +267,11 @@ def annotate(
         raise fail(f"{images}: no images found (extensions: jpg, jpeg, png, bmp, webp, tif, gif)")
     cfg = TagCLIPConfig(tag_threshold=tag_threshold, reference_compat=reference_compat,
                         use_background=not no_background)
+    model_opts = _model_options(model, pretrained, checkpoint, device, cache_dir)
+    model_opts.fp16_weights = reference_compat
     opts = AnnotateOptions(
         items=items, vocab=voc, out=out,
-        model=_model_options(model, pretrained, checkpoint, device, cache_dir),
+        model=model_opts,
         tagclip=cfg, batch_size=batch_size, workers=workers, max_side=max_side,
         overwrite=overwrite, fail_fast=fail_fast,
     )
