@@ -248,7 +248,11 @@ def annotate(
     reference_compat: bool = typer.Option(False, "--reference-compat", help="Reproduce the reference implementation's quirks exactly (for published numbers)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward."),
     workers: int = typer.Option(2, "--workers", min=0, help="DataLoader worker processes for decoding."),
-    max_side: int = typer.Option(None, "--max-side", min=16, help="Downscale images whose longer side exceeds this."),
+    max_side: int = typer.Option(
+        1024, "--max-side", min=16,
+        help="Downscale images whose longer side exceeds this before the native-resolution forward "
+        "(attention memory grows with the 4th power of the side; VOC/COCO images are below the default).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or unfinished run."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first image that cannot be read."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Text-embedding cache (default ~/.cache/tagclip or $TAGCLIP_CACHE_DIR)."),
