@@ -14,7 +14,6 @@ test:
 
 lint:
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
 
 bench:
 	$(BIN)/python benchmarks/run_all.py

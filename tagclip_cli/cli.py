@@ -230,7 +230,9 @@ def _report(summary, out: Path) -> None:
 
 MODEL_HELP = "open_clip model name (default ViT-B-16, the paper's), or a built-in demo model such as shapes-demo."
 PRETRAINED_HELP = "open_clip pretrained tag (default openai; needs network once). 'random' = seeded random weights."
-CHECKPOINT_HELP = "Weights file: OpenAI TorchScript .pt, or a state dict .pt/.bin/.safetensors (OpenAI or open_clip keys)."
+CHECKPOINT_HELP = (
+    "Weights file: OpenAI TorchScript .pt, or a state dict .pt/.bin/.safetensors (OpenAI or open_clip keys)."
+)
 
 
 @app.command()
@@ -242,10 +244,17 @@ def annotate(
     pretrained: str = typer.Option("openai", "--pretrained", help=PRETRAINED_HELP),
     checkpoint: Path = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
-    background: Path = typer.Option(None, "--background", help="File of background class names (replaces the vocabulary's)."),
+    background: Path = typer.Option(
+        None, "--background", help="File of background class names (replaces the vocabulary's)."
+    ),
     no_background: bool = typer.Option(False, "--no-background", help="Score against foreground classes only."),
-    tag_threshold: float = typer.Option(0.5, "--tag-threshold", min=0.0, max=1.0, help="Keep classes whose normalised score is above this."),
-    reference_compat: bool = typer.Option(False, "--reference-compat", help="Reproduce the reference implementation's quirks exactly (for published numbers)."),
+    tag_threshold: float = typer.Option(
+        0.5, "--tag-threshold", min=0.0, max=1.0, help="Keep classes whose normalised score is above this."
+    ),
+    reference_compat: bool = typer.Option(
+        False, "--reference-compat",
+        help="Reproduce the reference implementation's quirks exactly (to match published numbers).",
+    ),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward."),
     workers: int = typer.Option(2, "--workers", min=0, help="DataLoader worker processes for decoding."),
     max_side: int = typer.Option(
@@ -255,7 +264,9 @@ def annotate(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or unfinished run."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first image that cannot be read."),
-    cache_dir: Path = typer.Option(None, "--cache-dir", help="Text-embedding cache (default ~/.cache/tagclip or $TAGCLIP_CACHE_DIR)."),
+    cache_dir: Path = typer.Option(
+        None, "--cache-dir", help="Text-embedding cache (default ~/.cache/tagclip or $TAGCLIP_CACHE_DIR)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
     verbose: bool = typer.Option(False, "--verbose", help="Debug logging."),
 ) -> None:
