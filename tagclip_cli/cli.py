@@ -294,3 +294,46 @@ def annotate(
     _report(summary, out)
     if summary.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def show(
+    images: Path = typer.Option(..., "--images", help="The image folder that was annotated."),
+    tags: Path = typer.Option(..., "--tags", help="Tags Parquet written by `tagclip annotate`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Gallery folder (index.html, overlays/, thumbs/)."),
+    masks: Path = typer.Option(None, "--masks", help="COCO RLE masks JSON written by `tagclip segment`."),
+    max_side: int = typer.Option(1600, "--max-side", min=64, help="Longer side of the overlays' image part."),
+    thumb_side: int = typer.Option(256, "--thumb-side", min=32, help="Longer side of the thumbnails."),
+    page_size: int = typer.Option(100, "--page-size", min=1, help="Cards per page in index.html."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Show only the first N images of the tags file."),
+    workers: int = typer.Option(2, "--workers", min=0, help="Processes drawing overlays (0 = in this process)."),
+    title: str = typer.Option(None, "--title", help="Page title (default: the tags file name)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+    verbose: bool = typer.Option(False, "--verbose", help="Debug logging."),
+) -> None:
+    """Draw every image with its tags, scores and masks, and write an offline HTML gallery (index.html)."""
+    from tagclip_cli.show import ShowConfig, build_gallery
+
+    setup_logging(quiet, verbose)
+    config = ShowConfig(images=images, tags=tags, out=out, masks=masks, max_side=max_side, thumb_side=thumb_side,
+                        page_size=page_size, limit=limit, workers=workers, title=title)
+    from rich.progress import Progress
+
+    try:
+        with Progress(console=err_console, transient=True, disable=quiet or not err_console.is_terminal) as bar:
+            task = bar.add_task("drawing", total=None)
+            summary = build_gallery(config, progress=lambda step, total: bar.update(task, advance=step, total=total))
+    except TagclipError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+    except OSError as exc:
+        raise fail(f"{out}: cannot write the gallery ({exc.strerror or exc})") from None
+    log = logging.getLogger("tagclip_cli")
+    for image_id, error in summary.unreadable[:20]:
+        log.warning("cannot read %s: %s", image_id, error)
+    err_console.print(
+        f"{summary.index_html}: {summary.images} images ({summary.failed_rows} failed in the tags file, "
+        f"{len(summary.unreadable)} unreadable now)",
+        highlight=False,
+    )
+    if summary.unreadable:
+        raise typer.Exit(1)

@@ -1,0 +1,796 @@
+"""Look at the labels: one overlay PNG per image and an offline HTML contact sheet.
+
+Inputs are the two files the other commands write: the tags Parquet (`tagclip annotate`) and,
+optionally, the COCO RLE masks JSON (`tagclip segment`). Output layout::
+
+    OUT/index.html              contact sheet (inline CSS/JS, data embedded as JSON; no network)
+    OUT/overlays/<name>.png     image at full size (capped by max_side) with masks, plus a legend
+    OUT/thumbs/<name>.jpg       thumbnail of the overlay's image part
+
+The page renders one page of cards at a time from the embedded JSON (thumbnails lazy-load), so a
+gallery of tens of thousands of images opens as fast as one of ten.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont
+
+from tagclip_cli.errors import UsageError
+from tagclip_cli.writers import METADATA_KEY, atomic_path
+
+log = logging.getLogger(__name__)
+
+TAG_COLUMNS = ("index", "image_id", "path", "width", "height", "status", "error", "tags", "scores")
+MASK_ALPHA = 0.5
+MIN_PANEL_WIDTH = 360
+PLACEHOLDER_SIZE = (320, 240)
+FAILED_RED = (220, 30, 30)
+NO_MASK_SWATCH = (255, 255, 255)
+PUBLIC_MODE = 0o644  # temp files are created 0600; a gallery is meant to be shared or served
+
+
+@dataclass(frozen=True)
+class ShowConfig:
+    """What `tagclip show` renders and where.
+
+    max_side caps the longer side of each overlay's image part (the legend panel is added below);
+    thumb_side is the longer side of the thumbnails; page_size the cards per page in index.html;
+    limit renders only the first N rows of the tags file (None = all)."""
+
+    images: Path
+    tags: Path
+    out: Path
+    masks: Path | None = None
+    max_side: int = 1600
+    thumb_side: int = 256
+    page_size: int = 100
+    limit: int | None = None
+    workers: int = 0
+    title: str | None = None
+
+
+@dataclass
+class ShowSummary:
+    """Counts after a run. `unreadable` are rows marked ok whose image could not be read now."""
+
+    images: int = 0
+    failed_rows: int = 0
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    unmatched_masks: int = 0
+    index_html: Path | None = None
+
+
+# ---- colours --------------------------------------------------------------------------------------
+
+
+def class_color(label: int) -> tuple[int, int, int]:
+    """RGB of label value `label` (class position + 1) in the PASCAL VOC palette; labels past 255
+    wrap around (0 is never used for a class)."""
+    if label <= 0:
+        raise ValueError("label 0 is 'no class' and has no colour")
+    value = (label - 1) % 255 + 1
+    r = g = b = 0
+    for shift in range(8):
+        r |= ((value >> 0) & 1) << (7 - shift)
+        g |= ((value >> 1) & 1) << (7 - shift)
+        b |= ((value >> 2) & 1) << (7 - shift)
+        value >>= 3
+    return r, g, b
+
+
+def hex_color(rgb: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
+
+
+def text_color_on(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black or white, whichever reads better on `rgb` (relative luminance threshold)."""
+    luminance = 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]
+    return (0, 0, 0) if luminance > 140 else (255, 255, 255)
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TagRow:
+    """One row of the tags Parquet, with the score of each predicted tag looked up."""
+
+    index: int
+    image_id: str
+    path: str | None
+    width: int | None
+    height: int | None
+    failed: bool
+    error: str | None
+    tags: tuple[tuple[str, float | None], ...]
+
+
+def read_tag_classes(path: Path) -> list[str]:
+    """Class names stored in a tags Parquet's metadata (empty if absent)."""
+    try:
+        schema = pq.read_schema(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such tags file") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: not a Parquet file ({exc})") from None
+    missing = [c for c in TAG_COLUMNS if c not in schema.names]
+    if missing:
+        raise UsageError(f"{path}: not a tags Parquet (missing columns: {', '.join(missing)})")
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    try:
+        meta = json.loads(raw) if raw else {}
+    except ValueError:
+        meta = {}
+    return [str(c) for c in meta.get("classes", [])]
+
+
+def iter_tag_rows(path: Path, classes: Sequence[str], limit: int | None = None) -> Iterator[TagRow]:
+    """Rows of a tags Parquet in file order, reading a few thousand at a time."""
+    position = {name: i for i, name in enumerate(classes)}
+    count = 0
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=2048, columns=list(TAG_COLUMNS))
+        for batch in batches:
+            for row in batch.to_pylist():
+                if limit is not None and count >= limit:
+                    return
+                scores = row["scores"] or []
+                tags = []
+                for name in row["tags"] or []:
+                    i = position.get(name)
+                    tags.append((name, float(scores[i]) if i is not None and i < len(scores) else None))
+                yield TagRow(
+                    index=int(row["index"]),
+                    image_id=str(row["image_id"]),
+                    path=row["path"],
+                    width=row["width"],
+                    height=row["height"],
+                    failed=row["status"] != "ok",
+                    error=row["error"],
+                    tags=tuple(tags),
+                )
+                count += 1
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read tags ({exc})") from None
+
+
+@dataclass
+class MaskIndex:
+    """Annotations of a COCO RLE masks file, grouped per image and findable by image name."""
+
+    categories: dict[int, str]
+    by_name: dict[str, int]
+    images: dict[int, dict[str, Any]]
+    annotations: dict[int, list[dict[str, Any]]]
+
+    def lookup(self, image_id: str, path: str | None) -> int | None:
+        """COCO image id for a tags row: by our image id (relative path), then by path, then by
+        file name when that is unique."""
+        for key in (image_id, path, Path(image_id).name):
+            if key and key in self.by_name:
+                return self.by_name[key]
+        return None
+
+
+def load_masks(path: Path) -> MaskIndex:
+    """Parse a COCO masks JSON (images, categories, annotations with RLE segmentation)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such masks file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"{path}: not a JSON file ({exc})") from None
+    if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations", "categories")):
+        raise UsageError(f"{path}: not a COCO masks file (needs images, annotations, categories)")
+    try:
+        categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+        images = {int(im["id"]): im for im in data["images"]}
+        annotations: dict[int, list[dict[str, Any]]] = {}
+        for ann in data["annotations"]:
+            if int(ann["category_id"]) not in categories:
+                raise UsageError(f"{path}: annotation {ann.get('id')} has unknown category {ann['category_id']}")
+            if int(ann["image_id"]) not in images:
+                raise UsageError(f"{path}: annotation {ann.get('id')} has unknown image {ann['image_id']}")
+            annotations.setdefault(int(ann["image_id"]), []).append(ann)
+        by_name: dict[str, int] = {}
+        basenames: dict[str, list[int]] = {}
+        for image_id, im in images.items():
+            for key in ("tagclip_image_id", "file_name"):
+                if im.get(key) is not None:
+                    by_name.setdefault(str(im[key]), image_id)
+            if im.get("file_name") is not None:
+                basenames.setdefault(Path(str(im["file_name"])).name, []).append(image_id)
+        for name, ids in basenames.items():
+            if len(ids) == 1:
+                by_name.setdefault(name, ids[0])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"{path}: malformed COCO masks file ({exc!r})") from None
+    return MaskIndex(categories, by_name, images, annotations)
+
+
+def label_map(annotations: Sequence[dict[str, Any]], label_of: dict[int, int], height: int, width: int) -> np.ndarray:
+    """(H, W) int32 map: 0 where no mask, else `label_of[category_id]`. Where masks overlap the
+    higher `score` wins (the same rule as `tagclip evaluate`)."""
+    from pycocotools import mask as mask_utils
+
+    out = np.zeros((height, width), dtype=np.int32)
+    for ann in sorted(annotations, key=lambda a: float(a.get("score", 0.0))):
+        segm = ann["segmentation"]
+        if isinstance(segm, dict) and isinstance(segm.get("counts"), list):
+            rle = mask_utils.frPyObjects(segm, *segm["size"])
+        elif isinstance(segm, dict):
+            rle = dict(segm)
+            if isinstance(rle["counts"], str):
+                rle["counts"] = rle["counts"].encode("ascii")
+        else:  # polygons
+            rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+        mask = mask_utils.decode(rle).astype(bool)
+        if mask.shape != (height, width):
+            mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
+        out[mask] = label_of[int(ann["category_id"])]
+    return out
+
+
+# ---- drawing --------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def blend_masks(image: np.ndarray, labels: np.ndarray, colors: np.ndarray, alpha: float = MASK_ALPHA) -> np.ndarray:
+    """Colour the masked pixels of an (H, W, 3) uint8 image.
+
+    labels (H, W) int, 0 = untouched; colors (L, 3) uint8 indexed by label. Inside a mask the pixel
+    becomes (1 - alpha) * pixel + alpha * colour; the mask's one-pixel boundary is the pure colour.
+    Pixels outside every mask are returned unchanged. Returns (H, W, 3) uint8."""
+    out = image.astype(np.float32)
+    inside = labels > 0
+    color = colors[labels].astype(np.float32)
+    out[inside] = (1.0 - alpha) * out[inside] + alpha * color[inside]
+    edge = np.zeros_like(inside)
+    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    edge[1:, :] |= labels[1:, :] != labels[:-1, :]
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    edge &= inside
+    out[edge] = color[edge]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) scaled down so the longer side is at most max_side (never up)."""
+    if max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    """Greedy word wrap to `width` pixels (long words are cut)."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        candidate = f"{current} {word}".strip()
+        if draw.textlength(candidate, font=font) <= width:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        while draw.textlength(word, font=font) > width and len(word) > 1:
+            cut = len(word)
+            while cut > 1 and draw.textlength(word[:cut], font=font) > width:
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        current = word
+    if current:
+        lines.append(current)
+    return lines or [""]
+
+
+@dataclass(frozen=True)
+class LegendLine:
+    """One line of the overlay's legend: optional colour swatch, text, text colour."""
+
+    text: str
+    swatch: tuple[int, int, int] | None = None
+    color: tuple[int, int, int] = (20, 20, 20)
+    bold: bool = False
+
+
+def render_overlay(
+    picture: Image.Image | None, labels: np.ndarray | None, colors: np.ndarray, lines: Sequence[LegendLine],
+    failed: bool, max_side: int,
+) -> tuple[Image.Image, Image.Image]:
+    """The overlay (image part + legend panel below) and the image part alone (for the thumbnail).
+
+    picture: the RGB image, or None when it cannot be read (a grey placeholder is drawn);
+    labels: (H, W) label map at the picture's size, or None. The image part keeps the picture's size
+    unless its longer side exceeds max_side; the panel is at least MIN_PANEL_WIDTH wide."""
+    if picture is None:
+        part = Image.new("RGB", PLACEHOLDER_SIZE, (200, 200, 200))
+        d = ImageDraw.Draw(part)
+        d.line([(0, 0), (PLACEHOLDER_SIZE[0] - 1, PLACEHOLDER_SIZE[1] - 1)], fill=(150, 150, 150), width=3)
+        d.line([(0, PLACEHOLDER_SIZE[1] - 1), (PLACEHOLDER_SIZE[0] - 1, 0)], fill=(150, 150, 150), width=3)
+    else:
+        part = picture
+        if labels is not None and labels.any():
+            part = Image.fromarray(blend_masks(np.asarray(picture.convert("RGB")), labels, colors))
+        size = fit_size(part.width, part.height, max_side)
+        if size != part.size:
+            part = part.resize(size, Image.Resampling.LANCZOS)
+    if failed:
+        part = part.copy()
+        d = ImageDraw.Draw(part)
+        border = max(3, min(part.size) // 60)
+        d.rectangle([0, 0, part.width - 1, part.height - 1], outline=FAILED_RED, width=border)
+        font = _font(max(12, min(48, part.width // 10)))
+        text = "FAILED"
+        box = d.textbbox((0, 0), text, font=font)
+        pad = border + 4
+        d.rectangle([border, border, border + (box[2] - box[0]) + 2 * pad, border + (box[3]) + 2 * pad],
+                    fill=FAILED_RED)
+        d.text((border + pad, border + pad), text, font=font, fill=(255, 255, 255))
+
+    panel_width = max(part.width, MIN_PANEL_WIDTH)
+    size = max(12, min(28, panel_width // 40))
+    font, bold = _font(size), _font(size + 2)
+    line_h = int(size * 1.45)
+    pad = size // 2
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped: list[tuple[LegendLine, str, bool]] = []
+    for line in lines:
+        indent = line_h if line.swatch is not None else 0
+        line_font = bold if line.bold else font
+        for k, text in enumerate(_wrap(measure, line.text, line_font, panel_width - 2 * pad - indent)):
+            wrapped.append((line, text, k == 0))
+    panel_h = 2 * pad + line_h * len(wrapped)
+    canvas = Image.new("RGB", (panel_width, part.height + panel_h), (255, 255, 255))
+    canvas.paste(part, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.line([(0, part.height), (panel_width, part.height)], fill=(180, 180, 180), width=1)
+    y = part.height + pad
+    for line, text, first in wrapped:
+        x = pad
+        if line.swatch is not None:
+            if first:
+                s = line_h - 6
+                draw.rectangle([x, y + 3, x + s, y + 3 + s], fill=line.swatch, outline=(60, 60, 60))
+            x += line_h
+        draw.text((x, y + (line_h - size) // 2 - 1), text, font=bold if line.bold else font, fill=line.color)
+        y += line_h
+    return canvas, part
+
+
+def thumbnail(part: Image.Image, side: int) -> Image.Image:
+    thumb = part.copy()
+    thumb.thumbnail((side, side), Image.Resampling.LANCZOS)
+    return thumb
+
+
+# ---- one image ------------------------------------------------------------------------------------
+
+
+def safe_name(index: int, image_id: str) -> str:
+    """A file name for row `index` that is unique (the index) and readable (the sanitised stem)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(image_id).stem).strip("._") or "image"
+    return f"{index:07d}_{stem[:60]}"
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """Everything a worker needs to draw one image (picklable)."""
+
+    row: TagRow
+    source: str | None
+    annotations: tuple[dict[str, Any], ...]
+    mask_size: tuple[int, int] | None  # (height, width) declared by the masks file
+    label_of: dict[int, int]
+    names: tuple[str, ...]  # names[label - 1]
+    out: str
+    name: str
+    max_side: int
+    thumb_side: int
+
+
+def render_job(job: RenderJob) -> dict[str, Any]:
+    """Draw and save one overlay and thumbnail; returns the card's data for index.html."""
+    from tagclip_cli.data import DecodeError, load_rgb
+
+    row = job.row
+    picture = None
+    read_error = None
+    if job.source is None:
+        read_error = "image file not found"
+    else:
+        try:
+            picture = load_rgb(job.source)
+        except DecodeError as exc:
+            read_error = str(exc)
+    colors = np.array([(0, 0, 0)] + [class_color(i + 1) for i in range(len(job.names))], dtype=np.uint8)
+    labels = None
+    if picture is not None and job.annotations:
+        h, w = job.mask_size or (picture.height, picture.width)
+        labels = label_map(job.annotations, job.label_of, h, w)
+        if labels.shape != (picture.height, picture.width):
+            labels = np.asarray(
+                Image.fromarray(labels).resize((picture.width, picture.height), Image.Resampling.NEAREST)
+            )
+    mask_share: dict[int, float] = {}
+    if labels is not None:
+        counts = np.bincount(labels.ravel(), minlength=len(job.names) + 1)
+        mask_share = {lab: counts[lab] / labels.size for lab in np.flatnonzero(counts[1:]) + 1}
+
+    failed = row.failed or read_error is not None
+    error = row.error if row.failed else (f"cannot read image now: {read_error}" if read_error else None)
+    position = {name: i + 1 for i, name in enumerate(job.names)}
+    lines = [LegendLine(row.image_id, bold=True)]
+    size_text = f"{picture.width}x{picture.height}" if picture is not None else (
+        f"{row.width}x{row.height}" if row.width and row.height else "size unknown")
+    if failed:
+        lines.append(LegendLine(f"FAILED: {error or 'unknown error'}", color=FAILED_RED, bold=True))
+    else:
+        lines.append(LegendLine(f"{size_text} · {len(row.tags)} tag(s) with scores", color=(90, 90, 90)))
+    shown: set[int] = set()
+    for name, score in row.tags:
+        label = position.get(name)
+        text = name if score is None else f"{name} {score:.2f}"
+        if label in mask_share:
+            text += f" · mask {100 * mask_share[label]:.1f}% of pixels"
+            shown.add(label)
+        # A white swatch = a tag without a mask (no class colour is pure white).
+        lines.append(LegendLine(text, swatch=class_color(label) if label in mask_share else NO_MASK_SWATCH))
+    for label, share in sorted(mask_share.items()):
+        if label not in shown:
+            lines.append(LegendLine(f"{job.names[label - 1]} (not a tag) · mask {100 * share:.1f}% of pixels",
+                                    swatch=class_color(label)))
+    if not failed and not row.tags:
+        lines.append(LegendLine("no tags above the threshold", color=(90, 90, 90)))
+
+    overlay, part = render_overlay(picture, labels, colors, lines, failed, job.max_side)
+    out = Path(job.out)
+    overlay_rel = f"overlays/{job.name}.png"
+    thumb_rel = f"thumbs/{job.name}.jpg"
+    with atomic_path(out / overlay_rel) as tmp:
+        overlay.save(tmp, format="PNG", compress_level=6)
+        tmp.chmod(PUBLIC_MODE)
+    thumb = thumbnail(part, job.thumb_side)
+    with atomic_path(out / thumb_rel) as tmp:
+        thumb.save(tmp, format="JPEG", quality=85)
+        tmp.chmod(PUBLIC_MODE)
+    return {
+        "id": row.image_id,
+        "o": overlay_rel,
+        "t": thumb_rel,
+        "tw": thumb.width,
+        "th": thumb.height,
+        "size": size_text,
+        "tags": [[position.get(n, 0) - 1, None if s is None else round(s, 4)] for n, s in row.tags],
+        "masks": sorted(int(lab) - 1 for lab in mask_share),
+        "err": error if failed else None,
+        "read_error": read_error if not row.failed else None,
+    }
+
+
+# ---- the whole gallery ----------------------------------------------------------------------------
+
+
+def resolve_source(images: Path, row: TagRow) -> str | None:
+    """The image file for a row: IMAGES/<image_id>, else the path recorded at annotation time."""
+    candidate = images / row.image_id
+    if candidate.is_file():
+        return str(candidate)
+    if row.path and Path(row.path).is_file():
+        return row.path
+    return None
+
+
+def build_gallery(config: ShowConfig, progress: Callable[[int, int], object] | None = None) -> ShowSummary:
+    """Render every overlay and thumbnail, then write index.html. Raises UsageError for bad inputs."""
+    if not config.images.is_dir():
+        raise UsageError(f"{config.images}: not a directory (--images)")
+    if config.out.exists() and not config.out.is_dir():
+        raise UsageError(f"{config.out}: exists and is not a directory (--out)")
+    classes = read_tag_classes(config.tags)
+    masks = load_masks(config.masks) if config.masks else None
+    names = list(classes)
+    if masks is not None:
+        for cat_id in sorted(masks.categories):
+            if masks.categories[cat_id] not in names:
+                names.append(masks.categories[cat_id])
+    label_of = {} if masks is None else {cid: names.index(n) + 1 for cid, n in masks.categories.items()}
+    rows = list(iter_tag_rows(config.tags, classes, config.limit))
+    if not rows:
+        raise UsageError(f"{config.tags}: no rows to show")
+    for sub in ("overlays", "thumbs"):
+        (config.out / sub).mkdir(parents=True, exist_ok=True)
+
+    summary = ShowSummary(images=len(rows))
+    used_masks: set[int] = set()
+    jobs = []
+    for row in rows:
+        coco_id = masks.lookup(row.image_id, row.path) if masks else None
+        anns: tuple[dict[str, Any], ...] = ()
+        mask_size = None
+        if coco_id is not None:
+            used_masks.add(coco_id)
+            anns = tuple(masks.annotations.get(coco_id, ()))
+            im = masks.images[coco_id]
+            if im.get("height") and im.get("width"):
+                mask_size = (int(im["height"]), int(im["width"]))
+        jobs.append(RenderJob(
+            row=row, source=resolve_source(config.images, row), annotations=anns, mask_size=mask_size,
+            label_of=label_of, names=tuple(names), out=str(config.out), name=safe_name(row.index, row.image_id),
+            max_side=config.max_side, thumb_side=config.thumb_side,
+        ))
+    if masks is not None:
+        summary.unmatched_masks = len(set(masks.images) - used_masks)
+        if summary.unmatched_masks:
+            log.warning("%d image(s) in %s match no row of %s (matched by file name)",
+                        summary.unmatched_masks, config.masks, config.tags)
+
+    cards: list[dict[str, Any]] = []
+    if config.workers > 1:
+        with ProcessPoolExecutor(max_workers=config.workers) as pool:
+            for card in pool.map(render_job, jobs, chunksize=8):
+                cards.append(card)
+                if progress:
+                    progress(1, len(jobs))
+    else:
+        for job in jobs:
+            cards.append(render_job(job))
+            if progress:
+                progress(1, len(jobs))
+    for row, card in zip(rows, cards, strict=True):
+        if row.failed:
+            summary.failed_rows += 1
+        elif card["read_error"]:
+            summary.unreadable.append((row.image_id, card["read_error"]))
+        del card["read_error"]
+
+    title = config.title or f"tagclip gallery: {config.tags.name}"
+    page = gallery_html(title, names, cards, config.page_size, sources={
+        "tags": str(config.tags), "masks": str(config.masks) if config.masks else None,
+    })
+    summary.index_html = config.out / "index.html"
+    with atomic_path(summary.index_html) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+        tmp.chmod(PUBLIC_MODE)
+    return summary
+
+
+# ---- index.html -----------------------------------------------------------------------------------
+
+
+def gallery_html(title: str, classes: Sequence[str], cards: Sequence[dict[str, Any]], page_size: int,
+                 sources: dict[str, Any]) -> str:
+    """A self-contained page: inline CSS and JS, cards rendered from embedded JSON, one page at a time."""
+    payload = {
+        "title": title,
+        "classes": [{"name": n, "color": hex_color(class_color(i + 1)),
+                     "ink": hex_color(text_color_on(class_color(i + 1)))} for i, n in enumerate(classes)],
+        "cards": list(cards),
+        "pageSize": page_size,
+        "sources": sources,
+    }
+    # "<" escaped so that no string in the data can close the <script> element.
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
+    return (
+        _PAGE.replace("__TITLE__", html.escape(title))
+        .replace("__CSS__", _CSS)
+        .replace("__JS__", _JS)
+        .replace("__DATA__", data)
+    )
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>__TITLE__</title>
+<style>__CSS__</style>
+</head>
+<body>
+<header>
+  <h1>__TITLE__</h1>
+  <div id="controls">
+    <label>class <select id="class-filter"></select></label>
+    <label>name <input id="name-filter" type="search" placeholder="substring"></label>
+    <span id="count"></span>
+  </div>
+  <nav class="pager" id="pager-top"></nav>
+</header>
+<main id="cards"></main>
+<nav class="pager" id="pager-bottom"></nav>
+<noscript><p>This gallery needs JavaScript to list the images; the overlays are in the
+overlays/ folder next to this page.</p></noscript>
+<script id="gallery-data" type="application/json">__DATA__</script>
+<script>__JS__</script>
+</body>
+</html>
+"""
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; background: #f4f4f4;
+       color: #222; }
+header { position: sticky; top: 0; background: #fff; border-bottom: 1px solid #ccc; padding: 8px 16px;
+         z-index: 1; }
+h1 { font-size: 18px; margin: 0 0 6px 0; }
+#controls { display: flex; gap: 16px; align-items: center; flex-wrap: wrap; font-size: 14px; }
+#count { color: #666; }
+.pager { display: flex; gap: 6px; align-items: center; font-size: 14px; margin: 6px 0; }
+#pager-bottom { padding: 0 16px 16px; }
+.pager button { font: inherit; padding: 2px 10px; }
+#cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: 12px;
+         padding: 12px 16px; }
+.card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 8px; display: flex;
+        flex-direction: column; gap: 6px; min-width: 0; }
+.card.failed { border: 2px solid #dc1e1e; background: #fff3f3; }
+.thumb { display: flex; align-items: center; justify-content: center; height: 200px; background: #eee; }
+.thumb img { max-width: 100%; max-height: 200px; object-fit: contain; }
+.name { font-size: 13px; font-weight: 600; overflow-wrap: anywhere; }
+.meta { font-size: 12px; color: #666; }
+.tags { display: flex; flex-wrap: wrap; gap: 4px; }
+.tag { font-size: 12px; border-radius: 10px; padding: 1px 8px; border: 1px solid #999; background: #fff; }
+.tag.masked { border-color: transparent; }
+.error { font-size: 12px; color: #b00; font-weight: 600; overflow-wrap: anywhere; }
+.empty { padding: 24px; color: #666; }
+"""
+
+_JS = """
+"use strict";
+(function () {
+  const data = JSON.parse(document.getElementById("gallery-data").textContent);
+  const classes = data.classes;
+  const cardsEl = document.getElementById("cards");
+  const select = document.getElementById("class-filter");
+  const nameInput = document.getElementById("name-filter");
+  const state = { cls: "all", q: "", page: 1 };
+
+  function has(card, index) {
+    return card.tags.some(function (t) { return t[0] === index; }) || card.masks.indexOf(index) >= 0;
+  }
+  function matches(card) {
+    if (state.cls === "failed" && !card.err) return false;
+    if (state.cls !== "all" && state.cls !== "failed" && !has(card, Number(state.cls))) return false;
+    return !state.q || card.id.toLowerCase().indexOf(state.q.toLowerCase()) >= 0;
+  }
+  function el(tag, cls, text) {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+  function buildSelect() {
+    const counts = classes.map(function () { return 0; });
+    let failed = 0;
+    data.cards.forEach(function (c) {
+      if (c.err) failed += 1;
+      classes.forEach(function (_, i) { if (has(c, i)) counts[i] += 1; });
+    });
+    const add = function (value, label) {
+      const o = el("option", null, label); o.value = value; select.appendChild(o);
+    };
+    add("all", "all images (" + data.cards.length + ")");
+    add("failed", "failed (" + failed + ")");
+    classes.map(function (c, i) { return [c.name, i]; })
+      .filter(function (p) { return counts[p[1]] > 0; })
+      .sort(function (a, b) { return a[0].localeCompare(b[0]); })
+      .forEach(function (p) { add(String(p[1]), p[0] + " (" + counts[p[1]] + ")"); });
+  }
+  function card(c) {
+    const div = el("div", "card" + (c.err ? " failed" : ""));
+    div.dataset.id = c.id;
+    const link = el("a", "thumb");
+    link.href = c.o;
+    link.title = "full-size overlay";
+    const img = el("img");
+    img.loading = "lazy";
+    img.decoding = "async";
+    img.width = c.tw;
+    img.height = c.th;
+    img.alt = c.id;
+    img.src = c.t;
+    link.appendChild(img);
+    div.appendChild(link);
+    div.appendChild(el("div", "name", c.id));
+    div.appendChild(el("div", "meta", c.size));
+    if (c.err) div.appendChild(el("div", "error", "FAILED: " + c.err));
+    const tags = el("div", "tags");
+    c.tags.forEach(function (t) {
+      const name = t[0] >= 0 ? classes[t[0]].name : "?";
+      const chip = el("span", "tag", t[1] === null ? name : name + " " + t[1].toFixed(2));
+      if (t[0] >= 0 && c.masks.indexOf(t[0]) >= 0) {
+        chip.className = "tag masked";
+        chip.style.background = classes[t[0]].color;
+        chip.style.color = classes[t[0]].ink;
+        chip.title = "has a mask";
+      }
+      tags.appendChild(chip);
+    });
+    c.masks.forEach(function (m) {
+      if (c.tags.some(function (t) { return t[0] === m; })) return;
+      const chip = el("span", "tag masked", classes[m].name + " (mask)");
+      chip.style.background = classes[m].color;
+      chip.style.color = classes[m].ink;
+      tags.appendChild(chip);
+    });
+    if (!c.err && c.tags.length === 0) tags.appendChild(el("span", "meta", "no tags"));
+    div.appendChild(tags);
+    return div;
+  }
+  function pager(nav, pages) {
+    nav.textContent = "";
+    const prev = el("button", "prev", "\\u2190 prev");
+    prev.disabled = state.page <= 1;
+    prev.onclick = function () { go(state.page - 1); };
+    const next = el("button", "next", "next \\u2192");
+    next.disabled = state.page >= pages;
+    next.onclick = function () { go(state.page + 1); };
+    nav.appendChild(prev);
+    nav.appendChild(el("span", "page-label", "page " + state.page + " of " + pages));
+    nav.appendChild(next);
+  }
+  function render() {
+    const shown = data.cards.filter(matches);
+    const pages = Math.max(1, Math.ceil(shown.length / data.pageSize));
+    state.page = Math.min(Math.max(1, state.page), pages);
+    const start = (state.page - 1) * data.pageSize;
+    const frag = document.createDocumentFragment();
+    shown.slice(start, start + data.pageSize).forEach(function (c) { frag.appendChild(card(c)); });
+    cardsEl.textContent = "";
+    cardsEl.appendChild(frag);
+    if (!shown.length) cardsEl.appendChild(el("div", "empty", "no image matches"));
+    document.getElementById("count").textContent = shown.length + " of " + data.cards.length + " images";
+    pager(document.getElementById("pager-top"), pages);
+    pager(document.getElementById("pager-bottom"), pages);
+    document.body.dataset.ready = "1";
+  }
+  function writeHash() {
+    const parts = [];
+    if (state.cls !== "all") parts.push("class=" + encodeURIComponent(state.cls === "failed" ? "failed"
+      : classes[Number(state.cls)].name));
+    if (state.q) parts.push("q=" + encodeURIComponent(state.q));
+    if (state.page > 1) parts.push("page=" + state.page);
+    history.replaceState(null, "", parts.length ? "#" + parts.join("&") : location.pathname);
+  }
+  function readHash() {
+    const params = new URLSearchParams(location.hash.slice(1));
+    const cls = params.get("class");
+    state.cls = "all";
+    if (cls === "failed") state.cls = "failed";
+    else if (cls !== null) {
+      const i = classes.findIndex(function (c) { return c.name === cls; });
+      if (i >= 0) state.cls = String(i);
+    }
+    state.q = params.get("q") || "";
+    state.page = parseInt(params.get("page") || "1", 10) || 1;
+    select.value = state.cls;
+    nameInput.value = state.q;
+  }
+  function go(page) { state.page = page; writeHash(); render(); window.scrollTo(0, 0); }
+  select.onchange = function () { state.cls = select.value; state.page = 1; writeHash(); render(); };
+  nameInput.oninput = function () { state.q = nameInput.value; state.page = 1; writeHash(); render(); };
+  window.addEventListener("hashchange", function () { readHash(); render(); });
+  buildSelect();
+  readHash();
+  render();
+})();
+"""
