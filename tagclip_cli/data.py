@@ -6,13 +6,16 @@ global `index` (its position in the deterministic listing), which sharding and r
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -57,6 +60,112 @@ def list_folder(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) 
                 found.append(rel)
     found.sort()
     return [ImageItem(i, rel, str(root / rel)) for i, rel in enumerate(found)]
+
+
+def read_manifest(manifest: str | Path, image_root: str | Path) -> list[ImageItem]:
+    """The images of a COCO-style JSON (`images`: [{id, file_name}, ...]) in the manifest's order.
+
+    image_id is the manifest id as a string and coco_id the id itself; paths are image_root/file_name."""
+    manifest, image_root = Path(manifest), Path(image_root)
+    try:
+        with open(manifest, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"{manifest}: no such file") from None
+    except OSError as exc:
+        raise UsageError(f"{manifest}: cannot read ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{manifest}: not a JSON file ({exc})") from None
+    if not image_root.is_dir():
+        raise UsageError(f"--image-root {image_root}: not a directory")
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list):
+        raise UsageError(f"{manifest}: not a COCO manifest (no 'images' list)")
+    items: list[ImageItem] = []
+    seen: set[int] = set()
+    for pos, image in enumerate(images):
+        try:
+            coco_id, file_name = image["id"], image["file_name"]
+        except (TypeError, KeyError):
+            raise UsageError(f"{manifest}: images[{pos}] has no 'id' and 'file_name'") from None
+        if isinstance(coco_id, bool) or not isinstance(coco_id, int) or not isinstance(file_name, str):
+            raise UsageError(f"{manifest}: images[{pos}] needs an integer 'id' and a string 'file_name'")
+        if coco_id in seen:
+            raise UsageError(f"{manifest}: image id {coco_id} appears twice")
+        seen.add(coco_id)
+        items.append(ImageItem(len(items), str(coco_id), str(image_root / file_name), coco_id))
+    return items
+
+
+def read_path_list(lines: Iterable[str], image_root: str | Path | None = None, source: str = "-") -> list[ImageItem]:
+    """Images named one per line (blank lines ignored), in the given order.
+
+    Without image_root the id and the path are the line as given (relative to the working
+    directory). With image_root, a path inside the root (lexically, e.g. `find ROOT` output) keeps
+    its path and gets the id relative to the root; any other relative path is taken as relative to
+    the root (id = the line). An absolute path outside the root is an error."""
+    root_abs = os.path.abspath(image_root) if image_root is not None else None
+    items: list[ImageItem] = []
+    seen: dict[str, int] = {}
+    for lineno, raw in enumerate(lines, start=1):
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        path, image_id = line, line
+        if root_abs is not None:
+            absolute = os.path.abspath(line)
+            if absolute == root_abs or absolute.startswith(root_abs + os.sep):
+                image_id = Path(os.path.relpath(absolute, root_abs)).as_posix()
+            elif os.path.isabs(line):
+                raise UsageError(f"{source}:{lineno}: {line} is not under --image-root {image_root}")
+            else:
+                image_id = Path(os.path.normpath(line)).as_posix()
+                path = os.path.join(image_root, line)
+        if image_id in seen:
+            raise UsageError(f"{source}:{lineno}: {line} was already listed on line {seen[image_id]}")
+        seen[image_id] = lineno
+        items.append(ImageItem(len(items), image_id, path))
+    return items
+
+
+def collect_items(
+    images: str | None, manifest: str | Path | None = None, image_root: str | Path | None = None,
+    stdin: TextIO | None = None,
+) -> list[ImageItem]:
+    """Resolve the CLI's input: a folder, a text file of paths, one image, `-` (paths on stdin), or
+    a COCO manifest with its image root. Raises UsageError when nothing usable is given."""
+    if manifest is not None:
+        if images is not None:
+            raise UsageError("give either IMAGES or --manifest, not both")
+        if image_root is None:
+            raise UsageError("--manifest needs --image-root (the folder its file_name entries are relative to)")
+        items = read_manifest(manifest, image_root)
+    elif images is None:
+        raise UsageError("no input: give a folder, a text file of paths, '-' for paths on stdin, or --manifest")
+    elif images == "-":
+        stream = stdin if stdin is not None else sys.stdin
+        if stream.isatty():
+            raise UsageError("'-' reads image paths from stdin, but stdin is a terminal; pipe a list in")
+        items = read_path_list(stream, image_root, "<stdin>")
+    elif Path(images).is_dir():
+        if image_root is not None:
+            raise UsageError("--image-root applies to --manifest and path lists, not to a folder")
+        items = list_folder(images)
+    elif Path(images).is_file():
+        if images.lower().endswith(IMAGE_EXTENSIONS):
+            items = read_path_list([images], image_root, images)
+        else:
+            try:
+                with open(images, encoding="utf-8") as fh:
+                    items = read_path_list(fh, image_root, images)
+            except UnicodeDecodeError:
+                raise UsageError(f"{images}: not a text file of image paths") from None
+    else:
+        raise UsageError(f"{images}: no such file or directory")
+    if not items:
+        where = manifest if manifest is not None else ("stdin" if images == "-" else images)
+        raise UsageError(f"{where}: no images found (extensions: {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
+    return items
 
 
 @dataclass(frozen=True)
@@ -167,23 +276,75 @@ class ImageDataset(torch.utils.data.Dataset):
         return record
 
 
-def collate_records(records: list[dict]) -> list[dict]:
-    return records
+def _single(record: dict) -> dict:
+    return record
 
 
-def make_loader(
-    items: Sequence[ImageItem], preprocess: Preprocess, batch_size: int, workers: int, pin_memory: bool = False
-) -> Iterator[list[dict]]:
-    """Batches of decoded records in item order."""
-    dataset = ImageDataset(items, preprocess)
-    return iter(
-        torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=workers,
-            collate_fn=collate_records,
-            pin_memory=pin_memory,
-            persistent_workers=False,
-        )
+def iter_records(
+    items: Sequence[ImageItem], preprocess: Preprocess, workers: int, pin_memory: bool = False
+) -> Iterator[dict]:
+    """Decoded records (see `ImageDataset`) one by one, in item order.
+
+    `workers` processes decode and resize ahead of the model (0 = in this process); with
+    pin_memory the pixel tensors arrive in page-locked memory, ready for non-blocking copies."""
+    if not items:
+        return iter(())
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(items, preprocess),
+        batch_size=None,  # one record per fetch: workers stay busy and memory stays at a few images
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_single,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
     )
+    return iter(loader)
+
+
+def bucket_batches(
+    records: Iterable[dict], batch_size: int, window: int
+) -> Iterator[tuple[list[dict], bool]]:
+    """Group decoded records into forward batches of one preprocessed size: yields (batch, end).
+
+    Records (in index order) are cut into windows of `window` consecutive global indices; inside a
+    window, images of the same size (3, H, W) are collected and a batch is emitted as soon as
+    `batch_size` of them are there; the rest are emitted at the end of the window, the last one
+    with end=True (an empty batch if nothing was left). Failed decodes come alone. Batch
+    composition depends only on the items, batch_size and window, never on which process or run
+    handles the window, which is what keeps outputs bit-identical across ranks and resumes."""
+    buckets: dict[Hashable, list[dict]] = {}
+    current: int | None = None
+
+    def drain() -> Iterator[tuple[list[dict], bool]]:
+        rest = list(buckets.values())
+        buckets.clear()
+        for i, batch in enumerate(rest):
+            yield batch, i == len(rest) - 1
+        if not rest:
+            yield [], True
+
+    for record in records:
+        w = record["item"].index // window
+        if current is not None and w != current:
+            yield from drain()
+        current = w
+        if record["error"] is not None:
+            yield [record], False
+            continue
+        key = tuple(record["pixels"].shape)
+        bucket = buckets.setdefault(key, [])
+        bucket.append(record)
+        if len(bucket) >= batch_size:
+            del buckets[key]
+            yield bucket, False
+    if current is not None:
+        yield from drain()
+
+
+def to_device(records: list[dict], device: torch.device | str) -> list[dict]:
+    """Move each record's pixels to `device` (non-blocking: pinned host memory overlaps the copy)."""
+    for record in records:
+        if record["pixels"] is not None:
+            record["pixels"] = record["pixels"].to(device, non_blocking=True)
+    return records

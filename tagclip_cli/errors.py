@@ -19,3 +19,7 @@ class ModelLoadError(TagclipError):
 
 class ConfigMismatchError(TagclipError):
     """An existing output was produced with a different configuration."""
+
+
+class IncompleteRunError(TagclipError):
+    """A merge was asked for while some inputs still have no result (e.g. a shard has not finished)."""

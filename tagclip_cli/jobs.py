@@ -1,80 +1,368 @@
-"""Batch jobs: streaming results to atomic part files, resume, and the final merge.
+"""Batch jobs: work split (torchrun ranks, --shard), atomic part files, resume, merge, JSON Lines.
 
-Layout beside the output `OUT`: a work directory `OUT.parts/` holding `config.json` (what the run
-was started with; a different configuration refuses to resume) and part files named by the global
-indices they cover. Every part is written atomically, so whatever is visible is complete; a killed
-run restarts by skipping the indices already in parts. The final output is the merge of all parts,
-ordered by index, written atomically; the work directory is removed afterwards.
+Layout beside the output `OUT`: a work directory `OUT.parts/` holding
+- `config.json`: everything that determines the results; a different configuration refuses to resume;
+- `items.parquet`: the full input list (index, image_id, path, coco_id); a different list refuses,
+  and `tagclip merge` uses it to prove that every index 0..total-1 has a row;
+- `job.json`: the final format and the batching that was used;
+- `part-<first index>-<last index>.parquet`: result rows, each file written atomically.
+
+Work is cut into windows of consecutive global indices (a few batches each); window w belongs to
+global rank w % world. A window is processed by one process, with forward batches that depend only
+on the window's images, and is written only when complete. So any split (one process, torchrun
+ranks, --shard, a killed and restarted run) computes every image in exactly the same batch and the
+merged output is identical. The merge streams parts in index order, so memory does not grow with
+the number of images.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import re
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
+from typing import TextIO
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tagclip_cli.data import ImageItem
-from tagclip_cli.errors import ConfigMismatchError, UsageError
-from tagclip_cli.writers import atomic_path, write_json_atomic, write_parquet_atomic
+from tagclip_cli.data import ImageItem, bucket_batches
+from tagclip_cli.errors import ConfigMismatchError, IncompleteRunError, UsageError
+from tagclip_cli.writers import METADATA_KEY, ROW_GROUP_SIZE, atomic_path, write_json_atomic, write_parquet_atomic
 
 log = logging.getLogger(__name__)
+
+WINDOW_BATCHES = 4  # a window holds this many batches: room for size bucketing, little memory
+MAX_FAILURES_KEPT = 100  # failures listed in the summary; the output has them all
+DIST_TIMEOUT = timedelta(hours=24)  # ranks wait this long for the slowest one at the end
+PART_NAME = re.compile(r"part-(\d+)-(\d+)\.parquet$")
 
 
 @dataclass
 class Summary:
+    """Counts of one run (all ranks on the leader). `failures` keeps the first few (image_id, error)."""
+
     total: int = 0
     done: int = 0
     skipped: int = 0
     failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    leader: bool = True  # False on torchrun ranks other than 0: they report nothing
+    merged: bool = False
+    note: str | None = None  # what to do next (e.g. run `tagclip merge` after the last shard)
+
+    def add_failure(self, image_id: str, error: str) -> None:
+        self.failed += 1
+        if len(self.failures) < MAX_FAILURES_KEPT:
+            self.failures.append((image_id, error))
+
+
+# ---- work split ----------------------------------------------------------------------------------
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`I/N` (0 <= I < N) -> (I, N)."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match:
+        raise UsageError(f"--shard {text}: expected I/N, e.g. 0/4 for the first of four shards")
+    index, count = int(match[1]), int(match[2])
+    if count < 1 or index >= count:
+        raise UsageError(f"--shard {text}: I must be in 0..N-1 (shards are numbered from 0)")
+    return index, count
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which part of the work this process does.
+
+    rank/world: the global split (windows with w % world == rank). Under torchrun, group_rank /
+    group_size are RANK / WORLD_SIZE; with --shard I/N as well, the shard is split again across the
+    group (rank = I * group_size + group_rank, world = N * group_size)."""
+
+    rank: int = 0
+    world: int = 1
+    group_rank: int = 0
+    group_size: int = 1
+    local_rank: int = 0
+    shard: tuple[int, int] | None = None
+
+    @property
+    def leader(self) -> bool:
+        return self.group_rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.group_size > 1
+
+    @property
+    def merges(self) -> bool:
+        """Whether this run writes the final output (a shard leaves it to `tagclip merge`)."""
+        return self.shard is None
+
+    def owns(self, item: ImageItem, window: int) -> bool:
+        return (item.index // window) % self.world == self.rank
+
+    def describe(self) -> str:
+        parts = []
+        if self.shard:
+            parts.append(f"shard {self.shard[0]}/{self.shard[1]}")
+        if self.distributed:
+            parts.append(f"rank {self.group_rank}/{self.group_size}")
+        return ", ".join(parts) or "single process"
+
+
+def placement_from_env(shard: tuple[int, int] | None = None, env: dict[str, str] | None = None) -> Placement:
+    """The placement of this process from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK) and --shard."""
+    env = os.environ if env is None else env
+    try:
+        group_size = int(env.get("WORLD_SIZE", "1"))
+        group_rank = int(env.get("RANK", "0"))
+        local_rank = int(env.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
+    if not 0 <= group_rank < max(group_size, 1):
+        raise UsageError(f"RANK={group_rank} is outside WORLD_SIZE={group_size}")
+    index, count = shard if shard else (0, 1)
+    return Placement(
+        rank=index * group_size + group_rank,
+        world=count * group_size,
+        group_rank=group_rank,
+        group_size=group_size,
+        local_rank=local_rank,
+        shard=shard,
+    )
+
+
+class Session:
+    """A running placement: the torch.distributed process group (if any) and this rank's device."""
+
+    def __init__(self, placement: Placement, device: str) -> None:
+        self.placement = placement
+        self.device = device
+
+    def leader_first(self, on_leader: Callable[[], object], on_others: Callable[[], object]) -> object:
+        """Run on_leader on rank 0, then on_others on every other rank; a TagclipError on any rank is
+        raised on every rank (so nobody waits forever for a rank that gave up)."""
+        result: object = None
+        error: Exception | None = None
+        if self.placement.leader:
+            try:
+                result = on_leader()
+            except Exception as exc:  # re-raised below, after telling the others
+                error = exc
+        self._raise_everywhere(error)
+        if not self.placement.leader:
+            try:
+                result = on_others()
+            except Exception as exc:
+                error = exc
+        self._raise_everywhere(error)
+        return result
+
+    def _raise_everywhere(self, error: Exception | None) -> None:
+        if not self.placement.distributed:
+            if error is not None:
+                raise error
+            return
+        import torch.distributed as dist
+
+        message = None if error is None else f"{type(error).__name__}\x00{error}"
+        gathered: list[str | None] = [None] * self.placement.group_size
+        dist.all_gather_object(gathered, message)
+        if error is not None:
+            raise error
+        for rank, other in enumerate(gathered):
+            if other is not None:
+                kind, text = other.split("\x00", 1)
+                cls = {c.__name__: c for c in (UsageError, ConfigMismatchError, IncompleteRunError)}.get(
+                    kind, UsageError)
+                raise cls(text if rank == 0 else f"rank {rank}: {text}")
+
+    def gather(self, obj: object) -> list[object]:
+        """Every rank's obj, on every rank (a barrier too)."""
+        if not self.placement.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        gathered: list[object] = [None] * self.placement.group_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+
+@contextmanager
+def session(placement: Placement, device: str) -> Iterator[Session]:
+    """Join torchrun's process group when there is more than one rank (gloo for the CPU control
+    messages, NCCL for CUDA tensors) and pin one device per rank: cuda:LOCAL_RANK."""
+    if not placement.distributed:
+        yield Session(placement, device)
+        return
+    import torch
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        wanted = f"cuda:{placement.local_rank}"
+        if device not in ("cuda", wanted):
+            log.warning("--device %s ignored under torchrun: rank %d uses %s (LOCAL_RANK)",
+                        device, placement.group_rank, wanted)
+        device = wanted
+        torch.cuda.set_device(placement.local_rank)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=DIST_TIMEOUT)
+    log.debug("joined the process group: %s, backend %s, device %s", placement.describe(), backend, device)
+    try:
+        yield Session(placement, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---- the work directory ---------------------------------------------------------------------------
+
+def parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def items_table(items: Sequence[ImageItem]) -> pa.Table:
+    return pa.table(
+        {
+            "index": pa.array([it.index for it in items], pa.int64()),
+            "image_id": pa.array([it.image_id for it in items], pa.string()),
+            "path": pa.array([it.path for it in items], pa.string()),
+            "coco_id": pa.array([it.coco_id for it in items], pa.int64()),
+        }
+    )
 
 
 class PartStore:
-    """The work directory of one output: its configuration and its atomic part files."""
+    """The work directory of one output: configuration, input list and atomic part files."""
 
-    def __init__(self, out: Path, config: dict, overwrite: bool = False) -> None:
+    def __init__(self, out: Path) -> None:
         self.out = Path(out)
-        self.dir = self.out.with_name(self.out.name + ".parts")
-        self.config = config
-        if not self.out.parent.exists():
-            raise UsageError(f"{self.out.parent}: output directory does not exist")
-        if overwrite:
-            shutil.rmtree(self.dir, ignore_errors=True)
-        elif self.out.exists() and not self.dir.exists():
-            raise ConfigMismatchError(f"{self.out}: output exists; pass --overwrite to replace it")
-        try:
-            self.dir.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"{self.dir}: cannot create the work directory ({exc.strerror or exc})") from exc
-        config_path = self.dir / "config.json"
-        if config_path.exists():
-            previous = json.loads(config_path.read_text())
+        self.dir = parts_dir(self.out)
+
+    @classmethod
+    def open(
+        cls,
+        out: Path,
+        config: dict,
+        items: Sequence[ImageItem],
+        job: dict,
+        overwrite: bool = False,
+        create: bool = True,
+    ) -> PartStore:
+        """Create or reopen the work directory for this config and input list (or refuse).
+
+        create=False (torchrun ranks other than 0) only checks what rank 0 created."""
+        store = cls(out)
+        if not store.out.parent.is_dir():
+            raise UsageError(f"{store.out.parent}: output directory does not exist")
+        if create:
+            if overwrite:
+                shutil.rmtree(store.dir, ignore_errors=True)
+            elif store.out.exists() and not store.dir.exists():
+                raise ConfigMismatchError(f"{store.out}: output exists; pass --overwrite to replace it")
+            try:
+                store.dir.mkdir(exist_ok=True)
+            except OSError as exc:
+                raise UsageError(f"{store.dir}: cannot create the work directory ({exc.strerror or exc})") from exc
+        elif not store.dir.is_dir():
+            raise UsageError(f"{store.dir}: the work directory is not visible here (is OUT on a shared filesystem?)")
+        store._check_or_write_config(config, create)
+        store._check_or_write_items(items, create)
+        store._note_job(job, create)
+        return store
+
+    def _check_or_write_config(self, config: dict, create: bool) -> None:
+        path = self.dir / "config.json"
+        if path.exists():
+            previous = json.loads(path.read_text())
             if previous != config:
                 changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
                 raise ConfigMismatchError(
                     f"{self.out}: an unfinished run with a different configuration is there "
                     f"(differs in: {', '.join(changed)}); rerun with the same options, or pass --overwrite"
                 )
+        elif create:
+            write_json_atomic(config, path)
         else:
-            write_json_atomic(config, config_path)
+            raise UsageError(f"{path}: missing (is OUT on a shared filesystem?)")
 
-    def part_files(self, suffix: str = ".parquet") -> list[Path]:
-        return sorted(self.dir.glob(f"part-*{suffix}"))
+    def _check_or_write_items(self, items: Sequence[ImageItem], create: bool) -> None:
+        path = self.dir / "items.parquet"
+        current = items_table(items)
+        if path.exists():
+            previous = pq.read_table(path)
+            if not previous.equals(current):
+                raise ConfigMismatchError(f"{self.out}: {describe_item_difference(previous, current)}; rerun "
+                                          "with the same inputs, or pass --overwrite")
+        elif create:
+            with atomic_path(path) as tmp:
+                pq.write_table(current, tmp, compression="zstd")
+        else:
+            raise UsageError(f"{path}: missing (is OUT on a shared filesystem?)")
 
-    def done_indices(self) -> set[int]:
-        done: set[int] = set()
-        for part in self.part_files():
-            done.update(pq.read_table(part, columns=["index"]).column("index").to_pylist())
-        return done
+    def _note_job(self, job: dict, create: bool) -> None:
+        path = self.dir / "job.json"
+        if path.exists():
+            previous = json.loads(path.read_text())
+            if previous.get("window") != job.get("window"):
+                log.warning(
+                    "resuming with a different --batch-size (%s, was %s): rows computed now come from "
+                    "differently composed batches and can differ from the earlier ones in the last float bit",
+                    job.get("batch_size"), previous.get("batch_size"))
+        elif create:
+            write_json_atomic(job, path)
 
+    # ---- reading ----
+    def job(self) -> dict:
+        path = self.dir / "job.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def config(self) -> dict:
+        path = self.dir / "config.json"
+        if not path.exists():
+            raise UsageError(f"{self.dir}: no config.json; not a tagclip work directory")
+        return json.loads(path.read_text())
+
+    def items(self) -> pa.Table:
+        path = self.dir / "items.parquet"
+        if not path.exists():
+            raise UsageError(f"{self.dir}: no items.parquet; not a tagclip work directory")
+        return pq.read_table(path)
+
+    def part_files(self) -> list[tuple[int, int, Path]]:
+        """(first index, last index, path) of every complete part, by first index."""
+        found = []
+        for path in self.dir.glob("part-*.parquet"):
+            match = PART_NAME.fullmatch(path.name)
+            if match:
+                found.append((int(match[1]), int(match[2]), path))
+        return sorted(found)
+
+    def done_mask(self, total: int) -> np.ndarray:
+        """(total,) bool: which indices already have a row (one bit per image, not a set of rows)."""
+        mask = np.zeros(total, dtype=bool)
+        for _, _, path in self.part_files():
+            indices = pq.read_table(path, columns=["index"]).column("index").to_numpy()
+            mask[indices[indices < total]] = True
+        return mask
+
+    # ---- writing ----
     def write_part(self, table: pa.Table) -> Path:
+        table = table.sort_by("index")
         indices = table.column("index")
         lo, hi = pc.min(indices).as_py(), pc.max(indices).as_py()
         path = self.dir / f"part-{lo:012d}-{hi:012d}.parquet"
@@ -82,65 +370,269 @@ class PartStore:
             pq.write_table(table, tmp, compression="zstd")
         return path
 
-    def merge(self, schema: pa.Schema) -> int:
-        """Write the final output from all parts (sorted by index, one row per index)."""
-        tables = [pq.read_table(p).cast(schema) for p in self.part_files()]
-        merged = pa.concat_tables(tables) if tables else schema.empty_table()
-        merged = merged.sort_by("index")
-        indices = merged.column("index").to_numpy()
-        if len(indices) > 1 and (indices[1:] == indices[:-1]).any():
-            keep = [0] + [i for i in range(1, len(indices)) if indices[i] != indices[i - 1]]
-            merged = merged.take(keep)
-        rows = write_parquet_atomic([merged], self.out, schema)
-        return rows
+    def missing(self, total: int, wait_seconds: float = 0.0) -> np.ndarray:
+        """Indices without a row. Polls for up to wait_seconds: another node's parts can show up late
+        on a network filesystem."""
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            missing = np.flatnonzero(~self.done_mask(total))
+            if not len(missing) or time.monotonic() >= deadline:
+                return missing
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+    def iter_merged(self, schema: pa.Schema, total: int, chunk: int = ROW_GROUP_SIZE) -> Iterator[pa.Table]:
+        """The rows of all parts in index order, one row per index, `chunk` indices at a time.
+
+        Only the parts overlapping the current chunk are in memory."""
+        parts = self.part_files()
+        active: list[tuple[int, pa.Table]] = []
+        next_part = 0
+        for start in range(0, total, chunk):
+            end = start + chunk
+            while next_part < len(parts) and parts[next_part][0] < end:
+                lo, hi, path = parts[next_part]
+                active.append((hi, pq.read_table(path).cast(schema)))
+                next_part += 1
+            pieces = []
+            for _, table in active:
+                idx = table.column("index")
+                pieces.append(table.filter(pc.and_(pc.greater_equal(idx, start), pc.less(idx, end))))
+            merged = pa.concat_tables(pieces).sort_by("index") if pieces else schema.empty_table()
+            indices = merged.column("index").to_numpy()
+            if len(indices) > 1 and (indices[1:] == indices[:-1]).any():
+                merged = merged.filter(pa.array(np.r_[True, indices[1:] != indices[:-1]]))
+            active = [(hi, table) for hi, table in active if hi >= end]
+            if merged.num_rows:
+                yield merged
+
+    def merge(self, schema: pa.Schema, total: int, fmt: str = "parquet", wait_seconds: float = 0.0) -> int:
+        """Write the final output from the parts (refusing if any index has no row). Returns rows."""
+        missing = self.missing(total, wait_seconds)
+        if len(missing):
+            raise IncompleteRunError(self.describe_missing(missing, total))
+        return write_final(fmt, self.iter_merged(schema, total), self.out, schema)
+
+    def describe_missing(self, missing: np.ndarray, total: int) -> str:
+        ids = self.items().column("image_id").take(pa.array(missing[:3])).to_pylist()
+        examples = ", ".join(f"#{i} {image_id}" for i, image_id in zip(missing[:3].tolist(), ids, strict=True))
+        return (f"{self.out}: {len(missing)} of {total} images have no result yet (e.g. {examples}); "
+                "finish the remaining shards (rerun a shard's command to resume it), then merge again")
 
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def run_batches(
-    items: Sequence[ImageItem],
-    store: PartStore,
-    batches: Callable[[Sequence[ImageItem]], Iterable[list[dict]]],
-    process: Callable[[list[dict]], list[dict]],
-    schema: pa.Schema,
-    part_size: int = 256,
-    on_progress: Callable[[int], None] | None = None,
-    fail_fast: bool = False,
-) -> Summary:
-    """Process the items not yet in the store, streaming rows to part files.
+def describe_item_difference(previous: pa.Table, current: pa.Table) -> str:
+    if previous.num_rows != current.num_rows:
+        return (f"the unfinished run there has a different input list ({previous.num_rows} images, "
+                f"now {current.num_rows})")
+    for name in ("image_id", "path", "coco_id"):
+        a, b = previous.column(name), current.column(name)
+        if not a.equals(b):
+            differs = pc.invert(pc.fill_null(pc.equal(a, b), False))
+            first = int(np.flatnonzero(differs.to_numpy(zero_copy_only=False))[0])
+            return (f"the unfinished run there has a different input list (image #{first}: "
+                    f"{name} {a[first].as_py()!r}, now {b[first].as_py()!r})")
+    return "the unfinished run there has a different input list"
 
-    batches(todo) yields lists of decoded records; process(records) returns one row per record.
-    On any interruption the rows already computed are written before the exception propagates."""
-    summary = Summary(total=len(items))
-    done = store.done_indices()
-    todo = [it for it in items if it.index not in done]
-    summary.skipped = len(items) - len(todo)
-    if on_progress and summary.skipped:
-        on_progress(summary.skipped)
-    buffer: list[dict] = []
+
+def write_final(fmt: str, tables: Iterable[pa.Table], out: Path, schema: pa.Schema) -> int:
+    """Write the merged rows (tables in index order) as the final output; returns the row count.
+
+    The format name is stored in job.json so that `tagclip merge` writes what the run would have."""
+    if fmt == "parquet":
+        return write_parquet_atomic(tables, out, schema)
+    raise UsageError(f"unknown output format '{fmt}' in the work directory of {out}")
+
+
+def merge_output(out: Path) -> int:
+    """`tagclip merge OUT`: check that every input has a row in OUT.parts/, write OUT, remove the parts."""
+    store = PartStore(out)
+    if not store.dir.is_dir():
+        if store.out.exists():
+            raise UsageError(f"{store.out}: already merged (no {store.dir.name} work directory)")
+        raise UsageError(f"{store.dir}: no such work directory; nothing to merge")
+    config = store.config()
+    total = store.items().num_rows
+    missing = store.missing(total)
+    if len(missing):
+        raise IncompleteRunError(store.describe_missing(missing, total))
+    parts = store.part_files()
+    schema = pq.read_schema(parts[0][2])
+    for _, _, path in parts:
+        raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
+        if raw is not None and json.loads(raw) != config:
+            raise ConfigMismatchError(
+                f"{path}: written with a different configuration than {store.dir / 'config.json'}; "
+                "were the shards started with different options? Rerun that shard's work with --overwrite "
+                "in a fresh output")
+    rows = write_final(store.job().get("format", "parquet"), store.iter_merged(schema, total), store.out, schema)
+    store.cleanup()
+    return rows
+
+
+# ---- JSON Lines -----------------------------------------------------------------------------------
+
+def _score(value: float | None) -> float | None:
+    """A float32 score as the shortest decimal that reads back to the same float32 (NaN -> null)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(str(np.float32(value)))
+
+
+def json_row(row: dict, classes: Sequence[str]) -> dict:
+    """A result row for JSON Lines: the Parquet columns, with `scores` as {class: score}."""
+    out = dict(row)
+    scores = row.get("scores")
+    if scores is not None:
+        out["scores"] = {name: _score(s) for name, s in zip(classes, scores, strict=True)}
+    return out
+
+
+class JsonLinesSink:
+    """Writes rows as JSON Lines to a text stream, one object per image, flushed per window."""
+
+    def __init__(self, stream: TextIO, classes: Sequence[str]) -> None:
+        self.stream = stream
+        self.classes = list(classes)
+
+    def write(self, rows: Sequence[dict]) -> None:
+        for row in rows:
+            self.stream.write(json.dumps(json_row(row, self.classes), ensure_ascii=False, allow_nan=False))
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+class OutputClosed(Exception):
+    """The reader of `--out -` went away (e.g. `| head`): stop quietly."""
+
+
+# ---- running --------------------------------------------------------------------------------------
+
+@dataclass
+class JobSpec:
+    """What to compute and where: `out` None means JSON Lines on stdout (no parts, no resume)."""
+
+    items: Sequence[ImageItem]
+    out: Path | None
+    config: dict
+    schema: pa.Schema
+    format: str = "parquet"
+    batch_size: int = 8
+    part_size: int = 256
+    overwrite: bool = False
+    fail_fast: bool = False
+
+    @property
+    def window(self) -> int:
+        return self.batch_size * WINDOW_BATCHES
+
+
+def run_job(
+    spec: JobSpec,
+    sess: Session,
+    records: Callable[[Sequence[ImageItem]], Iterable[dict]],
+    process: Callable[[list[dict]], list[dict]],
+    progress: Callable[[int], object] | None = None,
+    stdout: TextIO | None = None,
+) -> Summary:
+    """Process this rank's windows that have no rows yet, stream rows to parts (or stdout), merge.
+
+    records(todo) yields decoded records of the given items in order; process(batch) returns one
+    row per record of a same-size batch (rows have "index", "image_id", "status", "error")."""
+    placement = sess.placement
+    window = spec.window
+    mine = [it for it in spec.items if placement.owns(it, window)]
+    store: PartStore | None = None
+    if spec.out is None:
+        if placement.distributed:
+            raise UsageError("--out - (JSON Lines on stdout) works in a single process; with torchrun, "
+                             "write Parquet and read it afterwards")
+        sink = JsonLinesSink(stdout or sys.stdout, spec.config.get("classes", ()))
+        todo = mine
+    else:
+        job = {"format": spec.format, "batch_size": spec.batch_size, "window": window}
+
+        def open_store(create: bool) -> Callable[[], PartStore]:
+            return lambda: PartStore.open(spec.out, spec.config, spec.items, job, spec.overwrite and create, create)
+
+        store = sess.leader_first(open_store(True), open_store(False))  # type: ignore[assignment]
+        done = store.done_mask(len(spec.items))
+        todo = [it for it in mine if not done[it.index]]
+        del done
+    summary = Summary(total=len(mine), skipped=len(mine) - len(todo))
+    if summary.skipped:
+        log.info("%d images already done in %s; %d to go", summary.skipped, store.dir, len(todo))
+    if progress:
+        progress(summary.skipped)
+    buffer: list[dict] = []  # rows of complete windows not yet in a part
 
     def flush() -> None:
-        if buffer:
-            store.write_part(pa.Table.from_pylist(buffer, schema=schema))
-            buffer.clear()
+        if buffer and store is not None:
+            store.write_part(pa.Table.from_pylist(buffer, schema=spec.schema))
+        buffer.clear()
 
+    window_rows: list[dict] = []
     try:
-        for records in batches(todo):
-            rows = process(records)
+        for batch, end in bucket_batches(records(todo), spec.batch_size, window):
+            rows = process(batch) if batch else []
             for row in rows:
                 if row["status"] == "failed":
-                    summary.failed += 1
-                    summary.failures.append((row["image_id"], row["error"]))
+                    summary.add_failure(row["image_id"], row["error"])
                 else:
                     summary.done += 1
-            buffer.extend(rows)
-            if on_progress:
-                on_progress(len(rows))
-            if len(buffer) >= part_size:
-                flush()
-            if fail_fast and summary.failed:
+            window_rows.extend(rows)
+            if progress and rows:
+                progress(len(rows))
+            if not end:
+                continue
+            window_rows.sort(key=lambda r: r["index"])
+            if store is None:
+                try:
+                    sink.write(window_rows)
+                except BrokenPipeError:
+                    raise OutputClosed() from None
+            else:
+                buffer.extend(window_rows)
+                if len(buffer) >= spec.part_size:
+                    flush()
+            window_rows = []
+            if spec.fail_fast and summary.failed:
                 break
     finally:
-        flush()
-    return summary
+        flush()  # complete windows only: a partial window is recomputed whole on resume
+    return _finish(spec, sess, store, summary)
+
+
+def _finish(spec: JobSpec, sess: Session, store: PartStore | None, summary: Summary) -> Summary:
+    placement = sess.placement
+    everyone = sess.gather(summary)
+    if not placement.leader:
+        summary.leader = False
+        return summary
+    total = Summary(leader=True)
+    for s in everyone:
+        total.total += s.total
+        total.done += s.done
+        total.skipped += s.skipped
+        total.failed += s.failed
+        total.failures.extend(s.failures[: MAX_FAILURES_KEPT - len(total.failures)])
+    if store is None:
+        return total
+    if spec.fail_fast and total.failed:
+        total.note = f"stopped at the first failure (--fail-fast); finished parts are kept in {store.dir}"
+        return total
+    if not placement.merges:
+        left = len(store.missing(len(spec.items)))
+        total.note = (
+            f"{placement.describe()} finished. "
+            + (f"All shards are done: run `tagclip merge {spec.out}`" if not left else
+               f"{left} images of other shards still have no result; when all shards are done, run "
+               f"`tagclip merge {spec.out}`")
+        )
+        return total
+    rows = store.merge(spec.schema, len(spec.items), spec.format, wait_seconds=60.0 if placement.distributed else 0.0)
+    store.cleanup()
+    total.merged = True
+    log.info("wrote %s (%d rows)", spec.out, rows)
+    return total

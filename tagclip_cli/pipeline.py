@@ -8,16 +8,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
 from tagclip_cli import __version__
 from tagclip_cli.backbone import Backbone, load_backbone
-from tagclip_cli.data import ImageItem, Preprocess, make_loader
-from tagclip_cli.jobs import PartStore, Summary, run_batches
-from tagclip_cli.tagclip import Tagger, TagCLIPConfig
+from tagclip_cli.data import ImageItem, Preprocess, iter_records, to_device
+from tagclip_cli.jobs import JobSpec, Placement, Summary, run_job, session
+from tagclip_cli.tagclip import TagCLIPConfig, Tagger
 from tagclip_cli.vocab import Vocabulary
 from tagclip_cli.writers import tag_row, tags_schema
 
@@ -50,7 +51,7 @@ class ModelOptions:
 class AnnotateOptions:
     items: Sequence[ImageItem]
     vocab: Vocabulary
-    out: Path
+    out: Path | None  # None: JSON Lines on stdout
     model: ModelOptions
     tagclip: TagCLIPConfig
     batch_size: int = 8
@@ -59,6 +60,8 @@ class AnnotateOptions:
     part_size: int = 256
     overwrite: bool = False
     fail_fast: bool = False
+    placement: Placement = field(default_factory=Placement)  # torchrun rank / --shard (jobs.py)
+    stdout: TextIO | None = None  # where --out - writes (default sys.stdout)
 
 
 def run_config(backbone: Backbone, vocab: Vocabulary, cfg: TagCLIPConfig, max_side: int | None) -> dict:
@@ -93,34 +96,28 @@ def tag_records(tagger: Tagger, records: list[dict]) -> list[dict]:
 
 
 def run_annotate(opts: AnnotateOptions, progress: Callable[[int, int], object] | None = None) -> Summary:
-    """Tag every item into opts.out (Parquet), resuming an interrupted run of the same config."""
-    backbone = opts.model.load()
-    config = run_config(backbone, opts.vocab, opts.tagclip, opts.max_side)
-    store = PartStore(opts.out, config, overwrite=opts.overwrite)
-    tagger = Tagger(backbone, opts.vocab, opts.tagclip)
-    preprocess = Preprocess(backbone.patch_size, backbone.mean, backbone.std, opts.max_side)
-    schema = tags_schema(config)
-    pin = backbone.device.type == "cuda"
-
-    def batches(todo: Sequence[ImageItem]):
-        return make_loader(todo, preprocess, opts.batch_size, opts.workers, pin_memory=pin)
-
-    ctx = progress(len(opts.items)) if progress else nullcontext(None)
-    with ctx as advance, torch.inference_mode():
-        summary = run_batches(
-            opts.items,
-            store,
-            batches,
-            lambda records: tag_records(tagger, records),
-            schema,
-            part_size=opts.part_size,
-            on_progress=advance,
-            fail_fast=opts.fail_fast,
+    """Tag every item into opts.out (Parquet) or stdout (JSON Lines), resuming an interrupted run of
+    the same config; under torchrun / --shard only this rank's share (jobs.py)."""
+    with session(opts.placement, opts.model.device) as sess:
+        opts.model.device = sess.device
+        backbone = opts.model.load()
+        config = run_config(backbone, opts.vocab, opts.tagclip, opts.max_side)
+        tagger = Tagger(backbone, opts.vocab, opts.tagclip)
+        preprocess = Preprocess(backbone.patch_size, backbone.mean, backbone.std, opts.max_side)
+        spec = JobSpec(
+            items=opts.items, out=opts.out, config=config, schema=tags_schema(config),
+            batch_size=opts.batch_size, part_size=opts.part_size, overwrite=opts.overwrite, fail_fast=opts.fail_fast,
         )
-    if opts.fail_fast and summary.failed:
-        log.warning("stopped at the first failure (--fail-fast); finished parts are kept in %s", store.dir)
-        return summary
-    rows = store.merge(schema)
-    store.cleanup()
-    log.info("wrote %s (%d rows)", opts.out, rows)
-    return summary
+        pin = backbone.device.type == "cuda"
+
+        def records(todo: Sequence[ImageItem]):
+            return iter_records(todo, preprocess, opts.workers, pin_memory=pin)
+
+        share = sum(1 for it in opts.items if opts.placement.owns(it, spec.window))
+        show = progress if progress and opts.placement.leader else None
+        ctx = show(share) if show else nullcontext(None)
+        with ctx as advance, torch.inference_mode():
+            return run_job(
+                spec, sess, records, lambda batch: tag_records(tagger, to_device(batch, backbone.device)),
+                progress=advance, stdout=opts.stdout,
+            )
