@@ -169,6 +169,7 @@ class Backbone:
     def text_classifier(self, names: Sequence[str], templates: Sequence[str]) -> Tensor:
         """Prompt-ensemble classifier, (C, D): per class, mean of normalised template embeddings,
         re-normalised. Classes already in the on-disk cache are not encoded again."""
+        self.warn_truncated(names, templates)
         cache = _TextCache(self.cache_dir, self.identity(), templates) if self.cache_dir else None
         cached = cache.load() if cache else {}
         missing = [n for n in dict.fromkeys(names) if n not in cached]
@@ -187,6 +188,20 @@ class Backbone:
             if cache:
                 cache.save(cached)
         return torch.stack([cached[n] for n in names]).to(self.device, torch.float32)
+
+    def warn_truncated(self, names: Sequence[str], templates: Sequence[str]) -> list[str]:
+        """Warn once per class whose prompts the tokenizer cuts at the text context; returns them."""
+        from tagclip_cli.vocab import truncated_names
+
+        encode = getattr(self.tokenizer, "encode", None)
+        context = int(getattr(self.tokenizer, "context_length", None) or getattr(self.model, "context_length", 77))
+        if encode is None:  # not a BPE tokenizer we can count with (HF tokenizers): nothing to say
+            return []
+        long = truncated_names(list(dict.fromkeys(names)), templates, lambda text: len(encode(text)), context)
+        for name in long:
+            log.warning("class '%s' is longer than the %d-token text context; its prompts are truncated",
+                        name, context)
+        return long
 
     # ---- image: shared pieces ---------------------------------------------------------------
     def positional_embedding(self, grid: tuple[int, int], fp16_round: bool = False) -> Tensor:
