@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -216,16 +218,71 @@ def _progress(quiet: bool):
     return factory
 
 
-def _report(summary, out: Path) -> None:
+def _report(summary, out: Path | None, quiet: bool = False) -> None:
+    """Failures (first 20) as warnings, then one summary line on stderr (with --quiet only if
+    something failed). torchrun ranks other than 0 report nothing: rank 0 reports for all."""
+    if not summary.leader:
+        return
+    log = logging.getLogger("tagclip_cli")
     for image_id, error in summary.failures[:20]:
-        logging.getLogger("tagclip_cli").warning("failed: %s: %s", image_id, error)
-    if len(summary.failures) > 20:
-        logging.getLogger("tagclip_cli").warning("... and %d more failures (see the status/error columns)",
-                                                 len(summary.failures) - 20)
-    err_console.print(
-        f"{out}: {summary.done} done, {summary.skipped} skipped (already done), {summary.failed} failed",
-        highlight=False,
-    )
+        log.warning("failed: %s: %s", image_id, error)
+    if summary.failed > 20:
+        log.warning("... and %d more failures (see the status/error columns)", summary.failed - 20)
+    if summary.note and summary.failed and not summary.merged:
+        log.warning(summary.note)
+    elif summary.note:
+        log.info(summary.note)
+    if not quiet or summary.failed:
+        err_console.print(
+            f"{out if out is not None else '<stdout>'}: {summary.done} done, {summary.skipped} skipped "
+            f"(already done), {summary.failed} failed",
+            highlight=False,
+        )
+
+
+# Input and job options shared by `annotate` and `segment`.
+IMAGES_ARG = typer.Argument(
+    None, help="Folder of images (recursive), a text file of image paths (one per line), one image, or '-' to "
+    "read paths from stdin (e.g. from find). Omit with --manifest."
+)
+MANIFEST_OPT = typer.Option(
+    None, "--manifest", help="COCO JSON whose 'images' (id, file_name) are the inputs; ids become image_id."
+)
+IMAGE_ROOT_OPT = typer.Option(
+    None, "--image-root", help="Folder the manifest's file_name (or a path list's relative paths) are under; "
+    "image ids are relative to it."
+)
+SHARD_OPT = typer.Option(
+    None, "--shard", help="Do only shard I of N (I/N, from 0) of the work, e.g. one SLURM array task; "
+    "no merge: run `tagclip merge OUT` when all shards are done."
+)
+
+
+def _collect_items(images: str | None, manifest: Path | None, image_root: Path | None):
+    from tagclip_cli.data import collect_items
+
+    try:
+        return collect_items(images, manifest, image_root)
+    except TagclipError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+
+
+def _placement(shard: str | None, out: str, overwrite: bool, images: str | None):
+    """Where this process sits (torchrun env, --shard); refuses combinations that cannot work."""
+    from tagclip_cli.jobs import parse_shard, placement_from_env
+
+    try:
+        placement = placement_from_env(parse_shard(shard) if shard else None)
+    except TagclipError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+    if placement.shard and overwrite:
+        raise fail("--overwrite cannot be combined with --shard (one shard would delete the others' results); "
+                   "remove OUT and OUT.parts yourself to start over")
+    if placement.distributed and out == "-":
+        raise fail("--out - (JSON Lines on stdout) works in a single process; with torchrun write Parquet")
+    if placement.distributed and images == "-":
+        raise fail("'-' (paths on stdin) cannot be shared by torchrun ranks; write the list to a file")
+    return placement
 
 
 MODEL_HELP = "open_clip model name (default ViT-B-16, the paper's), or a built-in demo model such as shapes-demo."
@@ -237,9 +294,15 @@ CHECKPOINT_HELP = (
 
 @app.command()
 def annotate(
-    images: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+    images: str = IMAGES_ARG,
     vocab: str = typer.Option(..., "--vocab", "-v", help="Vocabulary file, or a built-in name (voc, coco)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output Parquet file (one row per image)."),
+    out: str = typer.Option(
+        ..., "--out", "-o", help="Output Parquet file (one row per image), or '-' for JSON Lines on stdout "
+        "(scores as {class: score}; no resume)."
+    ),
+    manifest: Path = MANIFEST_OPT,
+    image_root: Path = IMAGE_ROOT_OPT,
+    shard: str = SHARD_OPT,
     model: str = typer.Option(None, "--model", help=MODEL_HELP),
     pretrained: str = typer.Option("openai", "--pretrained", help=PRETRAINED_HELP),
     checkpoint: Path = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
@@ -271,29 +334,78 @@ def annotate(
     verbose: bool = typer.Option(False, "--verbose", help="Debug logging."),
 ) -> None:
     """Tag every image with TagCLIP: the fused score of every class and the predicted tags, to Parquet."""
-    from tagclip_cli.data import list_folder
+    from tagclip_cli.jobs import OutputClosed
     from tagclip_cli.pipeline import AnnotateOptions, run_annotate
     from tagclip_cli.tagclip import TagCLIPConfig
 
-    setup_logging(quiet, verbose)
+    placement = _placement(shard, out, overwrite, images)
+    setup_logging(quiet or not placement.leader, verbose)
     voc = _load_vocab(vocab, background, no_background)
-    items = list_folder(images)
-    if not items:
-        raise fail(f"{images}: no images found (extensions: jpg, jpeg, png, bmp, webp, tif, gif)")
+    items = _collect_items(images, manifest, image_root)
     cfg = TagCLIPConfig(tag_threshold=tag_threshold, reference_compat=reference_compat,
                         use_background=not no_background)
     model_opts = _model_options(model, pretrained, checkpoint, device, cache_dir)
     model_opts.fp16_weights = reference_compat
+    out_path = None if out == "-" else Path(out)
     opts = AnnotateOptions(
-        items=items, vocab=voc, out=out,
+        items=items, vocab=voc, out=out_path,
         model=model_opts,
         tagclip=cfg, batch_size=batch_size, workers=workers, max_side=max_side,
-        overwrite=overwrite, fail_fast=fail_fast,
+        overwrite=overwrite, fail_fast=fail_fast, placement=placement,
     )
-    summary = run_annotate(opts, progress=_progress(quiet))
-    _report(summary, out)
-    if summary.failed:
+    try:
+        with _stdout_for_results(out_path is None) as stdout:
+            opts.stdout = stdout
+            summary = run_annotate(opts, progress=_progress(quiet))
+    except OutputClosed:
+        raise typer.Exit(0) from None
+    except TagclipError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+    _report(summary, out_path, quiet)
+    if summary.failed and summary.leader:
         raise typer.Exit(1)
+
+
+@contextmanager
+def _stdout_for_results(streaming: bool):
+    """With --out -, yield the real stdout for results and send any stray print to stderr meanwhile.
+
+    When the reader goes away (`| head`), raise OutputClosed with fd 1 pointed at /dev/null so that
+    the interpreter's final flush does not complain."""
+    from tagclip_cli.jobs import OutputClosed
+
+    if not streaming:
+        yield None
+        return
+    real = sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        yield real
+    except (BrokenPipeError, OutputClosed):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, real.fileno())
+        os.close(devnull)
+        raise OutputClosed() from None
+    finally:
+        sys.stdout = real
+
+
+@app.command()
+def merge(
+    out: Path = typer.Argument(..., help="The output given to the shards' --out (its OUT.parts/ holds the parts)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+    verbose: bool = typer.Option(False, "--verbose", help="Debug logging."),
+) -> None:
+    """Merge the parts of separately run shards (--shard I/N) into OUT, once every image has a result."""
+    from tagclip_cli.jobs import merge_output
+
+    setup_logging(quiet, verbose)
+    try:
+        rows = merge_output(out)
+    except TagclipError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+    if not quiet:
+        err_console.print(f"{out}: merged {rows} rows", highlight=False)
 
 
 @app.command()
