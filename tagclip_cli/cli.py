@@ -257,6 +257,10 @@ SHARD_OPT = typer.Option(
     "no merge: run `tagclip merge OUT` when all shards are done."
 )
 
+PART_SIZE_OPT = typer.Option(
+    256, "--part-size", min=1, help="Rows per part file in OUT.parts/ (per process): what a crash can cost at most."
+)
+
 
 def _collect_items(images: str | None, manifest: Path | None, image_root: Path | None):
     from tagclip_cli.data import collect_items
@@ -327,6 +331,7 @@ def annotate(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or unfinished run."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first image that cannot be read."),
+    part_size: int = PART_SIZE_OPT,
     cache_dir: Path = typer.Option(
         None, "--cache-dir", help="Text-embedding cache (default ~/.cache/tagclip or $TAGCLIP_CACHE_DIR)."
     ),
@@ -351,7 +356,7 @@ def annotate(
         items=items, vocab=voc, out=out_path,
         model=model_opts,
         tagclip=cfg, batch_size=batch_size, workers=workers, max_side=max_side,
-        overwrite=overwrite, fail_fast=fail_fast, placement=placement,
+        overwrite=overwrite, fail_fast=fail_fast, placement=placement, part_size=part_size,
     )
     try:
         with _stdout_for_results(out_path is None) as stdout:
