@@ -10,18 +10,22 @@ import json
 import logging
 import math
 import os
+import re
+import stat
+import struct
 import sys
 import warnings
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from tagclip_cli.errors import UsageError
+from tagclip_cli.writers import output_text
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +56,19 @@ def list_folder(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) 
         raise UsageError(f"{root}: not a directory")
     exts = tuple(e.lower() for e in extensions)
     found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    def unlisted(exc: OSError) -> None:  # os.walk skips such directories silently otherwise
+        log.warning("cannot list %s (%s); images in it are not included", output_text(str(exc.filename)),
+                    exc.strerror or exc)
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unlisted):
         dirnames.sort()
         for name in filenames:
             if name.lower().endswith(exts):
                 rel = Path(dirpath, name).relative_to(root).as_posix()
                 found.append(rel)
     found.sort()
-    return [ImageItem(i, rel, str(root / rel)) for i, rel in enumerate(found)]
+    # Undecodable (non-UTF-8) names keep their real path for opening; the id is escaped (output_text).
+    return [ImageItem(i, output_text(rel), str(root / rel)) for i, rel in enumerate(found)]
 
 
 def read_manifest(manifest: str | Path, image_root: str | Path) -> list[ImageItem]:
@@ -171,7 +180,10 @@ def collect_items(
 @dataclass(frozen=True)
 class Preprocess:
     """Decode to RGB and resize (bicubic, no crop) to the next multiple of the patch size, then
-    normalise with the model's mean/std. Output (3, ceil(H/p)*p, ceil(W/p)*p) float32."""
+    normalise with the model's mean/std. Output (3, ceil(H/p)*p, ceil(W/p)*p) float32.
+
+    An image smaller than one patch is enlarged to one patch; one whose longer side exceeds
+    max_side is first scaled down so that side equals max_side (aspect ratio kept)."""
 
     patch_size: int
     mean: tuple[float, float, float]
@@ -179,9 +191,13 @@ class Preprocess:
     max_side: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
 
+    def downscaled(self, width: int, height: int) -> bool:
+        """Whether the --max-side cap shrinks an image of this size."""
+        return bool(self.max_side) and max(width, height) > self.max_side
+
     def target_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after the optional max-side cap and rounding up to the patch size."""
-        if self.max_side and max(width, height) > self.max_side:
+        if self.downscaled(width, height):
             scale = self.max_side / max(width, height)
             width, height = max(1, round(width * scale)), max(1, round(height * scale))
         p = self.patch_size
@@ -203,35 +219,103 @@ class Preprocess:
 Tensor = torch.Tensor
 
 
+_FILE_KINDS = {stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFDIR: "a directory"}
+
+
+def open_image_file(path: str) -> BinaryIO:
+    """Open path for reading after checking it is a non-empty regular file.
+
+    Checking first matters: opening a named pipe blocks forever, and a broken symlink or an
+    unreadable file deserves its own reason. Raises DecodeError."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise DecodeError("broken symbolic link (its target does not exist)") from None
+        raise DecodeError("file not found (removed after the folder was listed?)") from None
+    except PermissionError:
+        raise DecodeError("permission denied") from None
+    except OSError as exc:
+        raise DecodeError(f"cannot read file ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "a special file")
+        raise DecodeError(f"not a regular file ({kind})")
+    if info.st_size == 0:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        return open(path, "rb")  # the caller closes it
+    except PermissionError:
+        raise DecodeError("permission denied") from None
+    except OSError as exc:
+        raise DecodeError(f"cannot read file ({exc.strerror or exc})") from None
+
+
+def _not_an_image(head: bytes) -> str:
+    """The reason for a file PIL does not recognise, with a hint at what it is."""
+    stripped = head.lstrip()
+    if stripped[:1] == b"<":
+        return "not an image (the file is HTML/XML text)"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not an image (unrecognised format)"
+    return "not an image (the file is text)"
+
+
 def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image as 8-bit RGB with EXIF orientation applied (first frame of animations).
 
+    A truncated file is an error, never a partly grey image: PIL's LOAD_TRUNCATED_IMAGES is
+    forced off here (another library in the process may have switched it on). Images with more
+    than max_pixels pixels are refused before any pixel is decoded (decompression bombs).
     Raises DecodeError with a specific reason for anything unusable."""
-    try:
-        if os.path.getsize(path) == 0:
-            raise DecodeError("empty file (0 bytes)")
-    except OSError as exc:
-        raise DecodeError(f"cannot read file ({exc.strerror or exc})") from exc
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > max_pixels:
-                    raise DecodeError(
-                        f"image too large ({img.width}x{img.height} pixels > {max_pixels}); decompression-bomb guard"
-                    )
-                img.seek(0)
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with open_image_file(path) as fh:
+        try:
+            with warnings.catch_warnings():
+                # PIL warns above its own limit and raises above twice that; our check below decides.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(fh)
+        except Image.DecompressionBombError as exc:  # above PIL's hard limit, raised while opening
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f"{int(found[1]) / 1e6:.0f} megapixels" if found else str(exc)
+            raise DecodeError(f"image too large ({size}, limit {max_pixels / 1e6:.0f}); "
+                              "decompression-bomb guard") from None
+        except Image.UnidentifiedImageError:
+            fh.seek(0)
+            raise DecodeError(_not_an_image(fh.read(512))) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise DecodeError(f"corrupt image header ({exc})") from None
+        with img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise DecodeError(
+                    f"image too large ({width}x{height} = {width * height / 1e6:.0f} megapixels, limit "
+                    f"{max_pixels / 1e6:.0f}); decompression-bomb guard"
+                )
+            if width < 1 or height < 1:
+                raise DecodeError(f"image has no pixels ({width}x{height})")
+            fmt = img.format or "image"
+            try:
+                if getattr(img, "n_frames", 1) > 1:
+                    img.seek(0)
                 img.load()
-                img = ImageOps.exif_transpose(img)
-                return to_rgb(img)
-    except DecodeError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise DecodeError(f"image too large ({exc}); decompression-bomb guard") from exc
-    except Image.UnidentifiedImageError as exc:
-        raise DecodeError("not an image (unrecognised format)") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DecodeError(f"cannot decode image ({exc})") from exc
+            except OSError as exc:
+                if "truncated" in str(exc).lower():
+                    raise DecodeError(f"truncated image ({fmt}: {exc})") from None
+                raise DecodeError(f"corrupt image data ({fmt}: {exc})") from None
+            except (SyntaxError, ValueError, EOFError, struct.error) as exc:
+                raise DecodeError(f"corrupt image data ({fmt}: {exc})") from None
+            try:
+                oriented = ImageOps.exif_transpose(img)
+            except Exception as exc:  # unreadable EXIF: the pixels are fine, keep them as stored
+                log.debug("%s: EXIF orientation not applied (%s)", path, exc)
+                oriented = img
+            try:
+                return to_rgb(oriented)
+            except (ValueError, OSError) as exc:
+                raise DecodeError(f"unsupported colour mode {oriented.mode} ({exc})") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -240,12 +324,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") or (img.mode == "I" and arr.max() > 255) else 255.0
         if img.mode == "F":
-            hi = max(float(arr.max()), 1.0)
-        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
+            hi = max(float(np.nanmax(arr)) if np.isfinite(arr).any() else 1.0, 1.0)
+        arr = np.clip(np.nan_to_num(arr / hi * 255.0), 0, 255).astype(np.uint8)
         img = Image.fromarray(arr, mode="L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         base = Image.new("RGBA", img.size, (255, 255, 255, 255))
         base.alpha_composite(img.convert("RGBA"))
         img = base
@@ -253,7 +337,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decodes and preprocesses items; a failure becomes a record with an error, never an exception."""
+    """Decodes and preprocesses items; a failure becomes a record with an error, never an exception.
+
+    A record: item, pixels (3, H', W') float32 or None, width/height of the oriented image (before
+    any resizing) or None, error (the reason) or None, downscaled (the --max-side cap applied)."""
 
     def __init__(self, items: Sequence[ImageItem], preprocess: Preprocess) -> None:
         self.items = list(items)
@@ -264,15 +351,20 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         item = self.items[i]
-        record = {"item": item, "pixels": None, "width": None, "height": None, "error": None}
+        record = {"item": item, "pixels": None, "width": None, "height": None, "error": None, "downscaled": False}
         try:
             img = self.preprocess.load_rgb(item.path)
             record["width"], record["height"] = img.size
+            record["downscaled"] = self.preprocess.downscaled(*img.size)
             record["pixels"] = self.preprocess(img)
         except DecodeError as exc:
-            record["error"] = str(exc)
+            record["error"] = output_text(str(exc))
+        except MemoryError:
+            record["error"] = "out of memory while decoding"
         except Exception as exc:  # a decoder bug must not kill a million-image run
-            record["error"] = f"cannot decode image ({type(exc).__name__}: {exc})"
+            record["error"] = output_text(f"cannot decode image ({type(exc).__name__}: {exc})")
+        if record["error"] is not None:
+            record["width"] = record["height"] = None
         return record
 
 

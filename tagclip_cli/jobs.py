@@ -39,7 +39,14 @@ import pyarrow.parquet as pq
 
 from tagclip_cli.data import ImageItem, bucket_batches
 from tagclip_cli.errors import ConfigMismatchError, IncompleteRunError, UsageError
-from tagclip_cli.writers import METADATA_KEY, ROW_GROUP_SIZE, atomic_path, write_json_atomic, write_parquet_atomic
+from tagclip_cli.writers import (
+    METADATA_KEY,
+    ROW_GROUP_SIZE,
+    atomic_path,
+    output_text,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +246,8 @@ def items_table(items: Sequence[ImageItem]) -> pa.Table:
     return pa.table(
         {
             "index": pa.array([it.index for it in items], pa.int64()),
-            "image_id": pa.array([it.image_id for it in items], pa.string()),
-            "path": pa.array([it.path for it in items], pa.string()),
+            "image_id": pa.array([output_text(it.image_id) for it in items], pa.string()),
+            "path": pa.array([output_text(it.path) for it in items], pa.string()),
             "coco_id": pa.array([it.coco_id for it in items], pa.int64()),
         }
     )

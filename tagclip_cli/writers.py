@@ -38,16 +38,29 @@ def tags_schema(metadata: dict | None = None) -> pa.Schema:
     return schema
 
 
+def output_text(text: str) -> str:
+    """`text` made safe for UTF-8 outputs (Parquet, JSON, the terminal).
+
+    On Linux a file name is bytes; Python represents bytes that are not UTF-8 as lone surrogates
+    (surrogateescape), which no UTF-8 writer accepts. Those bytes become backslash escapes here:
+    the Latin-1 name b"caf\\xe9.png" is written as the 11 characters `caf\\xe9.png`. Valid text
+    is returned unchanged."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte (e.g. from JSON "\ud800")
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def tag_row(item, width, height, error: str | None, tags: Sequence[str] = (), scores=None) -> dict:
     """One Parquet row (a dict in `tags_schema` order)."""
     return {
         "index": item.index,
-        "image_id": item.image_id,
-        "path": item.path,
+        "image_id": output_text(item.image_id),
+        "path": output_text(item.path),
         "width": width,
         "height": height,
         "status": "failed" if error else "ok",
-        "error": error,
+        "error": output_text(error) if error else error,
         "tags": list(tags) if not error else [],
         "scores": [float(s) for s in scores] if scores is not None and not error else None,
     }
