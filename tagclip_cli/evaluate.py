@@ -239,8 +239,7 @@ def match_classes(
         index = lookup.get(name_key(name))
         if index is not None and one_to_one and index in claimed:
             raise UsageError(
-                f"prediction classes '{claimed[index]}' and '{name}' both match the {what} class "
-                f"'{gt_names[index]}'"
+                f"prediction classes '{claimed[index]}' and '{name}' both match the {what} class '{gt_names[index]}'"
             )
         pred_to_gt.append(index)
         if index is None:
@@ -351,9 +350,7 @@ def tag_prf(predicted: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     fn = (~predicted & truth & valid).sum(axis=0)
     precision = np.array([_ratio(t, t + f) for t, f in zip(tp, fp, strict=True)])
     recall = np.array([_ratio(t, t + f) if t + f > 0 else math.nan for t, f in zip(tp, fn, strict=True)])
-    f1 = np.array(
-        [_f1(p, r) if not math.isnan(r) else math.nan for p, r in zip(precision, recall, strict=True)]
-    )
+    f1 = np.array([_f1(p, r) if not math.isnan(r) else math.nan for p, r in zip(precision, recall, strict=True)])
     has_pos = (tp + fn) > 0
     overall_p = _ratio(tp.sum(), tp.sum() + fp.sum())
     overall_r = _ratio(tp.sum(), tp.sum() + fn.sum())
@@ -507,9 +504,7 @@ def apply_split(images: Sequence[GtImage], split: Path, what: str) -> list[GtIma
             seen.add(i)
             chosen.append(index.images[i])
     if missing:
-        raise UsageError(
-            f"{split}: {len(missing)} entries have no {what} ground truth (e.g. {', '.join(missing[:5])})"
-        )
+        raise UsageError(f"{split}: {len(missing)} entries have no {what} ground truth (e.g. {', '.join(missing[:5])})")
     return chosen
 
 
@@ -520,9 +515,7 @@ def read_label_png(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             if image.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
-                raise UsageError(
-                    f"{path}: label PNG must be single-channel (palette or grayscale), not {image.mode}"
-                )
+                raise UsageError(f"{path}: label PNG must be single-channel (palette or grayscale), not {image.mode}")
             return np.asarray(image, dtype=np.int32)
     except (OSError, UnidentifiedImageError, SyntaxError) as exc:
         raise UsageError(f"{path}: cannot read label image ({exc})") from exc
@@ -860,9 +853,7 @@ def decode_segmentation(segm: Any, height: int, width: int, where: str) -> np.nd
     except (ValueError, TypeError, KeyError, IndexError) as exc:
         raise UsageError(f"{where}: invalid segmentation ({exc})") from exc
     if mask.shape[:2] != (height, width):
-        raise UsageError(
-            f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is {width}x{height}"
-        )
+        raise UsageError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is {width}x{height}")
     return mask.astype(bool)
 
 
@@ -889,9 +880,7 @@ class CocoInstances(GroundTruth):
                         f"{ann_file}: annotation {ann.get('id')} has unknown category {ann['category_id']}"
                     )
                 if image_id not in self._image_info:
-                    raise UsageError(
-                        f"{ann_file}: annotation {ann.get('id')} refers to unknown image {image_id}"
-                    )
+                    raise UsageError(f"{ann_file}: annotation {ann.get('id')} refers to unknown image {image_id}")
                 self._anns.setdefault(image_id, []).append(ann)
             all_images = [
                 GtImage(
@@ -1007,9 +996,7 @@ def load_ground_truth(
         return CocoInstances(name, _coco_ann_file(root, ["instances_val2017.json"]), split)
     if name == "coco-object":
         # TagCLIP evaluates COCO-Object segmentation on val2017 (its README); val2014 if that is all.
-        return CocoInstances(
-            name, _coco_ann_file(root, ["instances_val2017.json", "instances_val2014.json"]), split
-        )
+        return CocoInstances(name, _coco_ann_file(root, ["instances_val2017.json", "instances_val2014.json"]), split)
     if name == "coco":
         if not root.is_file():
             raise UsageError(f"{root}: --gt coco needs --root pointing at a COCO instances JSON file")
@@ -1052,9 +1039,7 @@ def read_tags_parquet(path: Path) -> TagPredictions:
     except FileNotFoundError as exc:
         raise UsageError(f"{path}: not found") from exc
     except Exception as exc:  # pyarrow raises many types (ArrowInvalid, KeyError, OSError)
-        raise UsageError(
-            f"{path}: not a tags Parquet with columns {', '.join(TAGS_COLUMNS)} ({exc})"
-        ) from exc
+        raise UsageError(f"{path}: not a tags Parquet with columns {', '.join(TAGS_COLUMNS)} ({exc})") from exc
     meta = (table.schema.metadata or {}).get(b"tagclip")
     if meta is None:
         raise UsageError(f"{path}: no 'tagclip' metadata (not written by `tagclip annotate`)")
@@ -1127,9 +1112,7 @@ class CocoMaskPredictions(MaskPredictions):
             self._anns: dict[int, list[dict[str, Any]]] = {}
             for ann in data["annotations"]:
                 if int(ann["category_id"]) not in self._cat_value:
-                    raise UsageError(
-                        f"{path}: annotation {ann.get('id')} has unknown category {ann['category_id']}"
-                    )
+                    raise UsageError(f"{path}: annotation {ann.get('id')} has unknown category {ann['category_id']}")
                 self._anns.setdefault(int(ann["image_id"]), []).append(ann)
             self.entries = []
             for image_id, im in self._images.items():
@@ -1272,8 +1255,7 @@ def _image_counts(
         )
     if missing:
         message = (
-            f"{len(missing)} of {len(gt.images)} ground-truth images have no prediction "
-            f"(e.g. {', '.join(missing[:5])})"
+            f"{len(missing)} of {len(gt.images)} ground-truth images have no prediction (e.g. {', '.join(missing[:5])})"
         )
         if require_all:
             raise UsageError(message)
@@ -1355,9 +1337,7 @@ def evaluate_tags(
     evaluated = ~np.isnan(ap)
     skipped = [gt.label_classes[g] for g, ok in zip(gt_cols, evaluated, strict=True) if not ok]
     if skipped:
-        log.warning(
-            "%d classes have no positive image and are left out of mAP: %s", len(skipped), ", ".join(skipped)
-        )
+        log.warning("%d classes have no positive image and are left out of mAP: %s", len(skipped), ", ".join(skipped))
     per_class = []
     for k, g in enumerate(gt_cols):
         valid = labels[:, k] != IGNORE
@@ -1571,9 +1551,7 @@ def render_report(report: Mapping[str, Any], console: Any) -> None:
                       _pct(per_class["recall"]), _pct(per_class["f1"]))  # fmt: skip
         console.print(table)
         if metrics["classes_without_positives"]:
-            console.print(
-                f"classes without positives (not in mAP): {', '.join(metrics['classes_without_positives'])}"
-            )
+            console.print(f"classes without positives (not in mAP): {', '.join(metrics['classes_without_positives'])}")
     else:
         table = Table(title=title)
         for col in ("class", "IoU", "GT pixels", "pred pixels"):

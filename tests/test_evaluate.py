@@ -74,9 +74,7 @@ def write_coco_masks(path: Path, classes, images) -> Path:
     }
     for n, (file_name, label) in enumerate(images, start=1):
         h, w = label.shape
-        out["images"].append(
-            {"id": n, "file_name": file_name, "width": w, "height": h, "tagclip_image_id": file_name}
-        )
+        out["images"].append({"id": n, "file_name": file_name, "width": w, "height": h, "tagclip_image_id": file_name})
         for cat in np.unique(label):
             if cat == 0:
                 continue
@@ -389,9 +387,7 @@ def test_confusion_rejects_out_of_range_and_shape_mismatch():
 @settings(max_examples=40, deadline=None)
 @given(
     st.integers(1, 6),
-    st.lists(
-        st.tuples(st.integers(1, 5), st.integers(1, 5), st.integers(0, 2**31 - 1)), min_size=1, max_size=4
-    ),
+    st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5), st.integers(0, 2**31 - 1)), min_size=1, max_size=4),
 )
 def test_property_perfect_prediction_has_miou_one(k, shapes):
     cm = ev.ConfusionMatrix(k)
@@ -503,9 +499,7 @@ def test_coco_split_file_and_unknown_entries(coco_root: Path, tmp_path: Path):
     gt = ev.load_ground_truth("coco2014", coco_root, split)
     assert [im.coco_id for im in gt.images] == [3, 1]
     split.write_text("COCO_val2014_000000000003\nnope\n")
-    with pytest.raises(
-        UsageError, match=r"split\.txt: 1 entries have no coco2014 ground truth \(e\.g\. nope\)"
-    ):
+    with pytest.raises(UsageError, match=r"split\.txt: 1 entries have no coco2014 ground truth \(e\.g\. nope\)"):
         ev.load_ground_truth("coco2014", coco_root, split)
 
 
@@ -699,9 +693,7 @@ def test_evaluate_voc2012_masks_json_and_png_dir(voc2012: Path, tmp_path: Path):
 
 
 def test_evaluate_masks_size_mismatch_is_an_error(voc2012: Path, tmp_path: Path):
-    masks = write_coco_masks(
-        tmp_path / "m.json", ev.VOC_CLASSES, [("2007_000001.jpg", np.zeros((2, 2), int))]
-    )
+    masks = write_coco_masks(tmp_path / "m.json", ev.VOC_CLASSES, [("2007_000001.jpg", np.zeros((2, 2), int))])
     with pytest.raises(UsageError, match=r"prediction for '2007_000001' is 2x2 but the ground truth is 4x3"):
         ev.evaluate(ev.EvaluateConfig(gt="voc2012", root=voc2012, pred=masks))
 
@@ -742,9 +734,7 @@ def test_bad_prediction_files(voc2007: Path, tmp_path: Path):
     junk.write_bytes(b"\x00\x01\x02\x03")
     with pytest.raises(UsageError, match=r"x\.bin: not a tags Parquet"):
         ev.evaluate(ev.EvaluateConfig(gt="voc2007", root=voc2007, pred=junk))
-    table = pa.table(
-        {"image_id": ["a"], "path": ["a"], "status": ["ok"], "tags": [["dog"]], "scores": [[0.1]]}
-    )
+    table = pa.table({"image_id": ["a"], "path": ["a"], "status": ["ok"], "tags": [["dog"]], "scores": [[0.1]]})
     nometa = tmp_path / "n.parquet"
     pq.write_table(table, nometa)
     with pytest.raises(UsageError, match=r"n\.parquet: no 'tagclip' metadata"):

@@ -46,9 +46,7 @@ def expected_map(parquet: Path, truth: dict[str, set[str]]) -> tuple[float, int]
     keys = [Path(r["image_id"]).stem for r in rows]
     scores = np.array([r["scores"] for r in rows], dtype=np.float32)
     labels = np.array([[c in truth[k] for c in classes] for k in keys])
-    aps = [
-        average_precision_score(labels[:, c], scores[:, c]) for c in range(len(classes)) if labels[:, c].any()
-    ]
+    aps = [average_precision_score(labels[:, c], scores[:, c]) for c in range(len(classes)) if labels[:, c].any()]
     return float(np.mean(aps)), len(aps)
 
 
@@ -80,9 +78,7 @@ def test_annotate_then_evaluate_synthetic_folder(tmp_path: Path, tiny_checkpoint
     assert report["metrics"]["classes_in_mAP"] == n_classes
 
 
-def test_annotate_then_evaluate_voc2007(
-    tmp_path: Path, tiny_checkpoint: Path, cache_dir: Path, photo_dir: Path
-):
+def test_annotate_then_evaluate_voc2007(tmp_path: Path, tiny_checkpoint: Path, cache_dir: Path, photo_dir: Path):
     voc = tmp_path / "VOCdevkit" / "VOC2007"
     shutil.copytree(photo_dir, voc / "JPEGImages")
     # An unreadable image becomes a failed row: excluded from the metrics, counted in the report.
@@ -96,9 +92,7 @@ def test_annotate_then_evaluate_voc2007(
     }
     (voc / "Annotations").mkdir()
     for name, classes in truth.items():
-        objects = "".join(
-            f"<object><name>{c}</name><difficult>0</difficult></object>" for c in sorted(classes)
-        )
+        objects = "".join(f"<object><name>{c}</name><difficult>0</difficult></object>" for c in sorted(classes))
         (voc / "Annotations" / f"{name}.xml").write_text(f"<annotation>{objects}</annotation>")
     (voc / "ImageSets" / "Main").mkdir(parents=True)
     (voc / "ImageSets" / "Main" / "test.txt").write_text("\n".join(truth) + "\n")
