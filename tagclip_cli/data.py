@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from tagclip_cli.errors import UsageError
+from tagclip_cli.faults import ignore_signals_in_worker
 from tagclip_cli.writers import output_text
 
 log = logging.getLogger(__name__)
@@ -390,6 +391,7 @@ def iter_records(
         pin_memory=pin_memory,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        worker_init_fn=ignore_signals_in_worker,  # Ctrl-C / SIGTERM are the main process's to handle
     )
     return iter(loader)
 

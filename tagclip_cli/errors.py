@@ -23,3 +23,10 @@ class ConfigMismatchError(TagclipError):
 
 class IncompleteRunError(TagclipError):
     """A merge was asked for while some inputs still have no result (e.g. a shard has not finished)."""
+
+
+class OutputWriteError(TagclipError):
+    """An output or part file could not be written (disk full, quota, read-only, I/O error).
+
+    Exit code 2 like a usage error: the output was not produced and the user must act (free space)
+    before rerunning; parts written earlier are intact, so the rerun resumes."""

@@ -1,11 +1,11 @@
 """Surviving faults: SIGINT/SIGTERM, out-of-memory batches.
 
-Signals. SIGINT raises KeyboardInterrupt (Python's default) and SIGTERM raises `Terminated`, in the
-main process; the job runner then writes the rows of every completed window (`run_job`'s
-`finally`) and the CLI exits 130 / 143. A part file being written when the signal arrives is
-finished first (`deferred_signals`), and every part is atomic anyway, so a rerun of the same command
-resumes where the run stopped. DataLoader workers ignore both signals: the main process decides,
-and the workers exit when it does (they watch their parent).
+Signals. SIGINT and SIGTERM raise `Interrupted` in the main process; the job runner then writes
+the rows of every completed window (`run_job`'s `finally`) and the CLI exits 130 / 143. A part
+file being written when the signal arrives is finished first (`deferred_signals`), and every part
+is atomic anyway, so a rerun of the same command resumes where the run stopped. DataLoader workers
+ignore both signals: the main process decides, and the workers exit when it does (they watch
+their parent).
 
 Out of memory. `OomSplitter` wraps the per-batch processing: when a batch raises an out-of-memory
 error it is split in halves and each half retried, down to single images; an image that does not
@@ -26,23 +26,29 @@ import torch
 log = logging.getLogger(__name__)
 
 OOM_REASON = "out of memory"
-SIGTERM_EXIT = 128 + signal.SIGTERM  # 143
-SIGINT_EXIT = 128 + signal.SIGINT  # 130
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived (e.g. `kill`, a cluster preempting the job). A BaseException, like
-    KeyboardInterrupt, so that `except Exception` in library code does not swallow it."""
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM (`kill`, a cluster preempting the job) arrived.
+
+    A BaseException, like KeyboardInterrupt, so that `except Exception` in library code does not
+    swallow it; not a KeyboardInterrupt, so that the CLI framework does not turn SIGTERM into 130."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum  # the shell convention: 130 for SIGINT, 143 for SIGTERM
+        super().__init__(signal.Signals(signum).name)
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM -> `Terminated` in the main thread (SIGINT keeps Python's KeyboardInterrupt)."""
+    """SIGINT and SIGTERM -> `Interrupted` in the main thread (call once, from the CLI)."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        signal.signal(signal.SIGINT, _raise_interrupted)
+        signal.signal(signal.SIGTERM, _raise_interrupted)
 
 
 def ignore_signals_in_worker(worker_id: int | None = None) -> None:
@@ -55,16 +61,27 @@ def ignore_signals_in_worker(worker_id: int | None = None) -> None:
 @contextmanager
 def deferred_signals() -> Iterator[None]:
     """Hold SIGINT and SIGTERM until the block is done (a part file is being written); a signal
-    that arrived meanwhile is delivered right after. A no-op outside the main thread."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    that arrived meanwhile is raised again right after, through the usual handler. A no-op outside
+    the main thread (only the main thread can change handlers; Python runs them there anyway).
+
+    Swapping the Python-level handlers, not the thread's signal mask: any thread of the process
+    (torch's, pyarrow's) may receive the signal, and Python runs its handler in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        pending.append(signum)
+
+    previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -86,23 +103,29 @@ class OomSplitter:
     """process(records) -> rows, retried in halves on out-of-memory (see the module docstring).
 
     `process` must turn a record whose "error" is set into a failed row without running the model
-    (the annotate and segment processors do), and return one row per record in record order."""
+    (the annotate and segment processors do), and return one row per record in record order.
+    The batch size that fits is remembered per input shape (batches hold images of one size), and
+    only from splits where every image then succeeded: one image too large to fit on its own must
+    not shrink the batches of all the others."""
 
-    def __init__(self, process: Callable[[list[dict]], list[dict]], max_batch: int | None = None) -> None:
+    def __init__(self, process: Callable[[list[dict]], list[dict]]) -> None:
         self.process = process
-        self.max_batch = max_batch  # the largest batch known to fit (None: not limited yet)
+        self.limits: dict[tuple | None, int] = {}  # pixels shape -> largest batch known to fit
         self.failed = 0  # images given up on
 
     def __call__(self, records: list[dict]) -> list[dict]:
-        limit = self.max_batch or len(records) or 1
+        if not records:
+            return self.process(records)
+        limit = self.limits.get(_shape(records), len(records))
         rows: list[dict] = []
         for start in range(0, len(records), limit):
-            rows.extend(self._run(records[start : start + limit]))
+            rows.extend(self._run(records[start : start + limit])[0])
         return rows
 
-    def _run(self, records: list[dict]) -> list[dict]:
+    def _run(self, records: list[dict]) -> tuple[list[dict], bool]:
+        """(rows, clean): clean is False when some image failed for lack of memory."""
         try:
-            return self.process(records)
+            return self.process(records), True
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -112,9 +135,19 @@ class OomSplitter:
             record = dict(records[0], pixels=None, error=OOM_REASON)
             self.failed += 1
             log.warning("%s: out of memory even alone; marked failed", record["item"].image_id)
-            return self.process([record])
+            return self.process([record]), False
         half = (len(records) + 1) // 2
-        if self.max_batch is None or half < self.max_batch:
-            log.warning("out of memory on a batch of %d images; continuing with batches of %d", len(records), half)
-            self.max_batch = half
-        return self._run(records[:half]) + self._run(records[half:])
+        log.warning("out of memory on a batch of %d images; retrying in halves", len(records))
+        first, first_clean = self._run(records[:half])
+        second, second_clean = self._run(records[half:])
+        clean = first_clean and second_clean
+        key = _shape(records)
+        if clean and half < self.limits.get(key, len(records) + 1):
+            self.limits[key] = half
+            log.warning("batches of %d images of this size fit; using that from now on", half)
+        return first + second, clean
+
+
+def _shape(records: list[dict]) -> tuple | None:
+    pixels = next((r["pixels"] for r in records if r.get("pixels") is not None), None)
+    return tuple(pixels.shape) if pixels is not None else None

@@ -38,7 +38,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tagclip_cli.data import ImageItem, bucket_batches
-from tagclip_cli.errors import ConfigMismatchError, IncompleteRunError, UsageError
+from tagclip_cli.errors import ConfigMismatchError, IncompleteRunError, OutputWriteError, UsageError
+from tagclip_cli.faults import deferred_signals
 from tagclip_cli.writers import (
     METADATA_KEY,
     ROW_GROUP_SIZE,
@@ -373,8 +374,13 @@ class PartStore:
         indices = table.column("index")
         lo, hi = pc.min(indices).as_py(), pc.max(indices).as_py()
         path = self.dir / f"part-{lo:012d}-{hi:012d}.parquet"
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp, compression="zstd")
+        try:
+            with deferred_signals(), atomic_path(path) as tmp:  # a Ctrl-C lets this part finish first
+                pq.write_table(table, tmp, compression="zstd")
+        except OutputWriteError as exc:
+            raise OutputWriteError(
+                f"{exc}; the {len(self.part_files())} parts written before are intact in {self.dir}: "
+                "free some space and rerun the same command to resume") from exc
         return path
 
     def missing(self, total: int, wait_seconds: float = 0.0) -> np.ndarray:
@@ -417,7 +423,11 @@ class PartStore:
         missing = self.missing(total, wait_seconds)
         if len(missing):
             raise IncompleteRunError(self.describe_missing(missing, total))
-        return write_final(fmt, self.iter_merged(schema, total), self.out, schema)
+        try:
+            return write_final(fmt, self.iter_merged(schema, total), self.out, schema)
+        except OutputWriteError as exc:
+            raise OutputWriteError(f"{exc}; all results are intact in {self.dir}: free some space and "
+                                   f"rerun the same command (or `tagclip merge {self.out}`)") from exc
 
     def describe_missing(self, missing: np.ndarray, total: int) -> str:
         ids = self.items().column("image_id").take(pa.array(missing[:3])).to_pylist()
@@ -606,6 +616,9 @@ def run_job(
             window_rows = []
             if spec.fail_fast and summary.failed:
                 break
+    except OutputWriteError:
+        buffer.clear()  # the disk refused them (full?): not again in `finally`; they are redone on resume
+        raise
     finally:
         flush()  # complete windows only: a partial window is recomputed whole on resume
     return _finish(spec, sess, store, summary)

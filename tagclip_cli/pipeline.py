@@ -17,6 +17,7 @@ import torch
 from tagclip_cli import __version__
 from tagclip_cli.backbone import Backbone, load_backbone
 from tagclip_cli.data import ImageItem, Preprocess, iter_records, to_device
+from tagclip_cli.faults import OomSplitter
 from tagclip_cli.jobs import JobSpec, Placement, Summary, run_job, session
 from tagclip_cli.tagclip import TagCLIPConfig, Tagger
 from tagclip_cli.vocab import Vocabulary
@@ -110,14 +111,26 @@ def run_annotate(opts: AnnotateOptions, progress: Callable[[int, int], object] |
         )
         pin = backbone.device.type == "cuda"
 
-        def records(todo: Sequence[ImageItem]):
-            return iter_records(todo, preprocess, opts.workers, pin_memory=pin)
+        downscaled = [0]  # images the --max-side cap shrank (reported at the end)
 
+        def records(todo: Sequence[ImageItem]):
+            for record in iter_records(todo, preprocess, opts.workers, pin_memory=pin):
+                downscaled[0] += record["downscaled"]
+                yield record
+
+        # On out-of-memory a batch is retried in halves, down to single images (faults.py).
+        process = OomSplitter(lambda batch: tag_records(tagger, to_device(batch, backbone.device)))
         share = sum(1 for it in opts.items if opts.placement.owns(it, spec.window))
         show = progress if progress and opts.placement.leader else None
         ctx = show(share) if show else nullcontext(None)
         with ctx as advance, torch.inference_mode():
-            return run_job(
-                spec, sess, records, lambda batch: tag_records(tagger, to_device(batch, backbone.device)),
-                progress=advance, stdout=opts.stdout,
-            )
+            summary = run_job(spec, sess, records, process, progress=advance, stdout=opts.stdout)
+        log_downscaled(downscaled[0], opts.max_side)
+        return summary
+
+
+def log_downscaled(count: int, max_side: int | None) -> None:
+    """The note for images the --max-side cap shrank before the forward pass."""
+    if count:
+        log.info("%d image(s) longer than --max-side %d px were downscaled for the model (width/height in "
+                 "the output are the original sizes; raise --max-side to keep more detail)", count, max_side)

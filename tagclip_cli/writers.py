@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from tagclip_cli.errors import OutputWriteError
 
 METADATA_KEY = b"tagclip"
 ROW_GROUP_SIZE = 4096
@@ -74,7 +77,10 @@ def rows_to_table(rows: Sequence[dict], schema: pa.Schema) -> pa.Table:
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {path} ({describe_os_error(exc)})") from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -82,9 +88,26 @@ def atomic_path(path: str | Path):
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as exc:  # disk full, quota, I/O error: one line for the user, no half file left
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputWriteError(f"cannot write {path} ({describe_os_error(exc)})") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A short reason for a failed write. pyarrow's errors carry the errno only in their text."""
+    text = str(exc)
+    if exc.errno == errno.ENOSPC or "No space left on device" in text:
+        return "no space left on device"
+    if exc.errno == errno.EDQUOT or "Disk quota exceeded" in text:
+        return "disk quota exceeded"
+    if exc.errno == errno.EROFS or "Read-only file system" in text:
+        return "read-only file system"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return exc.strerror or text
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -256,3 +256,231 @@ def test_worker_signal_handlers_ignore_sigint_and_sigterm():
     finally:
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
+
+
+# ---- out of memory ---------------------------------------------------------------------------------
+
+def fake_records(n: int) -> list[dict]:
+    return [{"item": ImageItem(i, f"{i}.png", f"/x/{i}.png"), "pixels": torch.zeros(1), "width": 1, "height": 1,
+             "error": None, "downscaled": False} for i in range(n)]
+
+
+class FakeModel:
+    """process(records): OOM when a batch has more than `fits` images or contains an image in `never`."""
+
+    def __init__(self, fits: int, never: tuple[int, ...] = ()) -> None:
+        self.fits, self.never, self.sizes = fits, never, []
+
+    def __call__(self, records: list[dict]) -> list[dict]:
+        good = [r for r in records if r["error"] is None]
+        if good:
+            self.sizes.append(len(good))
+        if len(good) > self.fits or any(r["item"].index in self.never for r in good):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [{"index": r["item"].index, "status": "failed" if r["error"] else "ok", "error": r["error"]}
+                for r in records]
+
+
+def test_oom_halves_the_batch_and_remembers_the_size_that_fits():
+    from tagclip_cli.faults import OomSplitter
+
+    model = FakeModel(fits=2)
+    split = OomSplitter(model)
+    rows = split(fake_records(8))
+    assert [r["index"] for r in rows] == list(range(8)) and all(r["status"] == "ok" for r in rows)
+    assert model.sizes == [8, 4, 2, 2, 4, 2, 2]
+    assert split.limits == {(1,): 2}
+    model.sizes.clear()
+    assert len(split(fake_records(7))) == 7
+    assert model.sizes == [2, 2, 2, 1]  # later batches go straight to the size that worked
+
+
+def test_an_image_that_does_not_fit_alone_is_failed_and_the_rest_done():
+    from tagclip_cli.faults import OomSplitter
+
+    model = FakeModel(fits=8, never=(5,))
+    split = OomSplitter(model)
+    rows = split(fake_records(8))
+    assert [r["index"] for r in rows] == list(range(8))
+    assert [r["status"] for r in rows] == ["ok"] * 5 + ["failed"] + ["ok"] * 2
+    assert rows[5]["error"] == "out of memory"
+    assert split.failed == 1
+    assert model.sizes == [8, 4, 4, 2, 1, 1, 2]  # 0-3 ok; 4-7 -> (4,5 -> 4 ok, 5 fails alone), 6-7 ok
+    assert split.limits == {}  # one image that never fits does not shrink everyone's batches
+    model.sizes.clear()
+    split(fake_records(4))
+    assert model.sizes == [4]
+
+
+def test_limits_are_per_input_shape_and_a_poisoned_image_does_not_hide_a_real_limit():
+    from tagclip_cli.faults import OomSplitter
+
+    model = FakeModel(fits=2, never=(5,))
+    split = OomSplitter(model)
+    rows = split(fake_records(8))
+    assert [r["status"] for r in rows] == ["ok"] * 5 + ["failed"] + ["ok"] * 2
+    assert split.limits == {(1,): 2}  # learnt from the clean half 0-3
+    other = fake_records(4)
+    for r in other:
+        r["pixels"] = torch.zeros(3, 16, 16)
+    model.sizes.clear()
+    model.fits = 4
+    split(other)
+    assert model.sizes == [4]  # another shape starts unlimited
+
+
+def test_non_oom_errors_are_not_retried():
+    from tagclip_cli.faults import OomSplitter, is_out_of_memory
+
+    def broken(records):
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        OomSplitter(broken)(fake_records(4))
+    assert is_out_of_memory(torch.OutOfMemoryError("x"))
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                                         "memory: you tried to allocate 10 bytes"))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(MemoryError())
+
+
+# ---- signals ---------------------------------------------------------------------------------------
+
+def test_deferred_signals_delivers_after_the_block():
+    from tagclip_cli.faults import Interrupted, deferred_signals, install_signal_handlers
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        install_signal_handlers()
+        finished = []
+        with pytest.raises(Interrupted) as info:
+            with deferred_signals():
+                os.kill(os.getpid(), signal.SIGTERM)
+                finished.append("write completed")  # not interrupted: the signal is held
+        assert finished == ["write completed"]
+        assert info.value.exit_code == 143 and str(info.value) == "SIGTERM"
+        with pytest.raises(Interrupted) as info:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs at the next bytecode boundary of the main thread
+                pass
+        assert info.value.exit_code == 130
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
+# ---- disk full and a whole run in-process ------------------------------------------------------------
+
+def small_vocab():
+    from tagclip_cli.vocab import parse_vocabulary
+
+    return parse_vocabulary("cat\ndog\nbird\n[background]\nsky\n", "tiny-vocab.txt")
+
+
+@pytest.fixture(scope="module")
+def run_images(tmp_path_factory) -> Path:
+    """10 small noise images and two broken files (indices 3 and 9 in sorted order)."""
+    root = tmp_path_factory.mktemp("run") / "images"
+    root.mkdir()
+    for i in range(10):
+        Image.fromarray(noise(24 + (i % 3) * 8, 32, seed=100 + i)).save(root / f"img{i:02d}.png")
+    (root / "img02b.png").write_bytes(b"")
+    (root / "img07b.jpg").write_bytes(b"<html>gone</html>")
+    return root
+
+
+@pytest.fixture(scope="module")
+def clean_rows(run_images, tiny_checkpoint, cache_dir, tmp_path_factory) -> list[dict]:
+    """The rows of an uninterrupted run (the reference for the fault runs)."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path_factory.mktemp("clean") / "clean.parquet"
+    summary = annotate_in_process(run_images, out, tiny_checkpoint, cache_dir)
+    assert (summary.done, summary.failed) == (10, 2)
+    return pq.read_table(out).to_pylist()
+
+
+def annotate_in_process(images: Path, out: Path, checkpoint: Path, cache: Path, **kw):
+    from tagclip_cli.pipeline import AnnotateOptions, ModelOptions, run_annotate
+    from tagclip_cli.tagclip import TagCLIPConfig
+
+    # No CWR: its per-class masked forwards are most of the time and have nothing to do with faults.
+    opts = AnnotateOptions(items=list_folder(images), vocab=small_vocab(), out=out,
+                           model=ModelOptions(checkpoint=checkpoint, cache_dir=cache),
+                           tagclip=TagCLIPConfig(use_cwr=False), batch_size=2, workers=0, part_size=1, **kw)
+    return run_annotate(opts)
+
+
+def test_disk_full_keeps_earlier_parts_and_resumes_to_the_clean_result(run_images, clean_rows, tiny_checkpoint,
+                                                                       cache_dir, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from tagclip_cli import jobs
+    from tagclip_cli.errors import OutputWriteError
+
+    expected = clean_rows
+
+    out = tmp_path / "full.parquet"
+    real_write = pq.write_table
+    calls = []
+
+    def fill_disk(table, where, **kw):
+        calls.append(where)
+        if len(calls) == 3:  # items.parquet, part 1, then the disk is full half-way through part 2
+            real_write(table, where, **kw)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(table, where, **kw)
+
+    monkeypatch.setattr(jobs.pq, "write_table", fill_disk)
+    with pytest.raises(OutputWriteError) as info:
+        annotate_in_process(run_images, out, tiny_checkpoint, cache_dir)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"cannot write {out}.parts/part-000000000008-000000000011.parquet "
+                              "(no space left on device); the 1 parts written before are intact in ")
+    assert message.endswith("free some space and rerun the same command to resume")
+    assert info.value.exit_code == 2
+    work = Path(f"{out}.parts")
+    assert sorted(p.name for p in work.iterdir()) == [
+        "config.json", "items.parquet", "job.json", "part-000000000000-000000000007.parquet"]  # no temp file
+    assert pq.read_table(work / "part-000000000000-000000000007.parquet").to_pylist() == expected[:8]
+    assert not out.exists()
+
+    monkeypatch.setattr(jobs.pq, "write_table", real_write)
+    summary = annotate_in_process(run_images, out, tiny_checkpoint, cache_dir)
+    assert (summary.skipped, summary.done, summary.failed) == (8, 3, 1)
+    assert pq.read_table(out).to_pylist() == expected
+    assert not work.exists()
+
+
+def test_oom_in_the_model_halves_batches_in_a_real_run(run_images, clean_rows, tiny_checkpoint, cache_dir, tmp_path,
+                                                       monkeypatch, caplog):
+    import pyarrow.parquet as pq
+
+    from tagclip_cli.tagclip import Tagger
+
+    expected = clean_rows
+
+    real_tag = Tagger.tag
+    sizes = []
+
+    def small_gpu(self, pixels):
+        sizes.append(len(pixels))
+        if len(pixels) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return real_tag(self, pixels)
+
+    monkeypatch.setattr(Tagger, "tag", small_gpu)
+    out = tmp_path / "oom.parquet"
+    summary = annotate_in_process(run_images, out, tiny_checkpoint, cache_dir)
+    assert (summary.done, summary.failed) == (10, 2)
+    got = pq.read_table(out).to_pylist()
+    assert [r["image_id"] for r in got] == [r["image_id"] for r in expected]
+    assert [r["status"] for r in got] == [r["status"] for r in expected]
+    for a, b in zip(got, expected, strict=True):
+        assert a["tags"] == b["tags"]
+        if a["scores"] is not None:
+            np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-5, atol=1e-6)
+    assert max(sizes) == 2 and sizes.count(2) < 10  # after the first OOM of each size, batches of 1
+    assert any("retrying in halves" in r.getMessage() for r in caplog.records)
