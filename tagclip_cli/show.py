@@ -54,7 +54,7 @@ class ShowConfig:
     tags: Path
     out: Path
     masks: Path | None = None
-    max_side: int = 1600
+    max_side: int = 1024
     thumb_side: int = 256
     page_size: int = 100
     limit: int | None = None

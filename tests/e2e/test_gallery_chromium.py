@@ -142,10 +142,12 @@ class Page:
         self.start = len(browser.events)
 
     def open(self, url: str) -> None:
-        self.start = len(self.browser.events)
-        result = self.browser.call("Page.navigate", {"url": url}, session=self.session)
-        assert not result.get("errorText"), f"{url}: {result['errorText']}"
-        self.browser.wait_for("Page.loadEventFired", self.session, self.start)
+        """Load url as a new document (via about:blank, so that a change of #hash alone reloads too)."""
+        for target in ("about:blank", url):
+            self.start = len(self.browser.events)
+            result = self.browser.call("Page.navigate", {"url": target}, session=self.session)
+            assert not result.get("errorText"), f"{target}: {result['errorText']}"
+            self.browser.wait_for("Page.loadEventFired", self.session, self.start)
 
     def evaluate(self, expression: str):
         result = self.browser.call("Runtime.evaluate", {"expression": expression, "returnByValue": True,
@@ -378,5 +380,30 @@ def test_annotate_then_show_in_chromium(browser, photo_dir, tiny_checkpoint, tmp
     for card, row in zip(cards, table, strict=True):
         assert [t.rsplit(" ", 1)[0] for t in card["tags"]] == row["tags"]
         expected_overlay_check(Path(unquote(urlparse(card["href"]).path)), photo_dir / row["image_id"])
+    assert not page.problems(), page.problems()
+    page.close()
+
+
+def test_thousands_of_cards_are_paginated(browser, tmp_path):
+    """5003 cards: the page holds one page of 100 cards (not 5003 images), and the last page the rest."""
+    from tagclip_cli.show import gallery_html
+
+    (tmp_path / "thumbs").mkdir()
+    (tmp_path / "overlays").mkdir()
+    Image.new("RGB", (32, 24), (10, 200, 30)).save(tmp_path / "thumbs" / "t.jpg")
+    Image.new("RGB", (360, 300), (10, 200, 30)).save(tmp_path / "overlays" / "o.png")
+    cards = [{"id": f"img{i:05d}.jpg", "o": "overlays/o.png", "t": "thumbs/t.jpg", "tw": 32, "th": 24,
+              "size": "32x24", "tags": [[i % 3, 0.5]], "masks": [], "err": None} for i in range(5003)]
+    (tmp_path / "index.html").write_text(gallery_html("big", ["a", "b", "c"], cards, 100, {}), encoding="utf-8")
+    page = Page(browser)
+    page.open((tmp_path / "index.html").as_uri())
+    assert page.evaluate("document.querySelector('.page-label').textContent") == "page 1 of 51"
+    assert page.evaluate("document.querySelectorAll('img').length") == 100
+    page.open((tmp_path / "index.html").as_uri() + "#page=51")
+    assert [c["id"] for c in page.evaluate(CARDS)] == ["img05000.jpg", "img05001.jpg", "img05002.jpg"]
+    page.open((tmp_path / "index.html").as_uri() + "#class=c&page=17")  # 1667 images of class c
+    assert page.evaluate("document.querySelector('.page-label').textContent") == "page 17 of 17"
+    assert [c["id"] for c in page.evaluate(CARDS)] == [f"img{i:05d}.jpg" for i in range(4802, 5003, 3)]
+    assert len(page.evaluate(LOAD_ALL_IMAGES)) == 67
     assert not page.problems(), page.problems()
     page.close()
