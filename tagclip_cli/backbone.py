@@ -20,7 +20,7 @@ import os
 import tempfile
 import zipfile
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,12 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tagclip_cli.errors import ModelLoadError
+from tagclip_cli.errors import ModelLoadError, UsageError
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TEXT_CACHE_VERSION = 1
+# Compute precisions: fp32 everywhere; bf16/fp16 are CUDA autocast (weights stay fp32).
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The five scene templates MaskCLIP and TagCLIP add to CLIP's 80 ImageNet templates.
 SCENE_TEMPLATES = (
@@ -96,8 +98,10 @@ class Backbone:
     weights: str  # pretrained tag, "checkpoint:<sha256>", "builtin:<name>" or "random"
     device: torch.device
     cache_dir: Path | None = field(default_factory=default_cache_dir)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision, self.device)
         visual = self.model.visual
         if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
             raise ModelLoadError(f"model '{self.name}' is not a ViT CLIP; TagCLIP needs a ViT image tower")
@@ -130,6 +134,18 @@ class Backbone:
     @property
     def num_layers(self) -> int:
         return len(self.visual.transformer.resblocks)
+
+    @property
+    def embed_dim(self) -> int:
+        """D, the dimension of projected embeddings."""
+        proj = self.visual.proj
+        return int(proj.shape[1]) if proj is not None else int(self.visual.conv1.out_channels)
+
+    def autocast(self) -> AbstractContextManager:
+        """The autocast context every image forward runs in (a no-op in fp32)."""
+        if self.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
     @property
     def num_heads(self) -> int:
@@ -243,14 +259,16 @@ class Backbone:
         h = mha.num_heads
         qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
         q, k, v = qkv.reshape(b, t, 3, h, w // h).permute(2, 0, 3, 1, 4)  # each (B, h, T, d)
-        scores = (q * (w // h) ** -0.5) @ k.transpose(-1, -2)
+        # The softmax runs in fp32 even under autocast: the maps feed DMAR's K-of-L vote, whose
+        # comparisons with each map's mean must not depend on the compute precision.
+        scores = ((q * (w // h) ** -0.5) @ k.transpose(-1, -2)).float()
         if attn_mask is not None:
-            scores = scores + attn_mask
+            scores = scores + attn_mask.float()
         probs = scores.softmax(dim=-1)
         if value_path:
             mixed = v
         else:
-            mixed = probs @ v
+            mixed = probs.to(v.dtype) @ v
         out = mha.out_proj(mixed.transpose(1, 2).reshape(b, t, w))
         return out, probs.float().mean(dim=1)
 
@@ -277,36 +295,85 @@ class Backbone:
         if pixels.shape[-2] % p or pixels.shape[-1] % p:
             raise ValueError(f"image size {tuple(pixels.shape[-2:])} is not a multiple of the patch size {p}")
         grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
-        x = self.embed(pixels, fp16_round_pos)
-        maps = []
-        last = self.num_layers - 1
-        for i in range(last):
-            x, attn = self.block_forward(i, x)
+        with self.autocast():
+            x = self.embed(pixels, fp16_round_pos)
+            maps = []
+            last = self.num_layers - 1
+            for i in range(last):
+                x, attn = self.block_forward(i, x)
+                maps.append(attn)
+            pre_last = x if keep_pre_last else None
+            x, attn = self.block_forward(last, x, value_path=True)
             maps.append(attn)
-        pre_last = x if keep_pre_last else None
-        x, attn = self.block_forward(last, x, value_path=True)
-        maps.append(attn)
-        return DenseOutput(self.project_tokens(x).float(), torch.stack(maps, dim=1), grid, pre_last)
+            tokens = self.project_tokens(x).float()
+        return DenseOutput(tokens, torch.stack(maps, dim=1), grid, pre_last)
 
-    def masked_cls_forward(self, crops: Tensor, patch_masks: Tensor, mask_value: float = -1000.0) -> Tensor:
+    def masked_cls_forward(
+        self, crops: Tensor, patch_masks: Tensor, mask_value: float = -1000.0, chunk_size: int = 32
+    ) -> Tensor:
         """Class-token embeddings of crops where the class-token query only sees masked-in patches.
 
         crops: (B, 3, S, S) normalised, S = native size. patch_masks: (B, N) bool, N = native grid
         cells, True = the class token may attend to that patch. Returns (B, D) fp32 (not normalised).
-        Every layer uses the mask; patch queries are unrestricted."""
-        b = crops.shape[0]
-        n = patch_masks.shape[1]
-        additive = torch.zeros(b, 1, 1 + n, 1 + n, device=crops.device, dtype=torch.float32)
-        additive[:, 0, 0, 1:] = (~patch_masks.bool()).float() * mask_value
+        Every layer uses the mask; patch queries are unrestricted. No attention map is needed, so the
+        attention is fused (scaled_dot_product_attention), and in the last block only the class
+        token is computed (the patch tokens' outputs there would be thrown away). Crops run in
+        chunks of chunk_size so that memory does not grow with the number of candidates."""
+        out = []
+        with self.autocast():
+            for start in range(0, crops.shape[0], chunk_size):
+                chunk = slice(start, start + chunk_size)
+                out.append(self._masked_cls_chunk(crops[chunk], patch_masks[chunk], mask_value))
+        if not out:
+            return torch.zeros(0, self.embed_dim, device=crops.device)
+        return torch.cat(out)
+
+    def _masked_cls_chunk(self, crops: Tensor, patch_masks: Tensor, mask_value: float) -> Tensor:
+        b, n = patch_masks.shape
         x = self.embed(crops)
-        additive = additive.to(x.dtype)
-        for i in range(self.num_layers):
-            x, _ = self.block_forward(i, x, attn_mask=additive)
-        return self.project_tokens(x[:, :1])[:, 0].float()
+        additive = torch.zeros(b, 1, 1 + n, 1 + n, device=crops.device, dtype=x.dtype)
+        additive[:, 0, 0, 1:] = (~patch_masks.bool()).to(x.dtype) * mask_value
+        blocks = self.visual.transformer.resblocks
+        for block in blocks[:-1]:
+            x = x + block.ls_1(_fused_attention(block.attn, block.ln_1(x), additive))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        last = blocks[-1]
+        cls = x[:, :1] + last.ls_1(_fused_attention(last.attn, last.ln_1(x), additive[:, :, :1], queries=1))
+        cls = cls + last.ls_2(last.mlp(last.ln_2(cls)))
+        return self.project_tokens(cls)[:, 0].float()
 
     def encode_image(self, pixels: Tensor) -> Tensor:
         """Standard CLIP image embedding of (B, 3, S, S) images at the native size, (B, D) fp32."""
-        return self.model.encode_image(pixels.to(self.dtype)).float()
+        with self.autocast():
+            return self.model.encode_image(pixels.to(self.dtype)).float()
+
+
+def check_precision(precision: str, device: torch.device | str) -> None:
+    """Raise UsageError unless precision is fp32, or bf16/fp16 on a CUDA device."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
+    if precision != "fp32" and torch.device(device).type != "cuda":
+        raise UsageError(f"precision {precision} needs a CUDA device; on {torch.device(device).type} use fp32")
+
+
+def _fused_attention(mha: torch.nn.MultiheadAttention, x: Tensor, attn_mask: Tensor | None,
+                     queries: int | None = None) -> Tensor:
+    """Attention output (before the residual) of ln_1 output x (B, T, W) without materialising the
+    map: (B, Q, W) for the first `queries` tokens as queries (all T when None)."""
+    b, t, w = x.shape
+    h = mha.num_heads
+    if queries is None:
+        qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+        q, k, v = qkv.reshape(b, t, 3, h, w // h).permute(2, 0, 3, 1, 4)  # each (B, h, T, d)
+    else:
+        q = F.linear(x[:, :queries], mha.in_proj_weight[:w], mha.in_proj_bias[:w])
+        q = q.reshape(b, queries, h, w // h).transpose(1, 2)
+        kv = F.linear(x, mha.in_proj_weight[w:], mha.in_proj_bias[w:])
+        k, v = kv.reshape(b, t, 2, h, w // h).permute(2, 0, 3, 1, 4)
+    if attn_mask is not None:
+        attn_mask = attn_mask.to(q.dtype)
+    mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return mha.out_proj(mixed.transpose(1, 2).reshape(b, -1, w))
 
 
 class _TextCache:
@@ -428,6 +495,7 @@ def load_backbone(
     model_explicit: bool = False,
     seed: int = 0,
     fp16_weights: bool = False,
+    precision: str = "fp32",
 ) -> Backbone:
     """Load a CLIP ViT.
 
@@ -440,8 +508,11 @@ def load_backbone(
 
     fp16_weights rounds the linear/conv/attention weights through fp16 before computing in fp32, as
     the reference's OpenAI loader does for every checkpoint (reference-compatibility mode).
+    precision: fp32 (default), or bf16/fp16 autocast on CUDA (UsageError elsewhere).
     """
     import open_clip
+
+    check_precision(precision, device)
 
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     device = torch.device(device)
@@ -479,7 +550,7 @@ def load_backbone(
         open_clip.model.convert_weights_to_fp16(net)
         weights += "+fp16-rounded"
     net = net.float().to(device)
-    return Backbone(net, _tokenizer_for(net, name), name, weights, device, cache_dir)
+    return Backbone(net, _tokenizer_for(net, name), name, weights, device, cache_dir, precision)
 
 
 def _describe_openai(sd: dict[str, Tensor]) -> str:
