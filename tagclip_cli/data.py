@@ -12,7 +12,6 @@ import math
 import os
 import re
 import stat
-import struct
 import sys
 import warnings
 from collections.abc import Hashable, Iterable, Iterator, Sequence
@@ -269,15 +268,14 @@ def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
 
     A truncated file is an error, never a partly grey image: PIL's LOAD_TRUNCATED_IMAGES is
     forced off here (another library in the process may have switched it on). Images with more
-    than max_pixels pixels are refused before any pixel is decoded (decompression bombs).
+    than max_pixels pixels are refused before any pixel is decoded (decompression bombs). PIL's
+    warnings about damaged metadata are silenced: what matters is reported as the reason.
     Raises DecodeError with a specific reason for anything unusable."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
-    with open_image_file(path) as fh:
+    with open_image_file(path) as fh, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # incl. DecompressionBombWarning: the check below decides
         try:
-            with warnings.catch_warnings():
-                # PIL warns above its own limit and raises above twice that; our check below decides.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(fh)
+            img = Image.open(fh)
         except Image.DecompressionBombError as exc:  # above PIL's hard limit, raised while opening
             found = re.search(r"\((\d+) pixels\)", str(exc))
             size = f"{int(found[1]) / 1e6:.0f} megapixels" if found else str(exc)
@@ -286,8 +284,10 @@ def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         except Image.UnidentifiedImageError:
             fh.seek(0)
             raise DecodeError(_not_an_image(fh.read(512))) from None
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise DecodeError(f"corrupt image header ({exc})") from None
+        except MemoryError:
+            raise DecodeError("out of memory while reading the image header") from None
+        except Exception as exc:  # PIL's plugins raise many types on damaged headers (even TypeError)
+            raise DecodeError(f"corrupt image header ({_describe(exc)})") from None
         with img:
             width, height = img.size
             if width * height > max_pixels:
@@ -302,12 +302,12 @@ def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
                 if getattr(img, "n_frames", 1) > 1:
                     img.seek(0)
                 img.load()
-            except OSError as exc:
-                if "truncated" in str(exc).lower():
+            except MemoryError:
+                raise DecodeError(f"out of memory while decoding ({fmt}, {width}x{height})") from None
+            except Exception as exc:
+                if isinstance(exc, OSError) and "truncated" in str(exc).lower():
                     raise DecodeError(f"truncated image ({fmt}: {exc})") from None
-                raise DecodeError(f"corrupt image data ({fmt}: {exc})") from None
-            except (SyntaxError, ValueError, EOFError, struct.error) as exc:
-                raise DecodeError(f"corrupt image data ({fmt}: {exc})") from None
+                raise DecodeError(f"corrupt image data ({fmt}: {_describe(exc)})") from None
             try:
                 oriented = ImageOps.exif_transpose(img)
             except Exception as exc:  # unreadable EXIF: the pixels are fine, keep them as stored
@@ -317,6 +317,14 @@ def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
                 return to_rgb(oriented)
             except (ValueError, OSError) as exc:
                 raise DecodeError(f"unsupported colour mode {oriented.mode} ({exc})") from None
+
+
+def _describe(exc: Exception) -> str:
+    """An exception as a short reason: the message, with the type when the message alone is vague."""
+    text = str(exc).strip().replace("\n", " ")
+    if isinstance(exc, OSError | SyntaxError | ValueError) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -45,6 +45,7 @@ from tagclip_cli.writers import (
     ROW_GROUP_SIZE,
     atomic_path,
     output_text,
+    read_metadata,
     write_json_atomic,
     write_parquet_atomic,
 )
@@ -281,7 +282,8 @@ class PartStore:
             if overwrite:
                 shutil.rmtree(store.dir, ignore_errors=True)
             elif store.out.exists() and not store.dir.exists():
-                raise ConfigMismatchError(f"{store.out}: output exists; pass --overwrite to replace it")
+                raise ConfigMismatchError(f"{store.out}: output exists{_made_with(store.out, config)}; "
+                                          "pass --overwrite to replace it")
             try:
                 store.dir.mkdir(exist_ok=True)
             except OSError as exc:
@@ -437,6 +439,21 @@ class PartStore:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _made_with(out: Path, config: dict) -> str:
+    """How an existing output's configuration compares with this run's, for the refusal message."""
+    try:
+        previous = read_metadata(out)
+    except Exception:  # not a Parquet file of ours: nothing to compare
+        return ""
+    if not previous:
+        return ""
+    config = json.loads(json.dumps(config))  # tuples -> lists, as stored
+    if previous == config:
+        return " (same configuration: this run is already complete)"
+    changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+    return f" (made with a different configuration: differs in {', '.join(changed)})"
 
 
 def describe_item_difference(previous: pa.Table, current: pa.Table) -> str:

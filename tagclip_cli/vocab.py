@@ -140,8 +140,8 @@ def parse_vocabulary(text: str, source: str = "<string>") -> Vocabulary:
     background: list[tuple[str, int]] = []
     first_seen: dict[str, tuple[str, int]] = {}  # class_key -> (name, line) of foreground classes
     in_background = False
-    for lineno, raw in enumerate(text.lstrip("\ufeff").splitlines(), start=1):
-        line = _strip_comment(raw)
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = _strip_comment(raw.replace("\ufeff", ""))  # byte-order marks, also of concatenated files
         if not line:
             continue
         if line.lower() == BACKGROUND_HEADER:
@@ -220,7 +220,7 @@ def _read_text(path: Path) -> str:
 def _read_entries(path: Path) -> list[tuple[str, int]]:
     entries = []
     for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
-        name = _strip_comment(line)
+        name = _strip_comment(line.replace("\ufeff", ""))
         if name and name.lower() != BACKGROUND_HEADER:
             entries.append((name, lineno))
     return entries

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tagclip_cli.errors import OutputWriteError
+from tagclip_cli.errors import OutputWriteError, UsageError
 
 METADATA_KEY = b"tagclip"
 ROW_GROUP_SIZE = 4096
@@ -132,6 +132,27 @@ def write_parquet_atomic(tables: Iterable[pa.Table], path: str | Path, schema: p
                 writer.write_table(table.cast(schema), row_group_size=ROW_GROUP_SIZE)
                 rows += table.num_rows
     return rows
+
+
+def check_output_path(out: str | Path) -> None:
+    """Refuse, before any work, an output that cannot be written: a missing or non-directory
+    parent, a directory in place of the file, a parent where no file can be created (permissions,
+    read-only or full file system). A probe file is created and removed; nothing is left behind.
+    Raises UsageError."""
+    out = Path(out)
+    parent = out.parent
+    if not parent.exists():
+        raise UsageError(f"{parent}: output directory does not exist")
+    if not parent.is_dir():
+        raise UsageError(f"{parent}: not a directory (in --out {out})")
+    if out.is_dir():
+        raise UsageError(f"{out}: is a directory; --out needs a file name, e.g. {out / 'labels.parquet'}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".probe")
+    except OSError as exc:
+        raise UsageError(f"{parent}: cannot create files in the output directory ({describe_os_error(exc)})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def write_json_atomic(obj: object, path: str | Path) -> None:
