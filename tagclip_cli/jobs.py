@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tagclip_cli import errors
 from tagclip_cli.data import ImageItem, bucket_batches
 from tagclip_cli.errors import ConfigMismatchError, IncompleteRunError, OutputWriteError, UsageError
 from tagclip_cli.faults import deferred_signals
@@ -193,8 +194,9 @@ class Session:
         for rank, other in enumerate(gathered):
             if other is not None:
                 kind, text = other.split("\x00", 1)
-                cls = {c.__name__: c for c in (UsageError, ConfigMismatchError, IncompleteRunError)}.get(
-                    kind, UsageError)
+                cls = getattr(errors, kind, None)
+                if not (isinstance(cls, type) and issubclass(cls, errors.TagclipError)):
+                    cls = UsageError  # same message and exit code 2 on every rank
                 raise cls(text if rank == 0 else f"rank {rank}: {text}")
 
     def gather(self, obj: object) -> list[object]:
