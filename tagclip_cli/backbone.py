@@ -282,6 +282,30 @@ class Backbone:
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
         return x, attn
 
+    def block_forward_ln1_leaf(self, index: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Block `index` (0-based) with normal attention, its ln_1 output made a fresh autograd leaf.
+
+        For Grad-CAM on the ln_1 output (CLIP-ES): call under `torch.enable_grad()` with x (B, T, W)
+        not requiring grad. Returns (new x (B, T, W), the ln_1 leaf (B, T, W) requiring grad,
+        head-averaged attention (B, T, T)). The ln_1 output feeds only the attention, so the gradient
+        on the leaf is the gradient the reference records with a hook on ln_1."""
+        block = self.visual.transformer.resblocks[index]
+        ln1 = block.ln_1(x).detach().requires_grad_(True)
+        out, attn = self._attention(block, ln1, None, False)
+        x = x + block.ls_1(out)
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return x, ln1, attn
+
+    def block_keys(self, index: int, x: Tensor) -> Tensor:
+        """Keys of block `index` for tokens x (B, T, W): ln_1 then the key projection, heads
+        concatenated, (B, T, W). MaskCLIP's key smoothing uses the last block's keys."""
+        block = self.visual.transformer.resblocks[index]
+        mha: torch.nn.MultiheadAttention = block.attn
+        w = x.shape[-1]
+        weight = mha.in_proj_weight[w : 2 * w]
+        bias = mha.in_proj_bias[w : 2 * w] if mha.in_proj_bias is not None else None
+        return F.linear(block.ln_1(x), weight, bias)
+
     def project_tokens(self, x: Tensor) -> Tensor:
         """ln_post and proj on every token: (B, T, W) -> (B, T, D)."""
         x = self.visual.ln_post(x)
