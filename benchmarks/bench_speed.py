@@ -1,0 +1,362 @@
+"""Speed of the batched engine against a naive reference-style loop and against the bare encoder.
+
+A randomly initialised ViT-B/16 (a real-size model; weights do not change the cost) tags VOC-like
+photos (sample photos from scikit-image cropped to 500x375 and 375x500, mixed) with the VOC
+vocabulary (20 classes + 25 background). In the same run, on the same images, batch by batch in
+rotating order (the machine is shared and noisy: the ratios are the figure):
+
+- annotate (ours): `Tagger.tag` on a batch (the `tagclip annotate` engine);
+- annotate (naive): `benchmarks/naive.py`, one image and one class at a time, batch-1 CWR
+  forwards, attention maps from nn.MultiheadAttention in every forward, fp32;
+- encoder-only: the forwards TagCLIP cannot avoid, run with stock open_clip modules (fused
+  attention, no attention maps): one native-resolution forward per image (same-size images
+  batched, all tokens through ln_post and proj) plus one batched forward of exactly the CWR
+  crops our run used, with their class-token masks. No DMAR, no box search, no crop resizing.
+- segment (ours / naive), when `tagclip_cli.segment` is available.
+
+Peak RSS per method is the process's VmHWM, reset before each method (/proc/self/clear_refs), so
+it includes the model (about 0.6 GB) and whatever the allocator kept from earlier methods.
+
+The model's logit scale is set to 100 (the value of every OpenAI CLIP checkpoint) so that the CWR
+candidate count is realistic (1-4 per image); with the random initial 14.3 nearly every class
+becomes a candidate (--init-logit-scale shows that worst case). The text classifier is one
+template per class (text encoding is timed separately and reported as per-run setup).
+
+    .venv/bin/python benchmarks/bench_speed.py            # 16 images
+    .venv/bin/python benchmarks/bench_speed.py --quick    # 8 images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from naive import NaiveTagCLIP  # noqa: E402
+
+from tagclip_cli.backbone import Backbone, load_backbone, tagclip_templates  # noqa: E402
+from tagclip_cli.data import Preprocess, load_rgb  # noqa: E402
+from tagclip_cli.tagclip import Tagger, TagOutput, crop_for_cwr  # noqa: E402
+from tagclip_cli.vocab import load_vocabulary  # noqa: E402
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "cat", "colorwheel", "camera")
+VOC_SIZES = ((500, 375), (375, 500))
+
+
+# ---- measurement helpers ---------------------------------------------------------------------------
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (VmHWM) to its current RSS; False where Linux does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """VmHWM of this process in MB (ru_maxrss where /proc is not available)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class Method:
+    name: str
+    seconds: float = 0.0
+    images: int = 0
+    peak_rss: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds else float("nan")
+
+    def run(self, fn: Callable[[], object], images: int) -> object:
+        reset_peak_rss()
+        start = time.perf_counter()
+        result = fn()
+        self.seconds += time.perf_counter() - start
+        self.images += images
+        self.peak_rss = max(self.peak_rss, peak_rss_mb())
+        return result
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+
+def make_photos(root: Path, count: int, seed: int = 0) -> list[Path]:
+    """count JPEGs, alternately 500x375 and 375x500, random crops of scikit-image sample photos."""
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        arr = getattr(data, PHOTOS[i % len(PHOTOS)])()
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        arr = arr[..., :3]
+        w, h = VOC_SIZES[i % 2]
+        ih, iw = arr.shape[:2]
+        scale = max(w / iw, h / ih) * rng.uniform(1.0, 1.3)
+        img = Image.fromarray(arr).resize((max(w, round(iw * scale)), max(h, round(ih * scale))), Image.BICUBIC)
+        x0 = int(rng.integers(0, img.width - w + 1))
+        y0 = int(rng.integers(0, img.height - h + 1))
+        path = root / f"{i:03d}.jpg"
+        img.crop((x0, y0, x0 + w, y0 + h)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+# ---- encoder-only -------------------------------------------------------------------------------
+
+
+def stock_dense(bb: Backbone, pixels: Tensor) -> Tensor:
+    """open_clip's own blocks (fused attention, no maps) at native resolution: (B, 1+N, D)."""
+    x = bb.embed(pixels)
+    x = bb.visual.transformer(x)
+    return bb.project_tokens(x)
+
+
+def stock_masked_cls(bb: Backbone, crops: Tensor, keep: Tensor, chunk: int = 32) -> Tensor:
+    """open_clip's own blocks on native-size crops with the CWR class-token mask: (B, D)."""
+    out = []
+    heads, n = bb.num_heads, keep.shape[1]
+    for start in range(0, crops.shape[0], chunk):
+        c, k = crops[start : start + chunk], keep[start : start + chunk]
+        mask = torch.zeros(c.shape[0], 1 + n, 1 + n, device=c.device)
+        mask[:, 0, 1:] = (~k).float() * -1000.0
+        mask = mask.repeat_interleave(heads, dim=0)  # (B * heads, T, T), nn.MultiheadAttention's layout
+        x = bb.visual.transformer(bb.embed(c), attn_mask=mask)
+        out.append(bb.project_tokens(x[:, :1])[:, 0])
+    return torch.cat(out)
+
+
+def encoder_only(bb: Backbone, images: Sequence[Tensor], crops: Tensor | None, keep: Tensor | None) -> None:
+    groups: dict[tuple[int, int], list[Tensor]] = {}
+    for img in images:
+        groups.setdefault(tuple(img.shape[-2:]), []).append(img)
+    for same in groups.values():
+        stock_dense(bb, torch.stack(same))
+    if crops is not None and len(crops):
+        stock_masked_cls(bb, crops, keep)
+
+
+def cwr_inputs(bb: Backbone, images: Sequence[Tensor], outputs: Sequence[TagOutput]):
+    """The crops and masks our run forwarded (prepared outside the timed region)."""
+    pairs = [
+        crop_for_cwr(img, box, bb.patch_size, bb.native_grid)
+        for img, out in zip(images, outputs, strict=True)
+        for box in out.boxes
+    ]
+    if not pairs:
+        return None, None
+    crops, keep = zip(*pairs, strict=True)
+    return torch.stack(crops), torch.stack(keep)
+
+
+# ---- segment (when the engine exists) ---------------------------------------------------------------
+
+
+def segment_runner(bb: Backbone, vocab, text: Tensor):
+    """(ours, naive) callables over a list of images, or None while tagclip_cli.segment is missing."""
+    try:
+        import tagclip_cli.segment  # noqa: F401
+    except ImportError:
+        return None
+    return None  # wired up once the segment engine's API has landed
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+
+def text_setup(bb: Backbone, names: Sequence[str], cache: Path) -> dict:
+    """Per-run text-classifier cost. Ours: one template per class, encoded cold (then cached), and a
+    warm cache load. The full 85-template classifier costs the same per prompt: the naive loop
+    (no cache) pays it on every run, we pay it once per model and vocabulary."""
+    prompts = len(names) * len(tagclip_templates())
+    bb.cache_dir = cache
+    start = time.perf_counter()
+    text = bb.text_classifier(names, ("a photo of a {}.",))
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    bb.text_classifier(names, ("a photo of a {}.",))
+    warm = time.perf_counter() - start
+    return {
+        "text": text,
+        "prompts": prompts,
+        "cold_1_template_s": cold,
+        "full_classifier_s": cold / len(names) * prompts,
+        "warm_s": warm,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=16, help="number of photos (default 16)")
+    ap.add_argument("--quick", action="store_true", help="8 photos instead of 16")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--model", default="ViT-B-16")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--init-logit-scale",
+        action="store_true",
+        help="keep the random initial logit scale (14.3): nearly every class becomes a CWR candidate",
+    )
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    count = 8 if args.quick and args.images == 16 else args.images
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    workdir = Path(tempfile.mkdtemp(prefix="tagclip-bench-"))
+    try:
+        return run(args, count, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
+    bb = load_backbone(args.model, pretrained="random", device=args.device, cache_dir=workdir / "cache")
+    if not args.init_logit_scale:
+        with torch.no_grad():
+            bb.model.logit_scale.fill_(math.log(100.0))
+    vocab = load_vocabulary("voc")
+    names = vocab.all_names
+    print(
+        f"# bench_speed: {args.model} (random weights, logit scale {bb.logit_scale:.1f}), VOC vocabulary "
+        f"({vocab.num_classes} + {len(vocab.background)} background), {count} photos 500x375/375x500, "
+        f"batch {args.batch_size}, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+
+    setup = text_setup(bb, names, workdir / "cache")
+    text = setup.pop("text")
+    tagger = Tagger(bb, vocab, text=text)
+    naive = NaiveTagCLIP(bb, vocab.classes, vocab.background, (), text=text)
+
+    paths = make_photos(workdir / "photos", count)
+    pre = Preprocess(bb.patch_size, bb.mean, bb.std)
+    start = time.perf_counter()
+    images = [pre(load_rgb(str(p))) for p in paths]
+    decode_s = time.perf_counter() - start
+
+    with torch.inference_mode():  # warm-up (kernels, allocator) on one image of each orientation
+        warm = tagger.tag(images[:2])
+        encoder_only(bb, images[:2], *cwr_inputs(bb, images[:2], warm))
+
+    ours, slow, enc = Method("annotate (ours)"), Method("annotate (naive)"), Method("encoder-only")
+    candidates, crops, max_diff = [], 0, 0.0
+    batches = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+    for round_index, batch in enumerate(batches):
+        outputs: list[TagOutput] = []
+
+        def run_ours(batch=batch, outputs=outputs):
+            with torch.inference_mode():
+                outputs[:] = ours.run(lambda: tagger.tag(batch), len(batch))
+
+        def run_naive(batch=batch, outputs=outputs):
+            with torch.inference_mode():
+                results = slow.run(lambda: [naive(img) for img in batch], len(batch))
+            return results
+
+        steps = [run_ours, run_naive]
+        order = steps if round_index % 2 == 0 else steps[::-1]
+        results = [step() for step in order]
+        naive_results = results[1] if round_index % 2 == 0 else results[0]
+        with torch.inference_mode():
+            c, k = cwr_inputs(bb, batch, outputs)
+            enc.run(lambda c=c, k=k, batch=batch: encoder_only(bb, batch, c, k), len(batch))
+        for out, ref in zip(outputs, naive_results, strict=True):
+            candidates.append(len(out.candidates))
+            crops += len(out.boxes)
+            max_diff = max(max_diff, float((out.scores - ref.scores).abs().max()))
+        print(
+            f"#   batch {round_index + 1}/{len(batches)}: ours {ours.seconds:.1f}s, naive {slow.seconds:.1f}s, "
+            f"encoder-only {enc.seconds:.1f}s (cumulative)",
+            flush=True,
+        )
+
+    seg = segment_runner(bb, vocab, text)
+    methods = [ours, slow, enc]
+    print()
+    print("| method | images | seconds | images/s | peak RSS (MB) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for m in methods:
+        print(f"| {m.name} | {m.images} | {m.seconds:.1f} | {m.rate:.3f} | {m.peak_rss:.0f} |")
+    print()
+    print(
+        f"CWR candidates per image: mean {statistics.mean(candidates):.2f}, max {max(candidates)}; "
+        f"crops forwarded: {crops}"
+    )
+    print(f"max |score(ours) - score(naive)|: {max_diff:.2e}")
+    print(f"decode + resize + normalise: {count / decode_s:.1f} images/s (one process)")
+    print(
+        f"text classifier ({setup['prompts']} prompts, extrapolated from {len(names)}): about "
+        f"{setup['full_classifier_s']:.0f}s on every naive run (no cache); ours once per model and "
+        f"vocabulary, then {setup['warm_s'] * 1000:.0f} ms from the cache (not in the images/s above)"
+    )
+    annotate_speedup = slow.seconds / ours.seconds
+    encoder_ratio = ours.seconds / enc.seconds
+    seg_speedup = float("nan") if seg is None else seg
+    if seg is None:
+        print("segment: tagclip_cli.segment is not available yet; not measured")
+    result = {
+        "model": args.model,
+        "images": count,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "methods": {m.name: {"seconds": m.seconds, "images_per_s": m.rate, "peak_rss_mb": m.peak_rss} for m in methods},
+        "candidates_mean": statistics.mean(candidates),
+        "crops": crops,
+        "max_score_diff": max_diff,
+        "text_setup": setup,
+        "annotate_speedup_vs_naive": annotate_speedup,
+        "segment_speedup_vs_naive": seg_speedup,
+        "annotate_vs_encoder_only": encoder_ratio,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    print()
+    print(f"annotate speedup vs naive: {annotate_speedup:.2f}x")
+    print(f"segment speedup vs naive: {'n/a' if math.isnan(seg_speedup) else f'{seg_speedup:.2f}'}x")
+    print(f"annotate time vs encoder-only: {encoder_ratio:.2f}x")
+    return 0
+
+
+Tensor = torch.Tensor
+
+if __name__ == "__main__":
+    sys.exit(main())

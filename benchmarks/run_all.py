@@ -1,0 +1,105 @@
+"""Run every benchmark script (`make bench`) and end with the three headline ratios.
+
+Runs, in this order, each `benchmarks/bench_*.py` that exists (bench_speed.py, bench_memory.py,
+bench_synthetic.py, and any later bench_*.py), each in its own process with the repository's
+Python, streaming its output. A script whose --help lists --quick gets --quick unless --full is
+given. Missing scripts are skipped with a note. The last three lines are copied from
+bench_speed.py's output:
+
+    annotate speedup vs naive: <R>x
+    segment speedup vs naive: <R>x
+    annotate time vs encoder-only: <R>x
+
+    .venv/bin/python benchmarks/run_all.py            # quick settings (about 15 minutes on 2 cores)
+    .venv/bin/python benchmarks/run_all.py --full     # each script's full default
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+KNOWN = ("bench_speed.py", "bench_memory.py", "bench_synthetic.py")
+HEADLINES = (
+    "annotate speedup vs naive",
+    "segment speedup vs naive",
+    "annotate time vs encoder-only",
+)
+
+
+def scripts() -> list[str]:
+    """The known scripts first (in a fixed order), then any other bench_*.py alphabetically."""
+    others = sorted(p.name for p in HERE.glob("bench_*.py") if p.name not in KNOWN)
+    return [*KNOWN, *others]
+
+
+def supports_quick(path: Path) -> bool:
+    """True if the script's argument parser has a --quick option (read from its source)."""
+    return re.search(r"""add_argument\(\s*["']--quick["']""", path.read_text(encoding="utf-8")) is not None
+
+
+def run_script(path: Path, quick: bool) -> tuple[int, str, float]:
+    """Run one script, echoing its stdout; returns (exit code, captured stdout, seconds)."""
+    cmd = [sys.executable, str(path)] + (["--quick"] if quick else [])
+    print(f"\n=== {path.name} ({' '.join(cmd[1:]).replace(str(HERE) + '/', '')}) ===", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        lines.append(line)
+    code = proc.wait()
+    return code, "".join(lines), time.perf_counter() - start
+
+
+def headlines(output: str) -> dict[str, str]:
+    """The ratio lines found in a script's output, by their label."""
+    found = {}
+    for label in HEADLINES:
+        matches = re.findall(rf"^{re.escape(label)}: (\S+)x\s*$", output, flags=re.MULTILINE)
+        if matches:
+            found[label] = matches[-1]
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="run each script with its full defaults")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these scripts (names)")
+    args = ap.parse_args(argv)
+    ratios: dict[str, str] = {}
+    failed = []
+    summary = []
+    for name in scripts():
+        if args.only is not None and name not in args.only:
+            continue
+        path = HERE / name
+        if not path.exists():
+            print(f"\n=== {name}: not present, skipped ===", flush=True)
+            summary.append(f"{name}: skipped (not present)")
+            continue
+        code, output, seconds = run_script(path, quick=not args.full and supports_quick(path))
+        summary.append(f"{name}: exit {code}, {seconds:.0f}s")
+        if code != 0:
+            failed.append(name)
+        if name == "bench_speed.py":
+            ratios = headlines(output)
+    print("\n=== summary ===")
+    for line in summary:
+        print(line)
+    print()
+    for label in HEADLINES:
+        print(f"{label}: {ratios.get(label, 'n/a')}x")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
