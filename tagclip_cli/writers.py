@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -166,3 +167,194 @@ def read_metadata(path: str | Path) -> dict:
     meta = pq.read_schema(path).metadata or {}
     raw = meta.get(METADATA_KEY)
     return json.loads(raw) if raw else {}
+
+
+# ---- masks: COCO RLE rows, the COCO JSON and label PNGs (`tagclip segment`) --------------------------
+
+MASK_TYPE = pa.struct(
+    [
+        ("category_id", pa.int32()),
+        ("counts", pa.string()),
+        ("area", pa.int64()),
+        ("bbox", pa.list_(pa.float64())),
+        ("score", pa.float32()),
+    ]
+)
+COCO_JSON_FORMAT = "coco-json"  # the job format name of a segment run (jobs.write_final)
+
+
+def segment_schema(metadata: dict | None = None) -> pa.Schema:
+    """Rows of a segment run: the tags columns (`tags_schema`), then `coco_id` (the manifest's
+    image id, null for other inputs) and `masks`: one entry per class present in the label map,
+    with category_id = vocabulary index + 1, the COCO RLE `counts` string of the mask at the
+    image's size, its area, bbox [x, y, w, h] and score. Failed rows have null masks."""
+    fields = list(tags_schema()) + [pa.field("coco_id", pa.int64()), pa.field("masks", pa.list_(MASK_TYPE))]
+    schema = pa.schema(fields)
+    if metadata is not None:
+        schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode("utf-8")})
+    return schema
+
+
+def segment_row(item, width, height, error: str | None, tags: Sequence[str] = (), scores=None,
+                masks: Sequence[dict] | None = None) -> dict:
+    """One row of `segment_schema`: a tags row plus coco_id and the mask entries (`mask_entries`)."""
+    row = tag_row(item, width, height, error, tags, scores)
+    row["coco_id"] = getattr(item, "coco_id", None)
+    row["masks"] = None if error else list(masks or ())
+    return row
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """COCO compressed RLE of an (H, W) bool mask: {"size": [H, W], "counts": str}."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def rle_decode(counts: str, height: int, width: int) -> np.ndarray:
+    """(H, W) bool mask of a compressed RLE counts string."""
+    from pycocotools import mask as mask_utils
+
+    return mask_utils.decode({"size": [height, width], "counts": counts.encode("ascii")}).astype(bool)
+
+
+def mask_entries(label_map: np.ndarray, scores: dict[int, float]) -> list[dict]:
+    """The `masks` column of one image: per label > 0 present in the (H, W) label map (ascending),
+    {category_id: label, counts, area, bbox, score: scores[label]}."""
+    from pycocotools import mask as mask_utils
+
+    entries = []
+    present = np.unique(label_map)
+    for label in present[present > 0].tolist():
+        rle = mask_utils.encode(np.asfortranarray((label_map == label).astype(np.uint8)))
+        entries.append(
+            {
+                "category_id": int(label),
+                "counts": rle["counts"].decode("ascii"),
+                "area": int(mask_utils.area(rle)),
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                "score": float(scores.get(label, float("nan"))),
+            }
+        )
+    return entries
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map as a flat 768-entry PIL palette (index 0 black, 1 (128, 0, 0), ...)."""
+    palette = []
+    for index in range(256):
+        r = g = b = 0
+        value = index
+        for shift in range(8):
+            r |= ((value >> 0) & 1) << (7 - shift)
+            g |= ((value >> 1) & 1) << (7 - shift)
+            b |= ((value >> 2) & 1) << (7 - shift)
+            value >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def label_png_path(png_dir: str | Path, image_id: str) -> Path:
+    """<png_dir>/<image_id with its extension replaced by .png>; an id that is absolute or climbs
+    out with '..' is kept inside png_dir (leading '/' dropped, '..' parts become '__')."""
+    parts = [("__" if p == ".." else p) for p in Path(image_id).parts if p not in ("/", ".", "")]
+    rel = Path(*parts) if parts else Path("image")
+    return Path(png_dir) / rel.with_suffix(".png")
+
+
+def write_label_png(label_map: np.ndarray, path: str | Path) -> None:
+    """Write an (H, W) label map atomically: a palette PNG (VOC colours, pixel value = label) when
+    every label fits in 8 bits, else a 16-bit grayscale PNG."""
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot create {path.parent} ({describe_os_error(exc)})") from None
+    if label_map.size == 0 or int(label_map.max()) <= 255:
+        image = Image.fromarray(label_map.astype(np.uint8), mode="P")
+        image.putpalette(voc_palette())
+    else:
+        image = Image.fromarray(label_map.astype(np.uint16), mode="I;16")
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def coco_categories(classes: Sequence[str]) -> list[dict]:
+    """COCO categories of a vocabulary: id = class index + 1 (0 is the background of label maps)."""
+    return [{"id": i + 1, "name": name, "supercategory": "object"} for i, name in enumerate(classes)]
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or value != value or value in (float("inf"), float("-inf")) else float(value)
+
+
+def write_coco_json(
+    tables: Iterable[pa.Table], out: str | Path, schema: pa.Schema, tags_out: str | Path | None = None
+) -> int:
+    """Merge segment rows (tables in index order) into a COCO JSON at `out`, atomically; returns rows.
+
+    - categories: the run's vocabulary (`classes` in the schema metadata), id = index + 1;
+    - images: one per row; id = the manifest's coco_id when the row has one, else the row's global
+      index; file_name and tagclip_image_id = the image id; width, height; tagclip_status ("ok" or
+      "failed"), tagclip_error (failed rows only, which have no annotations), tagclip_tags;
+    - annotations: one per (image, class present), id from 1, segmentation = compressed RLE with a
+      str counts, area, bbox [x, y, w, h], iscrowd 0, and score = the mean of that class's map
+      inside its mask (CLS-SEG: the refined CAM; MaskCLIP: its score).
+    Memory stays flat: annotations are spooled to a temporary file beside `out` and appended.
+    With tags_out, the same pass also writes the tags Parquet (`tags_schema`) there, atomically."""
+    config = json.loads((schema.metadata or {}).get(METADATA_KEY, b"{}"))
+    classes = config.get("classes", [])
+    out = Path(out)
+    rows = 0
+    ann_id = 0
+    tag_fields = tags_schema(config)
+    with atomic_path(out) as tmp, _maybe_parquet(tags_out, tag_fields) as tag_writer:
+        spool_fd, spool_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".annotations")
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh, os.fdopen(spool_fd, "w+", encoding="utf-8") as spool:
+                info = {"description": "tagclip segment", "tool": config.get("tool"),
+                        "version": config.get("tool_version"), "tagclip": config}
+                fh.write('{"info": ' + json.dumps(info) + ', "licenses": [], "categories": ')
+                fh.write(json.dumps(coco_categories(classes)))
+                fh.write(', "images": [')
+                for table in tables:
+                    if tag_writer is not None:
+                        tag_writer.write_table(table.select(tag_fields.names).cast(tag_fields),
+                                               row_group_size=ROW_GROUP_SIZE)
+                    for row in table.to_pylist():
+                        image_id = row["coco_id"] if row.get("coco_id") is not None else row["index"]
+                        image = {"id": int(image_id), "file_name": row["image_id"], "width": row["width"],
+                                 "height": row["height"], "tagclip_image_id": row["image_id"],
+                                 "tagclip_status": row["status"], "tagclip_tags": row["tags"] or []}
+                        if row["status"] != "ok":
+                            image["tagclip_error"] = row["error"]
+                        fh.write((", " if rows else "") + json.dumps(image, ensure_ascii=False))
+                        rows += 1
+                        for mask in row.get("masks") or ():
+                            ann_id += 1
+                            ann = {"id": ann_id, "image_id": int(image_id), "category_id": mask["category_id"],
+                                   "segmentation": {"size": [row["height"], row["width"]], "counts": mask["counts"]},
+                                   "area": mask["area"], "bbox": mask["bbox"], "iscrowd": 0,
+                                   "score": _finite(mask["score"])}
+                            spool.write((", " if ann_id > 1 else "") + json.dumps(ann))
+                fh.write('], "annotations": [')
+                spool.seek(0)
+                while chunk := spool.read(1 << 20):
+                    fh.write(chunk)
+                fh.write("]}\n")
+        finally:
+            Path(spool_name).unlink(missing_ok=True)
+    return rows
+
+
+@contextmanager
+def _maybe_parquet(path: str | Path | None, schema: pa.Schema):
+    """A ParquetWriter on an atomic temporary for `path`, or None when path is None."""
+    if path is None:
+        yield None
+        return
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        yield writer

@@ -1,0 +1,573 @@
+"""CLS-SEG (TagCLIP's tags fed to CLIP-ES) and the MaskCLIP baseline: label maps from a frozen CLIP.
+
+Pure tensor functions (shapes in the docstrings; N patches on a (gh, gw) grid, K tags of one image,
+B background classes, L layers) plus a `Segmenter` that runs them over batches of images, sharing
+one dense forward per image with TagCLIP. Spec: ALGORITHM.md sections 8-9.
+
+CLS-SEG per image:
+1. Grad-CAM of the last block for every tag at once: block L runs (normal attention) on the tokens
+   entering it, repeated K times, so row k's target (the softmax probability of tag k among
+   [tags + background], from the mean of the projected patch tokens) depends on row k alone; one
+   backward of the sum gives each row its own gradient on the ln_1 output.
+2. CAA: mean attention of the CAA layers, Sinkhorn-style rounds, symmetrised; the cam's boxes mask
+   the columns; the affinity is applied twice (its square) to the masked cam.
+3. Normalise on the grid, upsample bilinearly to the image size, background = (1 - max cam)^1,
+   argmax. Optionally a dense CRF on the RGB image.
+
+Where this differs from the spec's wording it follows the reference (for parity with its numbers):
+cams are normalised as (x - min) / (max - min + 1e-7) and the refined cam is normalised on the grid
+before it is upsampled (set `normalise_after_resize` for the other order).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tagclip_cli.backbone import CLS_SEG_TEMPLATES, Backbone, DenseOutput, tagclip_templates
+from tagclip_cli.errors import UsageError
+from tagclip_cli.tagclip import TagCLIPConfig, Tagger, TagOutput
+from tagclip_cli.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+METHODS = ("clses", "maskclip")
+CAM_EPS = 1e-7  # the reference's normalisation: (x - min) / (max - min + eps)
+ROW_CHUNK_PIXELS = 1 << 22  # upsample and argmax about this many pixels x classes at a time
+
+
+class CrfUnavailableError(UsageError):
+    """--crf was asked for but the optional pydensecrf2 package is not installed."""
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Every knob of CLS-SEG and the MaskCLIP baseline, with the paper's (VOC) values as defaults.
+
+    caa_layers: 1-based inclusive layer range averaged for CAA; a value <= 0 counts from L
+    (0 = L, -1 = L-1), and the low end is clamped to 1. VOC: (-7, -1) = layers 5..11 of ViT-B;
+    COCO: (-7, 0) = layers 5..12 (`SegmentConfig.coco()`)."""
+
+    method: str = "clses"  # "clses" (CLIP-ES from tags) or "maskclip" (baseline)
+    caa_layers: tuple[int, int] = (-7, -1)
+    box_threshold: float = 0.4  # CAA box mask: normalised cam above this (COCO 0.7)
+    sinkhorn_rounds: int = 3  # column-then-row normalisations (1 + 2 more in the reference)
+    affinity_power: int = 2  # the symmetrised affinity is squared once
+    background_power: float = 1.0  # background score = (1 - max cam) ** power
+    normalise_after_resize: bool = False  # False = the reference: normalise on the grid, then upsample
+    cam_eps: float = CAM_EPS  # cams are normalised as (x - min) / (max - min + eps), as the reference
+    cam_batch: int = 16  # tags per batched backward (memory bound; all tags of most images at once)
+    crf: bool = False
+    crf_iterations: int = 10
+    crf_gaussian_sxy: float = 1.0
+    crf_gaussian_compat: float = 3.0
+    crf_bilateral_sxy: float = 67.0
+    crf_bilateral_srgb: float = 3.0
+    crf_bilateral_compat: float = 4.0
+    crf_unary_clip: float = 1e-5  # unary = -log(clip(p, this, 1)) of [background; cams]
+    key_smoothing: bool = False  # MaskCLIP: smooth predictions with last-layer key similarity
+    key_smoothing_threshold: float = 1.0  # ... at positions whose best probability is below this
+    prompt_denoising: bool = False  # MaskCLIP: drop classes whose best probability is below ...
+    prompt_denoising_threshold: float = 0.5
+    reference_compat: bool = False  # the reference's clamped box edges (see ALGORITHM.md section 3)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"unknown segmentation method '{self.method}' (choose from {', '.join(METHODS)})")
+        if not 0.0 <= self.box_threshold <= 1.0:
+            raise UsageError(f"box threshold {self.box_threshold} outside [0, 1]")
+        if self.cam_batch < 1 or self.sinkhorn_rounds < 0 or self.affinity_power < 0:
+            raise UsageError("cam_batch must be >= 1, sinkhorn_rounds and affinity_power >= 0")
+
+    def layers_for(self, num_layers: int) -> tuple[int, int]:
+        """The CAA layer range (1-based, inclusive) for a model with num_layers blocks."""
+        lo, hi = (v if v > 0 else num_layers + v for v in self.caa_layers)
+        lo = max(1, lo)
+        if not 1 <= lo <= hi <= num_layers:
+            raise UsageError(f"CAA layers {self.caa_layers} give {lo}..{hi}, outside 1..{num_layers}")
+        return lo, hi
+
+    @classmethod
+    def coco(cls, **kw) -> SegmentConfig:
+        """The reference's COCO setting: CAA layers L-7..L and box threshold 0.7."""
+        return cls(caa_layers=(-7, 0), box_threshold=0.7, **kw)
+
+    @classmethod
+    def for_setting(cls, setting: str, **kw) -> SegmentConfig:
+        if setting == "voc":
+            return cls(**kw)
+        if setting == "coco":
+            return cls.coco(**kw)
+        raise UsageError(f"unknown setting '{setting}' (choose voc or coco)")
+
+
+# ---- pure functions -------------------------------------------------------------------------------
+
+def normalise_cam(cams: Tensor, eps: float = CAM_EPS) -> Tensor:
+    """Per map (x - min) / (max - min + eps) over all but the first dim: (K, ...) -> (K, ...).
+
+    The reference's normalisation (eps 1e-7): the maximum is just below 1. eps=0 is the exact
+    min-max; a constant map becomes 0 either way."""
+    flat = cams.reshape(cams.shape[0], -1)
+    lo = flat.amin(dim=1, keepdim=True)
+    shifted = flat - lo
+    span = shifted.amax(dim=1, keepdim=True) + eps
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    return (shifted / safe).reshape(cams.shape)
+
+
+def grad_cams(backbone: Backbone, pre_last: Tensor, text: Tensor, num_targets: int, batch: int = 16) -> Tensor:
+    """Grad-CAM of the last block for the first num_targets classes of `text`, (K, N) after ReLU.
+
+    pre_last: (1+N, W) tokens entering block L. text: (K+B, D) L2-normalised classifier (the K
+    targets first, then the background classes). Row k's score is softmax over all K+B classes of
+    logit_scale * cos(mean-pooled projected patch tokens, text), taken at class k; its gradient on
+    block L's ln_1 output (patch tokens) gives channel weights (spatial mean), and the cam is
+    ReLU(sum over channels of weight * activation). Up to `batch` targets share one forward and
+    one backward (block L on K copies of the tokens: rows are independent)."""
+    if num_targets == 0:
+        return torch.zeros(0, pre_last.shape[0] - 1, device=pre_last.device)
+    last = backbone.num_layers - 1
+    scale = backbone.logit_scale
+    cams = []
+    # The pipeline runs under inference_mode; Grad-CAM needs autograd (and non-inference tensors).
+    with torch.inference_mode(False), torch.enable_grad():
+        tokens = pre_last.detach().clone()
+        classifier = text.detach().clone().float()
+        for start in range(0, num_targets, batch):
+            rows = torch.arange(start, min(num_targets, start + batch), device=tokens.device)
+            k = len(rows)
+            out, ln1, _ = backbone.block_forward_ln1_leaf(last, tokens.unsqueeze(0).expand(k, -1, -1))
+            pooled = backbone.project_tokens(out[:, 1:]).mean(dim=1).float()  # == proj(mean(ln_post))
+            probs = (scale * F.normalize(pooled, dim=-1) @ classifier.T).softmax(dim=-1)  # (k, K+B)
+            target = probs[torch.arange(k, device=rows.device), rows].sum()
+            (grad,) = torch.autograd.grad(target, ln1)
+            activation = ln1.detach()[:, 1:].float()  # (k, N, W)
+            weights = grad[:, 1:].float().mean(dim=1)  # (k, W)
+            cams.append(torch.relu((activation * weights[:, None, :]).sum(dim=-1)))
+    return torch.cat(cams)
+
+
+def caa_affinity(attn: Tensor, layers: tuple[int, int]) -> Tensor:
+    """(N, N) mean of the patch-to-patch attention of 1-based layers lo..hi.
+
+    attn: (L, 1+N, 1+N) head-averaged maps of one image (class-token row/column are dropped)."""
+    lo, hi = layers
+    return attn[lo - 1 : hi, 1:, 1:].mean(dim=0)
+
+
+def sinkhorn(affinity: Tensor, rounds: int) -> Tensor:
+    """`rounds` times: divide by column sums, then by row sums. (N, N) -> (N, N).
+
+    After the last round every row sums to 1; the columns approach 1 as rounds grow."""
+    t = affinity
+    for _ in range(rounds):
+        t = t / t.sum(dim=0, keepdim=True)
+        t = t / t.sum(dim=1, keepdim=True)
+    return t
+
+
+def caa_transition(affinity: Tensor, rounds: int = 3) -> Tensor:
+    """The symmetrised Sinkhorn-normalised affinity (T + T^T) / 2, (N, N)."""
+    t = sinkhorn(affinity, rounds)
+    return (t + t.T) / 2
+
+
+def cam_box_mask(cam: Tensor, threshold: float, reference_compat: bool = False) -> Tensor:
+    """(gh, gw) bool: union of the bounding boxes of all contours (RETR_TREE) of a normalised cam.
+
+    The cam is used as given (no re-normalisation: the reference's eps-normalised cam peaks just
+    below 1, so its 8-bit maximum is usually 254): binary = floor(255 cam) > floor(threshold *
+    max(floor(255 cam))). reference_compat clamps each box's right/bottom end to size-1 (exclusive)."""
+    img = (cam.float().cpu().numpy().astype(np.float32) * np.float32(255)).astype(np.uint8)
+    level = int(np.float32(threshold) * np.float32(img.max()))
+    binary = np.where(img > level, 255, 0).astype(np.uint8)
+    gh, gw = img.shape
+    mask = np.zeros((gh, gw), dtype=bool)
+    for contour in cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]:
+        x, y, w, h = cv2.boundingRect(contour)
+        x1, y1 = x + w, y + h
+        if reference_compat:
+            x1, y1 = min(x1, gw - 1), min(y1, gh - 1)
+        mask[y:y1, x:x1] = True
+    return torch.from_numpy(mask)
+
+
+def cam_box_masks(cams: Tensor, grid: tuple[int, int], threshold: float, reference_compat: bool = False) -> Tensor:
+    """(K, N) bool: `cam_box_mask` of each normalised cam of (K, N)."""
+    masks = [cam_box_mask(cam.reshape(grid), threshold, reference_compat).flatten() for cam in cams]
+    return torch.stack(masks) if masks else torch.zeros(0, grid[0] * grid[1], dtype=torch.bool)
+
+
+def caa_refine(cams: Tensor, transition: Tensor, box_masks: Tensor, power: int = 2) -> Tensor:
+    """Refined cams (K, N) = (T^power with the box columns kept) @ cam, for normalised cams (K, N).
+
+    Computed as T applied `power` times to (box * cam), which equals (T^power * box columns) @ cam
+    without forming T^power."""
+    v = (cams * box_masks.to(cams.dtype)).T  # (N, K)
+    for _ in range(power):
+        v = transition @ v
+    return v.T
+
+
+def _linear_taps(in_size: int, out_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Source indices (i0, i1) and weight of i1 for 1-D linear resizing, align_corners=False
+    (the rule of torch's bilinear interpolate and OpenCV's INTER_LINEAR when enlarging)."""
+    scale = in_size / out_size
+    src = ((torch.arange(out_size, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    return i0, i1, src - i0
+
+
+def resize_bilinear(maps: Tensor, size: tuple[int, int], rows: slice | None = None) -> Tensor:
+    """Bilinear resize (align_corners=False) of (M, h, w) maps to (M, H, W), or only output rows
+    `rows` of it, (M, len(rows), W): the same numbers as `F.interpolate`, computed a band at a time
+    so that many classes on a large image need not be held at full resolution at once."""
+    _, h, w = maps.shape
+    height, width = size
+    y0, y1, ly = _linear_taps(h, height, maps.device)
+    x0, x1, lx = _linear_taps(w, width, maps.device)
+    if rows is not None:
+        y0, y1, ly = y0[rows], y1[rows], ly[rows]
+    maps = maps.float()
+    vertical = maps[:, y0, :] * (1 - ly)[None, :, None] + maps[:, y1, :] * ly[None, :, None]
+    return vertical[:, :, x0] * (1 - lx) + vertical[:, :, x1] * lx
+
+
+def _row_bands(height: int, width: int, channels: int) -> list[slice]:
+    step = max(1, ROW_CHUNK_PIXELS // max(1, width * channels))
+    return [slice(y, min(height, y + step)) for y in range(0, height, step)]
+
+
+def label_map_from_cams(
+    cams: Tensor, labels: Sequence[int], size: tuple[int, int], background_power: float = 1.0,
+    normalise_after_resize: bool = False, eps: float = CAM_EPS,
+) -> tuple[np.ndarray, dict[int, float]]:
+    """Label map (H, W) int32 and per-label mean cam inside its mask, from grid cams (K, gh, gw).
+
+    cams are normalised refined cams on the patch grid; each is upsampled bilinearly to `size`.
+    Background score = (1 - max_k cam_k) ** background_power; argmax over [background, cams]
+    (ties go to background), so with power 1 a pixel is foreground iff its best cam > 0.5.
+    labels[k] is the output value of cam k (0 = background). normalise_after_resize re-normalises
+    each upsampled map (instead of relying on the grid normalisation)."""
+    height, width = size
+    out = np.zeros((height, width), dtype=np.int32)
+    k = cams.shape[0]
+    if k == 0:
+        return out, {}
+    lookup = torch.tensor([0, *labels], dtype=torch.long)
+    sums = torch.zeros(k + 1, dtype=torch.float64)
+    counts = torch.zeros(k + 1, dtype=torch.float64)
+    scale = None
+    if normalise_after_resize:  # min/max of the full-size maps: one pass first
+        full = resize_bilinear(cams, size)
+        lo = full.amin(dim=(1, 2))
+        span = full.amax(dim=(1, 2)) - lo + eps
+        scale = (lo, torch.where(span > 0, span, torch.ones_like(span)))
+        del full
+    for band in _row_bands(height, width, k):
+        up = resize_bilinear(cams, size, band)  # (K, h, W)
+        if scale is not None:
+            up = (up - scale[0][:, None, None]) / scale[1][:, None, None]
+        background = (1 - up.amax(dim=0)).clamp(min=0) ** background_power
+        winner = torch.cat([background[None], up]).argmax(dim=0).cpu()  # (h, W) in 0..K
+        out[band] = lookup[winner].numpy()
+        value = up.gather(0, (winner.to(up.device) - 1).clamp(min=0)[None])[0].cpu().double()
+        sums += torch.bincount(winner.flatten(), weights=value.flatten(), minlength=k + 1)
+        counts += torch.bincount(winner.flatten(), minlength=k + 1).double()
+    return out, _mean_by_label(sums, counts, [0, *labels])
+
+
+def _mean_by_label(sums: Tensor, counts: Tensor, labels: Sequence[int]) -> dict[int, float]:
+    """{label: mean value} for the labels > 0 that own at least one pixel (several rows may share a
+    label: their sums and counts are pooled)."""
+    total: dict[int, list[float]] = {}
+    for i, label in enumerate(labels):
+        if label > 0 and counts[i] > 0:
+            acc = total.setdefault(int(label), [0.0, 0.0])
+            acc[0] += float(sums[i])
+            acc[1] += float(counts[i])
+    return {label: s / c for label, (s, c) in sorted(total.items())}
+
+
+def crf_available() -> bool:
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_crf() -> None:
+    """Raise CrfUnavailableError (one line, with the fix) when pydensecrf2 is not importable."""
+    if not crf_available():
+        raise CrfUnavailableError(
+            "--crf needs the optional dense-CRF package: pip install 'tagclip-cli[crf]' (or pip install pydensecrf2)"
+        )
+
+
+def dense_crf(rgb: np.ndarray, probs: np.ndarray, config: SegmentConfig) -> np.ndarray:
+    """Mean-field dense CRF (Kraehenbuehl & Koltun) with the paper's parameters: (C, H, W) -> (C, H, W).
+
+    rgb: (H, W, 3) uint8 image. probs: (C, H, W) class scores in [0, 1] (here [background; cams],
+    not renormalised, as the reference feeds them); unary = -log(clip(p, clip, 1)). Pairwise:
+    Gaussian (sxy, compat) and bilateral (sxy, srgb, compat); `crf_iterations` rounds."""
+    require_crf()
+    import pydensecrf.densecrf as dcrf
+
+    c, h, w = probs.shape
+    if rgb.shape != (h, w, 3):
+        raise ValueError(f"CRF image {rgb.shape} does not match the score maps {(h, w)}")
+    unary = -np.log(np.clip(probs.reshape(c, -1), config.crf_unary_clip, 1.0)).astype(np.float32)
+    crf = dcrf.DenseCRF2D(w, h, c)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary))
+    crf.addPairwiseGaussian(sxy=config.crf_gaussian_sxy, compat=config.crf_gaussian_compat)
+    crf.addPairwiseBilateral(sxy=config.crf_bilateral_sxy, srgb=config.crf_bilateral_srgb,
+                             rgbim=np.ascontiguousarray(rgb, dtype=np.uint8), compat=config.crf_bilateral_compat)
+    return np.asarray(crf.inference(config.crf_iterations), dtype=np.float32).reshape(c, h, w)
+
+
+def crf_label_map(
+    rgb: np.ndarray, cams: Tensor, labels: Sequence[int], config: SegmentConfig
+) -> tuple[np.ndarray, dict[int, float]]:
+    """Label map (H, W) and per-label mean cam inside its mask after a dense CRF on [background; cams].
+
+    cams: (K, gh, gw) normalised refined cams, upsampled here to the image size of rgb."""
+    h, w = rgb.shape[:2]
+    out = np.zeros((h, w), dtype=np.int32)
+    if cams.shape[0] == 0:
+        return out, {}
+    up = resize_bilinear(cams, (h, w))
+    if config.normalise_after_resize:
+        up = normalise_cam(up, config.cam_eps)
+    background = (1 - up.amax(dim=0)).clamp(min=0) ** config.background_power
+    probs = torch.cat([background[None], up]).cpu().numpy()
+    winner = dense_crf(rgb, probs, config).argmax(axis=0)
+    lookup = np.array([0, *labels], dtype=np.int32)
+    out = lookup[winner]
+    value = np.take_along_axis(probs, winner[None], axis=0)[0]
+    k = cams.shape[0]
+    sums = torch.from_numpy(np.bincount(winner.ravel(), weights=value.ravel(), minlength=k + 1))
+    counts = torch.from_numpy(np.bincount(winner.ravel(), minlength=k + 1).astype(np.float64))
+    return out, _mean_by_label(sums, counts, [0, *labels])
+
+
+# ---- MaskCLIP -------------------------------------------------------------------------------------
+
+def maskclip_scores(
+    patch_features: Tensor,
+    text: Tensor,
+    logit_scale: float,
+    keys: Tensor | None = None,
+    prompt_denoising: float | None = None,
+    key_smoothing: float | None = None,
+) -> Tensor:
+    """MaskCLIP's per-patch class scores (N, C) from value-path features (N, D) and text (C, D).
+
+    Without options: the cosine logits. prompt_denoising=t: classes whose best softmax probability
+    over all patches is below t get logit -100 (dropped). key_smoothing=t (needs keys (N, W), the
+    last block's keys): scores become softmax probabilities, and patches whose best probability is
+    below t take the key-cosine-weighted sum of all patches' probabilities."""
+    logits = F.normalize(patch_features.float(), dim=-1) @ text.T
+    if prompt_denoising is not None:
+        best = (logit_scale * logits).softmax(dim=-1).amax(dim=0)
+        logits = torch.where((best < prompt_denoising)[None, :], torch.full_like(logits, -100.0), logits)
+    if key_smoothing is None:
+        return logits
+    if keys is None:
+        raise ValueError("key smoothing needs the last block's keys")
+    probs = (logit_scale * logits).softmax(dim=-1)
+    k = F.normalize(keys.float(), dim=-1)
+    smoothed = (k @ k.T) @ probs
+    smooth = probs.amax(dim=-1, keepdim=True) < key_smoothing
+    return torch.where(smooth, smoothed, probs)
+
+
+def label_map_from_scores(
+    scores: Tensor, grid: tuple[int, int], labels: Sequence[int], size: tuple[int, int]
+) -> tuple[np.ndarray, dict[int, float]]:
+    """Argmax of bilinearly upsampled per-patch scores (N, C): label map (H, W) with labels[c] for
+    class c (0 for background classes), and per label the mean score of the winning class."""
+    maps = scores.T.reshape(scores.shape[1], *grid)
+    height, width = size
+    out = np.zeros((height, width), dtype=np.int32)
+    c = maps.shape[0]
+    lookup = torch.tensor(list(labels), dtype=torch.long)
+    sums = torch.zeros(c, dtype=torch.float64)
+    counts = torch.zeros(c, dtype=torch.float64)
+    for band in _row_bands(height, width, c):
+        up = resize_bilinear(maps, size, band)
+        best, winner = up.max(dim=0)
+        winner = winner.cpu()
+        out[band] = lookup[winner].numpy()
+        sums += torch.bincount(winner.flatten(), weights=best.cpu().double().flatten(), minlength=c)
+        counts += torch.bincount(winner.flatten(), minlength=c).double()
+    return out, _mean_by_label(sums, counts, labels)
+
+
+# ---- batching -------------------------------------------------------------------------------------
+
+@dataclass
+class SegOutput:
+    """Segmentation of one image.
+
+    label_map: (H, W) int32 at the original image size, 0 = background, c + 1 = vocabulary class c.
+    mask_scores: {label: score} for every label present: the mean of that class's map inside its
+    mask (CLS-SEG: the normalised refined cam; MaskCLIP: the winning score, a cosine logit or
+    with key smoothing a probability). tags: the foreground classes segmented (CLS-SEG).
+    cams: (K, gh, gw) normalised refined cams on the grid (CLS-SEG). raw_cams: (K, gh, gw)
+    normalised Grad-CAMs before CAA. tag_output: TagCLIP's result when it ran in this pass."""
+
+    label_map: np.ndarray
+    mask_scores: dict[int, float]
+    tags: list[int]
+    cams: Tensor | None = None
+    raw_cams: Tensor | None = None
+    tag_output: TagOutput | None = field(default=None, repr=False)
+
+
+class Segmenter:
+    """Runs CLS-SEG (or MaskCLIP) on batches of preprocessed images with one backbone and vocabulary.
+
+    With `tags` given to `segment`, TagCLIP is not run (one dense forward per image for CAA and
+    Grad-CAM); otherwise TagCLIP tags the batch first and the same dense forward feeds both."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        vocab: Vocabulary,
+        config: SegmentConfig | None = None,
+        tagclip: TagCLIPConfig | None = None,
+        run_tagclip: bool = True,
+    ) -> None:
+        self.backbone = backbone
+        self.vocab = vocab
+        self.config = config or SegmentConfig()
+        self.tagclip = tagclip or TagCLIPConfig()
+        if self.config.crf:
+            require_crf()
+        self.tagger = Tagger(backbone, vocab, self.tagclip) if run_tagclip else None
+        background = vocab.background if self.tagclip.use_background else ()
+        self.num_background = len(background)
+        self.layers = self.config.layers_for(backbone.num_layers)
+        if self.config.method == "clses":
+            # CLS-SEG names with the single origami template; foreground rows first, then background.
+            self.text = backbone.text_classifier(tuple(vocab.seg_names) + tuple(background), CLS_SEG_TEMPLATES)
+        elif self.tagger is not None:
+            self.text = self.tagger.text  # MaskCLIP: the 85-template classifier TagCLIP already built
+        else:
+            self.text = backbone.text_classifier(tuple(vocab.classes) + tuple(background), tagclip_templates())
+
+    def segment(
+        self,
+        images: Sequence[Tensor],
+        sizes: Sequence[tuple[int, int]],
+        tags: Sequence[Sequence[int]] | None = None,
+        rgb: Callable[[int], np.ndarray] | None = None,
+        keep_cams: bool = False,
+    ) -> list[SegOutput]:
+        """Segment normalised images (each (3, H', W'), multiples of the patch size).
+
+        sizes: the (height, width) of each label map (the original image size). tags: foreground
+        class indices per image (None = run TagCLIP here). rgb(i): the (H, W, 3) uint8 image i,
+        needed only with the CRF. keep_cams keeps the grid cams in the outputs (CLS-SEG)."""
+        tag_outputs: list[TagOutput | None]
+        if tags is None:
+            if self.tagger is None:
+                raise ValueError("no tags given and TagCLIP was not set up (run_tagclip=False)")
+            tag_outputs = list(self.tagger.tag(images, keep_dense=True))
+            denses = [out.dense for out in tag_outputs]
+            tags = [out.tags for out in tag_outputs]
+        else:
+            tag_outputs = [None] * len(images)
+            denses = self._dense(images)
+        results = []
+        for i, (dense, image_tags, size) in enumerate(zip(denses, tags, sizes, strict=True)):
+            image_rgb = rgb(i) if self.config.crf and rgb is not None else None
+            if self.config.crf and image_rgb is None:
+                raise ValueError("the CRF needs the RGB images (rgb=...)")
+            if self.config.method == "clses":
+                out = self._clses(dense, list(image_tags), tuple(size), image_rgb, keep_cams)
+            else:
+                out = self._maskclip(dense, tuple(size))
+            out.tag_output = tag_outputs[i]
+            results.append(out)
+        return results
+
+    @torch.inference_mode()
+    def _dense(self, images: Sequence[Tensor]) -> list[DenseOutput]:
+        """Dense forwards (same-size images batched), one DenseOutput per image with pre_last."""
+        out: list[DenseOutput | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(tuple(img.shape[-2:]), []).append(i)
+        for indices in groups.values():
+            batch = torch.stack([images[i] for i in indices]).to(self.backbone.device, non_blocking=True)
+            dense = self.backbone.dense_forward(
+                batch, fp16_round_pos=self.tagclip.reference_compat, keep_pre_last=True
+            )
+            for j, i in enumerate(indices):
+                out[i] = DenseOutput(dense.tokens[j], dense.attn[j], dense.grid, dense.pre_last[j])
+        return out  # type: ignore[return-value]
+
+    def seg_cams(self, dense: DenseOutput, tags: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """(raw normalised Grad-CAMs, normalised refined cams), each (K, gh, gw), for one image."""
+        cfg = self.config
+        grid = dense.grid
+        k = len(tags)
+        nf = self.vocab.num_classes
+        rows = torch.tensor([*tags, *range(nf, nf + self.num_background)], dtype=torch.long, device=self.text.device)
+        raw = normalise_cam(grad_cams(self.backbone, dense.pre_last, self.text[rows], k, cfg.cam_batch), cfg.cam_eps)
+        with torch.inference_mode():
+            # float64: the refined cam is often nearly flat before its normalisation, which would
+            # magnify float32 rounding in the Sinkhorn rounds and products into visible noise.
+            affinity = caa_affinity(dense.attn, self.layers).double()
+            transition = caa_transition(affinity, cfg.sinkhorn_rounds)
+            boxes = cam_box_masks(raw.cpu(), grid, cfg.box_threshold, cfg.reference_compat).to(raw.device)
+            refined = caa_refine(raw.double(), transition, boxes, cfg.affinity_power)
+            refined = normalise_cam(refined, cfg.cam_eps).float()
+        return raw.reshape(k, *grid), refined.reshape(k, *grid)
+
+    def _clses(
+        self, dense: DenseOutput, tags: list[int], size: tuple[int, int], rgb: np.ndarray | None, keep_cams: bool
+    ) -> SegOutput:
+        cfg = self.config
+        if dense.pre_last is None:
+            raise ValueError("CLS-SEG needs the tokens entering the last block (keep_pre_last=True)")
+        raw, refined = self.seg_cams(dense, tags)
+        labels = [t + 1 for t in tags]
+        with torch.inference_mode():
+            if rgb is not None:
+                label_map, scores = crf_label_map(rgb, refined, labels, cfg)
+            else:
+                label_map, scores = label_map_from_cams(
+                    refined, labels, size, cfg.background_power, cfg.normalise_after_resize, cfg.cam_eps
+                )
+        return SegOutput(label_map, scores, tags, refined if keep_cams else None, raw if keep_cams else None)
+
+    @torch.inference_mode()
+    def _maskclip(self, dense: DenseOutput, size: tuple[int, int]) -> SegOutput:
+        cfg = self.config
+        nf = self.vocab.num_classes
+        keys = None
+        if cfg.key_smoothing:
+            if dense.pre_last is None:
+                raise ValueError("key smoothing needs the tokens entering the last block")
+            keys = self.backbone.block_keys(self.backbone.num_layers - 1, dense.pre_last[None])[0, 1:]
+        scores = maskclip_scores(
+            dense.tokens[1:], self.text, self.backbone.logit_scale, keys,
+            cfg.prompt_denoising_threshold if cfg.prompt_denoising else None,
+            cfg.key_smoothing_threshold if cfg.key_smoothing else None,
+        )
+        labels = [c + 1 if c < nf else 0 for c in range(scores.shape[1])]
+        label_map, mask_scores = label_map_from_scores(scores, dense.grid, labels, size)
+        present = sorted(label - 1 for label in mask_scores)
+        return SegOutput(label_map, mask_scores, present)
