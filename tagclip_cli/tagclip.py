@@ -75,7 +75,8 @@ def coarse_scores(patch_features: Tensor, text_classifier: Tensor, logit_scale: 
 def vote_mask(attn: Tensor, k: int) -> Tensor:
     """M_attn (N, N) bool: A_l(i, j) above the mean of A_l in at least k of the L maps (L, N, N)."""
     means = attn.mean(dim=(-2, -1), keepdim=True)
-    return (attn > means).sum(dim=0) >= k
+    count_dtype = torch.uint8 if attn.shape[0] <= 255 else torch.int32  # small counts: half the memory traffic
+    return (attn > means).sum(dim=0, dtype=count_dtype) >= k
 
 
 def refined_attention(attn: Tensor, layers: tuple[int, int], k: int) -> Tensor:
@@ -137,7 +138,8 @@ def class_box_masks(first_refinement: Tensor, grid: tuple[int, int], reference_c
 def dmar(p_coarse: Tensor, attn_refined: Tensor, grid: tuple[int, int], reference_compat: bool = False) -> Tensor:
     """P_refined (N, C): for each class c, (A * m_c as column mask) @ P_coarse[:, c]."""
     first = attn_refined @ p_coarse
-    masks = class_box_masks(first, grid, reference_compat)
+    # The box search runs on the host (OpenCV): one transfer instead of one sync per class.
+    masks = class_box_masks(first.cpu(), grid, reference_compat).to(first.device)
     refined = attn_refined @ (p_coarse * masks.to(p_coarse.dtype))
     # Classes the reference does not refine (max of R <= 0, only possible with an all-zero A) keep R.
     untouched = first.amax(dim=0) <= 0
@@ -228,13 +230,25 @@ class TagOutput:
 class Tagger:
     """Runs TagCLIP on batches of preprocessed images with one backbone and one vocabulary."""
 
-    def __init__(self, backbone: Backbone, vocab: Vocabulary, config: TagCLIPConfig | None = None) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        vocab: Vocabulary,
+        config: TagCLIPConfig | None = None,
+        text: Tensor | None = None,
+    ) -> None:
+        """text: a precomputed (C, D) classifier of `class_names` (default: the 85-template
+        ensemble, from the backbone's text cache)."""
         self.backbone = backbone
         self.vocab = vocab
         self.config = config or TagCLIPConfig()
         names = vocab.all_names if self.config.use_background else vocab.classes
         self.class_names: tuple[str, ...] = names
-        self.text = backbone.text_classifier(names, tagclip_templates())
+        if text is None:
+            text = backbone.text_classifier(names, tagclip_templates())
+        elif text.shape[0] != len(names):
+            raise ValueError(f"text classifier has {text.shape[0]} rows for {len(names)} classes")
+        self.text = text
         self.layers = self.config.layers_for(backbone.num_layers)
 
     @torch.inference_mode()
