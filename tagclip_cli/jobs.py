@@ -42,11 +42,13 @@ from tagclip_cli.data import ImageItem, bucket_batches
 from tagclip_cli.errors import ConfigMismatchError, IncompleteRunError, OutputWriteError, UsageError
 from tagclip_cli.faults import deferred_signals
 from tagclip_cli.writers import (
+    COCO_JSON_FORMAT,
     METADATA_KEY,
     ROW_GROUP_SIZE,
     atomic_path,
     output_text,
     read_metadata,
+    write_coco_json,
     write_json_atomic,
     write_parquet_atomic,
 )
@@ -422,13 +424,14 @@ class PartStore:
             if merged.num_rows:
                 yield merged
 
-    def merge(self, schema: pa.Schema, total: int, fmt: str = "parquet", wait_seconds: float = 0.0) -> int:
+    def merge(self, schema: pa.Schema, total: int, fmt: str = "parquet", wait_seconds: float = 0.0,
+              options: dict | None = None) -> int:
         """Write the final output from the parts (refusing if any index has no row). Returns rows."""
         missing = self.missing(total, wait_seconds)
         if len(missing):
             raise IncompleteRunError(self.describe_missing(missing, total))
         try:
-            return write_final(fmt, self.iter_merged(schema, total), self.out, schema)
+            return write_final(fmt, self.iter_merged(schema, total), self.out, schema, options)
         except OutputWriteError as exc:
             raise OutputWriteError(f"{exc}; all results are intact in {self.dir}: free some space and "
                                    f"rerun the same command (or `tagclip merge {self.out}`)") from exc
@@ -472,12 +475,14 @@ def describe_item_difference(previous: pa.Table, current: pa.Table) -> str:
     return "the unfinished run there has a different input list"
 
 
-def write_final(fmt: str, tables: Iterable[pa.Table], out: Path, schema: pa.Schema) -> int:
+def write_final(fmt: str, tables: Iterable[pa.Table], out: Path, schema: pa.Schema, options: dict | None = None) -> int:
     """Write the merged rows (tables in index order) as the final output; returns the row count.
 
     The format name is stored in job.json so that `tagclip merge` writes what the run would have."""
     if fmt == "parquet":
         return write_parquet_atomic(tables, out, schema)
+    if fmt == COCO_JSON_FORMAT:  # `tagclip segment`: masks JSON (+ the tags Parquet with tags_out)
+        return write_coco_json(tables, out, schema, tags_out=(options or {}).get("tags_out"))
     raise UsageError(f"unknown output format '{fmt}' in the work directory of {out}")
 
 
@@ -502,7 +507,9 @@ def merge_output(out: Path) -> int:
                 f"{path}: written with a different configuration than {store.dir / 'config.json'}; "
                 "were the shards started with different options? Rerun that shard's work with --overwrite "
                 "in a fresh output")
-    rows = write_final(store.job().get("format", "parquet"), store.iter_merged(schema, total), store.out, schema)
+    job = store.job()
+    rows = write_final(job.get("format", "parquet"), store.iter_merged(schema, total), store.out, schema,
+                       job.get("final_options"))
     store.cleanup()
     return rows
 
@@ -554,6 +561,7 @@ class JobSpec:
     config: dict
     schema: pa.Schema
     format: str = "parquet"
+    final_options: dict = field(default_factory=dict)  # for the final writer, kept in job.json (tags_out)
     batch_size: int = 8
     part_size: int = 256
     overwrite: bool = False
@@ -587,7 +595,8 @@ def run_job(
         sink = JsonLinesSink(stdout or sys.stdout, spec.config.get("classes", ()))
         todo = mine
     else:
-        job = {"format": spec.format, "batch_size": spec.batch_size, "window": window}
+        job = {"format": spec.format, "batch_size": spec.batch_size, "window": window,
+               "final_options": spec.final_options}
 
         def open_store(create: bool) -> Callable[[], PartStore]:
             return lambda: PartStore.open(spec.out, spec.config, spec.items, job, spec.overwrite and create, create)
@@ -670,7 +679,8 @@ def _finish(spec: JobSpec, sess: Session, store: PartStore | None, summary: Summ
                f"`tagclip merge {spec.out}`")
         )
         return total
-    rows = store.merge(spec.schema, len(spec.items), spec.format, wait_seconds=60.0 if placement.distributed else 0.0)
+    rows = store.merge(spec.schema, len(spec.items), spec.format, wait_seconds=60.0 if placement.distributed else 0.0,
+                       options=spec.final_options)
     store.cleanup()
     total.merged = True
     log.info("wrote %s (%d rows)", spec.out, rows)
