@@ -21,7 +21,7 @@ geometry are shared, so a parity test compares two separate implementations of t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -45,12 +45,14 @@ class NaiveTagResult:
 
 @dataclass
 class NaiveSegResult:
-    """CLS-SEG output of one image: per tag, the refined CAM at the input resolution (K, H, W)."""
+    """CLS-SEG output of one image: the tags, their normalised Grad-CAMs and refined cams on the
+    patch grid (K, gh, gw), and the label map (H, W) at the requested size (0 = background,
+    tag t -> t + 1)."""
 
     tags: list[int]
+    raw_cams: Tensor
     cams: Tensor
     label_map: Tensor
-    raw_cams: list[Tensor] = field(default_factory=list)
 
 
 def _normalise(x: Tensor) -> Tensor:
@@ -256,10 +258,19 @@ class NaiveTagCLIP:
         return NaiveTagResult(scores, tags, candidates, p_local, crops_run)
 
 
+def _normalise_eps(x: Tensor, eps: float = 1e-7) -> Tensor:
+    """CLIP-ES's normalisation: (x - min) / (max - min + eps)."""
+    x = x - x.min()
+    return x / (x.max() + eps)
+
+
 class NaiveClsSeg:
     """CLIP-ES CAMs for given tags, one image and one tag (one backward) at a time.
 
-    seg_text: (F + B, D) classifier of the CLS-SEG names (foreground first, then background)."""
+    seg_text: (F + B, D) classifier of the CLS-SEG names (foreground first, then background).
+    The affinity work (Sinkhorn rounds, symmetrisation, the explicit T @ T) is redone for every
+    tag, as in the reference; it runs in float64 like the engine, because a nearly flat refined
+    cam magnifies float32 rounding when it is normalised."""
 
     def __init__(
         self,
@@ -276,42 +287,39 @@ class NaiveClsSeg:
         self.caa_layers = caa_layers or (max(1, num_layers - 7), num_layers - 1)
         self.box_threshold = box_threshold
 
-    def __call__(self, image: Tensor, tags: Sequence[int]) -> NaiveSegResult:
-        """CAMs (K, H, W) and the label map (H, W) (0 = background, tag t -> t + 1)."""
+    def __call__(self, image: Tensor, tags: Sequence[int], size: tuple[int, int]) -> NaiveSegResult:
+        """CLS-SEG of one normalised image (3, H', W') for `tags`, label map of `size` (H, W)."""
         bb = self.bb
         p = bb.patch_size
         visual = bb.model.visual
         image = image[None].to(bb.device)
-        height, width = image.shape[-2:]
-        gh, gw = height // p, width // p
+        gh, gw = image.shape[-2] // p, image.shape[-1] // p
         with torch.no_grad():
             _, maps, pre_last = self.tc.dense(image)
         last = visual.transformer.resblocks[-1]
         classes = list(tags) + list(range(self.num_fg, self.seg_text.shape[0]))
         text = self.seg_text[classes]
-        scale = bb.model.logit_scale.exp()
+        scale = bb.model.logit_scale.exp().detach()
         lo, hi = self.caa_layers
-        cams, raw = [], []
+        raw_cams, cams = [], []
         for k in range(len(tags)):
-            with torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad():
                 x = pre_last.detach().clone()
-                activation = last.ln_1(x)
-                activation.retain_grad()
+                activation = last.ln_1(x).detach().requires_grad_(True)
                 out, _ = self.tc._mha(last, activation, None)
                 x = x + last.ls_1(out)
                 x = x + last.ls_2(last.mlp(last.ln_2(x)))
                 pooled = visual.ln_post(x[0, 1:]).mean(dim=0) @ visual.proj
-                logits = scale * (pooled / pooled.norm()) @ text.t()
+                logits = scale * (pooled / pooled.norm()) @ text.detach().clone().t()
                 target = logits.softmax(dim=-1)[k]
                 target.backward()
             grad = activation.grad[0, 1:]  # (N, W)
             act = activation.detach()[0, 1:]
             weights = grad.mean(dim=0)
-            cam = torch.relu(act @ weights).reshape(gh, gw)
-            cam = _normalise(cam)
-            raw.append(cam)
-            # CAA: Sinkhorn-normalised, symmetrised, squared affinity restricted to the cam's boxes
-            affinity = torch.stack([m[1:, 1:] for m in maps[lo - 1 : hi]]).mean(dim=0)
+            cam = _normalise_eps(torch.relu((act * weights).sum(dim=-1))).reshape(gh, gw)
+            raw_cams.append(cam)
+            # CAA, recomputed for every tag
+            affinity = torch.stack([m[1:, 1:] for m in maps[lo - 1 : hi]]).mean(dim=0).double()
             trans = affinity / affinity.sum(dim=0, keepdim=True)
             trans = trans / trans.sum(dim=1, keepdim=True)
             for _ in range(2):
@@ -319,14 +327,17 @@ class NaiveClsSeg:
                 trans = trans / trans.sum(dim=1, keepdim=True)
             trans = (trans + trans.t()) / 2
             trans = trans @ trans
-            box = _box_union(cam.cpu().numpy(), self.box_threshold, cv2.RETR_TREE, False)
-            trans = trans * torch.from_numpy(box).reshape(1, -1).to(trans.device)
-            refined = (trans @ cam.reshape(-1, 1)).reshape(1, 1, gh, gw)
-            refined = F.interpolate(refined, size=(height, width), mode="bilinear", align_corners=False)
-            cams.append(_normalise(refined[0, 0]))
-        stacked = torch.stack(cams) if cams else torch.zeros(0, height, width)
-        background = 1 - stacked.max(dim=0).values if cams else torch.ones(height, width)
-        scores = torch.cat([background[None], stacked])
-        index = scores.argmax(dim=0)
+            box = _box_union(cam.cpu().numpy(), self.box_threshold, cv2.RETR_TREE, self.tc.reference_compat)
+            trans = trans * torch.from_numpy(box).double().reshape(1, -1).to(trans.device)
+            refined = (trans @ cam.double().reshape(-1, 1)).reshape(gh, gw)
+            cams.append(_normalise_eps(refined).float())
+        height, width = size
+        if not cams:
+            empty = torch.zeros(0, gh, gw)
+            return NaiveSegResult(list(tags), empty, empty, torch.zeros(height, width, dtype=torch.long))
+        grid_cams = torch.stack(cams)
+        up = F.interpolate(grid_cams[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        background = 1 - up.max(dim=0).values
+        index = torch.cat([background[None], up]).argmax(dim=0)
         lookup = torch.tensor([0] + [t + 1 for t in tags])
-        return NaiveSegResult(list(tags), stacked, lookup[index], raw)
+        return NaiveSegResult(list(tags), torch.stack(raw_cams), grid_cams, lookup[index.cpu()])

@@ -13,12 +13,13 @@ from PIL import Image
 
 from tagclip_cli.backbone import SCENE_TEMPLATES
 from tagclip_cli.data import Preprocess
+from tagclip_cli.segment import Segmenter
 from tagclip_cli.tagclip import TagCLIPConfig, Tagger
 from tagclip_cli.vocab import load_vocabulary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from conftest import sample_photos  # noqa: E402
-from naive import NaiveTagCLIP  # noqa: E402
+from naive import NaiveClsSeg, NaiveTagCLIP  # noqa: E402
 
 ATOL = 1e-5
 # (width, height) pairs: landscape, portrait, and a size that is not a multiple of the patch size
@@ -63,3 +64,24 @@ def test_tagclip_scores_equal_naive(tiny_backbone, voc, photos, reference_compat
         crops += ref.crops_run
     # the comparison exercised CWR (fused scores), not just the local path
     assert crops > 0
+
+
+def test_clses_cams_and_label_maps_equal_naive(tiny_backbone, voc, photos):
+    """CLS-SEG with default settings: TagCLIP's tags, batched Grad-CAMs (one backward for all tags)
+    and CAA equal the per-tag-backward loop."""
+    segmenter = Segmenter(tiny_backbone, voc)
+    naive_tags = NaiveTagCLIP(tiny_backbone, voc.classes, voc.background, (), text=segmenter.tagger.text)
+    naive = NaiveClsSeg(naive_tags, segmenter.text)
+    sizes = [(h, w) for w, h in SIZES]
+    outputs = segmenter.segment(photos, sizes, keep_cams=True)
+    tags_seen = 0
+    for image, size, out in zip(photos, sizes, outputs, strict=True):
+        assert out.tags == naive_tags(image).tags
+        ref = naive(image, out.tags, size)
+        assert out.cams.shape == ref.cams.shape == (len(out.tags), *out.tag_output.grid)
+        np.testing.assert_allclose(out.raw_cams.numpy(), ref.raw_cams.numpy(), atol=ATOL, rtol=0)
+        np.testing.assert_allclose(out.cams.numpy(), ref.cams.numpy(), atol=ATOL, rtol=0)
+        assert out.label_map.shape == size
+        np.testing.assert_array_equal(out.label_map, ref.label_map.numpy())
+        tags_seen += len(out.tags)
+    assert tags_seen > len(photos)  # several tags per image: the batched backward was exercised
