@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -369,46 +370,50 @@ def maskclip_scores(
     keys: Tensor | None = None,
     prompt_denoising: float | None = None,
     key_smoothing: float | None = None,
-) -> Tensor:
-    """MaskCLIP's per-patch class scores (N, C) from value-path features (N, D) and text (C, D).
+) -> tuple[Tensor, Tensor]:
+    """MaskCLIP's per-patch class scores from value-path features (N, D) and text (C, D).
 
-    Without options: the cosine logits. prompt_denoising=t: classes whose best softmax probability
-    over all patches is below t get logit -100 (dropped). key_smoothing=t (needs keys (N, W), the
-    last block's keys): scores become softmax probabilities, and patches whose best probability is
-    below t take the key-cosine-weighted sum of all patches' probabilities."""
+    Returns (decision scores (N, C), probabilities (N, C)). Without options the decision scores are
+    the cosine logits. prompt_denoising=t: classes whose best softmax probability (of logit_scale *
+    cos) over all patches is below t get logit -100 (dropped). key_smoothing=t (needs keys (N, W),
+    the last block's keys): patches whose best probability is below t take the key-cosine-weighted
+    sum of all patches' probabilities (unnormalised, as MaskCLIP). The probabilities are the
+    softmax after denoising, before smoothing (what the masks' scores report)."""
     logits = F.normalize(patch_features.float(), dim=-1) @ text.T
     if prompt_denoising is not None:
         best = (logit_scale * logits).softmax(dim=-1).amax(dim=0)
         logits = torch.where((best < prompt_denoising)[None, :], torch.full_like(logits, -100.0), logits)
+    probs = (logit_scale * logits).softmax(dim=-1)
     if key_smoothing is None:
-        return logits
+        return logits, probs
     if keys is None:
         raise ValueError("key smoothing needs the last block's keys")
-    probs = (logit_scale * logits).softmax(dim=-1)
     k = F.normalize(keys.float(), dim=-1)
     smoothed = (k @ k.T) @ probs
     smooth = probs.amax(dim=-1, keepdim=True) < key_smoothing
-    return torch.where(smooth, smoothed, probs)
+    return torch.where(smooth, smoothed, probs), probs
 
 
 def label_map_from_scores(
-    scores: Tensor, grid: tuple[int, int], labels: Sequence[int], size: tuple[int, int]
+    scores: Tensor, grid: tuple[int, int], labels: Sequence[int], size: tuple[int, int], values: Tensor | None = None
 ) -> tuple[np.ndarray, dict[int, float]]:
     """Argmax of bilinearly upsampled per-patch scores (N, C): label map (H, W) with labels[c] for
-    class c (0 for background classes), and per label the mean score of the winning class."""
-    maps = scores.T.reshape(scores.shape[1], *grid)
+    class c (0 for background classes), and per label the mean (upsampled) `values` (N, C; default
+    the scores) of the winning class over its pixels."""
+    c = scores.shape[1]
+    maps = scores.T.reshape(c, *grid)
+    value_maps = maps if values is None else values.T.reshape(c, *grid)
     height, width = size
     out = np.zeros((height, width), dtype=np.int32)
-    c = maps.shape[0]
     lookup = torch.tensor(list(labels), dtype=torch.long)
     sums = torch.zeros(c, dtype=torch.float64)
     counts = torch.zeros(c, dtype=torch.float64)
-    for band in _row_bands(height, width, c):
-        up = resize_bilinear(maps, size, band)
-        best, winner = up.max(dim=0)
+    for band in _row_bands(height, width, c * (1 if values is None else 2)):
+        winner = resize_bilinear(maps, size, band).argmax(dim=0)
+        value = resize_bilinear(value_maps, size, band).gather(0, winner[None])[0]
         winner = winner.cpu()
         out[band] = lookup[winner].numpy()
-        sums += torch.bincount(winner.flatten(), weights=best.cpu().double().flatten(), minlength=c)
+        sums += torch.bincount(winner.flatten(), weights=value.cpu().double().flatten(), minlength=c)
         counts += torch.bincount(winner.flatten(), minlength=c).double()
     return out, _mean_by_label(sums, counts, labels)
 
@@ -421,8 +426,8 @@ class SegOutput:
 
     label_map: (H, W) int32 at the original image size, 0 = background, c + 1 = vocabulary class c.
     mask_scores: {label: score} for every label present: the mean of that class's map inside its
-    mask (CLS-SEG: the normalised refined cam; MaskCLIP: the winning score, a cosine logit or
-    with key smoothing a probability). tags: the foreground classes segmented (CLS-SEG).
+    mask (CLS-SEG: the normalised refined cam; MaskCLIP: the class's softmax probability).
+    tags: the foreground classes segmented (CLS-SEG) or present (MaskCLIP).
     cams: (K, gh, gw) normalised refined cams on the grid (CLS-SEG). raw_cams: (K, gh, gw)
     normalised Grad-CAMs before CAA. tag_output: TagCLIP's result when it ran in this pass."""
 
@@ -562,12 +567,83 @@ class Segmenter:
             if dense.pre_last is None:
                 raise ValueError("key smoothing needs the tokens entering the last block")
             keys = self.backbone.block_keys(self.backbone.num_layers - 1, dense.pre_last[None])[0, 1:]
-        scores = maskclip_scores(
+        scores, probs = maskclip_scores(
             dense.tokens[1:], self.text, self.backbone.logit_scale, keys,
             cfg.prompt_denoising_threshold if cfg.prompt_denoising else None,
             cfg.key_smoothing_threshold if cfg.key_smoothing else None,
         )
         labels = [c + 1 if c < nf else 0 for c in range(scores.shape[1])]
-        label_map, mask_scores = label_map_from_scores(scores, dense.grid, labels, size)
+        label_map, mask_scores = label_map_from_scores(scores, dense.grid, labels, size, probs)
         present = sorted(label - 1 for label in mask_scores)
         return SegOutput(label_map, mask_scores, present)
+
+
+# ---- tags from a file (`tagclip segment --tags labels.parquet`) -----------------------------------
+
+@dataclass
+class FileTags:
+    """One image's entry in a tags file: foreground indices, the stored scores, or the failure."""
+
+    tags: list[int]
+    names: list[str]
+    scores: list[float] | None
+    error: str | None = None
+
+
+class TagsFile:
+    """The tags Parquet of an earlier `tagclip annotate` (or segment --tags-out) run, looked up by
+    image id. Its classes must be the vocabulary's, in the same order."""
+
+    COLUMNS = ("image_id", "status", "error", "tags", "scores")
+
+    def __init__(self, path: str | Path, vocab: Vocabulary) -> None:
+        import pyarrow.parquet as pq
+
+        from tagclip_cli.writers import read_metadata
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UsageError(f"--tags {self.path}: no such file")
+        try:
+            self.metadata = read_metadata(self.path)
+            self.table = pq.read_table(self.path, columns=list(self.COLUMNS))
+        except Exception as exc:  # pyarrow raises many types on a file that is not our Parquet
+            raise UsageError(f"--tags {self.path}: not a tags Parquet written by tagclip annotate ({exc})") from None
+        classes = self.metadata.get("classes")
+        if classes is not None and list(classes) != list(vocab.classes):
+            raise UsageError(
+                f"--tags {self.path}: made with other classes ({len(classes)}: {', '.join(classes[:4])}, ...) "
+                f"than --vocab {vocab.source} ({vocab.num_classes}: {', '.join(vocab.classes[:4])}, ...)"
+            )
+        self.class_index = {name: i for i, name in enumerate(vocab.classes)}
+        self.ids = self.table.column("image_id")
+        self._by_id: dict[str, int] | None = None
+
+    def _row(self, item) -> int | None:
+        """The row of item: the same position first (files made from the same input list), else by id."""
+        if item.index < len(self.ids) and self.ids[item.index].as_py() == item.image_id:
+            return item.index
+        if self._by_id is None:
+            self._by_id = {}
+            for row, image_id in enumerate(self.ids.to_pylist()):
+                self._by_id.setdefault(image_id, row)
+        return self._by_id.get(item.image_id)
+
+    def lookup(self, item) -> FileTags:
+        row = self._row(item)
+        if row is None:
+            return FileTags([], [], None, f"no tags for this image in {self.path.name}")
+        rec = {name: self.table.column(name)[row].as_py() for name in self.COLUMNS}
+        if rec["status"] != "ok":
+            return FileTags([], [], None, f"tagging failed in {self.path.name}: {rec['error']}")
+        names = list(rec["tags"] or [])
+        unknown = [n for n in names if n not in self.class_index]
+        if unknown:
+            return FileTags([], [], None, f"tags not in the vocabulary in {self.path.name}: {', '.join(unknown)}")
+        return FileTags([self.class_index[n] for n in names], names, rec["scores"])
+
+    def identity(self) -> dict:
+        """What the segment output depends on: the file's content hash and the run that made it."""
+        from tagclip_cli.backbone import file_sha256
+
+        return {"sha256": file_sha256(self.path), "made_with": self.metadata.get("tagclip")}

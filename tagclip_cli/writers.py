@@ -302,7 +302,8 @@ def write_coco_json(
       "failed"), tagclip_error (failed rows only, which have no annotations), tagclip_tags;
     - annotations: one per (image, class present), id from 1, segmentation = compressed RLE with a
       str counts, area, bbox [x, y, w, h], iscrowd 0, and score = the mean of that class's map
-      inside its mask (CLS-SEG: the refined CAM; MaskCLIP: its score).
+      inside its mask (CLS-SEG: the normalised refined CAM; MaskCLIP: the class's softmax probability),
+      not TagCLIP's image-level score (that is in the tags Parquet and the image's tagclip_tags).
     Memory stays flat: annotations are spooled to a temporary file beside `out` and appended.
     With tags_out, the same pass also writes the tags Parquet (`tags_schema`) there, atomically."""
     config = json.loads((schema.metadata or {}).get(METADATA_KEY, b"{}"))
