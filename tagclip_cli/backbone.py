@@ -518,7 +518,6 @@ def load_backbone(
     cache_dir: Path | None = None,
     model_explicit: bool = False,
     seed: int = 0,
-    fp16_weights: bool = False,
     precision: str = "fp32",
 ) -> Backbone:
     """Load a CLIP ViT.
@@ -530,8 +529,6 @@ def load_backbone(
     - `pretrained="random"`: seeded random weights (tests and benchmarks only).
     - otherwise open_clip's `pretrained` tag, which needs network access the first time.
 
-    fp16_weights rounds the linear/conv/attention weights through fp16 before computing in fp32, as
-    the reference's OpenAI loader does for every checkpoint (reference-compatibility mode).
     precision: fp32 (default), or bf16/fp16 autocast on CUDA (UsageError elsewhere).
     """
     import open_clip
@@ -570,9 +567,6 @@ def load_backbone(
     else:
         net = _create(model, pretrained, seed)
         name, weights = model, pretrained
-    if fp16_weights:
-        open_clip.model.convert_weights_to_fp16(net)
-        weights += "+fp16-rounded"
     net = net.float().to(device)
     return Backbone(net, _tokenizer_for(net, name), name, weights, device, cache_dir, precision)
 

@@ -350,7 +350,6 @@ def annotate(
     cfg = TagCLIPConfig(tag_threshold=tag_threshold, reference_compat=reference_compat,
                         use_background=not no_background)
     model_opts = _model_options(model, pretrained, checkpoint, device, cache_dir)
-    model_opts.fp16_weights = reference_compat
     out_path = None if out == "-" else Path(out)
     opts = AnnotateOptions(
         items=items, vocab=voc, out=out_path,

@@ -47,7 +47,6 @@ class ModelOptions:
     device: str = "cpu"
     cache_dir: Path | None = None
     model_explicit: bool = False
-    fp16_weights: bool = False  # reference-compat: weights rounded through fp16 like the reference loader
 
     def load(self) -> Backbone:
         return load_backbone(
@@ -57,7 +56,6 @@ class ModelOptions:
             device=self.device,
             cache_dir=self.cache_dir,
             model_explicit=self.model_explicit,
-            fp16_weights=self.fp16_weights,
         )
 
 
