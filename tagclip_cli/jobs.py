@@ -70,6 +70,7 @@ class Summary:
     skipped: int = 0
     failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    failed_before: int = 0  # failed rows among the skipped ones (written by an earlier, interrupted run)
     leader: bool = True  # False on torchrun ranks other than 0: they report nothing
     merged: bool = False
     note: str | None = None  # what to do next (e.g. run `tagclip merge` after the last shard)
@@ -374,6 +375,16 @@ class PartStore:
             mask[indices[indices < total]] = True
         return mask
 
+    def failed_indices(self) -> np.ndarray:
+        """Indices of the rows already in parts whose status is "failed" (for the exit code of a
+        resumed run: the output has them even though this run did not meet them)."""
+        found = [np.zeros(0, dtype=np.int64)]
+        for _, _, path in self.part_files():
+            table = pq.read_table(path, columns=["index", "status"])
+            failed = pc.equal(table.column("status"), "failed").to_numpy(zero_copy_only=False)
+            found.append(table.column("index").to_numpy()[failed])
+        return np.concatenate(found)
+
     # ---- writing ----
     def write_part(self, table: pa.Table) -> Path:
         table = table.sort_by("index")
@@ -606,6 +617,8 @@ def run_job(
         todo = [it for it in mine if not done[it.index]]
         del done
     summary = Summary(total=len(mine), skipped=len(mine) - len(todo))
+    if store is not None and summary.skipped:
+        summary.failed_before = sum(1 for i in store.failed_indices() if placement.owns(spec.items[i], window))
     if summary.skipped:
         log.info("%d images already done in %s; %d to go", summary.skipped, store.dir, len(todo))
     if progress:
@@ -664,6 +677,7 @@ def _finish(spec: JobSpec, sess: Session, store: PartStore | None, summary: Summ
         total.done += s.done
         total.skipped += s.skipped
         total.failed += s.failed
+        total.failed_before += s.failed_before
         total.failures.extend(s.failures[: MAX_FAILURES_KEPT - len(total.failures)])
     if store is None:
         return total

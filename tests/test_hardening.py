@@ -449,7 +449,7 @@ def test_disk_full_keeps_earlier_parts_and_resumes_to_the_clean_result(run_image
 
     monkeypatch.setattr(jobs.pq, "write_table", real_write)
     summary = annotate_in_process(run_images, out, tiny_checkpoint, cache_dir)
-    assert (summary.skipped, summary.done, summary.failed) == (8, 3, 1)
+    assert (summary.skipped, summary.done, summary.failed, summary.failed_before) == (8, 3, 1, 1)
     assert pq.read_table(out).to_pylist() == expected
     assert not work.exists()
 
@@ -484,3 +484,36 @@ def test_oom_in_the_model_halves_batches_in_a_real_run(run_images, clean_rows, t
             np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-5, atol=1e-6)
     assert max(sizes) == 2 and sizes.count(2) < 10  # after the first OOM of each size, batches of 1
     assert any("retrying in halves" in r.getMessage() for r in caplog.records)
+
+
+# ---- the text cache ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "wrong_structure"])
+def test_a_corrupt_text_cache_is_rebuilt(tiny_backbone, tmp_path, caplog, damage):
+    import dataclasses
+    import logging
+
+    backbone = dataclasses.replace(tiny_backbone, cache_dir=tmp_path)
+    templates = ("a photo of a {}.", "a {}.")
+    fresh = backbone.text_classifier(["cat", "dog"], templates)  # (2, D), encodes and writes the cache
+    (cache_file,) = (tmp_path / "text").glob("*.pt")
+    good = cache_file.read_bytes()
+    damaged = {
+        "garbage": b"\x00\xffnot a torch file" * 10,
+        "truncated": good[: len(good) // 2],
+        "empty": b"",
+        "wrong_structure": None,
+    }[damage]
+    if damaged is None:
+        torch.save({"unexpected": 1}, cache_file)
+    else:
+        cache_file.write_bytes(damaged)
+    with caplog.at_level(logging.WARNING, logger="tagclip_cli"):
+        again = backbone.text_classifier(["cat", "dog"], templates)
+    torch.testing.assert_close(again, fresh)
+    assert any("unreadable" in r.getMessage() and "re-encoding" in r.getMessage() for r in caplog.records)
+    # ...and the rebuilt file is whole again: the next call reads it without re-encoding.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tagclip_cli"):
+        torch.testing.assert_close(backbone.text_classifier(["cat", "dog"], templates), fresh)
+    assert any("2 of 2 classes from cache" in r.getMessage() for r in caplog.records)
