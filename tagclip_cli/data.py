@@ -56,16 +56,22 @@ def list_folder(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) 
         raise UsageError(f"{root}: not a directory")
     exts = tuple(e.lower() for e in extensions)
     found: list[str] = []
+    linked_dirs: list[str] = []
+
     def unlisted(exc: OSError) -> None:  # os.walk skips such directories silently otherwise
         log.warning("cannot list %s (%s); images in it are not included", output_text(str(exc.filename)),
                     exc.strerror or exc)
 
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unlisted):
         dirnames.sort()
+        linked_dirs.extend(os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
         for name in filenames:
             if name.lower().endswith(exts):
                 rel = Path(dirpath, name).relative_to(root).as_posix()
                 found.append(rel)
+    if linked_dirs:  # not followed (loops, duplicates): say so rather than drop their images silently
+        log.warning("%d symbolic link(s) to directories not followed (e.g. %s); list such images in a "
+                    "text file of paths to include them", len(linked_dirs), output_text(linked_dirs[0]))
     found.sort()
     # Undecodable (non-UTF-8) names keep their real path for opening; the id is escaped (output_text).
     return [ImageItem(i, output_text(rel), str(root / rel)) for i, rel in enumerate(found)]

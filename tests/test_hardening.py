@@ -517,3 +517,17 @@ def test_a_corrupt_text_cache_is_rebuilt(tiny_backbone, tmp_path, caplog, damage
     with caplog.at_level(logging.INFO, logger="tagclip_cli"):
         torch.testing.assert_close(backbone.text_classifier(["cat", "dog"], templates), fresh)
     assert any("2 of 2 classes from cache" in r.getMessage() for r in caplog.records)
+
+
+def test_symlinked_directories_are_not_followed_but_reported(tmp_path: Path, caplog):
+    import logging
+
+    (tmp_path / "real").mkdir()
+    Image.fromarray(noise(8, 8)).save(tmp_path / "real" / "a.png")
+    os.symlink(tmp_path / "real", tmp_path / "alias")
+    with caplog.at_level(logging.WARNING, logger="tagclip_cli"):
+        items = list_folder(tmp_path)
+    assert [it.image_id for it in items] == ["real/a.png"]  # not twice
+    assert [r.getMessage() for r in caplog.records] == [
+        f"1 symbolic link(s) to directories not followed (e.g. {tmp_path / 'alias'}); list such images in a "
+        "text file of paths to include them"]
