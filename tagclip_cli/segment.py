@@ -331,8 +331,9 @@ def dense_crf(rgb: np.ndarray, probs: np.ndarray, config: SegmentConfig) -> np.n
     crf = dcrf.DenseCRF2D(w, h, c)
     crf.setUnaryEnergy(np.ascontiguousarray(unary))
     crf.addPairwiseGaussian(sxy=config.crf_gaussian_sxy, compat=config.crf_gaussian_compat)
+    # np.array copies: pydensecrf needs a writable buffer (PIL-backed arrays are read-only)
     crf.addPairwiseBilateral(sxy=config.crf_bilateral_sxy, srgb=config.crf_bilateral_srgb,
-                             rgbim=np.ascontiguousarray(rgb, dtype=np.uint8), compat=config.crf_bilateral_compat)
+                             rgbim=np.array(rgb, dtype=np.uint8, order="C"), compat=config.crf_bilateral_compat)
     return np.asarray(crf.inference(config.crf_iterations), dtype=np.float32).reshape(c, h, w)
 
 

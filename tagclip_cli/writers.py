@@ -274,10 +274,10 @@ def write_label_png(label_map: np.ndarray, path: str | Path) -> None:
     except OSError as exc:
         raise OutputWriteError(f"cannot create {path.parent} ({describe_os_error(exc)})") from None
     if label_map.size == 0 or int(label_map.max()) <= 255:
-        image = Image.fromarray(label_map.astype(np.uint8), mode="P")
+        image = Image.fromarray(label_map.astype(np.uint8))  # "L"; putpalette makes it "P"
         image.putpalette(voc_palette())
     else:
-        image = Image.fromarray(label_map.astype(np.uint16), mode="I;16")
+        image = Image.fromarray(label_map.astype(np.uint16))  # "I;16"
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
 
