@@ -12,7 +12,11 @@ rotating order (the machine is shared and noisy: the ratios are the figure):
   attention, no attention maps): one native-resolution forward per image (same-size images
   batched, all tokens through ln_post and proj) plus one batched forward of exactly the CWR
   crops our run used, with their class-token masks. No DMAR, no box search, no crop resizing.
-- segment (ours / naive), when `tagclip_cli.segment` is available.
+- segment (ours): `Segmenter.segment` (CLS-SEG: TagCLIP, then batched Grad-CAMs of all tags on the
+  same dense forward, CAA, label maps at the original size);
+- segment (naive): the naive TagCLIP time of the same images plus a naive CLIP-ES pass (its own
+  dense forward, one last-block backward and one affinity computation per tag), as the reference
+  runs classify.py and then generate_cams.
 
 Peak RSS per method is the process's VmHWM, reset before each method (/proc/self/clear_refs), so
 it includes the model (about 0.6 GB) and whatever the allocator kept from earlier methods.
@@ -22,8 +26,8 @@ candidate count is realistic (1-4 per image); with the random initial 14.3 nearl
 becomes a candidate (--init-logit-scale shows that worst case). The text classifier is one
 template per class (text encoding is timed separately and reported as per-run setup).
 
-    .venv/bin/python benchmarks/bench_speed.py            # 16 images
-    .venv/bin/python benchmarks/bench_speed.py --quick    # 8 images
+    .venv/bin/python benchmarks/bench_speed.py            # 16 images, batches of 8
+    .venv/bin/python benchmarks/bench_speed.py --quick    # 8 images, batches of 4 (make bench)
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from naive import NaiveTagCLIP  # noqa: E402
+from naive import NaiveClsSeg, NaiveTagCLIP  # noqa: E402
 
 from tagclip_cli.backbone import Backbone, load_backbone, tagclip_templates  # noqa: E402
 from tagclip_cli.data import Preprocess, load_rgb  # noqa: E402
@@ -181,16 +185,17 @@ def cwr_inputs(bb: Backbone, images: Sequence[Tensor], outputs: Sequence[TagOutp
     return torch.stack(crops), torch.stack(keep)
 
 
-# ---- segment (when the engine exists) ---------------------------------------------------------------
-
-
-def segment_runner(bb: Backbone, vocab, text: Tensor):
-    """(ours, naive) callables over a list of images, or None while tagclip_cli.segment is missing."""
+def make_segmenter(bb: Backbone, vocab, tagger: Tagger, skip: bool):
+    """The CLS-SEG engine sharing our Tagger (and its classifier), or None if unavailable."""
+    if skip:
+        return None
     try:
-        import tagclip_cli.segment  # noqa: F401
+        from tagclip_cli.segment import Segmenter
     except ImportError:
         return None
-    return None  # wired up once the segment engine's API has landed
+    segmenter = Segmenter(bb, vocab, run_tagclip=False)
+    segmenter.tagger = tagger  # TagCLIP runs inside segment(), on the same dense forward
+    return segmenter
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -220,8 +225,8 @@ def text_setup(bb: Backbone, names: Sequence[str], cache: Path) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=16, help="number of photos (default 16)")
-    ap.add_argument("--quick", action="store_true", help="8 photos instead of 16")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help="8 photos in batches of 4 (two rounds)")
+    ap.add_argument("--batch-size", type=int, default=None, help="images per batch (default 8; 4 with --quick)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--model", default="ViT-B-16")
     ap.add_argument("--device", default="cpu")
@@ -230,9 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="keep the random initial logit scale (14.3): nearly every class becomes a CWR candidate",
     )
+    ap.add_argument("--no-segment", action="store_true", help="skip the segment measurements")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     count = 8 if args.quick and args.images == 16 else args.images
+    if args.batch_size is None:
+        args.batch_size = 4 if args.quick else 8
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -270,47 +278,66 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
     paths = make_photos(workdir / "photos", count)
     pre = Preprocess(bb.patch_size, bb.mean, bb.std)
     start = time.perf_counter()
-    images = [pre(load_rgb(str(p))) for p in paths]
+    rgb = [load_rgb(str(p)) for p in paths]
+    images = [pre(im) for im in rgb]
+    original_sizes = [(im.height, im.width) for im in rgb]
     decode_s = time.perf_counter() - start
 
-    with torch.inference_mode():  # warm-up (kernels, allocator) on one image of each orientation
-        warm = tagger.tag(images[:2])
-        encoder_only(bb, images[:2], *cwr_inputs(bb, images[:2], warm))
+    with torch.inference_mode():  # warm-up (kernels, allocator); the rotating order does the rest
+        tagger.tag(images[:1])
 
+    segmenter = make_segmenter(bb, vocab, tagger, args.no_segment)
+    naive_seg = NaiveClsSeg(naive, segmenter.text) if segmenter is not None else None
     ours, slow, enc = Method("annotate (ours)"), Method("annotate (naive)"), Method("encoder-only")
-    candidates, crops, max_diff = [], 0, 0.0
-    batches = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
-    for round_index, batch in enumerate(batches):
-        outputs: list[TagOutput] = []
+    seg_ours, seg_cams = Method("segment (ours)"), Method("naive CLIP-ES part")
+    candidates, crops, tags, max_diff, max_cam_diff = [], 0, [], 0.0, 0.0
+    batches = [list(range(i, min(i + args.batch_size, len(images)))) for i in range(0, len(images), args.batch_size)]
+    for round_index, indices in enumerate(batches):
+        batch = [images[i] for i in indices]
+        sizes = [original_sizes[i] for i in indices]
+        got: dict[str, list] = {}
 
-        def run_ours(batch=batch, outputs=outputs):
-            with torch.inference_mode():
-                outputs[:] = ours.run(lambda: tagger.tag(batch), len(batch))
+        def ours_block(batch=batch, sizes=sizes, got=got):
+            got["ours"] = ours.run(lambda: tagger.tag(batch), len(batch))
+            if segmenter is not None:
+                got["seg"] = seg_ours.run(lambda: segmenter.segment(batch, sizes, keep_cams=True), len(batch))
 
-        def run_naive(batch=batch, outputs=outputs):
-            with torch.inference_mode():
-                results = slow.run(lambda: [naive(img) for img in batch], len(batch))
-            return results
+        def naive_block(batch=batch, sizes=sizes, got=got):
+            got["naive"] = slow.run(lambda: [naive(img) for img in batch], len(batch))
+            if naive_seg is not None:
+                jobs = list(zip(batch, [r.tags for r in got["naive"]], sizes, strict=True))
+                got["naive_seg"] = seg_cams.run(lambda: [naive_seg(*job) for job in jobs], len(batch))
 
-        steps = [run_ours, run_naive]
-        order = steps if round_index % 2 == 0 else steps[::-1]
-        results = [step() for step in order]
-        naive_results = results[1] if round_index % 2 == 0 else results[0]
+        blocks = [ours_block, naive_block]
         with torch.inference_mode():
-            c, k = cwr_inputs(bb, batch, outputs)
+            for block in blocks if round_index % 2 == 0 else blocks[::-1]:
+                block()
+            c, k = cwr_inputs(bb, batch, got["ours"])
             enc.run(lambda c=c, k=k, batch=batch: encoder_only(bb, batch, c, k), len(batch))
-        for out, ref in zip(outputs, naive_results, strict=True):
+        for j, (out, ref) in enumerate(zip(got["ours"], got["naive"], strict=True)):
             candidates.append(len(out.candidates))
             crops += len(out.boxes)
             max_diff = max(max_diff, float((out.scores - ref.scores).abs().max()))
+            if segmenter is not None:
+                seg_out, seg_ref = got["seg"][j], got["naive_seg"][j]
+                tags.append(len(seg_out.tags))
+                if seg_out.tags == seg_ref.tags and len(seg_out.tags):
+                    max_cam_diff = max(max_cam_diff, float((seg_out.cams - seg_ref.cams).abs().max()))
         print(
-            f"#   batch {round_index + 1}/{len(batches)}: ours {ours.seconds:.1f}s, naive {slow.seconds:.1f}s, "
-            f"encoder-only {enc.seconds:.1f}s (cumulative)",
+            f"#   batch {round_index + 1}/{len(batches)} (cumulative s): annotate ours {ours.seconds:.1f}, "
+            f"naive {slow.seconds:.1f}, encoder-only {enc.seconds:.1f}; segment ours {seg_ours.seconds:.1f}, "
+            f"naive {slow.seconds + seg_cams.seconds:.1f}",
             flush=True,
         )
 
-    seg = segment_runner(bb, vocab, text)
     methods = [ours, slow, enc]
+    if segmenter is not None:
+        # The reference pipeline tags first (classify.py), then runs CLIP-ES on the tags: the naive
+        # segment time is the naive TagCLIP time of the same images plus the naive CLIP-ES time.
+        seg_naive = Method(
+            "segment (naive)", slow.seconds + seg_cams.seconds, slow.images, max(slow.peak_rss, seg_cams.peak_rss)
+        )
+        methods += [seg_ours, seg_naive]
     print()
     print("| method | images | seconds | images/s | peak RSS (MB) |")
     print("| --- | ---: | ---: | ---: | ---: |")
@@ -322,6 +349,11 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
         f"crops forwarded: {crops}"
     )
     print(f"max |score(ours) - score(naive)|: {max_diff:.2e}")
+    if segmenter is not None:
+        print(
+            f"CLS-SEG tags per image: mean {statistics.mean(tags):.2f}, max {max(tags)}; "
+            f"max |cam(ours) - cam(naive)|: {max_cam_diff:.2e}"
+        )
     print(f"decode + resize + normalise: {count / decode_s:.1f} images/s (one process)")
     print(
         f"text classifier ({setup['prompts']} prompts, extrapolated from {len(names)}): about "
@@ -330,9 +362,9 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
     )
     annotate_speedup = slow.seconds / ours.seconds
     encoder_ratio = ours.seconds / enc.seconds
-    seg_speedup = float("nan") if seg is None else seg
-    if seg is None:
-        print("segment: tagclip_cli.segment is not available yet; not measured")
+    seg_speedup = float("nan") if segmenter is None else seg_naive.seconds / seg_ours.seconds
+    if segmenter is None:
+        print("segment: not measured (tagclip_cli.segment not available, or --no-segment)")
     result = {
         "model": args.model,
         "images": count,

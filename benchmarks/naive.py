@@ -299,7 +299,7 @@ class NaiveClsSeg:
         last = visual.transformer.resblocks[-1]
         classes = list(tags) + list(range(self.num_fg, self.seg_text.shape[0]))
         text = self.seg_text[classes]
-        scale = bb.model.logit_scale.exp().detach()
+        scale = float(bb.model.logit_scale.exp())
         lo, hi = self.caa_layers
         raw_cams, cams = [], []
         for k in range(len(tags)):
