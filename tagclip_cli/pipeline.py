@@ -47,6 +47,7 @@ class ModelOptions:
     device: str = "cpu"
     cache_dir: Path | None = None
     model_explicit: bool = False
+    precision: str = "fp32"  # fp32, or bf16 / fp16 autocast on CUDA
 
     def load(self) -> Backbone:
         return load_backbone(
@@ -56,6 +57,7 @@ class ModelOptions:
             device=self.device,
             cache_dir=self.cache_dir,
             model_explicit=self.model_explicit,
+            precision=self.precision,
         )
 
 
@@ -82,6 +84,7 @@ def run_config(backbone: Backbone, vocab: Vocabulary, cfg: TagCLIPConfig, max_si
         "tool": "tagclip-cli",
         "tool_version": __version__,
         "model": backbone.identity(),
+        "precision": backbone.precision,
         "classes": list(vocab.classes),
         "seg_names": list(vocab.seg_names),
         "background": list(vocab.background) if cfg.use_background else [],
