@@ -52,9 +52,7 @@ class SceneStream(Dataset):
 
     def __init__(self, length: int, stream: int, offset: int = 0) -> None:
         self.length, self.stream, self.offset = length, stream, offset
-        self.tokenizer = open_clip.get_tokenizer(
-            "ViT-B-16", context_length=MODEL_CONFIG["text_cfg"]["context_length"]
-        )
+        self.tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=MODEL_CONFIG["text_cfg"]["context_length"])
 
     def __len__(self) -> int:
         return self.length
@@ -93,6 +91,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop after this many steps (the learning-rate schedule still spans --steps)",
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/shapes-demo"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -152,6 +156,10 @@ def main() -> None:
         if (step + 1) % args.save_every == 0 or step == args.steps - 1:
             save_checkpoint(model, args.out, step + 1)
             log.info("saved checkpoint at step %d to %s", step + 1, args.out)
+        if args.stop_at is not None and step + 1 >= args.stop_at:
+            save_checkpoint(model, args.out, step + 1)
+            log.info("stopping at step %d of a %d-step schedule (--stop-at)", step + 1, args.steps)
+            break
     log.info("done in %.0fs", time.time() - start)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,3 +119,46 @@ def test_benchmark_average_precision_by_hand() -> None:
     labels = np.array([[0, 1], [2, 255]], np.uint8)
     bench.confusion_iou(np.where(labels == 255, 0, labels), labels, 3, conf)
     assert bench.miou(conf) == pytest.approx(100.0)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "shapes"
+
+
+def test_shipped_examples_are_the_generator_output() -> None:
+    classes, records = read_folder_dataset(EXAMPLES)
+    assert classes == list(OBJECT_CLASSES)
+    manifest = json.loads((EXAMPLES / "tags.json").read_text())
+    for image_id, record in records.items():
+        scene = generate_scene(int(image_id), seed=manifest["seed"])
+        assert np.array_equal(np.asarray(Image.open(EXAMPLES / "images" / f"{image_id}.png")), scene.image)
+        assert np.array_equal(np.asarray(Image.open(EXAMPLES / "labels" / f"{image_id}.png")), scene.label_map)
+        assert record["tags"] == list(scene.objects)
+
+
+def test_shapes_demo_ships_in_the_package_and_loads_offline(tmp_path, monkeypatch) -> None:
+    from tagclip_cli.backbone import WEIGHTS_DIR, builtin_models, load_backbone
+
+    config = json.loads((WEIGHTS_DIR / "shapes-demo.json").read_text())
+    assert config["quick_gelu"] is True and config["text_cfg"]["vocab_size"] == 49408
+    assert (WEIGHTS_DIR / "shapes-demo.safetensors").stat().st_size < 20_000_000
+    assert "shapes-demo" in builtin_models()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bb = load_backbone(model="shapes-demo", device="cpu", cache_dir=tmp_path)
+    assert bb.native_grid == (14, 14) and bb.native_size == 224 and bb.num_layers >= 6
+    assert bb.weights == "builtin:shapes-demo"
+    # Trained, not random: the class token names the salient object of most example scenes.
+    text = bb.text_classifier(OBJECT_CLASSES, ("a photo of a {}.",))
+    _, records = read_folder_dataset(EXAMPLES)
+    import torch
+
+    mean, std = torch.tensor(bb.mean)[:, None, None], torch.tensor(bb.std)[:, None, None]
+    pixels = torch.stack(
+        [
+            (torch.from_numpy(np.asarray(Image.open(EXAMPLES / "images" / f"{i}.png"))).permute(2, 0, 1) / 255 - mean)
+            / std
+            for i in records
+        ]
+    )
+    top = (bb.encode_image(pixels) @ text.T).argmax(dim=1).tolist()
+    hits = sum(OBJECT_CLASSES[t] == r["salient"] for t, r in zip(top, records.values(), strict=True))
+    assert hits >= len(records) // 2
