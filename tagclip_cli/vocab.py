@@ -119,8 +119,7 @@ def _check_background(classes: Sequence[str], entries: Sequence[tuple[str, int |
             raise VocabularyError(f"{_at(source, lineno)}: empty background class name")
         if key in foreground:
             raise VocabularyError(
-                f"{_at(source, lineno)}: background class '{name}' is also a foreground class "
-                f"('{foreground[key]}')"
+                f"{_at(source, lineno)}: background class '{name}' is also a foreground class ('{foreground[key]}')"
             )
         if key in seen:
             first, first_line = seen[key]
@@ -165,9 +164,7 @@ def parse_vocabulary(text: str, source: str = "<string>") -> Vocabulary:
         if key in first_seen:
             first, first_line = first_seen[key]
             same = "" if first == name else f" (same as '{first}' once case and spacing are ignored)"
-            raise VocabularyError(
-                f"{source}:{lineno}: duplicate class '{name}'{same}, first on line {first_line}"
-            )
+            raise VocabularyError(f"{source}:{lineno}: duplicate class '{name}'{same}, first on line {first_line}")
         first_seen[key] = (name, lineno)
         classes.append(name)
         seg_names.append(seg if sep else name)
@@ -202,7 +199,10 @@ def _warn_non_ascii(vocab: Vocabulary) -> None:
         log.warning(
             "%s: %d class name(s) with non-ASCII characters (%s%s); accepted, but CLIP's text encoder "
             "was trained mostly on English and may score them poorly",
-            vocab.source, len(set(names)), shown, ", ..." if len(set(names)) > 3 else "",
+            vocab.source,
+            len(set(names)),
+            shown,
+            ", ..." if len(set(names)) > 3 else "",
         )
 
 

@@ -122,8 +122,11 @@ def make_bad_corpus(root: Path) -> dict[str, Expect]:
     put("UPPER.JPG", jpeg_bytes(noise(16, 16, seed=7)), Expect("ok", size=(16, 16)))
 
     # Root reads anything regardless of mode bits, so there the file is simply fine.
-    put("unreadable.jpg", jpeg_bytes(noise(16, 16, seed=8)),
-        Expect("ok", size=(16, 16)) if running_as_root() else Expect("failed", "permission denied"))
+    put(
+        "unreadable.jpg",
+        jpeg_bytes(noise(16, 16, seed=8)),
+        Expect("ok", size=(16, 16)) if running_as_root() else Expect("failed", "permission denied"),
+    )
     os.chmod(root / "unreadable.jpg", 0)
 
     os.symlink(root / "no-such-target.jpg", root / "broken_link.jpg")

@@ -82,8 +82,9 @@ def mutated_images(draw) -> bytes:
         elif kind == "delete":
             del data[pos : pos + draw(st.integers(1, 16))]
         elif kind == "set_int" and len(data) > pos + 4:  # header fields (sizes, lengths) are integers
-            data[pos : pos + 4] = draw(st.sampled_from([b"\xff\xff\xff\xff", b"\x00\x00\x00\x00",
-                                                        b"\x7f\xff\xff\xff", b"\x00\x01\x00\x00"]))
+            data[pos : pos + 4] = draw(
+                st.sampled_from([b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x7f\xff\xff\xff", b"\x00\x01\x00\x00"])
+            )
     if draw(st.booleans()):
         data = data[: draw(st.integers(0, len(data)))]
     return bytes(data)
@@ -131,8 +132,27 @@ def test_arbitrary_bytes_decode_or_give_a_reason(fuzz_file, payload):
 NAME_CHARS = st.characters(codec="utf-8", exclude_categories=("Cs",))
 LINES = st.one_of(
     st.text(NAME_CHARS, max_size=30),
-    st.sampled_from(["", "# comment", BACKGROUND_HEADER, "[Background]", "[other]", "=", "cat", "Cat", "cat = x",
-                     "dog # dog", "  dog  ", "sky", "a = ", " = b", "\ufeffcat", "caf\u00e9", "cafe\u0301"]),
+    st.sampled_from(
+        [
+            "",
+            "# comment",
+            BACKGROUND_HEADER,
+            "[Background]",
+            "[other]",
+            "=",
+            "cat",
+            "Cat",
+            "cat = x",
+            "dog # dog",
+            "  dog  ",
+            "sky",
+            "a = ",
+            " = b",
+            "\ufeffcat",
+            "caf\u00e9",
+            "cafe\u0301",
+        ]
+    ),
 )
 
 

@@ -46,6 +46,7 @@ def corpus(tmp_path_factory):
 
 # ---- the corpus ----------------------------------------------------------------------------------
 
+
 def test_list_folder_reports_every_file_including_broken_links_pipes_and_bad_names(corpus):
     root, expect = corpus
     items = list_folder(root)
@@ -110,6 +111,7 @@ def test_output_text_escapes_only_undecodable_bytes():
 
 
 # ---- unusual but valid images: the pixels are right ---------------------------------------------
+
 
 def test_exif_orientation_is_applied(tmp_path: Path):
     path = tmp_path / "rot.jpg"
@@ -260,9 +262,19 @@ def test_worker_signal_handlers_ignore_sigint_and_sigterm():
 
 # ---- out of memory ---------------------------------------------------------------------------------
 
+
 def fake_records(n: int) -> list[dict]:
-    return [{"item": ImageItem(i, f"{i}.png", f"/x/{i}.png"), "pixels": torch.zeros(1), "width": 1, "height": 1,
-             "error": None, "downscaled": False} for i in range(n)]
+    return [
+        {
+            "item": ImageItem(i, f"{i}.png", f"/x/{i}.png"),
+            "pixels": torch.zeros(1),
+            "width": 1,
+            "height": 1,
+            "error": None,
+            "downscaled": False,
+        }
+        for i in range(n)
+    ]
 
 
 class FakeModel:
@@ -277,8 +289,9 @@ class FakeModel:
             self.sizes.append(len(good))
         if len(good) > self.fits or any(r["item"].index in self.never for r in good):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return [{"index": r["item"].index, "status": "failed" if r["error"] else "ok", "error": r["error"]}
-                for r in records]
+        return [
+            {"index": r["item"].index, "status": "failed" if r["error"] else "ok", "error": r["error"]} for r in records
+        ]
 
 
 def test_oom_halves_the_batch_and_remembers_the_size_that_fits():
@@ -338,14 +351,19 @@ def test_non_oom_errors_are_not_retried():
     with pytest.raises(ValueError, match="a bug"):
         OomSplitter(broken)(fake_records(4))
     assert is_out_of_memory(torch.OutOfMemoryError("x"))
-    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
-                                         "memory: you tried to allocate 10 bytes"))
+    assert is_out_of_memory(
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 10 bytes"
+        )
+    )
     assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert not is_out_of_memory(MemoryError())
 
 
 # ---- signals ---------------------------------------------------------------------------------------
+
 
 def test_deferred_signals_delivers_after_the_block():
     from tagclip_cli.faults import Interrupted, deferred_signals, install_signal_handlers
@@ -371,6 +389,7 @@ def test_deferred_signals_delivers_after_the_block():
 
 
 # ---- disk full and a whole run in-process ------------------------------------------------------------
+
 
 def small_vocab():
     from tagclip_cli.vocab import parse_vocabulary
@@ -406,14 +425,23 @@ def annotate_in_process(images: Path, out: Path, checkpoint: Path, cache: Path, 
     from tagclip_cli.tagclip import TagCLIPConfig
 
     # No CWR: its per-class masked forwards are most of the time and have nothing to do with faults.
-    opts = AnnotateOptions(items=list_folder(images), vocab=small_vocab(), out=out,
-                           model=ModelOptions(checkpoint=checkpoint, cache_dir=cache),
-                           tagclip=TagCLIPConfig(use_cwr=False), batch_size=2, workers=0, part_size=1, **kw)
+    opts = AnnotateOptions(
+        items=list_folder(images),
+        vocab=small_vocab(),
+        out=out,
+        model=ModelOptions(checkpoint=checkpoint, cache_dir=cache),
+        tagclip=TagCLIPConfig(use_cwr=False),
+        batch_size=2,
+        workers=0,
+        part_size=1,
+        **kw,
+    )
     return run_annotate(opts)
 
 
-def test_disk_full_keeps_earlier_parts_and_resumes_to_the_clean_result(run_images, clean_rows, tiny_checkpoint,
-                                                                       cache_dir, tmp_path, monkeypatch):
+def test_disk_full_keeps_earlier_parts_and_resumes_to_the_clean_result(
+    run_images, clean_rows, tiny_checkpoint, cache_dir, tmp_path, monkeypatch
+):
     import pyarrow.parquet as pq
 
     from tagclip_cli import jobs
@@ -437,13 +465,19 @@ def test_disk_full_keeps_earlier_parts_and_resumes_to_the_clean_result(run_image
         annotate_in_process(run_images, out, tiny_checkpoint, cache_dir)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(f"cannot write {out}.parts/part-000000000008-000000000011.parquet "
-                              "(no space left on device); the 1 parts written before are intact in ")
+    assert message.startswith(
+        f"cannot write {out}.parts/part-000000000008-000000000011.parquet "
+        "(no space left on device); the 1 parts written before are intact in "
+    )
     assert message.endswith("free some space and rerun the same command to resume")
     assert info.value.exit_code == 2
     work = Path(f"{out}.parts")
     assert sorted(p.name for p in work.iterdir()) == [
-        "config.json", "items.parquet", "job.json", "part-000000000000-000000000007.parquet"]  # no temp file
+        "config.json",
+        "items.parquet",
+        "job.json",
+        "part-000000000000-000000000007.parquet",
+    ]  # no temp file
     assert pq.read_table(work / "part-000000000000-000000000007.parquet").to_pylist() == expected[:8]
     assert not out.exists()
 
@@ -454,8 +488,9 @@ def test_disk_full_keeps_earlier_parts_and_resumes_to_the_clean_result(run_image
     assert not work.exists()
 
 
-def test_oom_in_the_model_halves_batches_in_a_real_run(run_images, clean_rows, tiny_checkpoint, cache_dir, tmp_path,
-                                                       monkeypatch, caplog):
+def test_oom_in_the_model_halves_batches_in_a_real_run(
+    run_images, clean_rows, tiny_checkpoint, cache_dir, tmp_path, monkeypatch, caplog
+):
     import pyarrow.parquet as pq
 
     from tagclip_cli.tagclip import Tagger
@@ -487,6 +522,7 @@ def test_oom_in_the_model_halves_batches_in_a_real_run(run_images, clean_rows, t
 
 
 # ---- the text cache ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "wrong_structure"])
 def test_a_corrupt_text_cache_is_rebuilt(tiny_backbone, tmp_path, caplog, damage):
@@ -530,4 +566,5 @@ def test_symlinked_directories_are_not_followed_but_reported(tmp_path: Path, cap
     assert [it.image_id for it in items] == ["real/a.png"]  # not twice
     assert [r.getMessage() for r in caplog.records] == [
         f"1 symbolic link(s) to directories not followed (e.g. {tmp_path / 'alias'}); list such images in a "
-        "text file of paths to include them"]
+        "text file of paths to include them"
+    ]

@@ -40,11 +40,15 @@ def test_byte_order_mark_and_crlf_are_ignored(tmp_path: Path):
         ("# only a comment\n\n", "v.txt: the vocabulary is empty"),
         ("[background]\nsky\n", "v.txt: the vocabulary has only background classes"),
         ("cat\ndog\ncat\n", "v.txt:3: duplicate class 'cat', first on line 1"),
-        ("cat\n\nCat\n", "v.txt:3: duplicate class 'Cat' (same as 'cat' once case and spacing are ignored), "
-                         "first on line 1"),
+        (
+            "cat\n\nCat\n",
+            "v.txt:3: duplicate class 'Cat' (same as 'cat' once case and spacing are ignored), first on line 1",
+        ),
         ("tv monitor\ntv   monitor\n", "v.txt:2: duplicate class 'tv   monitor'"),
-        ("cat\n[background]\nsky\ncat\n", "v.txt:4: background class 'cat' is also a foreground class "
-                                          "('cat' on line 1)"),
+        (
+            "cat\n[background]\nsky\ncat\n",
+            "v.txt:4: background class 'cat' is also a foreground class ('cat' on line 1)",
+        ),
         ("cat\n[background]\nsky\nSKY\n", "v.txt:4: background class 'SKY' is listed twice ('sky' on line 3)"),
         ("cat\n[background]\n[background]\n", "v.txt:3: second [background] section"),
         ("cat\n[stuff]\n", "v.txt:2: unknown section [stuff] (only [background])"),
