@@ -7,6 +7,7 @@ nothing here parses arguments.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -244,7 +245,7 @@ def segment_config(
 ) -> dict:
     """run_config plus the segmentation settings and, with --tags, the tags file's identity."""
     config = run_config(backbone, opts.vocab, opts.tagclip, opts.max_side)
-    config["segment"] = asdict(opts.segment)
+    config["segment"] = json.loads(json.dumps(asdict(opts.segment)))  # as config.json reads back (lists)
     if tags_file is not None:
         config["tagclip"] = None  # TagCLIP did not run here: the tags come from the file
         config["tags_input"] = tags_file.identity()
