@@ -79,7 +79,8 @@ def deferred_signals() -> Iterator[None]:
         yield
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            # None: a handler installed outside Python; the default is the closest we can restore.
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         if pending:
             signal.raise_signal(pending[0])
 
