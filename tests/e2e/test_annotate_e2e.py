@@ -77,7 +77,11 @@ def test_annotate_help_and_missing_weights_message(tmp_path):
     for option in ("--vocab", "--out", "--model", "--pretrained", "--checkpoint", "--device", "--background",
                    "--no-background", "--tag-threshold", "--reference-compat"):
         assert option in helptext
-    missing = run_tagclip("annotate", str(tmp_path), "--vocab", "voc", "--out", str(tmp_path / "x.parquet"),
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32)).save(images / "a.png")
+    missing = run_tagclip("annotate", str(images), "--vocab", "voc", "--out", str(tmp_path / "x.parquet"),
                           "--checkpoint", str(tmp_path / "nope.pt"), cache=tmp_path, check=False)
     assert missing.returncode == 2
     assert "nope.pt" in missing.stderr and "Traceback" not in missing.stderr
+    assert not (tmp_path / "x.parquet").exists()
