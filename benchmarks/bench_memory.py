@@ -84,16 +84,21 @@ def annotate(listing: Path, out: Path, ckpt: Path, workers: int, cache: Path, sa
     at_sample = None
     parts = out.with_name(out.name + ".parts")
     last = -1
-    while sample_at is not None and proc.poll() is None:
-        rows = rows_in_parts(parts)
-        if rows != last:  # a new part: the RSS curve, one point per part
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if sample_at is None:
+            time.sleep(0.05)
+            continue
+        rows = rows_in_parts(parts) if parts.exists() else 0
+        if rows != last:  # one point of the RSS curve per new part file
             rss, hwm = proc_kb(proc.pid, "VmRSS") / 1024, proc_kb(proc.pid, "VmHWM") / 1024
             print(f"    {rows:6d} rows in parts: RSS {rss:7.1f} MB, peak so far {hwm:7.1f} MB", flush=True)
             last = rows
             if at_sample is None and rows >= sample_at:
                 at_sample = hwm
         time.sleep(0.05)
-    _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     stderr = proc.stderr.read().decode()
     if os.waitstatus_to_exitcode(status) != 0:
