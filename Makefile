@@ -6,7 +6,6 @@ BIN := $(VENV)/bin
 
 setup:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e '.[dev]'
 
 test:
