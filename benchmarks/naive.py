@@ -206,7 +206,7 @@ class NaiveTagCLIP:
         patch_maps = [m[1:, 1:] for m in maps]
         votes = torch.zeros_like(patch_maps[0])
         for m in patch_maps:
-            votes += (m > m.mean()).float()
+            votes += (m > m.double().mean()).float()  # a float64 mean: no order-dependent ties
         lo, hi = max(1, num_layers - 3), max(1, num_layers - 1)
         attn = torch.stack(patch_maps[lo - 1 : hi]).mean(dim=0) * (votes >= 4).float()
         first = attn @ p_coarse
@@ -316,7 +316,8 @@ class NaiveClsSeg:
             grad = activation.grad[0, 1:]  # (N, W)
             act = activation.detach()[0, 1:]
             weights = grad.mean(dim=0)
-            cam = _normalise_eps(torch.relu((act * weights).sum(dim=-1))).reshape(gh, gw)
+            # normalised twice, as CLIP-ES's CAM library does (per target layer, then after averaging)
+            cam = _normalise_eps(_normalise_eps(torch.relu((act * weights).sum(dim=-1)))).reshape(gh, gw)
             raw_cams.append(cam)
             # CAA, recomputed for every tag
             affinity = torch.stack([m[1:, 1:] for m in maps[lo - 1 : hi]]).mean(dim=0).double()

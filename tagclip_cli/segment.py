@@ -15,8 +15,9 @@ CLS-SEG per image:
    argmax. Optionally a dense CRF on the RGB image.
 
 Where this differs from the spec's wording it follows the reference (for parity with its numbers):
-cams are normalised as (x - min) / (max - min + 1e-7) and the refined cam is normalised on the grid
-before it is upsampled (set `normalise_after_resize` for the other order).
+cams are normalised as (x - min) / (max - min + 1e-7) (the Grad-CAM twice, as the reference's CAM
+library does), and the refined cam is normalised on the grid before it is upsampled (set
+`normalise_after_resize` for the other order).
 """
 
 from __future__ import annotations
@@ -531,7 +532,10 @@ class Segmenter:
         k = len(tags)
         nf = self.vocab.num_classes
         rows = torch.tensor([*tags, *range(nf, nf + self.num_background)], dtype=torch.long, device=self.text.device)
-        raw = normalise_cam(grad_cams(self.backbone, dense.pre_last, self.text[rows], k, cfg.cam_batch), cfg.cam_eps)
+        cams = grad_cams(self.backbone, dense.pre_last, self.text[rows], k, cfg.cam_batch)
+        # Twice, as the reference (per target layer, then after averaging the one layer): with the
+        # epsilon this matters when a cam's values are tiny (~1e-7, e.g. random weights).
+        raw = normalise_cam(normalise_cam(cams, cfg.cam_eps), cfg.cam_eps)
         with torch.inference_mode():
             # float64: the refined cam is often nearly flat before its normalisation, which would
             # magnify float32 rounding in the Sinkhorn rounds and products into visible noise.
