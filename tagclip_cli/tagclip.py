@@ -73,8 +73,13 @@ def coarse_scores(patch_features: Tensor, text_classifier: Tensor, logit_scale: 
 
 
 def vote_mask(attn: Tensor, k: int) -> Tensor:
-    """M_attn (N, N) bool: A_l(i, j) above the mean of A_l in at least k of the L maps (L, N, N)."""
-    means = attn.mean(dim=(-2, -1), keepdim=True)
+    """M_attn (N, N) bool: A_l(i, j) above the mean of A_l in at least k of the L maps (L, N, N).
+
+    The means are accumulated in float64: a float32 mean depends on the summation order (batch
+    size, memory layout, device), and the many entries within one rounding step of it would flip
+    their votes from one run to another."""
+    n = attn.shape[-2] * attn.shape[-1]
+    means = attn.sum(dim=(-2, -1), keepdim=True, dtype=torch.float64) / n
     count_dtype = torch.uint8 if attn.shape[0] <= 255 else torch.int32  # small counts: half the memory traffic
     return (attn > means).sum(dim=0, dtype=count_dtype) >= k
 
