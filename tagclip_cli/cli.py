@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from tagclip_cli import __version__
 from tagclip_cli.errors import TagclipError
@@ -40,7 +41,8 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print one line to stderr and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    # escape: a message may contain brackets (e.g. pip install 'tagclip-cli[crf]') that are not markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -143,10 +145,17 @@ def evaluate_command(
 
 
 def main() -> None:
+    from tagclip_cli.faults import Interrupted, install_signal_handlers
+
+    install_signal_handlers()  # SIGINT / SIGTERM -> Interrupted: finish the current part, exit 130 / 143
     try:
         app()
     except TagclipError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except Interrupted as exc:
+        err_console.print(f"interrupted ({exc}); completed results are kept: rerun the same command to resume",
+                          highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -181,20 +190,20 @@ def _resolve_device(device: str) -> str:
 
 
 def _load_vocab(vocab: str, background: Path | None, no_background: bool):
-    from tagclip_cli.vocab import VocabularyError, load_vocabulary, read_name_list
+    from tagclip_cli.vocab import VocabularyError, load_vocabulary
 
     try:
         voc = load_vocabulary(vocab)
         if no_background:
             voc = voc.with_background(())
         elif background is not None:
-            voc = voc.with_background(read_name_list(background))
+            voc = voc.with_background_file(background)
     except VocabularyError as exc:
         raise fail(str(exc)) from exc
     return voc
 
 
-def _progress(quiet: bool):
+def _progress(quiet: bool, label: str = "tagging"):
     from contextlib import contextmanager
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -212,7 +221,7 @@ def _progress(quiet: bool):
             console=err_console,
             transient=False,
         ) as prog:
-            task = prog.add_task("tagging", total=total)
+            task = prog.add_task(label, total=total)
             yield lambda n: prog.advance(task, n)
 
     return factory
@@ -232,10 +241,11 @@ def _report(summary, out: Path | None, quiet: bool = False) -> None:
         log.warning(summary.note)
     elif summary.note:
         log.info(summary.note)
-    if not quiet or summary.failed:
+    earlier = f" (+{summary.failed_before} failed in the earlier run)" if summary.failed_before else ""
+    if not quiet or summary.failed or summary.failed_before:
         err_console.print(
             f"{out if out is not None else '<stdout>'}: {summary.done} done, {summary.skipped} skipped "
-            f"(already done), {summary.failed} failed",
+            f"(already done), {summary.failed} failed{earlier}",
             highlight=False,
         )
 
@@ -342,6 +352,7 @@ def annotate(
     from tagclip_cli.jobs import OutputClosed
     from tagclip_cli.pipeline import AnnotateOptions, run_annotate
     from tagclip_cli.tagclip import TagCLIPConfig
+    from tagclip_cli.writers import check_output_path
 
     placement = _placement(shard, out, overwrite, images)
     setup_logging(quiet or not placement.leader, verbose)
@@ -351,6 +362,11 @@ def annotate(
                         use_background=not no_background)
     model_opts = _model_options(model, pretrained, checkpoint, device, cache_dir)
     out_path = None if out == "-" else Path(out)
+    if out_path is not None:
+        try:
+            check_output_path(out_path)  # before the model loads: a bad --out fails in a second
+        except TagclipError as exc:
+            raise fail(str(exc), exc.exit_code) from None
     opts = AnnotateOptions(
         items=items, vocab=voc, out=out_path,
         model=model_opts,
@@ -366,8 +382,8 @@ def annotate(
     except TagclipError as exc:
         raise fail(str(exc), exc.exit_code) from None
     _report(summary, out_path, quiet)
-    if summary.failed and summary.leader:
-        raise typer.Exit(1)
+    if (summary.failed or summary.failed_before) and summary.leader:
+        raise typer.Exit(1)  # the output has failed rows, whichever run met them
 
 
 @contextmanager
@@ -418,7 +434,8 @@ def show(
     tags: Path = typer.Option(..., "--tags", help="Tags Parquet written by `tagclip annotate`."),
     out: Path = typer.Option(..., "--out", "-o", help="Gallery folder (index.html, overlays/, thumbs/)."),
     masks: Path = typer.Option(None, "--masks", help="COCO RLE masks JSON written by `tagclip segment`."),
-    max_side: int = typer.Option(1600, "--max-side", min=64, help="Longer side of the overlays' image part."),
+    max_side: int = typer.Option(1024, "--max-side", min=64,
+                                 help="Longer side of the overlays' image part (about 1 MB per PNG at 1024)."),
     thumb_side: int = typer.Option(256, "--thumb-side", min=32, help="Longer side of the thumbnails."),
     page_size: int = typer.Option(100, "--page-size", min=1, help="Cards per page in index.html."),
     limit: int = typer.Option(None, "--limit", min=1, help="Show only the first N images of the tags file."),
@@ -446,10 +463,114 @@ def show(
     log = logging.getLogger("tagclip_cli")
     for image_id, error in summary.unreadable[:20]:
         log.warning("cannot read %s: %s", image_id, error)
-    err_console.print(
-        f"{summary.index_html}: {summary.images} images ({summary.failed_rows} failed in the tags file, "
-        f"{len(summary.unreadable)} unreadable now)",
-        highlight=False,
-    )
+    if not quiet or summary.unreadable:
+        err_console.print(
+            f"{summary.index_html}: {summary.images} images ({summary.failed_rows} failed in the tags file, "
+            f"{len(summary.unreadable)} unreadable now)",
+            highlight=False,
+        )
     if summary.unreadable:
         raise typer.Exit(1)
+
+
+@app.command()
+def segment(
+    images: str = IMAGES_ARG,
+    vocab: str = typer.Option(..., "--vocab", "-v", help="Vocabulary file, or a built-in name (voc, coco)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output COCO JSON (RLE masks, one annotation per image "
+                             "and present class)."),
+    tags_in: Path = typer.Option(None, "--tags", help="Tags Parquet of an earlier `tagclip annotate` run: "
+                                 "segment its tags instead of running TagCLIP here."),
+    tags_out: Path = typer.Option(None, "--tags-out", help="Also write the tags Parquet (as annotate would) "
+                                  "from the same pass."),
+    png_dir: Path = typer.Option(None, "--png-dir", help="Also write palette label PNGs (0 = background, "
+                                 "class = vocabulary index + 1) as DIR/<image id>.png."),
+    method: str = typer.Option("clses", "--method", help="clses (CLS-SEG: TagCLIP tags -> CLIP-ES, the paper's) "
+                               "or maskclip (baseline: dense logits, argmax)."),
+    crf: bool = typer.Option(False, "--crf", help="Dense CRF on the RGB image (paper's parameters; "
+                             "needs pip install 'tagclip-cli[crf]')."),
+    setting: str = typer.Option("voc", "--setting", help="CAA layers and box threshold: voc (layers L-7..L-1, "
+                                "0.4) or coco (layers L-7..L, 0.7), as the reference."),
+    key_smoothing: bool = typer.Option(False, "--key-smoothing", help="MaskCLIP: smooth with last-layer keys."),
+    prompt_denoising: bool = typer.Option(False, "--prompt-denoising",
+                                          help="MaskCLIP: drop classes whose best probability is below 0.5."),
+    manifest: Path = MANIFEST_OPT,
+    image_root: Path = IMAGE_ROOT_OPT,
+    shard: str = SHARD_OPT,
+    model: str = typer.Option(None, "--model", help=MODEL_HELP),
+    pretrained: str = typer.Option("openai", "--pretrained", help=PRETRAINED_HELP),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    background: Path = typer.Option(
+        None, "--background", help="File of background class names (replaces the vocabulary's)."
+    ),
+    no_background: bool = typer.Option(False, "--no-background", help="No background classes."),
+    tag_threshold: float = typer.Option(
+        0.5, "--tag-threshold", min=0.0, max=1.0, help="TagCLIP: keep classes whose normalised score is above this."
+    ),
+    reference_compat: bool = typer.Option(
+        False, "--reference-compat",
+        help="Reproduce the reference implementation's quirks exactly (to match published numbers).",
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward."),
+    workers: int = typer.Option(2, "--workers", min=0, help="DataLoader worker processes for decoding."),
+    max_side: int = typer.Option(1024, "--max-side", min=16,
+                                 help="Downscale longer sides above this for the model (masks keep the image size)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or unfinished run."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first image that cannot be read."),
+    part_size: int = PART_SIZE_OPT,
+    cache_dir: Path = typer.Option(
+        None, "--cache-dir", help="Text-embedding cache (default ~/.cache/tagclip or $TAGCLIP_CACHE_DIR)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+    verbose: bool = typer.Option(False, "--verbose", help="Debug logging."),
+) -> None:
+    """Segment every image (CLS-SEG or MaskCLIP) into a COCO RLE JSON, optionally with label PNGs and tags."""
+    from tagclip_cli.pipeline import SegmentOptions, run_segment
+    from tagclip_cli.segment import METHODS, SegmentConfig, require_crf
+    from tagclip_cli.tagclip import TagCLIPConfig
+    from tagclip_cli.writers import check_output_path
+
+    if method not in METHODS:
+        raise fail(f"--method must be one of {', '.join(METHODS)}, not '{method}'")
+    if setting not in ("voc", "coco"):
+        raise fail(f"--setting must be voc or coco, not '{setting}'")
+    if crf and method != "clses":
+        raise fail("--crf refines CLS-SEG cams; it does not apply to --method maskclip")
+    if (key_smoothing or prompt_denoising) and method != "maskclip":
+        raise fail("--key-smoothing and --prompt-denoising are MaskCLIP options (--method maskclip)")
+    if tags_in is not None and tags_out is not None:
+        raise fail("--tags-out writes the tags of TagCLIP run here; with --tags the tags are already in that file")
+    if str(out) == "-":
+        raise fail("segment writes a COCO JSON file; --out - is not supported (use annotate for JSON Lines)")
+    placement = _placement(shard, str(out), overwrite, images)
+    setup_logging(quiet or not placement.leader, verbose)
+    try:
+        if crf:
+            require_crf()
+        for path in (out, tags_out):
+            if path is not None:
+                check_output_path(path)
+        if png_dir is not None and png_dir.exists() and not png_dir.is_dir():
+            raise fail(f"--png-dir {png_dir}: exists and is not a directory")
+        seg_cfg = SegmentConfig.for_setting(setting, method=method, crf=crf, key_smoothing=key_smoothing,
+                                            prompt_denoising=prompt_denoising, reference_compat=reference_compat)
+    except TagclipError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+    voc = _load_vocab(vocab, background, no_background)
+    items = _collect_items(images, manifest, image_root)
+    cfg = TagCLIPConfig(tag_threshold=tag_threshold, reference_compat=reference_compat,
+                        use_background=not no_background)
+    model_opts = _model_options(model, pretrained, checkpoint, device, cache_dir)
+    opts = SegmentOptions(
+        items=items, vocab=voc, out=out, model=model_opts, tagclip=cfg, segment=seg_cfg,
+        tags_in=tags_in, tags_out=tags_out, png_dir=png_dir, batch_size=batch_size, workers=workers,
+        max_side=max_side, part_size=part_size, overwrite=overwrite, fail_fast=fail_fast, placement=placement,
+    )
+    try:
+        summary = run_segment(opts, progress=_progress(quiet, "segmenting"))
+    except TagclipError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+    _report(summary, out, quiet)
+    if (summary.failed or summary.failed_before) and summary.leader:
+        raise typer.Exit(1)  # the output has failed rows, whichever run met them

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -509,3 +510,54 @@ def test_crf_segmenter_needs_rgb_and_uses_it(tiny_backbone, voc, photos):
     assert out.label_map.shape == size and set(np.unique(out.label_map)) <= {0, 15}
     with pytest.raises(ValueError, match="RGB"):
         seg.segment(photos[:1], [size], tags=[[14]])
+
+
+# ---- CLI checks before any work -------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "grabcut"], "--method must be one of clses, maskclip"),
+        (["--method", "maskclip", "--crf"], "--crf refines CLS-SEG cams"),
+        (["--setting", "ade"], "--setting must be voc or coco"),
+        (["--key-smoothing"], "MaskCLIP options"),
+        (["--tags", "x.parquet", "--tags-out", "y.parquet"], "--tags-out"),
+    ],
+)
+def test_segment_cli_refuses_bad_combinations(tmp_path, extra, message):
+    from typer.testing import CliRunner
+
+    from tagclip_cli.cli import app
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    result = CliRunner().invoke(app, ["segment", str(tmp_path), "--vocab", "voc", "--out",
+                                      str(tmp_path / "m.json"), *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "m.json.parts").exists()
+
+
+def test_segment_cli_missing_crf_extra(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tagclip_cli.cli import app
+
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    result = CliRunner().invoke(app, ["segment", str(tmp_path), "--vocab", "voc", "--out", str(tmp_path / "m.json"),
+                                      "--crf"])
+    assert result.exit_code == 2
+    assert "pip install 'tagclip-cli[crf]'" in result.output  # brackets survive the rich markup
+
+
+def test_segment_config_reads_back_equal(tiny_backbone, voc):
+    """config.json must compare equal on resume: no tuples (JSON gives lists back)."""
+    from tagclip_cli.pipeline import ModelOptions, SegmentOptions, segment_config
+    from tagclip_cli.tagclip import TagCLIPConfig
+
+    opts = SegmentOptions(items=[], vocab=voc, out=Path("m.json"), model=ModelOptions(), tagclip=TagCLIPConfig(),
+                          segment=SegmentConfig.coco(method="maskclip", key_smoothing=True))
+    config = segment_config(tiny_backbone, opts, None)
+    assert json.loads(json.dumps(config)) == config
+    assert config["segment"]["caa_layers"] == [-7, 0] and config["segment"]["box_threshold"] == 0.7
