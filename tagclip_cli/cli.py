@@ -380,6 +380,8 @@ def annotate(
     except OutputClosed:
         raise typer.Exit(0) from None
     except TagclipError as exc:
+        if not placement.leader:  # rank 0 has the same error (jobs.Session) and prints it once
+            raise typer.Exit(exc.exit_code) from None
         raise fail(str(exc), exc.exit_code) from None
     _report(summary, out_path, quiet)
     if (summary.failed or summary.failed_before) and summary.leader:
