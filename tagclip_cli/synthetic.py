@@ -423,9 +423,7 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_folder_dataset(
-    out: str | Path, count: int, seed: int, start: int = 0, size: int = DEFAULT_SIZE
-) -> Path:
+def write_folder_dataset(out: str | Path, count: int, seed: int, start: int = 0, size: int = DEFAULT_SIZE) -> Path:
     """Write scenes ``start .. start+count-1`` of stream ``seed`` in the ``folder`` layout.
 
     Returns ``out``. Image ids are the zero-padded scene indices (``000123``).
