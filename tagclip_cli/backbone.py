@@ -95,7 +95,7 @@ class Backbone:
     model: torch.nn.Module
     tokenizer: object
     name: str
-    weights: str  # pretrained tag, "checkpoint:<sha256>", "builtin:<name>" or "random"
+    weights: str  # pretrained tag, "checkpoint:<sha256>", "builtin:<name>:<sha256 prefix>" or "random:<seed>"
     device: torch.device
     cache_dir: Path | None = field(default_factory=default_cache_dir)
     precision: str = "fp32"
@@ -560,7 +560,9 @@ def load_backbone(
             name = model
         weights = f"checkpoint:{digest}"
     elif model in builtin_models():
-        net, name, weights = _load_builtin(model), model, f"builtin:{model}"
+        # the weights' hash is part of the identity, so replaced weights never reuse cached text
+        digest = file_sha256(WEIGHTS_DIR / f"{model}.safetensors", cache_dir)[:16]
+        net, name, weights = _load_builtin(model), model, f"builtin:{model}:{digest}"
     elif pretrained in (None, "", "none", "random"):
         log.warning("model %s with RANDOM weights (seed %d): outputs are meaningless except for testing", model, seed)
         net, name, weights = _create(model, None, seed), model, f"random:{seed}"
