@@ -85,12 +85,13 @@ def builtin_vocabularies() -> list[str]:
 def resolve_vocabulary_path(spec: str | Path) -> Path:
     """A path as given, or the shipped vocabulary of that name (``voc`` -> vocabularies/voc.txt)."""
     path = Path(spec)
-    if path.exists():
-        if path.is_dir():
-            raise VocabularyError(f"{spec}: is a directory, not a vocabulary file")
-        return path
     builtin = BUILTIN_DIR / f"{spec}.txt"
-    if not path.suffix and "/" not in str(spec) and builtin.exists():
+    is_name = not path.suffix and "/" not in str(spec) and builtin.exists()
+    if path.is_dir() and not is_name:
+        raise VocabularyError(f"{spec}: is a directory, not a vocabulary file")
+    if path.exists() and not path.is_dir():
+        return path
+    if is_name:  # a built-in name wins over a same-named directory (e.g. ./shapes/ of images)
         return builtin
     known = ", ".join(builtin_vocabularies())
     raise VocabularyError(f"{spec}: no such vocabulary file (built-in names: {known})")

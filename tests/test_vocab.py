@@ -153,3 +153,14 @@ def test_backbone_warns_once_per_truncated_class(tiny_backbone, caplog):
     assert max(len(encode(t.format(fitting))) for t in tagclip_templates()) <= 75
     assert tiny_backbone.warn_truncated([fitting], tagclip_templates()) == []
     assert tiny_backbone.warn_truncated([fitting + " zebra"], tagclip_templates()) == [fitting + " zebra"]
+
+
+def test_builtin_name_wins_over_a_directory_of_that_name(tmp_path, monkeypatch):
+    from tagclip_cli.vocab import BUILTIN_DIR, resolve_vocabulary_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "voc").mkdir()
+    assert resolve_vocabulary_path("voc") == BUILTIN_DIR / "voc.txt"
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(VocabularyError, match="is a directory"):
+        resolve_vocabulary_path("mine")
