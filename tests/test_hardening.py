@@ -214,16 +214,29 @@ def test_permission_denied_is_its_own_reason(tmp_path: Path, monkeypatch):
         load_rgb(str(path))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode; see the injected variant")
 def test_permission_denied_on_a_real_unreadable_file(tmp_path: Path):
+    """A real mode-000 file. Root reads any file, so as root the reader runs without the
+    capabilities that bypass file modes (util-linux setpriv)."""
+    import subprocess
+    import sys
+
     path = tmp_path / "locked.jpg"
     Image.fromarray(noise(8, 8)).save(path)
     path.chmod(0)
+    code = (
+        "import sys\n"
+        "from tagclip_cli.data import DecodeError, load_rgb\n"
+        "try:\n    load_rgb(sys.argv[1])\nexcept DecodeError as exc:\n    print(exc)\n"
+    )
+    command = [sys.executable, "-c", code, str(path)]
+    if os.geteuid() == 0:
+        drop = "-dac_override,-dac_read_search"
+        command = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", *command]
     try:
-        with pytest.raises(DecodeError, match=r"^permission denied$"):
-            load_rgb(str(path))
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
     finally:
         path.chmod(0o644)
+    assert proc.stdout.strip() == "permission denied", proc.stderr
 
 
 def test_a_decoder_crash_becomes_a_failed_record(tmp_path: Path, monkeypatch):
