@@ -8,10 +8,13 @@ rotating order (the machine is shared and noisy: the ratios are the figure):
 - annotate (ours): `Tagger.tag` on a batch (the `tagclip annotate` engine);
 - annotate (naive): `benchmarks/naive.py`, one image and one class at a time, batch-1 CWR
   forwards, attention maps from nn.MultiheadAttention in every forward, fp32;
-- encoder-only: the forwards TagCLIP cannot avoid, run with stock open_clip modules (fused
-  attention, no attention maps): one native-resolution forward per image (same-size images
-  batched, all tokens through ln_post and proj) plus one batched forward of exactly the CWR
-  crops our run used, with their class-token masks. No DMAR, no box search, no crop resizing.
+- encoder-only: the forwards TagCLIP cannot avoid, each done the fastest way this torch offers,
+  i.e. with fused attention (scaled_dot_product_attention) and no attention maps: one
+  native-resolution forward per image (same-size images batched, all tokens through ln_post and
+  proj) plus one batched forward of exactly the CWR crops our run used, with their class-token
+  masks (`Backbone.masked_cls_forward`, which is already fused). No attention maps, no DMAR, no box
+  search, no crop resizing, no fusion. (open_clip's own blocks are slower than this on CPU:
+  with a per-crop mask nn.MultiheadAttention leaves its fast path, so they would flatter us.)
 - segment (ours): `Segmenter.segment` (CLS-SEG: TagCLIP, then batched Grad-CAMs of all tags on the
   same dense forward, CAA, label maps at the original size);
 - segment (naive): the naive TagCLIP time of the same images plus a naive CLIP-ES pass (its own
@@ -54,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from naive import NaiveClsSeg, NaiveTagCLIP  # noqa: E402
 
-from tagclip_cli.backbone import Backbone, load_backbone, tagclip_templates  # noqa: E402
+from tagclip_cli.backbone import Backbone, _fused_attention, load_backbone, tagclip_templates  # noqa: E402
 from tagclip_cli.data import Preprocess, load_rgb  # noqa: E402
 from tagclip_cli.tagclip import Tagger, TagOutput, crop_for_cwr  # noqa: E402
 from tagclip_cli.vocab import load_vocabulary  # noqa: E402
@@ -141,25 +144,13 @@ def make_photos(root: Path, count: int, seed: int = 0) -> list[Path]:
 # ---- encoder-only -------------------------------------------------------------------------------
 
 
-def stock_dense(bb: Backbone, pixels: Tensor) -> Tensor:
-    """open_clip's own blocks (fused attention, no maps) at native resolution: (B, 1+N, D)."""
+def bare_dense(bb: Backbone, pixels: Tensor) -> Tensor:
+    """The native-resolution forward with fused attention and no maps: (B, 1+N, D)."""
     x = bb.embed(pixels)
-    x = bb.visual.transformer(x)
+    for block in bb.visual.transformer.resblocks:
+        x = x + block.ls_1(_fused_attention(block.attn, block.ln_1(x), None))
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return bb.project_tokens(x)
-
-
-def stock_masked_cls(bb: Backbone, crops: Tensor, keep: Tensor, chunk: int = 32) -> Tensor:
-    """open_clip's own blocks on native-size crops with the CWR class-token mask: (B, D)."""
-    out = []
-    heads, n = bb.num_heads, keep.shape[1]
-    for start in range(0, crops.shape[0], chunk):
-        c, k = crops[start : start + chunk], keep[start : start + chunk]
-        mask = torch.zeros(c.shape[0], 1 + n, 1 + n, device=c.device)
-        mask[:, 0, 1:] = (~k).float() * -1000.0
-        mask = mask.repeat_interleave(heads, dim=0)  # (B * heads, T, T), nn.MultiheadAttention's layout
-        x = bb.visual.transformer(bb.embed(c), attn_mask=mask)
-        out.append(bb.project_tokens(x[:, :1])[:, 0])
-    return torch.cat(out)
 
 
 def encoder_only(bb: Backbone, images: Sequence[Tensor], crops: Tensor | None, keep: Tensor | None) -> None:
@@ -167,9 +158,9 @@ def encoder_only(bb: Backbone, images: Sequence[Tensor], crops: Tensor | None, k
     for img in images:
         groups.setdefault(tuple(img.shape[-2:]), []).append(img)
     for same in groups.values():
-        stock_dense(bb, torch.stack(same))
+        bare_dense(bb, torch.stack(same))
     if crops is not None and len(crops):
-        stock_masked_cls(bb, crops, keep)
+        bb.masked_cls_forward(crops, keep)
 
 
 def cwr_inputs(bb: Backbone, images: Sequence[Tensor], outputs: Sequence[TagOutput]):

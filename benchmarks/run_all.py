@@ -3,7 +3,8 @@
 Runs, in this order, each `benchmarks/bench_*.py` that exists (bench_speed.py, bench_memory.py,
 bench_synthetic.py, and any later bench_*.py), each in its own process with the repository's
 Python, streaming its output. A script whose --help lists --quick gets --quick unless --full is
-given. Missing scripts are skipped with a note. The last three lines are copied from
+given (scripts without one get the reduced settings in QUICK_ARGS). Missing scripts are skipped
+with a note. The last three lines are copied from
 bench_speed.py's output:
 
     annotate speedup vs naive: <R>x
@@ -26,6 +27,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 KNOWN = ("bench_speed.py", "bench_memory.py", "bench_synthetic.py")
+# Reduced settings for scripts that have no --quick of their own (keeps `make bench` near 15 minutes).
+QUICK_ARGS = {
+    "bench_memory.py": ["--images", "800", "--first", "200"],
+    "bench_batching.py": ["--images", "16"],
+}
 HEADLINES = (
     "annotate speedup vs naive",
     "segment speedup vs naive",
@@ -44,9 +50,14 @@ def supports_quick(path: Path) -> bool:
     return re.search(r"""add_argument\(\s*["']--quick["']""", path.read_text(encoding="utf-8")) is not None
 
 
-def run_script(path: Path, quick: bool) -> tuple[int, str, float]:
+def quick_args(path: Path) -> list[str]:
+    """--quick if the script has it, else the reduced settings of QUICK_ARGS (or none)."""
+    return ["--quick"] if supports_quick(path) else QUICK_ARGS.get(path.name, [])
+
+
+def run_script(path: Path, args: list[str]) -> tuple[int, str, float]:
     """Run one script, echoing its stdout; returns (exit code, captured stdout, seconds)."""
-    cmd = [sys.executable, str(path)] + (["--quick"] if quick else [])
+    cmd = [sys.executable, str(path), *args]
     print(f"\n=== {path.name} ({' '.join(cmd[1:]).replace(str(HERE) + '/', '')}) ===", flush=True)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
@@ -86,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\n=== {name}: not present, skipped ===", flush=True)
             summary.append(f"{name}: skipped (not present)")
             continue
-        code, output, seconds = run_script(path, quick=not args.full and supports_quick(path))
+        code, output, seconds = run_script(path, [] if args.full else quick_args(path))
         summary.append(f"{name}: exit {code}, {seconds:.0f}s")
         if code != 0:
             failed.append(name)
