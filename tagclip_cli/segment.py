@@ -5,10 +5,10 @@ B background classes, L layers) plus a `Segmenter` that runs them over batches o
 one dense forward per image with TagCLIP. Spec: ALGORITHM.md sections 8-9.
 
 CLS-SEG per image:
-1. Grad-CAM of the last block for every tag at once: block L runs (normal attention) on the tokens
-   entering it, repeated K times, so row k's target (the softmax probability of tag k among
-   [tags + background], from the mean of the projected patch tokens) depends on row k alone; one
-   backward of the sum gives each row its own gradient on the ln_1 output.
+1. Grad-CAM of the last block for every tag at once: block L runs once (normal attention) on the
+   tokens entering it; the K targets (the softmax probability of tag k among [tags + background],
+   from the mean of the projected patch tokens) get their gradients on the ln_1 output from one
+   vectorised backward (one-hot cotangents, `is_grads_batched`), not from K backward calls.
 2. CAA: mean attention of the CAA layers, Sinkhorn-style rounds, symmetrised; the cam's boxes mask
    the columns; the affinity is applied twice (its square) to the masked cam.
 3. Normalise on the grid, upsample bilinearly to the image size, background = (1 - max cam)^1,
@@ -65,7 +65,7 @@ class SegmentConfig:
     background_power: float = 1.0  # background score = (1 - max cam) ** power
     normalise_after_resize: bool = False  # False = the reference: normalise on the grid, then upsample
     cam_eps: float = CAM_EPS  # cams are normalised as (x - min) / (max - min + eps), as the reference
-    cam_batch: int = 16  # tags per batched backward (memory bound; all tags of most images at once)
+    cam_batch: int = 16  # tags per vectorised backward (memory bound; all tags of most images at once)
     crf: bool = False
     crf_iterations: int = 10
     crf_gaussian_sxy: float = 1.0
@@ -129,31 +129,36 @@ def grad_cams(backbone: Backbone, pre_last: Tensor, text: Tensor, num_targets: i
     """Grad-CAM of the last block for the first num_targets classes of `text`, (K, N) after ReLU.
 
     pre_last: (1+N, W) tokens entering block L. text: (K+B, D) L2-normalised classifier (the K
-    targets first, then the background classes). Row k's score is softmax over all K+B classes of
+    targets first, then the background classes). Target k is the softmax over all K+B classes of
     logit_scale * cos(mean-pooled projected patch tokens, text), taken at class k; its gradient on
     block L's ln_1 output (patch tokens) gives channel weights (spatial mean), and the cam is
-    ReLU(sum over channels of weight * activation). Up to `batch` targets share one forward and
-    one backward (block L on K copies of the tokens: rows are independent)."""
+    ReLU(sum over channels of weight * activation).
+
+    Block L runs forward once; the K targets' gradients come from batched backward passes
+    (`torch.autograd.grad(..., is_grads_batched=True)`: one vectorised backward for up to `batch`
+    targets, one-hot cotangents), not from one backward call per tag."""
+    n = pre_last.shape[0] - 1
     if num_targets == 0:
-        return torch.zeros(0, pre_last.shape[0] - 1, device=pre_last.device)
+        return torch.zeros(0, n, device=pre_last.device)
     last = backbone.num_layers - 1
     scale = backbone.logit_scale
     cams = []
     # The pipeline runs under inference_mode; Grad-CAM needs autograd (and non-inference tensors).
     with torch.inference_mode(False), torch.enable_grad():
-        tokens = pre_last.detach().clone()
+        tokens = pre_last.detach().clone()[None]
         classifier = text.detach().clone().float()
+        out, ln1, _ = backbone.block_forward_ln1_leaf(last, tokens)
+        pooled = backbone.project_tokens(out[:, 1:]).mean(dim=1).float()  # == proj(mean(ln_post(.)))
+        probs = (scale * F.normalize(pooled, dim=-1) @ classifier.T).softmax(dim=-1)[0]  # (K+B,)
+        activation = ln1.detach()[0, 1:].float()  # (N, W)
         for start in range(0, num_targets, batch):
-            rows = torch.arange(start, min(num_targets, start + batch), device=tokens.device)
-            k = len(rows)
-            out, ln1, _ = backbone.block_forward_ln1_leaf(last, tokens.unsqueeze(0).expand(k, -1, -1))
-            pooled = backbone.project_tokens(out[:, 1:]).mean(dim=1).float()  # == proj(mean(ln_post))
-            probs = (scale * F.normalize(pooled, dim=-1) @ classifier.T).softmax(dim=-1)  # (k, K+B)
-            target = probs[torch.arange(k, device=rows.device), rows].sum()
-            (grad,) = torch.autograd.grad(target, ln1)
-            activation = ln1.detach()[:, 1:].float()  # (k, N, W)
-            weights = grad[:, 1:].float().mean(dim=1)  # (k, W)
-            cams.append(torch.relu((activation * weights[:, None, :]).sum(dim=-1)))
+            stop = min(num_targets, start + batch)
+            cotangents = torch.zeros(stop - start, probs.shape[0], device=probs.device)
+            cotangents[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+            (grad,) = torch.autograd.grad(probs, ln1, grad_outputs=cotangents, is_grads_batched=True,
+                                          retain_graph=stop < num_targets)  # (k, 1, 1+N, W)
+            weights = grad[:, 0, 1:].float().mean(dim=1)  # (k, W)
+            cams.append(torch.relu(activation @ weights.T).T)  # (k, N)
     return torch.cat(cams)
 
 

@@ -268,16 +268,30 @@ def segmenter(tiny_backbone, voc):
     return Segmenter(tiny_backbone, voc)
 
 
+def _cam_one_tag(backbone, pre_last, text, k):
+    """Grad-CAM of target k with its own forward and its own backward call (the reference's loop)."""
+    out, ln1, _ = backbone.block_forward_ln1_leaf(backbone.num_layers - 1, pre_last.clone()[None])
+    pooled = backbone.project_tokens(out[:, 1:]).mean(dim=1)
+    probs = (backbone.logit_scale * F.normalize(pooled, dim=-1) @ text.T).softmax(dim=-1)[0]
+    probs[k].backward()
+    weights = ln1.grad[0, 1:].mean(dim=0)
+    return torch.relu((ln1.detach()[0, 1:] * weights).sum(dim=-1))
+
+
 def test_batched_cams_equal_tag_by_tag(tiny_backbone, segmenter, photos):
     dense = segmenter._dense(photos[:1])[0]
     tags = [0, 3, 7, 14, 19]
     rows = torch.tensor([*tags, *range(20, 45)])
-    text = segmenter.text[rows]
-    batched = grad_cams(tiny_backbone, dense.pre_last, text, len(tags), batch=16)  # one backward
-    one_by_one = grad_cams(tiny_backbone, dense.pre_last, text, len(tags), batch=1)  # one backward per tag
+    text = segmenter.text[rows].clone()
+    batched = grad_cams(tiny_backbone, dense.pre_last.clone(), text, len(tags), batch=16)  # one backward
+    with torch.enable_grad():
+        one_by_one = torch.stack([_cam_one_tag(tiny_backbone, dense.pre_last.clone(), text, k)
+                                  for k in range(len(tags))])
     assert batched.shape == (len(tags), dense.grid[0] * dense.grid[1])
     assert batched.abs().max() > 0
     torch.testing.assert_close(batched, one_by_one, atol=1e-5 * float(batched.abs().max()), rtol=0)
+    chunked = grad_cams(tiny_backbone, dense.pre_last.clone(), text, len(tags), batch=2)  # 3 backward calls
+    torch.testing.assert_close(chunked, batched, atol=1e-6 * float(batched.abs().max()), rtol=0)
     # each cam really depends on its own target: two different tags give different maps
     assert not torch.allclose(normalise_cam(batched[:1]), normalise_cam(batched[1:2]))
 
