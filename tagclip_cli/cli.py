@@ -164,18 +164,26 @@ def main() -> None:
 
 # ---- shared options ---------------------------------------------------------------------------
 
-def _model_options(model: str | None, pretrained: str, checkpoint: Path | None, device: str, cache_dir: Path | None):
+def _model_options(model: str | None, pretrained: str, checkpoint: Path | None, device: str, cache_dir: Path | None,
+                   precision: str = "fp32"):
+    from tagclip_cli.backbone import check_precision
     from tagclip_cli.pipeline import ModelOptions
 
     if checkpoint is not None and not checkpoint.is_file():
         raise fail(f"{checkpoint}: checkpoint file not found")
+    resolved = _resolve_device(device)
+    try:
+        check_precision(precision, resolved)
+    except TagclipError as exc:
+        raise fail(f"--precision: {exc}") from None
     return ModelOptions(
         model=model or "ViT-B-16",
         pretrained=pretrained,
         checkpoint=checkpoint,
-        device=_resolve_device(device),
+        device=resolved,
         cache_dir=cache_dir,
         model_explicit=model is not None,
+        precision=precision,
     )
 
 
@@ -321,6 +329,9 @@ def annotate(
     pretrained: str = typer.Option("openai", "--pretrained", help=PRETRAINED_HELP),
     checkpoint: Path = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    precision: str = typer.Option(
+        "fp32", "--precision", help="fp32 (default), or bf16 / fp16 autocast on CUDA (attention maps stay fp32)."
+    ),
     background: Path = typer.Option(
         None, "--background", help="File of background class names (replaces the vocabulary's)."
     ),
@@ -360,7 +371,7 @@ def annotate(
     items = _collect_items(images, manifest, image_root)
     cfg = TagCLIPConfig(tag_threshold=tag_threshold, reference_compat=reference_compat,
                         use_background=not no_background)
-    model_opts = _model_options(model, pretrained, checkpoint, device, cache_dir)
+    model_opts = _model_options(model, pretrained, checkpoint, device, cache_dir, precision)
     out_path = None if out == "-" else Path(out)
     if out_path is not None:
         try:

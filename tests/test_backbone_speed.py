@@ -82,3 +82,36 @@ def test_autocast_keeps_attention_maps_in_fp32(tiny_checkpoint, cache_dir):
     full = bb.masked_cls_forward(crop, keep)
     bb.precision = "bf16"
     assert torch.nn.functional.cosine_similarity(bb.masked_cls_forward(crop, keep), full).min() > 0.98
+
+
+@pytest.mark.parametrize(
+    ("precision", "message"),
+    [("bf16", "--precision: precision bf16 needs a CUDA device; on cpu use fp32"), ("fp64", "must be one of")],
+)
+def test_annotate_precision_errors_are_one_line_usage_errors(photo_dir, tiny_checkpoint, tmp_path, precision, message):
+    from typer.testing import CliRunner
+
+    from tagclip_cli.cli import app
+
+    out = tmp_path / "tags.parquet"
+    result = CliRunner().invoke(
+        app,
+        [
+            "annotate",
+            str(photo_dir),
+            "--vocab",
+            "voc",
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+            "--precision",
+            precision,
+        ],
+    )
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert not out.exists()
