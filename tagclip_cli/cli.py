@@ -501,7 +501,7 @@ def segment(
     method: str = typer.Option("clses", "--method", help="clses (CLS-SEG: TagCLIP tags -> CLIP-ES, the paper's) "
                                "or maskclip (baseline: dense logits, argmax)."),
     crf: bool = typer.Option(False, "--crf", help="Dense CRF on the RGB image (paper's parameters; "
-                             "needs pip install 'tagclip-cli[crf]')."),
+                             "needs pip install 'tagclip-cli\\[crf]')."),
     setting: str = typer.Option("voc", "--setting", help="CAA layers and box threshold: voc (layers L-7..L-1, "
                                 "0.4) or coco (layers L-7..L, 0.7), as the reference."),
     key_smoothing: bool = typer.Option(False, "--key-smoothing", help="MaskCLIP: smooth with last-layer keys."),
