@@ -123,3 +123,42 @@ def test_evaluate_bad_paths_are_one_line(tmp_path: Path):
     result = run("evaluate", "--gt", "voc2007", "--root", "VOCdevkit", "--pred", pred.name, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: VOCdevkit: no such file or directory"
+
+
+def test_segment_then_evaluate_synthetic_folder(tmp_path: Path, tiny_checkpoint: Path, cache_dir: Path):
+    """segment -> evaluate on both mask outputs (COCO JSON and label PNGs); mIoU checked against a
+    confusion matrix computed here from the PNGs and the dataset's label maps."""
+    from PIL import Image
+
+    from tagclip_cli.synthetic import write_folder_dataset
+
+    dataset = write_folder_dataset(tmp_path / "shapes_seg", count=4, seed=3)
+    masks, pngs = tmp_path / "masks.json", tmp_path / "pngs"
+    result = run(
+        "segment", str(dataset / "images"), "--vocab", "shapes", "--out", str(masks), "--png-dir", str(pngs),
+        "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--workers", "0", "--cache-dir", str(cache_dir),
+        "-q", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    classes = (dataset / "classes.txt").read_text().split()
+    n = len(classes) + 1
+    confusion = np.zeros((n, n), dtype=np.int64)
+    for label_path in sorted((dataset / "labels").glob("*.png")):
+        truth = np.asarray(Image.open(label_path)).astype(np.int64)
+        pred = np.asarray(Image.open(pngs / label_path.name)).astype(np.int64)
+        keep = truth != 255
+        confusion += np.bincount(truth[keep] * n + pred[keep], minlength=n * n).reshape(n, n)
+    inter = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    present = confusion.sum(1) > 0
+    expected = float(np.mean(inter[present] / union[present]))
+    for pred in (masks, pngs):
+        report_path = tmp_path / f"report-{pred.name}.json"
+        args = ["evaluate", "--gt", "folder", "--root", str(dataset), "--pred", str(pred), "--report", str(report_path)]
+        if pred == pngs:
+            args += ["--vocab", "shapes"]
+        result = run(*args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(report_path.read_text())
+        assert report["task"] == "segmentation"
+        assert report["metrics"]["mIoU"] == pytest.approx(expected, abs=1e-9), pred
