@@ -270,6 +270,16 @@ IMAGE_ROOT_OPT = typer.Option(
     None, "--image-root", help="Folder the manifest's file_name (or a path list's relative paths) are under; "
     "image ids are relative to it."
 )
+DEVICE_OPT = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto.")
+BACKGROUND_OPT = typer.Option(
+    None, "--background", help="File of background class names (replaces the vocabulary's)."
+)
+REFERENCE_COMPAT_OPT = typer.Option(
+    False, "--reference-compat",
+    help="Reproduce the reference implementation's quirks exactly (to match published numbers).",
+)
+BATCH_SIZE_OPT = typer.Option(8, "--batch-size", min=1, help="Images per forward.")
+WORKERS_OPT = typer.Option(2, "--workers", min=0, help="DataLoader worker processes for decoding.")
 SHARD_OPT = typer.Option(
     None, "--shard", help="Do only shard I of N (I/N, from 0) of the work, e.g. one SLURM array task; "
     "no merge: run `tagclip merge OUT` when all shards are done."
@@ -328,23 +338,18 @@ def annotate(
     model: str = typer.Option(None, "--model", help=MODEL_HELP),
     pretrained: str = typer.Option("openai", "--pretrained", help=PRETRAINED_HELP),
     checkpoint: Path = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    device: str = DEVICE_OPT,
     precision: str = typer.Option(
         "fp32", "--precision", help="fp32 (default), or bf16 / fp16 autocast on CUDA (attention maps stay fp32)."
     ),
-    background: Path = typer.Option(
-        None, "--background", help="File of background class names (replaces the vocabulary's)."
-    ),
+    background: Path = BACKGROUND_OPT,
     no_background: bool = typer.Option(False, "--no-background", help="Score against foreground classes only."),
     tag_threshold: float = typer.Option(
         0.5, "--tag-threshold", min=0.0, max=1.0, help="Keep classes whose normalised score is above this."
     ),
-    reference_compat: bool = typer.Option(
-        False, "--reference-compat",
-        help="Reproduce the reference implementation's quirks exactly (to match published numbers).",
-    ),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward."),
-    workers: int = typer.Option(2, "--workers", min=0, help="DataLoader worker processes for decoding."),
+    reference_compat: bool = REFERENCE_COMPAT_OPT,
+    batch_size: int = BATCH_SIZE_OPT,
+    workers: int = WORKERS_OPT,
     max_side: int = typer.Option(
         1024, "--max-side", min=16,
         help="Downscale images whose longer side exceeds this before the native-resolution forward "
@@ -513,20 +518,15 @@ def segment(
     model: str = typer.Option(None, "--model", help=MODEL_HELP),
     pretrained: str = typer.Option("openai", "--pretrained", help=PRETRAINED_HELP),
     checkpoint: Path = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
-    background: Path = typer.Option(
-        None, "--background", help="File of background class names (replaces the vocabulary's)."
-    ),
+    device: str = DEVICE_OPT,
+    background: Path = BACKGROUND_OPT,
     no_background: bool = typer.Option(False, "--no-background", help="No background classes."),
     tag_threshold: float = typer.Option(
         0.5, "--tag-threshold", min=0.0, max=1.0, help="TagCLIP: keep classes whose normalised score is above this."
     ),
-    reference_compat: bool = typer.Option(
-        False, "--reference-compat",
-        help="Reproduce the reference implementation's quirks exactly (to match published numbers).",
-    ),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward."),
-    workers: int = typer.Option(2, "--workers", min=0, help="DataLoader worker processes for decoding."),
+    reference_compat: bool = REFERENCE_COMPAT_OPT,
+    batch_size: int = BATCH_SIZE_OPT,
+    workers: int = WORKERS_OPT,
     max_side: int = typer.Option(1024, "--max-side", min=16,
                                  help="Downscale longer sides above this for the model (masks keep the image size)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or unfinished run."),
