@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -28,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tagclip_cli.errors import ModelLoadError, UsageError
+from tagclip_cli.errors import ModelLoadError, OutputWriteError, UsageError
+from tagclip_cli.writers import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -423,22 +423,10 @@ class _TextCache:
     def save(self, classes: dict[str, Tensor]) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save({"classes": classes}, self.path)
-        except OSError as exc:
+            with atomic_path(self.path) as tmp:
+                torch.save({"classes": classes}, tmp)
+        except (OSError, OutputWriteError) as exc:
             log.warning("could not write text cache %s (%s)", self.path, exc)
-
-
-def atomic_torch_save(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---- loading ---------------------------------------------------------------------------------

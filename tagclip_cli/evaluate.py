@@ -51,9 +51,7 @@ import datetime as _dt
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +62,7 @@ import numpy as np
 
 from tagclip_cli import __version__
 from tagclip_cli.errors import UsageError
+from tagclip_cli.writers import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -1507,17 +1506,9 @@ def write_report(report: Mapping[str, Any], path: Path) -> None:
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise UsageError(f"{path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2, allow_nan=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2, allow_nan=False)
+        fh.write("\n")
 
 
 def _pct(value: float | None) -> str:
