@@ -280,6 +280,11 @@ REFERENCE_COMPAT_OPT = typer.Option(
 )
 BATCH_SIZE_OPT = typer.Option(8, "--batch-size", min=1, help="Images per forward.")
 WORKERS_OPT = typer.Option(2, "--workers", min=0, help="DataLoader worker processes for decoding.")
+OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace an existing output or unfinished run.")
+FAIL_FAST_OPT = typer.Option(False, "--fail-fast", help="Stop at the first image that cannot be read.")
+CACHE_DIR_OPT = typer.Option(
+    None, "--cache-dir", help="Text-embedding cache (default ~/.cache/tagclip or $TAGCLIP_CACHE_DIR)."
+)
 SHARD_OPT = typer.Option(
     None, "--shard", help="Do only shard I of N (I/N, from 0) of the work, e.g. one SLURM array task; "
     "no merge: run `tagclip merge OUT` when all shards are done."
@@ -355,12 +360,10 @@ def annotate(
         help="Downscale images whose longer side exceeds this before the native-resolution forward "
         "(attention memory grows with the 4th power of the side; VOC/COCO images are below the default).",
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or unfinished run."),
-    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first image that cannot be read."),
+    overwrite: bool = OVERWRITE_OPT,
+    fail_fast: bool = FAIL_FAST_OPT,
     part_size: int = PART_SIZE_OPT,
-    cache_dir: Path = typer.Option(
-        None, "--cache-dir", help="Text-embedding cache (default ~/.cache/tagclip or $TAGCLIP_CACHE_DIR)."
-    ),
+    cache_dir: Path = CACHE_DIR_OPT,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
     verbose: bool = typer.Option(False, "--verbose", help="Debug logging."),
 ) -> None:
@@ -529,12 +532,10 @@ def segment(
     workers: int = WORKERS_OPT,
     max_side: int = typer.Option(1024, "--max-side", min=16,
                                  help="Downscale longer sides above this for the model (masks keep the image size)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or unfinished run."),
-    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first image that cannot be read."),
+    overwrite: bool = OVERWRITE_OPT,
+    fail_fast: bool = FAIL_FAST_OPT,
     part_size: int = PART_SIZE_OPT,
-    cache_dir: Path = typer.Option(
-        None, "--cache-dir", help="Text-embedding cache (default ~/.cache/tagclip or $TAGCLIP_CACHE_DIR)."
-    ),
+    cache_dir: Path = CACHE_DIR_OPT,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
     verbose: bool = typer.Option(False, "--verbose", help="Debug logging."),
 ) -> None:
