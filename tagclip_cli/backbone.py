@@ -99,6 +99,7 @@ class Backbone:
     device: torch.device
     cache_dir: Path | None = field(default_factory=default_cache_dir)
     precision: str = "fp32"
+    _buffers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_precision(self.precision, self.device)
@@ -111,6 +112,10 @@ class Backbone:
         if not isinstance(getattr(block, "attn", None), torch.nn.MultiheadAttention):
             raise ModelLoadError(f"model '{self.name}' has custom attention blocks, which are not supported")
         self.model.eval().requires_grad_(False)
+        if self.precision != "fp32" and self.device.type == "cpu":
+            # CPU autocast copies every weight on every call (slow); the image tower is cast once
+            # instead. The text tower stays fp32, so text embeddings (and their cache) are unchanged.
+            visual.to(PRECISIONS[self.precision])
 
     # ---- geometry -------------------------------------------------------------------------------
     @property
@@ -142,8 +147,9 @@ class Backbone:
         return int(proj.shape[1]) if proj is not None else int(self.visual.conv1.out_channels)
 
     def autocast(self) -> AbstractContextManager:
-        """The autocast context every image forward runs in (a no-op in fp32)."""
-        if self.precision == "fp32":
+        """The autocast context every image forward runs in (a no-op in fp32, and on CPU, where
+        the image tower's weights are cast once instead)."""
+        if self.precision == "fp32" or self.device.type == "cpu":
             return nullcontext()
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
@@ -247,37 +253,81 @@ class Backbone:
         return self.visual.ln_pre(x)
 
     def _attention(
-        self, block: torch.nn.Module, x: Tensor, attn_mask: Tensor | None, value_path: bool
+        self, block: torch.nn.Module, x: Tensor, attn_mask: Tensor | None, value_path: bool,
+        map_out: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """One block's attention on ln_1 output x (B, T, W).
 
         Returns (output before the residual (B, T, W), head-averaged softmax map (B, T, T) fp32).
         With value_path the output is out_proj(v) for every token (no query/key mixing) while the
-        returned map is still the ordinary softmax attention."""
+        returned map is still the ordinary softmax attention. map_out (B, T, T) fp32, if given,
+        receives the map (and is returned)."""
         mha: torch.nn.MultiheadAttention = block.attn
         b, t, w = x.shape
         h = mha.num_heads
         qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
         q, k, v = qkv.reshape(b, t, 3, h, w // h).permute(2, 0, 3, 1, 4)  # each (B, h, T, d)
-        # The softmax runs in fp32 even under autocast: the maps feed DMAR's K-of-L vote, whose
-        # comparisons with each map's mean must not depend on the compute precision.
-        scores = ((q * (w // h) ** -0.5) @ k.transpose(-1, -2)).float()
-        if attn_mask is not None:
-            scores = scores + attn_mask.float()
-        probs = scores.softmax(dim=-1)
-        if value_path:
-            mixed = v
+        q = q * (w // h) ** -0.5
+        if torch.is_grad_enabled() and x.requires_grad:
+            # The softmax runs in fp32 even under autocast: the maps feed DMAR's K-of-L vote, whose
+            # comparisons with each map's mean must not depend on the compute precision.
+            scores = (q @ k.transpose(-1, -2)).float()
+            if attn_mask is not None:
+                scores = scores + attn_mask.float()
+            probs = scores.softmax(dim=-1)
+            mixed = v if value_path else probs.to(v.dtype) @ v
+            attn = probs.mean(dim=1)
         else:
-            mixed = probs.to(v.dtype) @ v
+            mixed, attn = self._attention_no_grad(q, k, v, attn_mask, value_path, map_out)
         out = mha.out_proj(mixed.transpose(1, 2).reshape(b, t, w))
-        return out, probs.float().mean(dim=1)
+        return out, attn
+
+    def _attention_no_grad(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, value_path: bool,
+                           map_out: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The same computation as the autograd path, in reused buffers: the (B, h, T, T) scores and
+        probabilities of a 500x375 batch of 8 are ~200 MB per layer, and fresh allocations that size
+        come from the OS as new pages each time (measured: ~20% of the CPU time spent zeroing them)."""
+        b, h, t, d = q.shape
+        scores = self._workspace("scores", (b * h, t, t), q.dtype, q.device)
+        torch.bmm(q.reshape(b * h, t, d), k.reshape(b * h, t, d).transpose(1, 2), out=scores)
+        if attn_mask is not None:
+            if scores.dtype != torch.float32:  # the mask is added in fp32, as on the autograd path
+                scores32 = self._workspace("scores32", (b * h, t, t), torch.float32, q.device)
+                scores = scores32.copy_(scores)
+            scores.view(b, h, t, t).add_(attn_mask.float())
+        probs = self._workspace("probs", (b * h, t, t), torch.float32, q.device)
+        torch.softmax(scores, dim=-1, dtype=torch.float32, out=probs)
+        probs4 = probs.view(b, h, t, t)
+        attn = probs4.mean(dim=1) if map_out is None else torch.mean(probs4, dim=1, out=map_out)
+        if value_path:
+            return v, attn
+        if probs.dtype != v.dtype:
+            low = self._workspace("probs_low", (b * h, t, t), v.dtype, q.device)
+            low.copy_(probs)
+        else:
+            low = probs
+        mixed = torch.bmm(low, v.reshape(b * h, t, d)).view(b, h, t, d)
+        return mixed, attn
+
+    def _workspace(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A buffer for `role`, reused while the shape, dtype and device stay the same (one per role)."""
+        buf = self._buffers.get(role)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+            self._buffers[role] = buf = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+    def release_workspace(self) -> None:
+        """Drop the reused attention buffers (they are rebuilt on the next forward)."""
+        self._buffers.clear()
 
     def block_forward(
-        self, index: int, x: Tensor, attn_mask: Tensor | None = None, value_path: bool = False
+        self, index: int, x: Tensor, attn_mask: Tensor | None = None, value_path: bool = False,
+        map_out: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Run block `index` (0-based) on (B, T, W); returns (new x, attention map (B, T, T))."""
+        """Run block `index` (0-based) on (B, T, W); returns (new x, attention map (B, T, T)),
+        the map written into map_out when given."""
         block = self.visual.transformer.resblocks[index]
-        out, attn = self._attention(block, block.ln_1(x), attn_mask, value_path)
+        out, attn = self._attention(block, block.ln_1(x), attn_mask, value_path, map_out)
         x = x + block.ls_1(out)
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
         return x, attn
@@ -319,18 +369,19 @@ class Backbone:
         if pixels.shape[-2] % p or pixels.shape[-1] % p:
             raise ValueError(f"image size {tuple(pixels.shape[-2:])} is not a multiple of the patch size {p}")
         grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
+        t = 1 + grid[0] * grid[1]
         with self.autocast():
             x = self.embed(pixels, fp16_round_pos)
-            maps = []
+            # Layer-major storage: each layer's map is one contiguous (B, T, T) block written in
+            # place; the returned (B, L, T, T) is a view of it.
+            maps = torch.empty(self.num_layers, pixels.shape[0], t, t, device=pixels.device)
             last = self.num_layers - 1
             for i in range(last):
-                x, attn = self.block_forward(i, x)
-                maps.append(attn)
+                x, _ = self.block_forward(i, x, map_out=maps[i])
             pre_last = x if keep_pre_last else None
-            x, attn = self.block_forward(last, x, value_path=True)
-            maps.append(attn)
+            x, _ = self.block_forward(last, x, value_path=True, map_out=maps[last])
             tokens = self.project_tokens(x).float()
-        return DenseOutput(tokens, torch.stack(maps, dim=1), grid, pre_last)
+        return DenseOutput(tokens, maps.transpose(0, 1), grid, pre_last)
 
     def masked_cls_forward(
         self, crops: Tensor, patch_masks: Tensor, mask_value: float = -1000.0, chunk_size: int = 32
@@ -373,11 +424,15 @@ class Backbone:
 
 
 def check_precision(precision: str, device: torch.device | str) -> None:
-    """Raise UsageError unless precision is fp32, or bf16/fp16 on a CUDA device."""
+    """Raise UsageError unless precision is fp32, bf16 (CUDA autocast; on CPU bf16 weights for the
+    image tower) or fp16 on a CUDA device."""
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
-    if precision != "fp32" and torch.device(device).type != "cuda":
-        raise UsageError(f"precision {precision} needs a CUDA device; on {torch.device(device).type} use fp32")
+    kind = torch.device(device).type
+    if precision == "fp16" and kind != "cuda":
+        raise UsageError(f"precision fp16 needs a CUDA device; on {kind} use fp32 or bf16")
+    if precision == "bf16" and kind not in ("cuda", "cpu"):
+        raise UsageError(f"precision bf16 is supported on CUDA and CPU, not on {kind}; use fp32")
 
 
 def _fused_attention(mha: torch.nn.MultiheadAttention, x: Tensor, attn_mask: Tensor | None,

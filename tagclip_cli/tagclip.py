@@ -7,6 +7,7 @@ Spec: ALGORITHM.md sections 2-6.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -77,11 +78,28 @@ def vote_mask(attn: Tensor, k: int) -> Tensor:
 
     The means are accumulated in float64: a float32 mean depends on the summation order (batch
     size, memory layout, device), and the many entries within one rounding step of it would flip
-    their votes from one run to another."""
+    their votes from one run to another. Row sums (each row a fixed-order contiguous run) are
+    taken in float32 and added in float64; the float32 entries are compared with the float64 mean
+    exactly, through the smallest float32 above it, without a float64 copy of the maps."""
     n = attn.shape[-2] * attn.shape[-1]
-    means = attn.sum(dim=(-2, -1), keepdim=True, dtype=torch.float64) / n
+    if attn.dtype == torch.float32:
+        rows = attn.sum(dim=-1, dtype=torch.float32)
+        means = rows.sum(dim=-1, dtype=torch.float64) / n  # (L,)
+        above = float32_above(means)[:, None, None]
+        votes = attn >= above  # == (attn > mean) for float32 entries
+    else:
+        means = attn.sum(dim=(-2, -1), keepdim=True, dtype=torch.float64) / n
+        votes = attn > means
     count_dtype = torch.uint8 if attn.shape[0] <= 255 else torch.int32  # small counts: half the memory traffic
-    return (attn > means).sum(dim=0, dtype=count_dtype) >= k
+    return votes.sum(dim=0, dtype=count_dtype) >= k
+
+
+def float32_above(values: Tensor) -> Tensor:
+    """The smallest float32 strictly greater than each float64 value: for a float32 x,
+    x > v exactly when x >= float32_above(v)."""
+    rounded = values.to(torch.float32)
+    bump = rounded.double() <= values
+    return torch.where(bump, torch.nextafter(rounded, torch.full_like(rounded, math.inf)), rounded)
 
 
 def refined_attention(attn: Tensor, layers: tuple[int, int], k: int) -> Tensor:

@@ -49,10 +49,9 @@ def test_masked_forward_of_no_crops(tiny_backbone):
     assert out.shape == (0, tiny_backbone.embed_dim)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_half_precisions_need_cuda(tiny_checkpoint, cache_dir, precision):
-    with pytest.raises(UsageError, match="needs a CUDA device"):
-        load_backbone(checkpoint=tiny_checkpoint, cache_dir=cache_dir, precision=precision)
+def test_fp16_needs_cuda(tiny_checkpoint, cache_dir):
+    with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
+        load_backbone(checkpoint=tiny_checkpoint, cache_dir=cache_dir, precision="fp16")
 
 
 def test_unknown_precision_is_a_usage_error(tiny_checkpoint, cache_dir):
@@ -60,33 +59,69 @@ def test_unknown_precision_is_a_usage_error(tiny_checkpoint, cache_dir):
         load_backbone(checkpoint=tiny_checkpoint, cache_dir=cache_dir, precision="fp8")
 
 
-def test_autocast_keeps_attention_maps_in_fp32(tiny_checkpoint, cache_dir):
-    """The autocast path (CUDA in real use; exercised here with CPU autocast by setting the field
-    directly): the forwards run in bf16, the attention maps stay fp32 softmax rows, and the
-    results stay close to fp32."""
-    bb = load_backbone(checkpoint=tiny_checkpoint, cache_dir=cache_dir)
+def test_cpu_bf16_casts_the_image_tower_and_keeps_maps_and_text_in_fp32(tiny_checkpoint, cache_dir):
+    """On CPU, bf16 casts the image tower's weights once (no autocast); the text tower, the text
+    classifier and the attention maps stay fp32, and the results stay close to fp32."""
+    ref = load_backbone(checkpoint=tiny_checkpoint, cache_dir=cache_dir)
+    bb = load_backbone(checkpoint=tiny_checkpoint, cache_dir=cache_dir, precision="bf16")
+    assert bb.dtype == torch.bfloat16 and ref.dtype == torch.float32
+    assert bb.model.token_embedding.weight.dtype == torch.float32
+    names, templates = ["cat", "dog"], ("a photo of a {}.",)
+    torch.testing.assert_close(bb.text_classifier(names, templates), ref.text_classifier(names, templates))
     pixels = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
-    reference = bb.dense_forward(pixels)
-    assert reference.attn.dtype == torch.float32
-    bb.precision = "bf16"
-    half = bb.dense_forward(pixels)
+    with torch.inference_mode():
+        full, half = ref.dense_forward(pixels), bb.dense_forward(pixels)
     assert half.attn.dtype == torch.float32 and half.tokens.dtype == torch.float32
     torch.testing.assert_close(half.attn.sum(-1), torch.ones(2, bb.num_layers, 25), atol=1e-5, rtol=0)
-    assert (half.attn - reference.attn).abs().max() < 0.05
-    assert (half.tokens - reference.tokens).abs().max() > 0  # bf16 did run
-    cos = torch.nn.functional.cosine_similarity(half.tokens, reference.tokens, dim=-1)
+    assert 0 < (half.attn - full.attn).abs().max() < 0.05  # bf16 did run, and stayed close
+    cos = torch.nn.functional.cosine_similarity(half.tokens, full.tokens, dim=-1)
     assert cos.min() > 0.98
     keep = torch.ones(1, 196, dtype=torch.bool)
-    crop = torch.randn(1, 3, 224, 224)
-    bb.precision = "fp32"
-    full = bb.masked_cls_forward(crop, keep)
-    bb.precision = "bf16"
-    assert torch.nn.functional.cosine_similarity(bb.masked_cls_forward(crop, keep), full).min() > 0.98
+    crop = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        half_cls, full_cls = bb.masked_cls_forward(crop, keep), ref.masked_cls_forward(crop, keep)
+    assert torch.nn.functional.cosine_similarity(half_cls, full_cls).min() > 0.98
+
+
+def test_autocast_path_keeps_attention_maps_in_fp32(tiny_checkpoint, cache_dir, monkeypatch):
+    """The CUDA autocast path, exercised with CPU autocast: the forwards run in bf16, the maps
+    stay fp32 softmax rows, and the results stay close to fp32."""
+    bb = load_backbone(checkpoint=tiny_checkpoint, cache_dir=cache_dir)
+    pixels = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = bb.dense_forward(pixels)
+        monkeypatch.setattr(type(bb), "autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+        half = bb.dense_forward(pixels)
+    assert half.attn.dtype == torch.float32 and half.tokens.dtype == torch.float32
+    torch.testing.assert_close(half.attn.sum(-1), torch.ones(2, bb.num_layers, 25), atol=1e-5, rtol=0)
+    assert 0 < (half.attn - reference.attn).abs().max() < 0.05
+    assert torch.nn.functional.cosine_similarity(half.tokens, reference.tokens, dim=-1).min() > 0.98
+
+
+@pytest.mark.parametrize("value_path", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_buffered_attention_equals_the_autograd_path(tiny_backbone, value_path, masked):
+    """Without autograd the attention runs in reused buffers; it must give the same output and
+    map as the plain path, also when the shape changes between calls (buffers rebuilt)."""
+    g = torch.Generator().manual_seed(5)
+    block = tiny_backbone.visual.transformer.resblocks[1]
+    for tokens in (17, 26, 17):
+        x = torch.randn(3, tokens, 64, generator=g)
+        mask = torch.randn(1, 1, tokens, tokens, generator=g) if masked else None
+        expected_out, expected_map = tiny_backbone._attention(block, x.clone().requires_grad_(True), mask, value_path)
+        with torch.no_grad():
+            out, attn = tiny_backbone._attention(block, x, mask, value_path)
+            into = torch.full((3, tokens, tokens), float("nan"))
+            _, written = tiny_backbone._attention(block, x, mask, value_path, map_out=into)
+        torch.testing.assert_close(out, expected_out.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(attn, expected_map.detach(), atol=1e-7, rtol=0)
+        assert written.data_ptr() == into.data_ptr()
+        torch.testing.assert_close(into, expected_map.detach(), atol=1e-7, rtol=0)
 
 
 @pytest.mark.parametrize(
     ("precision", "message"),
-    [("bf16", "--precision: precision bf16 needs a CUDA device; on cpu use fp32"), ("fp64", "must be one of")],
+    [("fp16", "--precision: precision fp16 needs a CUDA device; on cpu use fp32 or bf16"), ("fp64", "must be one of")],
 )
 def test_annotate_precision_errors_are_one_line_usage_errors(photo_dir, tiny_checkpoint, tmp_path, precision, message):
     from typer.testing import CliRunner
