@@ -31,6 +31,12 @@ template per class (text encoding is timed separately and reported as per-run se
 
     .venv/bin/python benchmarks/bench_speed.py            # 16 images, batches of 8
     .venv/bin/python benchmarks/bench_speed.py --quick    # 8 images, batches of 4 (make bench)
+    .venv/bin/python benchmarks/bench_speed.py --quick --precision bf16
+
+--precision bf16 runs ours and the encoder-only forwards with `--precision bf16` (on CPU: the image
+tower's weights in bf16, attention maps still fp32 softmax) on a second copy of the same weights;
+the naive loop stays fp32, as the reference runs. The score difference and the tag agreement
+with the naive loop then measure what bf16 changes.
 """
 
 from __future__ import annotations
@@ -226,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="keep the random initial logit scale (14.3): nearly every class becomes a CWR candidate",
     )
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                    help="precision of ours and of the encoder-only row (the naive loop is always fp32)")
     ap.add_argument("--no-segment", action="store_true", help="skip the segment measurements")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -244,16 +252,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
-    bb = load_backbone(args.model, pretrained="random", device=args.device, cache_dir=workdir / "cache")
-    if not args.init_logit_scale:
-        with torch.no_grad():
-            bb.model.logit_scale.fill_(math.log(100.0))
+    def load(precision: str) -> Backbone:
+        model = load_backbone(args.model, pretrained="random", device=args.device, cache_dir=workdir / "cache",
+                              precision=precision)
+        if not args.init_logit_scale:
+            with torch.no_grad():
+                model.model.logit_scale.fill_(math.log(100.0))
+        return model
+
+    bb = load("fp32")  # the naive loop's (and the text tower's) backbone
+    fast = bb if args.precision == "fp32" else load(args.precision)  # same seed: the same weights
     vocab = load_vocabulary("voc")
     names = vocab.all_names
     print(
         f"# bench_speed: {args.model} (random weights, logit scale {bb.logit_scale:.1f}), VOC vocabulary "
         f"({vocab.num_classes} + {len(vocab.background)} background), {count} photos 500x375/375x500, "
-        f"batch {args.batch_size}, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"batch {args.batch_size}, {args.device}, ours in {args.precision} (naive fp32), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
     )
     print(
         f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -263,7 +278,7 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
 
     setup = text_setup(bb, names, workdir / "cache")
     text = setup.pop("text")
-    tagger = Tagger(bb, vocab, text=text)
+    tagger = Tagger(fast, vocab, text=text)
     naive = NaiveTagCLIP(bb, vocab.classes, vocab.background, (), text=text)
 
     paths = make_photos(workdir / "photos", count)
@@ -277,11 +292,11 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
     with torch.inference_mode():  # warm-up (kernels, allocator); the rotating order does the rest
         tagger.tag(images[:1])
 
-    segmenter = make_segmenter(bb, vocab, tagger, args.no_segment)
+    segmenter = make_segmenter(fast, vocab, tagger, args.no_segment)
     naive_seg = NaiveClsSeg(naive, segmenter.text) if segmenter is not None else None
     ours, slow, enc = Method("annotate (ours)"), Method("annotate (naive)"), Method("encoder-only")
     seg_ours, seg_cams = Method("segment (ours)"), Method("naive CLIP-ES part")
-    candidates, crops, tags, max_diff, max_cam_diff = [], 0, [], 0.0, 0.0
+    candidates, crops, tags, max_diff, max_cam_diff, same_tags = [], 0, [], 0.0, 0.0, 0
     batches = [list(range(i, min(i + args.batch_size, len(images)))) for i in range(0, len(images), args.batch_size)]
     for round_index, indices in enumerate(batches):
         batch = [images[i] for i in indices]
@@ -303,12 +318,13 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
         with torch.inference_mode():
             for block in blocks if round_index % 2 == 0 else blocks[::-1]:
                 block()
-            c, k = cwr_inputs(bb, batch, got["ours"])
-            enc.run(lambda c=c, k=k, batch=batch: encoder_only(bb, batch, c, k), len(batch))
+            c, k = cwr_inputs(fast, batch, got["ours"])
+            enc.run(lambda c=c, k=k, batch=batch: encoder_only(fast, batch, c, k), len(batch))
         for j, (out, ref) in enumerate(zip(got["ours"], got["naive"], strict=True)):
             candidates.append(len(out.candidates))
             crops += len(out.boxes)
             max_diff = max(max_diff, float((out.scores - ref.scores).abs().max()))
+            same_tags += out.tags == ref.tags
             if segmenter is not None:
                 seg_out, seg_ref = got["seg"][j], got["naive_seg"][j]
                 tags.append(len(seg_out.tags))
@@ -339,7 +355,7 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
         f"CWR candidates per image: mean {statistics.mean(candidates):.2f}, max {max(candidates)}; "
         f"crops forwarded: {crops}"
     )
-    print(f"max |score(ours) - score(naive)|: {max_diff:.2e}")
+    print(f"max |score(ours) - score(naive)|: {max_diff:.2e}; identical tag sets: {same_tags} of {count} images")
     if segmenter is not None:
         print(
             f"CLS-SEG tags per image: mean {statistics.mean(tags):.2f}, max {max(tags)}; "
@@ -361,6 +377,8 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
         "images": count,
         "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
+        "precision": args.precision,
+        "identical_tag_sets": same_tags,
         "methods": {m.name: {"seconds": m.seconds, "images_per_s": m.rate, "peak_rss_mb": m.peak_rss} for m in methods},
         "candidates_mean": statistics.mean(candidates),
         "crops": crops,

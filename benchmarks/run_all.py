@@ -4,8 +4,9 @@ Runs, in this order, each `benchmarks/bench_*.py` that exists (bench_speed.py, b
 bench_synthetic.py, and any later bench_*.py), each in its own process with the repository's
 Python, streaming its output. A script whose --help lists --quick gets --quick unless --full is
 given (scripts without one get the reduced settings in QUICK_ARGS). Missing scripts are skipped
-with a note. The last three lines are copied from
-bench_speed.py's output:
+with a note. On a CPU with native bf16 (AMX or AVX512-BF16) bench_speed.py runs a second time with
+--precision bf16 and its three ratios are printed, labelled, before the end. The last three lines
+are copied from the default (fp32) bench_speed.py output:
 
     annotate speedup vs naive: <R>x
     segment speedup vs naive: <R>x
@@ -43,6 +44,16 @@ def scripts() -> list[str]:
     """The known scripts first (in a fixed order), then any other bench_*.py alphabetically."""
     others = sorted(p.name for p in HERE.glob("bench_*.py") if p.name not in KNOWN)
     return [*KNOWN, *others]
+
+
+def fast_cpu_bf16() -> bool:
+    """True on a CPU whose matrix units run bf16 natively (AMX or AVX512-BF16)."""
+    try:
+        import torch
+
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except (ImportError, AttributeError):
+        return False
 
 
 def supports_quick(path: Path) -> bool:
@@ -87,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="run only these scripts (names)")
     args = ap.parse_args(argv)
     ratios: dict[str, str] = {}
+    bf16_ratios: dict[str, str] = {}
     failed = []
     summary = []
     for name in scripts():
@@ -103,10 +115,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed.append(name)
         if name == "bench_speed.py":
             ratios = headlines(output)
+            if fast_cpu_bf16():
+                code, output, seconds = run_script(path, [*(quick_args(path) if not args.full else []),
+                                                         "--precision", "bf16"])
+                summary.append(f"{name} --precision bf16: exit {code}, {seconds:.0f}s")
+                if code != 0:
+                    failed.append(f"{name} --precision bf16")
+                bf16_ratios = headlines(output)
     print("\n=== summary ===")
     for line in summary:
         print(line)
     print()
+    if bf16_ratios:
+        for label in HEADLINES:
+            print(f"({label} with --precision bf16: {bf16_ratios.get(label, 'n/a')}x)")
+        print("default precision (fp32):")
     for label in HEADLINES:
         print(f"{label}: {ratios.get(label, 'n/a')}x")
     return 1 if failed else 0

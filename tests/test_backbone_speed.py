@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn import MultiheadAttention
@@ -150,3 +152,37 @@ def test_annotate_precision_errors_are_one_line_usage_errors(photo_dir, tiny_che
     assert message in " ".join(result.output.split())
     assert "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_cli_bf16_on_cpu_annotates_and_segments_close_to_fp32(photo_dir, tiny_checkpoint, tmp_path):
+    """`--precision bf16` on CPU: both commands run, record the precision, and stay close to fp32."""
+    import json
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from pycocotools.coco import COCO
+    from typer.testing import CliRunner
+
+    from tagclip_cli.cli import app
+    from tagclip_cli.writers import read_metadata
+
+    def run(command: str, precision: str, out: Path) -> None:
+        result = CliRunner().invoke(app, [command, str(photo_dir), "--vocab", "voc", "--out", str(out),
+                                          "--checkpoint", str(tiny_checkpoint), "--device", "cpu",
+                                          "--precision", precision, "--workers", "0", "--quiet"])
+        assert result.exit_code == 0, result.output
+
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.parquet"
+        run("annotate", precision, out)
+        assert json.dumps(read_metadata(out)).count(f'"precision": "{precision}"') == 1
+        table = pq.read_table(out).to_pydict()
+        scores[precision] = np.array(table["scores"], dtype=np.float64)
+        assert set(table["status"]) == {"ok"}
+    diff = np.abs(scores["bf16"] - scores["fp32"]).max()
+    assert 0 < diff < 0.1
+    masks = tmp_path / "bf16.json"
+    run("segment", "bf16", masks)
+    coco = COCO(str(masks))
+    assert len(coco.getImgIds()) == len(list(photo_dir.iterdir()))
