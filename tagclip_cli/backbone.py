@@ -268,10 +268,12 @@ class Backbone:
         qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
         q, k, v = qkv.reshape(b, t, 3, h, w // h).permute(2, 0, 3, 1, 4)  # each (B, h, T, d)
         q = q * (w // h) ** -0.5
+        # The scores and the softmax are fp32 whatever the compute precision (autocast or bf16
+        # weights): the maps feed DMAR's K-of-L vote, whose comparisons with each map's mean must
+        # not depend on it. Only q and k are cast, (B, h, T, d), not the (B, h, T, T) scores.
         if torch.is_grad_enabled() and x.requires_grad:
-            # The softmax runs in fp32 even under autocast: the maps feed DMAR's K-of-L vote, whose
-            # comparisons with each map's mean must not depend on the compute precision.
-            scores = (q @ k.transpose(-1, -2)).float()
+            with torch.autocast(x.device.type, enabled=False):
+                scores = q.float() @ k.float().transpose(-1, -2)
             if attn_mask is not None:
                 scores = scores + attn_mask.float()
             probs = scores.softmax(dim=-1)
@@ -284,19 +286,16 @@ class Backbone:
 
     def _attention_no_grad(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, value_path: bool,
                            map_out: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The same computation as the autograd path, in reused buffers: the (B, h, T, T) scores and
-        probabilities of a 500x375 batch of 8 are ~200 MB per layer, and fresh allocations that size
-        come from the OS as new pages each time (measured: ~20% of the CPU time spent zeroing them)."""
+        """The same computation as the autograd path, in reused buffers: the (B, h, T, T) scores of a
+        500x375 batch of 8 are ~200 MB per layer, and fresh allocations that size come from the OS
+        as new pages each time (measured: ~20% of the CPU time spent zeroing them)."""
         b, h, t, d = q.shape
-        scores = self._workspace("scores", (b * h, t, t), q.dtype, q.device)
-        torch.bmm(q.reshape(b * h, t, d), k.reshape(b * h, t, d).transpose(1, 2), out=scores)
-        if attn_mask is not None:
-            if scores.dtype != torch.float32:  # the mask is added in fp32, as on the autograd path
-                scores32 = self._workspace("scores32", (b * h, t, t), torch.float32, q.device)
-                scores = scores32.copy_(scores)
-            scores.view(b, h, t, t).add_(attn_mask.float())
         probs = self._workspace("probs", (b * h, t, t), torch.float32, q.device)
-        torch.softmax(scores, dim=-1, dtype=torch.float32, out=probs)
+        with torch.autocast(q.device.type, enabled=False):
+            torch.bmm(q.reshape(b * h, t, d).float(), k.reshape(b * h, t, d).float().transpose(1, 2), out=probs)
+        if attn_mask is not None:
+            probs.view(b, h, t, t).add_(attn_mask.float())
+        torch.softmax(probs, dim=-1, out=probs)  # in place: the scores become the probabilities
         probs4 = probs.view(b, h, t, t)
         attn = probs4.mean(dim=1) if map_out is None else torch.mean(probs4, dim=1, out=map_out)
         if value_path:
