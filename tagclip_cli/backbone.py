@@ -312,12 +312,9 @@ class Backbone:
         """A buffer for `role`, reused while the shape, dtype and device stay the same (one per role)."""
         buf = self._buffers.get(role)
         if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+            buf = self._buffers[role] = None  # free the old buffer before allocating its successor
             self._buffers[role] = buf = torch.empty(shape, dtype=dtype, device=device)
         return buf
-
-    def release_workspace(self) -> None:
-        """Drop the reused attention buffers (they are rebuilt on the next forward)."""
-        self._buffers.clear()
 
     def block_forward(
         self, index: int, x: Tensor, attn_mask: Tensor | None = None, value_path: bool = False,
