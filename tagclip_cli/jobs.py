@@ -457,6 +457,24 @@ class PartStore:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def finished_output(spec: JobSpec) -> int | None:
+    """The number of failed rows if spec.out is a finished Parquet output of exactly this
+    configuration and these items (and no unfinished run is next to it), else None."""
+    if not spec.out.is_file() or PartStore(spec.out).dir.exists():
+        return None
+    try:
+        if read_metadata(spec.out) != json.loads(json.dumps(spec.config)):
+            return None
+        names = pq.read_schema(spec.out).names
+        keys = [c for c in ("index", "image_id", "path") if c in names]
+        table = pq.read_table(spec.out, columns=[*keys, "status"])
+    except Exception:  # not a Parquet file of ours, or unreadable: the usual refusal explains
+        return None
+    if keys[:2] != ["index", "image_id"] or not table.select(keys).equals(items_table(spec.items).select(keys)):
+        return None
+    return sum(1 for status in table.column("status").to_pylist() if status != "ok")
+
+
 def _made_with(out: Path, config: dict) -> str:
     """How an existing output's configuration compares with this run's, for the refusal message."""
     try:
@@ -606,6 +624,15 @@ def run_job(
         sink = JsonLinesSink(stdout or sys.stdout, spec.config.get("classes", ()))
         todo = mine
     else:
+        finished = None if spec.overwrite or spec.format != "parquet" else finished_output(spec)
+        if finished is not None:
+            # Rerunning a finished command is a no-op, as `make` would do (job arrays retry whole
+            # commands); exit 1 still reports failed rows, as after a resumed run.
+            failed = finished if placement.leader else 0
+            return Summary(total=len(spec.items), skipped=len(spec.items), failed_before=failed,
+                           leader=placement.leader, merged=True,
+                           note=f"{spec.out} is already complete for these images and this configuration; "
+                                "nothing to do (--overwrite recomputes it)")
         job = {"format": spec.format, "batch_size": spec.batch_size, "window": window,
                "final_options": spec.final_options}
 

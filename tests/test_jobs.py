@@ -183,12 +183,24 @@ def test_config_and_input_mismatch_refuse_unless_overwrite(tmp_path):
     assert json.loads((tmp_path / "out.parquet.parts" / "config.json").read_text()) == {"model": "other"}
 
 
-def test_finished_output_refuses_a_rerun_without_overwrite(tmp_path):
+def test_rerunning_a_finished_output_is_a_no_op_and_other_runs_are_refused(tmp_path):
     out = tmp_path / "out.parquet"
-    run(make_items(5), out)
+    first = run(make_items(12), out)
+    assert first.failed == 1  # index 7 does not decode
+    before = out.read_bytes()
+    calls = []
+    again = run(make_items(12), out, calls=calls)
+    assert calls == []  # nothing processed
+    assert (again.total, again.skipped, again.done, again.failed_before) == (12, 12, 0, 1)
+    assert "already complete" in again.note
+    assert out.read_bytes() == before
     with pytest.raises(ConfigMismatchError, match="output exists"):
-        run(make_items(5), out)
-    assert run(make_items(5), out, overwrite=True).done == 5
+        run(make_items(11), out)  # other images: refused, not silently kept
+    with pytest.raises(ConfigMismatchError, match="output exists"):
+        other = JobSpec(items=make_items(12), out=out, config={"model": "other"}, schema=SCHEMA, batch_size=2)
+        run_job(other, Session(Placement(), "cpu"), fake_records, fake_process)
+    redo = run(make_items(12), out, overwrite=True)
+    assert (redo.done, redo.failed) == (11, 1)
 
 
 def test_merge_refuses_while_images_are_missing(tmp_path):

@@ -47,6 +47,13 @@ def test_annotate_photos_twice_reuses_text_cache(photo_dir, tiny_checkpoint, tmp
                          "--checkpoint", str(tiny_checkpoint), "--workers", "0", cache=cache)
     assert "45 of 45 classes from cache" in second.stderr
     assert pq.read_table(out).to_pylist() == rows  # deterministic
+    # The same command once more, without --overwrite: a no-op that succeeds and leaves the file alone.
+    stamp = out.stat().st_mtime_ns
+    third = run_tagclip("annotate", str(photo_dir), "--vocab", "voc", "--out", str(out),
+                        "--checkpoint", str(tiny_checkpoint), "--workers", "0", cache=cache)
+    assert "already complete for these images and this configuration; nothing to do" in " ".join(third.stderr.split())
+    assert f"0 done, {len(rows)} skipped (already done), 0 failed" in third.stderr
+    assert out.stat().st_mtime_ns == stamp
 
 
 def test_annotate_odd_sizes_and_modes(tiny_checkpoint, tmp_path):
