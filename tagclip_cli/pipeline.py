@@ -62,11 +62,12 @@ class ModelOptions:
         )
 
 
-@dataclass
-class AnnotateOptions:
+@dataclass(kw_only=True)
+class JobOptions:
+    """What `annotate` and `segment` share: inputs, model, TagCLIP settings and the job settings."""
+
     items: Sequence[ImageItem]
     vocab: Vocabulary
-    out: Path | None  # None: JSON Lines on stdout
     model: ModelOptions
     tagclip: TagCLIPConfig
     batch_size: int = 8
@@ -76,6 +77,11 @@ class AnnotateOptions:
     overwrite: bool = False
     fail_fast: bool = False
     placement: Placement = field(default_factory=Placement)  # torchrun rank / --shard (jobs.py)
+
+
+@dataclass(kw_only=True)
+class AnnotateOptions(JobOptions):
+    out: Path | None  # None: JSON Lines on stdout
     stdout: TextIO | None = None  # where --out - writes (default sys.stdout)
 
 
@@ -153,28 +159,17 @@ def log_downscaled(count: int, max_side: int | None) -> None:
 
 # ---- segment --------------------------------------------------------------------------------------
 
-@dataclass
-class SegmentOptions:
+@dataclass(kw_only=True)
+class SegmentOptions(JobOptions):
     """`tagclip segment`: masks JSON at `out` (+ tags Parquet at tags_out, label PNGs in png_dir).
 
     tags_in: a tags Parquet whose tags are segmented instead of running TagCLIP in this pass."""
 
-    items: Sequence[ImageItem]
-    vocab: Vocabulary
     out: Path
-    model: ModelOptions
-    tagclip: TagCLIPConfig
     segment: SegmentConfig
     tags_in: Path | None = None
     tags_out: Path | None = None
     png_dir: Path | None = None
-    batch_size: int = 8
-    workers: int = 2
-    max_side: int | None = None
-    part_size: int = 256
-    overwrite: bool = False
-    fail_fast: bool = False
-    placement: Placement = field(default_factory=Placement)
 
 
 def segment_records(
