@@ -279,6 +279,8 @@ class Backbone:
             probs = scores.softmax(dim=-1)
             mixed = v if value_path else probs.to(v.dtype) @ v
             attn = probs.mean(dim=1)
+            if map_out is not None:
+                attn = map_out.copy_(attn)
         else:
             mixed, attn = self._attention_no_grad(q, k, v, attn_mask, value_path, map_out)
         out = mha.out_proj(mixed.transpose(1, 2).reshape(b, t, w))
@@ -309,9 +311,11 @@ class Backbone:
         return mixed, attn
 
     def _workspace(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A buffer for `role`, reused while the shape, dtype and device stay the same (one per role)."""
+        """A buffer for `role`, reused while the shape, dtype and device stay the same (one per role).
+        A buffer made under inference_mode cannot be written outside it, so it is then replaced."""
         buf = self._buffers.get(role)
-        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+        stale = buf is not None and buf.is_inference() and not torch.is_inference_mode_enabled()
+        if stale or buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
             buf = self._buffers[role] = None  # free the old buffer before allocating its successor
             self._buffers[role] = buf = torch.empty(shape, dtype=dtype, device=device)
         return buf

@@ -121,6 +121,23 @@ def test_buffered_attention_equals_the_autograd_path(tiny_backbone, value_path, 
         torch.testing.assert_close(into, expected_map.detach(), atol=1e-7, rtol=0)
 
 
+def test_attention_buffers_survive_switching_between_inference_and_no_grad(tiny_backbone):
+    """Buffers made under inference_mode cannot be written outside it; the backbone must cope
+    when callers alternate (the pipeline runs under inference_mode, library users may not), and
+    a dense forward with autograd on still fills every layer's map."""
+    pixels = torch.randn(1, 3, 48, 64, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        first = tiny_backbone.dense_forward(pixels)
+    with torch.no_grad():
+        second = tiny_backbone.dense_forward(pixels)
+    with torch.inference_mode():
+        third = tiny_backbone.dense_forward(pixels)
+    tracked = tiny_backbone.dense_forward(pixels.clone().requires_grad_(True))
+    for out in (second, third, tracked):
+        torch.testing.assert_close(out.attn.detach(), first.attn, atol=1e-6, rtol=0)
+        torch.testing.assert_close(out.tokens.detach(), first.tokens, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("precision", "message"),
     [("fp16", "--precision: precision fp16 needs a CUDA device; on cpu use fp32 or bf16"), ("fp64", "must be one of")],
