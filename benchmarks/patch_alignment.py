@@ -10,6 +10,8 @@ pick the right object class among the 12 object classes (chance 1/12 = 8.3%):
   object top-1     per object: the patch logits averaged with the object's pixel coverage of each
                    patch as weights (so objects smaller than a patch count too), argmax == the object
   class token      for reference: top-1 of the global class token for the salient object
+  ... -> salient   patches of non-salient objects whose argmax is the scene's salient object
+                   (global content leaking into every patch instead of local content)
 
 split into single-object scenes, salient objects of multi-object scenes, and non-salient objects.
 
@@ -58,7 +60,7 @@ def measure(bb, count: int, seed: int, batch_size: int) -> dict:
     hits: dict[str, list[int]] = {k: [0, 0] for k in (
         "patch single", "patch salient (multi)", "patch non-salient",
         "object single", "object salient (multi)", "object non-salient",
-        "class token single", "class token salient (multi)",
+        "class token single", "class token salient (multi)", "patch non-salient -> salient",
     )}  # fmt: skip
     with torch.inference_mode():
         for first in range(0, count, batch_size):
@@ -76,8 +78,14 @@ def measure(bb, count: int, seed: int, batch_size: int) -> dict:
                     group = "single" if single else ("salient (multi)" if rank == 0 else "non-salient")
                     mostly = cov[:, k + 1] >= 0.5
                     if mostly.any():
-                        hits[f"patch {group}"][0] += int((logits[mostly].argmax(axis=1) == k).sum())
+                        top = logits[mostly].argmax(axis=1)
+                        hits[f"patch {group}"][0] += int((top == k).sum())
                         hits[f"patch {group}"][1] += int(mostly.sum())
+                        if group == "non-salient":
+                            hits["patch non-salient -> salient"][0] += int(
+                                (top == OBJECT_CLASSES.index(scene.salient)).sum()
+                            )
+                            hits["patch non-salient -> salient"][1] += int(mostly.sum())
                     weights = cov[:, k + 1]
                     pooled = (weights[:, None] * logits).sum(axis=0) / weights.sum()
                     hits[f"object {group}"][0] += int(pooled.argmax() == k)

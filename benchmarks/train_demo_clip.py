@@ -10,9 +10,10 @@ in order, and torch is seeded. (Bitwise equality of the weights also needs the s
 thread count.) Checkpoints (fp16 safetensors + the open_clip JSON config) are written every
 ``--save-every`` steps, so a partial run is usable.
 
-    .venv/bin/python benchmarks/train_demo_clip.py --steps 1400 --batch-size 64 --threads 2 \
-        --out runs/shapes-demo
-    cp runs/shapes-demo/shapes-demo.{json,safetensors} tagclip_cli/weights/
+    # the shipped weights (42 minutes on a 2-core AMX CPU):
+    .venv/bin/python benchmarks/train_demo_clip.py --precision bf16 --steps 1500 --batch-size 64 \
+        --threads 2 --workers 1 --seed 0 --out runs/shapes-demo-bf16
+    cp runs/shapes-demo-bf16/shapes-demo.{json,safetensors} tagclip_cli/weights/
 
 ``--precision bf16`` trains in manual mixed precision (for CPUs with AMX / AVX512-BF16, where a
 bf16 forward/backward is several times faster than fp32; ``torch.autocast`` on CPU is not used
