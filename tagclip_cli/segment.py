@@ -213,6 +213,16 @@ def cam_box_masks(cams: Tensor, grid: tuple[int, int], threshold: float, referen
     return torch.stack(masks) if masks else torch.zeros(0, grid[0] * grid[1], dtype=torch.bool)
 
 
+def caa_refine_squared(cams: Tensor, transition: Tensor, box_masks: Tensor) -> Tensor:
+    """`caa_refine` with power 2 in the reference's order of operations: T @ T formed first, the
+    box columns kept, then the product with each cam; float32 in, float32 out, so that
+    reference_compat rounds as the reference does (its refined cams are often nearly flat before
+    the final normalisation, which magnifies any rounding difference)."""
+    squared = transition @ transition
+    out = [((squared * box.to(squared.dtype)) @ cam[:, None])[:, 0] for cam, box in zip(cams, box_masks, strict=True)]
+    return torch.stack(out) if out else cams.clone()
+
+
 def caa_refine(cams: Tensor, transition: Tensor, box_masks: Tensor, power: int = 2) -> Tensor:
     """Refined cams (K, N) = (T^power with the box columns kept) @ cam, for normalised cams (K, N).
 
@@ -542,12 +552,17 @@ class Segmenter:
         # epsilon this matters when a cam's values are tiny (~1e-7, e.g. random weights).
         raw = normalise_cam(normalise_cam(cams, cfg.cam_eps), cfg.cam_eps)
         with torch.inference_mode():
-            # float64: the refined cam is often nearly flat before its normalisation, which would
-            # magnify float32 rounding in the Sinkhorn rounds and products into visible noise.
-            affinity = caa_affinity(dense.attn, self.layers).double()
-            transition = caa_transition(affinity, cfg.sinkhorn_rounds)
             boxes = cam_box_masks(raw.cpu(), grid, cfg.box_threshold, cfg.reference_compat).to(raw.device)
-            refined = caa_refine(raw.double(), transition, boxes, cfg.affinity_power)
+            affinity = caa_affinity(dense.attn, self.layers)
+            if cfg.reference_compat and cfg.affinity_power == 2:
+                # The reference's float32 arithmetic and order (see caa_refine_squared).
+                transition = caa_transition(affinity.float(), cfg.sinkhorn_rounds)
+                refined = caa_refine_squared(raw.float(), transition, boxes)
+            else:
+                # float64: the refined cam is often nearly flat before its normalisation, which
+                # would magnify float32 rounding in the Sinkhorn rounds and products into noise.
+                transition = caa_transition(affinity.double(), cfg.sinkhorn_rounds)
+                refined = caa_refine(raw.double(), transition, boxes, cfg.affinity_power)
             refined = normalise_cam(refined, cfg.cam_eps).float()
         return raw.reshape(k, *grid), refined.reshape(k, *grid)
 
