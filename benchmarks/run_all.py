@@ -12,7 +12,7 @@ are copied from the default (fp32) bench_speed.py output:
     segment speedup vs naive: <R>x
     annotate time vs encoder-only: <R>x
 
-    .venv/bin/python benchmarks/run_all.py            # quick settings (about 15 minutes on 2 cores)
+    .venv/bin/python benchmarks/run_all.py            # quick settings (about 3 minutes on a quiet 2-core AMX box)
     .venv/bin/python benchmarks/run_all.py --full     # each script's full default
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 KNOWN = ("bench_speed.py", "bench_memory.py", "bench_synthetic.py")
-# Reduced settings for scripts that have no --quick of their own (keeps `make bench` near 15 minutes).
+# Reduced settings for scripts that have no --quick of their own (keeps `make bench` to a few minutes).
 QUICK_ARGS = {
     "bench_memory.py": ["--images", "800", "--first", "200"],
     "bench_batching.py": ["--images", "16"],
