@@ -1,7 +1,7 @@
 """A deliberately naive TagCLIP (and CLS-SEG) written the way the reference scripts run it.
 
 This is the baseline of `bench_speed.py` and the oracle of `tests/test_naive_parity.py`. It follows
-ALGORITHM.md step by step with none of the engine's optimisations:
+docs/algorithm.md §0-§8 step by step with none of the engine's optimisations:
 
 - one image at a time (batch 1), fp32, no text cache (the classifier is encoded class by class);
 - attention maps come from `torch.nn.MultiheadAttention(need_weights=True)` in every layer of every
@@ -16,6 +16,8 @@ ALGORITHM.md step by step with none of the engine's optimisations:
 
 Independent of `tagclip_cli.tagclip` on purpose: only the backbone's weights, tokenizer and
 geometry are shared, so a parity test compares two separate implementations of the spec.
+With reference_compat it reproduces quirks Q1-Q3 (docs/algorithm.md §10), not Q4: its CAA always
+runs in float64.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def _box_union(score_map: np.ndarray, threshold: float, mode: int, clamp: bool) 
     for contour in contours:
         x, y, w, h = cv2.boundingRect(contour)
         x1, y1 = x + w, y + h
-        if clamp:
+        if clamp:  # quirk Q2 (docs/algorithm.md §10)
             x1, y1 = min(x1, gw - 1), min(y1, gh - 1)
         mask[y:y1, x:x1] = 1.0
     return mask
@@ -129,7 +131,7 @@ class NaiveTagCLIP:
             grid = pos[1:].reshape(side, side, -1).permute(2, 0, 1)[None]
             grid = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)
             pos = torch.cat([pos[:1], grid[0].permute(1, 2, 0).reshape(gh * gw, -1)], dim=0)
-            if self.reference_compat:
+            if self.reference_compat:  # quirk Q1 (docs/algorithm.md §10)
                 pos = pos.half().float()
         return visual.ln_pre(x + pos[None])
 
@@ -202,7 +204,7 @@ class NaiveTagCLIP:
         feats = tokens[1:] / tokens[1:].norm(dim=-1, keepdim=True)
         p_coarse = (scale * feats @ self.text.t()).softmax(dim=-1)  # (N, C)
 
-        # DMAR: the K-of-L vote and the mean of layers L-3..L-1
+        # DMAR (docs/algorithm.md §3): the K-of-L vote and the mean of layers L-3..L-1
         patch_maps = [m[1:, 1:] for m in maps]
         votes = torch.zeros_like(patch_maps[0])
         for m in patch_maps:
@@ -215,6 +217,7 @@ class NaiveTagCLIP:
             if first[:, c].max() <= 0:
                 continue
             v = _normalise(first[:, c])
+            # quirk Q2 (docs/algorithm.md §10): reference_compat clamps the box ends
             box = _box_union(v.reshape(gh, gw).cpu().numpy(), float(v.mean()), cv2.RETR_EXTERNAL, self.reference_compat)
             column_mask = torch.from_numpy(box).reshape(1, -1).to(attn.device)
             p_refined[:, c] = (attn * column_mask) @ p_coarse[:, c]
@@ -222,7 +225,7 @@ class NaiveTagCLIP:
         p_local = p_refined[:, : self.num_fg].max(dim=0).values
         scores = p_local.clone()
 
-        # CWR, one candidate at a time
+        # CWR (docs/algorithm.md §5), one candidate at a time
         lo_v, hi_v = p_refined.min(), p_refined.max()
         threshold = lo_v + 0.5 * (hi_v - lo_v)
         candidates = [c for c in range(self.num_fg) if p_local[c] > threshold]
@@ -236,10 +239,10 @@ class NaiveTagCLIP:
                 x0, x1, y0, y1 = int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1
             else:
                 x0 = x1 = y0 = y1 = 0
-            if self.reference_compat:
+            if self.reference_compat:  # quirk Q2 (docs/algorithm.md §10)
                 x1, y1 = min(x1, gw - 1), min(y1, gh - 1)
             if x1 <= x0 or y1 <= y0:
-                if self.reference_compat:
+                if self.reference_compat:  # quirk Q3 (docs/algorithm.md §10)
                     break
                 continue
             box_mask = torch.from_numpy(above[y0:y1, x0:x1].astype(np.float32))[None, None]
@@ -319,7 +322,7 @@ class NaiveClsSeg:
             # normalised twice, as CLIP-ES's CAM library does (per target layer, then after averaging)
             cam = _normalise_eps(_normalise_eps(torch.relu((act * weights).sum(dim=-1)))).reshape(gh, gw)
             raw_cams.append(cam)
-            # CAA, recomputed for every tag
+            # CAA (docs/algorithm.md §8), recomputed for every tag
             affinity = torch.stack([m[1:, 1:] for m in maps[lo - 1 : hi]]).mean(dim=0).double()
             trans = affinity / affinity.sum(dim=0, keepdim=True)
             trans = trans / trans.sum(dim=1, keepdim=True)
@@ -328,6 +331,7 @@ class NaiveClsSeg:
                 trans = trans / trans.sum(dim=1, keepdim=True)
             trans = (trans + trans.t()) / 2
             trans = trans @ trans
+            # quirk Q2 (docs/algorithm.md §10) on the CAA box; Q4 is not reproduced here
             box = _box_union(cam.cpu().numpy(), self.box_threshold, cv2.RETR_TREE, self.tc.reference_compat)
             trans = trans * torch.from_numpy(box).double().reshape(1, -1).to(trans.device)
             refined = (trans @ cam.double().reshape(-1, 1)).reshape(gh, gw)
