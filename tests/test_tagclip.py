@@ -1,4 +1,4 @@
-"""TagCLIP steps on small hand-computed tensors (ALGORITHM.md sections 2-6)."""
+"""TagCLIP steps on small hand-computed tensors (docs/algorithm.md §2-§6)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from tagclip_cli.tagclip import (
     fuse,
     minmax,
     refined_attention,
+    tagclip_templates,
     tags_from_scores,
     vote_mask,
 )
@@ -152,6 +153,13 @@ def test_tag_rule_strict_threshold_and_fallback():
     assert tags_from_scores(torch.tensor([0.0, 0.26, 0.5]), 0.5) == [1, 2]
     assert tags_from_scores(torch.tensor([0.2, 0.2, 0.2]), 0.5) == [0]  # all equal: argmax
     assert tags_from_scores(torch.tensor([0.0, 0.7, 0.7]), 0.5) == [1, 2]
+
+
+def test_templates_are_the_85_prompt_ensemble():
+    templates = tagclip_templates()
+    assert len(templates) == 85 and len(set(templates)) == 85
+    assert "a bad photo of a {}." in templates and "this is one {} in the scene." in templates
+    assert all(t.count("{}") == 1 for t in templates)
 
 
 def test_minmax_constant_and_range():
