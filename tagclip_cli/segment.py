@@ -4,7 +4,7 @@ Pure tensor functions (shapes in the docstrings; N patches on a (gh, gw) grid, K
 B background classes, L layers) plus a `Segmenter` that runs them over batches of images, sharing
 one dense forward per image with TagCLIP. Implements docs/algorithm.md §8 (CLS-SEG: CLIP-ES from
 tags, with its origami prompt, §7) and §9 (the MaskCLIP baseline); `reference_compat` reproduces
-quirks Q2 and Q4 (docs/algorithm.md §10), and the TagCLIP config's flag Q1 in the dense forward.
+quirks Q2 and Q4 (docs/algorithm.md §10); the TagCLIP config's flag gives Q1 in the dense forward.
 
 CLS-SEG per image:
 1. Grad-CAM of the last block for every tag at once: block L runs once (normal attention) on the

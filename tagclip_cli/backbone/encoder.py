@@ -316,6 +316,7 @@ def dense_forward(
     for i, block in enumerate(blocks[:-1]):
         x, _ = block_forward(block, x, workspace, map_out=maps[i])
     pre_last = x if keep_pre_last else None
+    # The step that makes patch tokens local features: block L on the value path (eq. 6-8).
     x, _ = value_path_block(blocks[-1], x, workspace, map_out=maps[-1])
     tokens = project_tokens(visual, x).float()
     return DenseOutput(tokens, maps.transpose(0, 1), grid, pre_last)
