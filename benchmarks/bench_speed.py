@@ -63,9 +63,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from naive import NaiveClsSeg, NaiveTagCLIP  # noqa: E402
 
-from tagclip_cli.backbone import Backbone, _fused_attention, load_backbone, tagclip_templates  # noqa: E402
+from tagclip_cli.backbone import Backbone, fused_attention, load_backbone  # noqa: E402
 from tagclip_cli.data import Preprocess, load_rgb  # noqa: E402
-from tagclip_cli.tagclip import Tagger, TagOutput, crop_for_cwr  # noqa: E402
+from tagclip_cli.tagclip import Tagger, TagOutput, crop_for_cwr, tagclip_templates  # noqa: E402
 from tagclip_cli.vocab import load_vocabulary  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "cat", "colorwheel", "camera")
@@ -154,7 +154,7 @@ def bare_dense(bb: Backbone, pixels: Tensor) -> Tensor:
     """The native-resolution forward with fused attention and no maps: (B, 1+N, D)."""
     x = bb.embed(pixels)
     for block in bb.visual.transformer.resblocks:
-        x = x + block.ls_1(_fused_attention(block.attn, block.ln_1(x), None))
+        x = x + block.ls_1(fused_attention(block.attn, block.ln_1(x), None))
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return bb.project_tokens(x)
 

@@ -120,7 +120,7 @@ def batched(items: list, size: int):
 
 def run_global(bb, vocab, images: list[torch.Tensor], batch_size: int) -> np.ndarray:
     """(I, F) softmax over fg + bg of the class-token embedding (the CLIP baseline)."""
-    from tagclip_cli.backbone import tagclip_templates
+    from tagclip_cli.tagclip import tagclip_templates
 
     text = bb.text_classifier(vocab.all_names, tagclip_templates())
     out = []

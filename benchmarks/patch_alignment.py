@@ -52,7 +52,7 @@ def coverage(label_map: np.ndarray, patch: int, num_classes: int) -> np.ndarray:
 
 
 def measure(bb, count: int, seed: int, batch_size: int) -> dict:
-    from tagclip_cli.backbone import tagclip_templates
+    from tagclip_cli.tagclip import tagclip_templates
 
     nc = len(OBJECT_CLASSES)
     text = bb.text_classifier(list(OBJECT_CLASSES), tagclip_templates())  # (12, D)

@@ -2,7 +2,9 @@
 
 Pure tensor functions (shapes in the docstrings; N patches on a (gh, gw) grid, K tags of one image,
 B background classes, L layers) plus a `Segmenter` that runs them over batches of images, sharing
-one dense forward per image with TagCLIP. Spec: ALGORITHM.md sections 8-9.
+one dense forward per image with TagCLIP. Implements docs/algorithm.md §8 (CLS-SEG: CLIP-ES from
+tags, with its origami prompt, §7) and §9 (the MaskCLIP baseline); `reference_compat` reproduces
+quirks Q2 and Q4 (docs/algorithm.md §10); the TagCLIP config's flag gives Q1 in the dense forward.
 
 CLS-SEG per image:
 1. Grad-CAM of the last block for every tag at once: block L runs once (normal attention) on the
@@ -27,15 +29,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tagclip_cli.backbone import CLS_SEG_TEMPLATES, Backbone, DenseOutput, tagclip_templates
+from tagclip_cli.backbone import Backbone, DenseOutput
 from tagclip_cli.errors import UsageError
-from tagclip_cli.tagclip import TagCLIPConfig, Tagger, TagOutput
+from tagclip_cli.tagclip import (
+    TagCLIPConfig,
+    Tagger,
+    TagOutput,
+    box_mask,
+    dense_per_image,
+    layer_range,
+    tagclip_templates,
+)
 from tagclip_cli.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -43,10 +52,12 @@ log = logging.getLogger(__name__)
 METHODS = ("clses", "maskclip")
 CAM_EPS = 1e-7  # the reference's normalisation: (x - min) / (max - min + eps)
 ROW_CHUNK_PIXELS = 1 << 22  # upsample and argmax about this many pixels x classes at a time
+# CLS-SEG names classes with CLIP-ES's single template (docs/algorithm.md §7).
+CLS_SEG_TEMPLATES = ("a clean origami {}.",)
 
 
 class CrfUnavailableError(UsageError):
-    """--crf was asked for but the optional pydensecrf2 package is not installed."""
+    """The dense CRF was asked for but the optional pydensecrf2 package is not installed."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +89,7 @@ class SegmentConfig:
     key_smoothing_threshold: float = 1.0  # ... at positions whose best probability is below this
     prompt_denoising: bool = False  # MaskCLIP: drop classes whose best probability is below ...
     prompt_denoising_threshold: float = 0.5
-    reference_compat: bool = False  # the reference's clamped box edges (see ALGORITHM.md section 3)
+    reference_compat: bool = False  # quirks Q2 (box edges) and Q4 (CAA in float32), docs/algorithm.md §10
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -89,12 +100,8 @@ class SegmentConfig:
             raise UsageError("cam_batch must be >= 1, sinkhorn_rounds and affinity_power >= 0")
 
     def layers_for(self, num_layers: int) -> tuple[int, int]:
-        """The CAA layer range (1-based, inclusive) for a model with num_layers blocks."""
-        lo, hi = (v if v > 0 else num_layers + v for v in self.caa_layers)
-        lo = max(1, lo)
-        if not 1 <= lo <= hi <= num_layers:
-            raise UsageError(f"CAA layers {self.caa_layers} give {lo}..{hi}, outside 1..{num_layers}")
-        return lo, hi
+        """The CAA layer range (1-based, inclusive) for a model with num_layers blocks (`layer_range`)."""
+        return layer_range(self.caa_layers, num_layers, "CAA layers")
 
     @classmethod
     def coco(cls, **kw) -> SegmentConfig:
@@ -188,23 +195,9 @@ def caa_transition(affinity: Tensor, rounds: int = 3) -> Tensor:
 
 
 def cam_box_mask(cam: Tensor, threshold: float, reference_compat: bool = False) -> Tensor:
-    """(gh, gw) bool: union of the bounding boxes of all contours (RETR_TREE) of a normalised cam.
-
-    The cam is used as given (no re-normalisation: the reference's eps-normalised cam peaks just
-    below 1, so its 8-bit maximum is usually 254): binary = floor(255 cam) > floor(threshold *
-    max(floor(255 cam))). reference_compat clamps each box's right/bottom end to size-1 (exclusive)."""
-    img = (cam.float().cpu().numpy().astype(np.float32) * np.float32(255)).astype(np.uint8)
-    level = int(np.float32(threshold) * np.float32(img.max()))
-    binary = np.where(img > level, 255, 0).astype(np.uint8)
-    gh, gw = img.shape
-    mask = np.zeros((gh, gw), dtype=bool)
-    for contour in cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]:
-        x, y, w, h = cv2.boundingRect(contour)
-        x1, y1 = x + w, y + h
-        if reference_compat:
-            x1, y1 = min(x1, gw - 1), min(y1, gh - 1)
-        mask[y:y1, x:x1] = True
-    return torch.from_numpy(mask)
+    """CLS-SEG's CAA box mask (docs/algorithm.md §8), (gh, gw) bool: `box_mask` of a normalised cam
+    used as given (no re-normalisation), over all contours (RETR_TREE); reference_compat: quirk Q2."""
+    return box_mask(cam, threshold, all_contours=True, reference_compat=reference_compat, normalise=False)
 
 
 def cam_box_masks(cams: Tensor, grid: tuple[int, int], threshold: float, reference_compat: bool = False) -> Tensor:
@@ -327,7 +320,8 @@ def require_crf() -> None:
     """Raise CrfUnavailableError (one line, with the fix) when pydensecrf2 is not importable."""
     if not crf_available():
         raise CrfUnavailableError(
-            "--crf needs the optional dense-CRF package: pip install 'tagclip-cli[crf]' (or pip install pydensecrf2)"
+            "the dense CRF needs the optional pydensecrf2 package: pip install 'tagclip-cli[crf]' "
+            "(or pip install pydensecrf2)"
         )
 
 
@@ -528,16 +522,8 @@ class Segmenter:
     def _dense(self, images: Sequence[Tensor]) -> list[DenseOutput]:
         """Dense forwards (same-size images batched), one DenseOutput per image with pre_last."""
         out: list[DenseOutput | None] = [None] * len(images)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, img in enumerate(images):
-            groups.setdefault(tuple(img.shape[-2:]), []).append(i)
-        for indices in groups.values():
-            batch = torch.stack([images[i] for i in indices]).to(self.backbone.device, non_blocking=True)
-            dense = self.backbone.dense_forward(
-                batch, fp16_round_pos=self.tagclip.reference_compat, keep_pre_last=True
-            )
-            for j, i in enumerate(indices):
-                out[i] = DenseOutput(dense.tokens[j], dense.attn[j], dense.grid, dense.pre_last[j])
+        for i, one in dense_per_image(self.backbone, images, self.tagclip.reference_compat, keep_pre_last=True):
+            out[i] = one
         return out  # type: ignore[return-value]
 
     def seg_cams(self, dense: DenseOutput, tags: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -554,7 +540,7 @@ class Segmenter:
         with torch.inference_mode():
             boxes = cam_box_masks(raw.cpu(), grid, cfg.box_threshold, cfg.reference_compat).to(raw.device)
             affinity = caa_affinity(dense.attn, self.layers)
-            if cfg.reference_compat and cfg.affinity_power == 2:
+            if cfg.reference_compat and cfg.affinity_power == 2:  # quirk Q4 (docs/algorithm.md §10)
                 # The reference's float32 arithmetic and order (see caa_refine_squared).
                 transition = caa_transition(affinity.float(), cfg.sinkhorn_rounds)
                 refined = caa_refine_squared(raw.float(), transition, boxes)

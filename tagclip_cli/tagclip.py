@@ -2,13 +2,15 @@
 
 Pure tensor functions (shapes in the docstrings; N patches on a (gh, gw) grid, C classes = F
 foreground + background, L layers) plus a small `Tagger` that batches them over images.
-Spec: ALGORITHM.md sections 2-6.
+Implements docs/algorithm.md §2 (coarse classification), §3 (DMAR), §4 (local scores), §5 (CWR),
+§6 (fusion and tags) and TagCLIP's 85-template prompt ensemble (§7); the dense features (§1) come
+from the backbone. `reference_compat` reproduces quirks Q1-Q3 (docs/algorithm.md §10).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -17,8 +19,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tagclip_cli.backbone import Backbone, DenseOutput, tagclip_templates
+from tagclip_cli.backbone import Backbone, DenseOutput, imagenet_templates
+from tagclip_cli.errors import UsageError
 from tagclip_cli.vocab import Vocabulary
+
+# The five scene templates MaskCLIP and TagCLIP add to CLIP's 80 ImageNet templates (docs/algorithm.md §7).
+SCENE_TEMPLATES = (
+    "there is a {} in the scene.",
+    "there is the {} in the scene.",
+    "this is a {} in the scene.",
+    "this is the {} in the scene.",
+    "this is one {} in the scene.",
+)
+
+
+def tagclip_templates() -> tuple[str, ...]:
+    """The 85-template prompt ensemble (80 ImageNet + 5 scene templates), docs/algorithm.md §7."""
+    return imagenet_templates() + SCENE_TEMPLATES
+
+
+class LayerRangeError(UsageError, ValueError):
+    """A layer range that does not fit the model."""
+
+
+def layer_range(layers: tuple[int, int], num_layers: int, what: str = "layers") -> tuple[int, int]:
+    """A 1-based inclusive layer range (lo, hi) for a model with num_layers blocks. A value <= 0
+    counts from L (0 = L, -1 = L-1); the low end is then clamped to 1. (-3, -1) with L = 12 is
+    9..11, (1, -1) is 1..L-1. Raises LayerRangeError (naming `what`) unless 1 <= lo <= hi <= L."""
+    lo, hi = (v if v > 0 else num_layers + v for v in layers)
+    lo = max(1, lo)
+    if not 1 <= lo <= hi <= num_layers:
+        raise LayerRangeError(f"{what} {tuple(layers)} give {lo}..{hi}, outside 1..{num_layers}")
+    return lo, hi
 
 
 @dataclass(frozen=True)
@@ -26,7 +58,7 @@ class TagCLIPConfig:
     """Every knob of TagCLIP, with the paper's values as defaults."""
 
     vote_k: int = 4  # DMAR: a pair votes in at least K layers
-    refine_layers: tuple[int, int] | None = None  # 1-based inclusive, hi<=0 counts from L; None = (L-3, L-1)
+    refine_layers: tuple[int, int] | None = None  # see `layer_range`; None = (-3, -1), layers L-3..L-1
     cwr_threshold: float = 0.5  # CWR candidates: P_local > min + f * (max - min) of P_refined
     cwr_patch_threshold: float = 0.5  # CWR box: normalised P_refined column above this
     fusion_lambda: float = 0.5  # P_final = lambda * local + (1 - lambda) * global
@@ -35,17 +67,11 @@ class TagCLIPConfig:
     use_cwr: bool = True  # ablation switch: False = local scores only
     use_background: bool = True
     cwr_mask_value: float = -1000.0
-    reference_compat: bool = False  # reproduce the reference's three quirks (see ALGORITHM.md)
+    reference_compat: bool = False  # reproduce quirks Q1-Q3 (docs/algorithm.md §10)
 
     def layers_for(self, num_layers: int) -> tuple[int, int]:
-        if self.refine_layers is not None:
-            lo, hi = self.refine_layers
-            hi = hi if hi > 0 else num_layers + hi  # (1, -1) means layers 1..L-1
-        else:
-            lo, hi = max(1, num_layers - 3), max(1, num_layers - 1)
-        if not 1 <= lo <= hi <= num_layers:
-            raise ValueError(f"refine_layers {lo}..{hi} outside 1..{num_layers}")
-        return lo, hi
+        """DMAR's refinement layer range (1-based, inclusive) for a model with num_layers blocks."""
+        return layer_range(self.refine_layers or (-3, -1), num_layers, "refine_layers")
 
     @classmethod
     def coco_stuff(cls, **kw) -> TagCLIPConfig:
@@ -110,26 +136,28 @@ def refined_attention(attn: Tensor, layers: tuple[int, int], k: int) -> Tensor:
     return attn[lo - 1 : hi].mean(dim=0) * vote_mask(attn, k).to(attn.dtype)
 
 
-def _boxes_from_binary(binary: np.ndarray, retrieval: int) -> list[tuple[int, int, int, int]]:
-    """Bounding boxes (x, y, w, h) of the contours of a uint8 0/255 map."""
-    contours = cv2.findContours(binary, retrieval, cv2.CHAIN_APPROX_SIMPLE)[0]
-    return [cv2.boundingRect(c) for c in contours]
-
-
 def box_mask(
     score_map: Tensor,
     threshold: float,
     relative_to_mean: bool = False,
     all_contours: bool = False,
     reference_compat: bool = False,
+    normalise: bool = True,
 ) -> Tensor:
-    """Union of the bounding boxes of the blobs of a min-max normalised score map, (gh, gw) bool.
+    """Union of the bounding boxes of the blobs of a score map, (gh, gw) bool (DMAR's class boxes,
+    docs/algorithm.md §3, and CLS-SEG's CAA boxes, §8).
 
-    Binarisation follows the reference on an 8-bit map: floor(255 v) > floor(255 * t), where t is
-    `threshold`, or mean(v) with relative_to_mean. External contours
-    (8-connected blobs) unless all_contours (RETR_TREE; the union is the same). reference_compat
-    clamps each box's right/bottom end to size-1 (exclusive), dropping a border row/column."""
-    v = minmax(score_map.float()).cpu().numpy().astype(np.float32)
+    The map is min-max normalised first unless `normalise` is False (CLS-SEG's cams are used as
+    given: the reference's eps-normalised cam peaks just below 1, so its 8-bit maximum is usually
+    254). Binarisation follows the reference on an 8-bit map: floor(255 v) > floor(t * max(floor(255 v))),
+    where t is `threshold`, or mean(v) with relative_to_mean. External contours (8-connected blobs)
+    unless all_contours (RETR_TREE; the union is the same). reference_compat: quirk Q2, each box's
+    right/bottom end clamped to size-1 (exclusive), dropping a border row/column. The mask is on
+    score_map's device."""
+    v = score_map.float()
+    if normalise:
+        v = minmax(v)
+    v = v.cpu().numpy().astype(np.float32)
     img = (v * np.float32(255)).astype(np.uint8)
     t = float(v.mean()) if relative_to_mean else threshold
     level = int(np.float32(t) * np.float32(img.max())) if img.max() > 0 else 255
@@ -137,9 +165,10 @@ def box_mask(
     gh, gw = v.shape
     mask = np.zeros((gh, gw), dtype=bool)
     retrieval = cv2.RETR_TREE if all_contours else cv2.RETR_EXTERNAL
-    for x, y, w, h in _boxes_from_binary(binary, retrieval):
+    for contour in cv2.findContours(binary, retrieval, cv2.CHAIN_APPROX_SIMPLE)[0]:
+        x, y, w, h = cv2.boundingRect(contour)
         x1, y1 = x + w, y + h
-        if reference_compat:
+        if reference_compat:  # quirk Q2 (docs/algorithm.md §10)
             x1, y1 = min(x1, gw - 1), min(y1, gh - 1)
         mask[y:y1, x:x1] = True
     return torch.from_numpy(mask).to(score_map.device)
@@ -201,7 +230,7 @@ def cwr_box(column: Tensor, grid: tuple[int, int], cls: int, threshold: float, r
     else:
         y0, y1 = int(rows[0]), int(rows[-1]) + 1
         x0, x1 = int(cols[0]), int(cols[-1]) + 1
-    if reference_compat:
+    if reference_compat:  # quirk Q2 (docs/algorithm.md §10)
         y1, x1 = min(y1, grid[0] - 1), min(x1, grid[1] - 1)
     return CwrBox(cls, y0, y1, x0, x1, above[y0:y1, x0:x1])
 
@@ -229,6 +258,22 @@ def tags_from_scores(scores: Tensor, threshold: float) -> list[int]:
 
 
 # ---- batching -------------------------------------------------------------------------------------
+
+def dense_per_image(
+    backbone: Backbone, images: Sequence[Tensor], fp16_round_pos: bool = False, keep_pre_last: bool = False
+) -> Iterator[tuple[int, DenseOutput]]:
+    """(index, DenseOutput of that image) for normalised images (each (3, H, W)): images of the same
+    size share one dense forward; one size group at a time, in order of first appearance.
+    fp16_round_pos: quirk Q1 (docs/algorithm.md §10)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(tuple(img.shape[-2:]), []).append(i)
+    for indices in groups.values():
+        batch = torch.stack([images[i] for i in indices]).to(backbone.device, non_blocking=True)
+        dense = backbone.dense_forward(batch, fp16_round_pos=fp16_round_pos, keep_pre_last=keep_pre_last)
+        for j, i in enumerate(indices):
+            yield i, dense.image(j)
+
 
 @dataclass
 class TagOutput:
@@ -280,26 +325,12 @@ class Tagger:
 
         Images of the same size share one dense forward; the CWR crops of all images share one
         masked forward. keep_dense keeps each image's DenseOutput (with pre-last-block tokens)."""
-        device = self.backbone.device
         outputs: list[TagOutput | None] = [None] * len(images)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, img in enumerate(images):
-            groups.setdefault(tuple(img.shape[-2:]), []).append(i)
         pending: list[tuple[int, CwrBox]] = []
-        for indices in groups.values():
-            batch = torch.stack([images[i] for i in indices]).to(device, non_blocking=True)
-            dense = self.backbone.dense_forward(
-                batch, fp16_round_pos=self.config.reference_compat, keep_pre_last=keep_dense
-            )
-            for j, i in enumerate(indices):
-                one = DenseOutput(
-                    dense.tokens[j],
-                    dense.attn[j],
-                    dense.grid,
-                    dense.pre_last[j] if dense.pre_last is not None else None,
-                )
-                outputs[i] = self._local(one, keep_dense)
-                pending.extend((i, box) for box in outputs[i].boxes)
+        per_image = dense_per_image(self.backbone, images, self.config.reference_compat, keep_pre_last=keep_dense)
+        for i, one in per_image:
+            outputs[i] = self._local(one, keep_dense)
+            pending.extend((i, box) for box in outputs[i].boxes)
         self._global(images, outputs, pending)
         return outputs  # type: ignore[return-value]
 
@@ -321,7 +352,7 @@ class Tagger:
             for cls in candidates:
                 box = cwr_box(p_refined[:, cls], dense.grid, cls, cfg.cwr_patch_threshold, cfg.reference_compat)
                 if box.empty:
-                    if cfg.reference_compat:
+                    if cfg.reference_compat:  # quirk Q3 (docs/algorithm.md §10)
                         break  # the reference stops CWR for the whole image at the first empty box
                     continue
                 boxes.append(box)

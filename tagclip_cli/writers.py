@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -367,3 +368,25 @@ def _maybe_parquet(path: str | Path | None, schema: pa.Schema):
         return
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         yield writer
+
+
+def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
+    """Content hash of a checkpoint, memoised by (path, size, mtime) in the cache dir."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    memo_key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    memo = Path(cache_dir) / "hashes" / memo_key if cache_dir else None
+    if memo is not None and memo.exists():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    if memo is not None:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            memo.write_text(value)
+        except OSError:
+            pass
+    return value

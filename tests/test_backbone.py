@@ -13,16 +13,8 @@ from tagclip_cli.backbone import (
     Backbone,
     load_backbone,
     read_state_dict,
-    tagclip_templates,
 )
 from tagclip_cli.errors import ModelLoadError
-
-
-def test_templates_are_the_85_prompt_ensemble():
-    templates = tagclip_templates()
-    assert len(templates) == 85 and len(set(templates)) == 85
-    assert "a bad photo of a {}." in templates and "this is one {} in the scene." in templates
-    assert all(t.count("{}") == 1 for t in templates)
 
 
 def test_geometry_comes_from_the_model(tiny_backbone):
@@ -62,7 +54,7 @@ def test_value_path_equals_reference_masking(tiny_backbone):
     attn_out = block.attn(y, y, y, attn_mask=mask, need_weights=False)[0]
     expected = x + attn_out
     expected = expected + block.mlp(block.ln_2(expected))
-    ours, attn = tiny_backbone.block_forward(idx, x, value_path=True)
+    ours, attn = tiny_backbone.value_path_block(idx, x)
     assert torch.allclose(ours, expected, atol=1e-5)
     _, plain = block.attn(y, y, y, need_weights=True)
     assert torch.allclose(attn, plain, atol=1e-6)  # the unmasked map is recorded
@@ -101,7 +93,7 @@ def test_dense_forward_tokens_are_projected(tiny_backbone):
     assert out.grid == (2, 3)
     assert out.tokens.shape == (1, 7, 32)
     assert out.pre_last.shape == (1, 7, 64)
-    x, _ = tiny_backbone.block_forward(tiny_backbone.num_layers - 1, out.pre_last, value_path=True)
+    x, _ = tiny_backbone.value_path_block(tiny_backbone.num_layers - 1, out.pre_last)
     assert torch.allclose(tiny_backbone.project_tokens(x), out.tokens, atol=1e-5)
     with pytest.raises(ValueError):
         tiny_backbone.dense_forward(torch.randn(1, 3, 30, 48))
@@ -171,10 +163,10 @@ def test_bad_checkpoint_files(tmp_path):
 
 
 def test_offline_pretrained_fails_fast_with_instructions(tmp_path, monkeypatch):
-    import tagclip_cli.backbone as backbone
+    import tagclip_cli.backbone.loading as loading
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setattr(backbone, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(loading, "_hub_reachable", lambda *a, **k: False)
     with pytest.raises(ModelLoadError, match="--checkpoint"):
         load_backbone("ViT-B-16", pretrained="openai", cache_dir=tmp_path)
 

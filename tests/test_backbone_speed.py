@@ -9,6 +9,7 @@ import torch
 from torch.nn import MultiheadAttention
 
 from tagclip_cli.backbone import load_backbone
+from tagclip_cli.backbone.encoder import Workspace, self_attention, value_path_attention
 from tagclip_cli.errors import UsageError
 
 
@@ -107,14 +108,16 @@ def test_buffered_attention_equals_the_autograd_path(tiny_backbone, value_path, 
     map as the plain path, also when the shape changes between calls (buffers rebuilt)."""
     g = torch.Generator().manual_seed(5)
     block = tiny_backbone.visual.transformer.resblocks[1]
+    attention = value_path_attention if value_path else self_attention
+    workspace = Workspace()
     for tokens in (17, 26, 17):
         x = torch.randn(3, tokens, 64, generator=g)
         mask = torch.randn(1, 1, tokens, tokens, generator=g) if masked else None
-        expected_out, expected_map = tiny_backbone._attention(block, x.clone().requires_grad_(True), mask, value_path)
+        expected_out, expected_map = attention(block, x.clone().requires_grad_(True), workspace, mask)
         with torch.no_grad():
-            out, attn = tiny_backbone._attention(block, x, mask, value_path)
+            out, attn = attention(block, x, workspace, mask)
             into = torch.full((3, tokens, tokens), float("nan"))
-            _, written = tiny_backbone._attention(block, x, mask, value_path, map_out=into)
+            _, written = attention(block, x, workspace, mask, map_out=into)
         torch.testing.assert_close(out, expected_out.detach(), atol=1e-6, rtol=0)
         torch.testing.assert_close(attn, expected_map.detach(), atol=1e-7, rtol=0)
         assert written.data_ptr() == into.data_ptr()

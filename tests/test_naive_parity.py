@@ -11,10 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tagclip_cli.backbone import SCENE_TEMPLATES
 from tagclip_cli.data import Preprocess
 from tagclip_cli.segment import Segmenter
-from tagclip_cli.tagclip import TagCLIPConfig, Tagger
+from tagclip_cli.tagclip import SCENE_TEMPLATES, TagCLIPConfig, Tagger
 from tagclip_cli.vocab import load_vocabulary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

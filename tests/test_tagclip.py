@@ -1,4 +1,4 @@
-"""TagCLIP steps on small hand-computed tensors (ALGORITHM.md sections 2-6)."""
+"""TagCLIP steps on small hand-computed tensors (docs/algorithm.md §2-§6)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from tagclip_cli.errors import UsageError
 from tagclip_cli.tagclip import (
     CwrBox,
     TagCLIPConfig,
@@ -17,10 +18,13 @@ from tagclip_cli.tagclip import (
     crop_for_cwr,
     cwr_box,
     cwr_candidates,
+    dense_per_image,
     dmar,
     fuse,
+    layer_range,
     minmax,
     refined_attention,
+    tagclip_templates,
     tags_from_scores,
     vote_mask,
 )
@@ -154,6 +158,13 @@ def test_tag_rule_strict_threshold_and_fallback():
     assert tags_from_scores(torch.tensor([0.0, 0.7, 0.7]), 0.5) == [1, 2]
 
 
+def test_templates_are_the_85_prompt_ensemble():
+    templates = tagclip_templates()
+    assert len(templates) == 85 and len(set(templates)) == 85
+    assert "a bad photo of a {}." in templates and "this is one {} in the scene." in templates
+    assert all(t.count("{}") == 1 for t in templates)
+
+
 def test_minmax_constant_and_range():
     assert minmax(torch.tensor([2.0, 2.0])).tolist() == [0.0, 0.0]
     assert minmax(torch.tensor([1.0, 2.0, 3.0])).tolist() == [0.0, 0.5, 1.0]
@@ -166,6 +177,19 @@ def test_config_layers_default_and_generic():
     assert TagCLIPConfig(refine_layers=(1, -1)).layers_for(12) == (1, 11)
     with pytest.raises(ValueError):
         TagCLIPConfig(refine_layers=(0, 3)).layers_for(12)
+
+
+def test_layer_range_is_one_convention_for_dmar_and_caa():
+    """Values <= 0 count from L at both ends, the low end is clamped to 1 (docs/algorithm.md §3, §8)."""
+    assert layer_range((-3, -1), 12) == (9, 11)
+    assert layer_range((1, -1), 12) == (1, 11)
+    assert layer_range((-7, 0), 12) == (5, 12)
+    assert layer_range((-7, -1), 6) == (1, 5)
+    assert layer_range((2, 4), 12) == (2, 4)
+    with pytest.raises(UsageError, match=r"CAA layers \(3, 20\) give 3..20, outside 1..12"):
+        layer_range((3, 20), 12, "CAA layers")
+    with pytest.raises(ValueError, match="outside"):
+        layer_range((-1, -3), 12)
 
 
 VOCAB = parse_vocabulary("cat\ndog\nbird\n[background]\nsky\ngrass\n")
@@ -235,3 +259,26 @@ def test_reference_compat_stops_cwr_at_first_empty_box(tiny_backbone, monkeypatc
     compat = Tagger(tiny_backbone, VOCAB, TagCLIPConfig(cwr_threshold=0.0, reference_compat=True)).tag(img)[0]
     assert compat.boxes == []  # stopped at the first (empty) box
     assert torch.equal(compat.scores, compat.p_local)
+
+
+def test_dense_per_image_batches_same_sizes_and_keeps_each_image(tiny_backbone, monkeypatch):
+    """Images of one size share a forward; each image's DenseOutput equals its own forward."""
+    images = _images(tiny_backbone, [(64, 96), (48, 32), (64, 96)])
+    calls = []
+    real = tiny_backbone.dense_forward
+
+    def counting(pixels, **kw):
+        calls.append(pixels.shape[0])
+        return real(pixels, **kw)
+
+    monkeypatch.setattr(tiny_backbone, "dense_forward", counting)
+    with torch.inference_mode():
+        out = list(dense_per_image(tiny_backbone, images, keep_pre_last=True))
+    assert [i for i, _ in out] == [0, 2, 1] and calls == [2, 1]
+    for i, one in out:
+        with torch.inference_mode():
+            alone = real(images[i][None], keep_pre_last=True)
+        assert one.grid == alone.grid and one.tokens.shape == alone.tokens.shape[1:]
+        torch.testing.assert_close(one.tokens, alone.tokens[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(one.attn, alone.attn[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(one.pre_last, alone.pre_last[0], atol=1e-5, rtol=0)

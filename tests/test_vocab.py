@@ -137,7 +137,7 @@ def test_truncated_names_counts_template_plus_name():
 
 
 def test_backbone_warns_once_per_truncated_class(tiny_backbone, caplog):
-    from tagclip_cli.backbone import tagclip_templates
+    from tagclip_cli.tagclip import tagclip_templates
 
     long_name = " ".join(["zebra"] * 80)
     with caplog.at_level(logging.WARNING, logger="tagclip_cli"):

@@ -1,0 +1,36 @@
+"""The CLIP backbone: the only package that knows open_clip internals.
+
+- `loading`: open_clip models, checkpoint files, the built-in models, offline handling
+  (`load_backbone`, `read_state_dict`, `builtin_models`).
+- `model`: `Backbone`, a frozen ViT CLIP with its geometry and precision; the methods the
+  algorithms call.
+- `text`: prompt embeddings and the prompt-ensemble classifier with its on-disk cache; the
+  templates come from the method that uses them.
+- `encoder`: the encoder surgeries of docs/algorithm.md §0, §1, §5 and §8: the dense forward whose
+  last block runs on the value path (eq. 6-8), the attention maps, the masked class-token forward
+  of CWR, and the last block with an ln_1 leaf for Grad-CAM.
+"""
+
+from tagclip_cli.backbone.encoder import DenseOutput, fused_attention
+from tagclip_cli.backbone.loading import WEIGHTS_DIR, builtin_models, load_backbone, read_state_dict
+from tagclip_cli.backbone.model import PRECISIONS, Backbone, check_precision, default_cache_dir
+from tagclip_cli.backbone.text import TEXT_CACHE_VERSION, imagenet_templates
+
+# file_sha256 lives in tagclip_cli.writers; importable from here for existing callers.
+from tagclip_cli.writers import file_sha256
+
+__all__ = [
+    "PRECISIONS",
+    "TEXT_CACHE_VERSION",
+    "WEIGHTS_DIR",
+    "Backbone",
+    "DenseOutput",
+    "builtin_models",
+    "check_precision",
+    "default_cache_dir",
+    "file_sha256",
+    "fused_attention",
+    "imagenet_templates",
+    "load_backbone",
+    "read_state_dict",
+]

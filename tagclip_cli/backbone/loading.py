@@ -1,0 +1,221 @@
+"""Loading a CLIP ViT (docs/algorithm.md §0): open_clip models by name and pretrained tag,
+checkpoint files (OpenAI TorchScript, torch pickles, safetensors), the models shipped in the
+package, and the offline handling of the Hugging Face hub."""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from tagclip_cli.backbone.model import Backbone, check_precision, default_cache_dir
+from tagclip_cli.errors import ModelLoadError
+from tagclip_cli.writers import file_sha256
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+
+def builtin_models() -> list[str]:
+    """Models shipped inside the package (config JSON + safetensors weights)."""
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.json") if p.with_suffix(".safetensors").exists())
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """A CLIP state dict from an OpenAI TorchScript archive, a torch pickle (.pt/.bin, optionally
+    wrapped in {"state_dict": ...} with "module." prefixes) or a .safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: checkpoint file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        elif zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: not a readable CLIP checkpoint ({type(exc).__name__}: {exc})") from exc
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd:
+        raise ModelLoadError(f"{path}: no state dict found in the checkpoint")
+    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
+    for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
+        sd.pop(key, None)
+    return sd
+
+
+def _is_openai_layout(sd: dict[str, Tensor]) -> bool:
+    return "visual.proj" in sd and "visual.conv1.weight" in sd and "token_embedding.weight" in sd
+
+
+def _tokenizer_for(model: torch.nn.Module, model_name: str | None):
+    import open_clip
+
+    context = int(getattr(model, "context_length", 77))
+    if model_name and (model_name in open_clip.list_models() or model_name in builtin_models()):
+        try:
+            return open_clip.get_tokenizer(model_name, context_length=context)
+        except Exception:  # unknown name (e.g. a checkpoint-inferred model): the CLIP BPE tokenizer
+            pass
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context)
+
+
+def load_backbone(
+    model: str = "ViT-B-16",
+    pretrained: str | None = "openai",
+    checkpoint: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    cache_dir: Path | None = None,
+    model_explicit: bool = False,
+    seed: int = 0,
+    precision: str = "fp32",
+) -> Backbone:
+    """Load a CLIP ViT.
+
+    - `checkpoint`: a file (see `read_state_dict`). OpenAI-layout weights build their own
+      architecture (QuickGELU) unless `model_explicit`, in which case open_clip's config `model`
+      is created and loaded strictly.
+    - `model` naming a model shipped in the package (e.g. `shapes-demo`): loaded from the package.
+    - `pretrained="random"`: seeded random weights (tests and benchmarks only).
+    - otherwise open_clip's `pretrained` tag, which needs network access the first time.
+
+    precision: fp32 (default), or bf16/fp16 autocast on CUDA (UsageError elsewhere).
+    """
+    import open_clip
+
+    check_precision(precision, device)
+
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    device = torch.device(device)
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        sd = read_state_dict(path)
+        digest = file_sha256(path, cache_dir)
+        if _is_openai_layout(sd) and not model_explicit:
+            try:
+                net = open_clip.model.build_model_from_openai_state_dict(dict(sd), quick_gelu=True, cast_dtype=None)
+                net.float().load_state_dict(sd)  # the builder rounds through fp16; reload exactly
+            except Exception as exc:
+                raise ModelLoadError(f"{path}: OpenAI-layout weights but not a CLIP ViT ({exc})") from exc
+            name = f"openai-{_describe_openai(sd)}"
+        else:
+            net = _create(model, None, seed)
+            try:
+                net.load_state_dict(_to_open_clip_layout(net, sd), strict=True)
+            except RuntimeError as exc:
+                first = str(exc).splitlines()[0]
+                raise ModelLoadError(
+                    f"{path}: weights do not fit model '{model}' ({first}); pass the matching --model"
+                ) from exc
+            name = model
+        weights = f"checkpoint:{digest}"
+    elif model in builtin_models():
+        # the weights' hash is part of the identity, so replaced weights never reuse cached text
+        digest = file_sha256(WEIGHTS_DIR / f"{model}.safetensors", cache_dir)[:16]
+        net, name, weights = _load_builtin(model), model, f"builtin:{model}:{digest}"
+    elif pretrained in (None, "", "none", "random"):
+        log.warning("model %s with RANDOM weights (seed %d): outputs are meaningless except for testing", model, seed)
+        net, name, weights = _create(model, None, seed), model, f"random:{seed}"
+    else:
+        net = _create(model, pretrained, seed)
+        name, weights = model, pretrained
+    net = net.float().to(device)
+    return Backbone(net, _tokenizer_for(net, name), name, weights, device, cache_dir, precision)
+
+
+def _describe_openai(sd: dict[str, Tensor]) -> str:
+    width = sd["visual.conv1.weight"].shape[0]
+    patch = sd["visual.conv1.weight"].shape[-1]
+    layers = len([k for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")])
+    return f"vit-w{width}-p{patch}-l{layers}"
+
+
+def _to_open_clip_layout(net: torch.nn.Module, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    if "logit_scale" in sd and net.logit_scale.ndim != sd["logit_scale"].ndim:
+        sd = dict(sd)
+        sd["logit_scale"] = sd["logit_scale"].reshape(net.logit_scale.shape)
+    return sd
+
+
+def _create(model: str, pretrained: str | None, seed: int) -> torch.nn.Module:
+    import open_clip
+
+    if model not in open_clip.list_models():
+        known = ", ".join(m for m in open_clip.list_models() if m.startswith("ViT-"))[:300]
+        raise ModelLoadError(f"unknown model '{model}' (open_clip ViTs include: {known}, ...; built-in: "
+                             f"{', '.join(builtin_models()) or 'none'})")
+    if pretrained:
+        try:
+            tags = open_clip.list_pretrained_tags_by_model(model)
+        except Exception:
+            tags = []
+        if pretrained not in tags and not Path(pretrained).exists():
+            raise ModelLoadError(f"model '{model}' has no pretrained tag '{pretrained}' (known: {', '.join(tags)})")
+    torch.manual_seed(seed)
+    offline = bool(pretrained) and not Path(pretrained).exists() and not _hub_reachable()
+    try:
+        with _hub_offline(offline):
+            return open_clip.create_model(
+                model, pretrained=pretrained or None, force_quick_gelu=(pretrained == "openai"), device="cpu"
+            )
+    except Exception as exc:
+        if not pretrained:
+            raise ModelLoadError(f"could not build model '{model}': {exc}") from exc
+        raise ModelLoadError(
+            f"could not get the '{pretrained}' weights of {model} ({type(exc).__name__}; offline?). "
+            f"Supply weights with --checkpoint FILE (OpenAI ViT-B-16.pt, or an open_clip .bin/.safetensors "
+            f"with --model), or try the offline demo with --model {', '.join(builtin_models()) or 'shapes-demo'}"
+        ) from exc
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """A quick probe, so that an offline machine fails in seconds instead of minutes of retries."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _hub_offline(offline: bool):
+    """Force huggingface_hub to use only its local cache while `offline`."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _load_builtin(name: str) -> torch.nn.Module:
+    import open_clip
+    from safetensors.torch import load_file
+
+    config = WEIGHTS_DIR / f"{name}.json"
+    open_clip.add_model_config(config)
+    net = open_clip.create_model(name, pretrained=None, device="cpu")
+    sd = load_file(str(WEIGHTS_DIR / f"{name}.safetensors"), device="cpu")
+    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    return net
