@@ -2,7 +2,7 @@
 
 Pure tensor functions (shapes in the docstrings; N patches on a (gh, gw) grid, K tags of one image,
 B background classes, L layers) plus a `Segmenter` that runs them over batches of images, sharing
-one dense forward per image with TagCLIP. Spec: ALGORITHM.md sections 8-9.
+one dense forward per image with TagCLIP. Spec: docs/algorithm.md §8-§9.
 
 CLS-SEG per image:
 1. Grad-CAM of the last block for every tag at once: block L runs once (normal attention) on the
@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -78,7 +77,7 @@ class SegmentConfig:
     key_smoothing_threshold: float = 1.0  # ... at positions whose best probability is below this
     prompt_denoising: bool = False  # MaskCLIP: drop classes whose best probability is below ...
     prompt_denoising_threshold: float = 0.5
-    reference_compat: bool = False  # the reference's clamped box edges (see ALGORITHM.md section 3)
+    reference_compat: bool = False  # quirk Q2: the reference's clamped box edges (docs/algorithm.md §10)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -602,73 +601,3 @@ class Segmenter:
         present = sorted(label - 1 for label in mask_scores)
         return SegOutput(label_map, mask_scores, present)
 
-
-# ---- tags from a file (`tagclip segment --tags labels.parquet`) -----------------------------------
-
-@dataclass
-class FileTags:
-    """One image's entry in a tags file: foreground indices, the stored scores, or the failure."""
-
-    tags: list[int]
-    names: list[str]
-    scores: list[float] | None
-    error: str | None = None
-
-
-class TagsFile:
-    """The tags Parquet of an earlier `tagclip annotate` (or segment --tags-out) run, looked up by
-    image id. Its classes must be the vocabulary's, in the same order."""
-
-    COLUMNS = ("image_id", "status", "error", "tags", "scores")
-
-    def __init__(self, path: str | Path, vocab: Vocabulary) -> None:
-        import pyarrow.parquet as pq
-
-        from tagclip_cli.writers import read_metadata
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise UsageError(f"--tags {self.path}: no such file")
-        try:
-            self.metadata = read_metadata(self.path)
-            self.table = pq.read_table(self.path, columns=list(self.COLUMNS))
-        except Exception as exc:  # pyarrow raises many types on a file that is not our Parquet
-            raise UsageError(f"--tags {self.path}: not a tags Parquet written by tagclip annotate ({exc})") from None
-        classes = self.metadata.get("classes")
-        if classes is not None and list(classes) != list(vocab.classes):
-            raise UsageError(
-                f"--tags {self.path}: made with other classes ({len(classes)}: {', '.join(classes[:4])}, ...) "
-                f"than --vocab {vocab.source} ({vocab.num_classes}: {', '.join(vocab.classes[:4])}, ...)"
-            )
-        self.class_index = {name: i for i, name in enumerate(vocab.classes)}
-        self.ids = self.table.column("image_id")
-        self._by_id: dict[str, int] | None = None
-
-    def _row(self, item) -> int | None:
-        """The row of item: the same position first (files made from the same input list), else by id."""
-        if item.index < len(self.ids) and self.ids[item.index].as_py() == item.image_id:
-            return item.index
-        if self._by_id is None:
-            self._by_id = {}
-            for row, image_id in enumerate(self.ids.to_pylist()):
-                self._by_id.setdefault(image_id, row)
-        return self._by_id.get(item.image_id)
-
-    def lookup(self, item) -> FileTags:
-        row = self._row(item)
-        if row is None:
-            return FileTags([], [], None, f"no tags for this image in {self.path.name}")
-        rec = {name: self.table.column(name)[row].as_py() for name in self.COLUMNS}
-        if rec["status"] != "ok":
-            return FileTags([], [], None, f"tagging failed in {self.path.name}: {rec['error']}")
-        names = list(rec["tags"] or [])
-        unknown = [n for n in names if n not in self.class_index]
-        if unknown:
-            return FileTags([], [], None, f"tags not in the vocabulary in {self.path.name}: {', '.join(unknown)}")
-        return FileTags([self.class_index[n] for n in names], names, rec["scores"])
-
-    def identity(self) -> dict:
-        """What the segment output depends on: the file's content hash and the run that made it."""
-        from tagclip_cli.backbone import file_sha256
-
-        return {"sha256": file_sha256(self.path), "made_with": self.metadata.get("tagclip")}
