@@ -162,9 +162,10 @@ class CocoFile:
     annotations: dict[int, list[dict[str, Any]]]
 
 
-def read_coco(path: str | Path, what: str = "masks file") -> CocoFile:
+def read_coco(path: str | Path, what: str = "masks file", kind: str = "masks") -> CocoFile:
     """Parse and check a COCO JSON (images, annotations, categories; every annotation's category
-    and image exist). `what` names the file in errors ("masks file", "COCO annotation file")."""
+    and image exist). Errors call the file `what` ("masks file", "COCO annotation file") and the
+    COCO flavour expected `kind` ("masks", "instances")."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as fh:
@@ -176,7 +177,7 @@ def read_coco(path: str | Path, what: str = "masks file") -> CocoFile:
     except OSError as exc:
         raise FormatError(f"{path}: cannot read {what} ({exc})") from None
     if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations", "categories")):
-        raise FormatError(f"{path}: not a COCO file (needs images, annotations, categories)")
+        raise FormatError(f"{path}: not a COCO {kind} file (needs images, annotations, categories)")
     try:
         categories = sorted(data["categories"], key=lambda c: int(c["id"]))
         known = {int(c["id"]) for c in categories}
