@@ -45,7 +45,7 @@ ROW_CHUNK_PIXELS = 1 << 22  # upsample and argmax about this many pixels x class
 
 
 class CrfUnavailableError(UsageError):
-    """--crf was asked for but the optional pydensecrf2 package is not installed."""
+    """The dense CRF was asked for but the optional pydensecrf2 package is not installed."""
 
 
 @dataclass(frozen=True)
@@ -326,7 +326,7 @@ def require_crf() -> None:
     """Raise CrfUnavailableError (one line, with the fix) when pydensecrf2 is not importable."""
     if not crf_available():
         raise CrfUnavailableError(
-            "--crf needs the optional dense-CRF package: pip install 'tagclip-cli[crf]' (or pip install pydensecrf2)"
+            "the dense CRF needs its optional package: pip install 'tagclip-cli[crf]' (or pip install pydensecrf2)"
         )
 
 
