@@ -218,27 +218,6 @@ def test_load_masks_matches_by_tagclip_id_file_name_and_unique_basename(tmp_path
     assert index.lookup("missing.jpg", "/abs/two.jpg") is None
 
 
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        (None, "no such masks file"),
-        ("{not json", "not a JSON file"),
-        ('{"images": []}', "needs images, annotations, categories"),
-        ('{"images": [{"id": 1}], "categories": [{"id": 1, "name": "a"}], '
-         '"annotations": [{"id": 5, "image_id": 1, "category_id": 9}]}', "unknown category 9"),
-        ('{"images": [], "categories": [{"id": 1, "name": "a"}], '
-         '"annotations": [{"id": 5, "image_id": 3, "category_id": 1}]}', "unknown image 3"),
-        ('{"images": [{"file_name": "x"}], "categories": [], "annotations": []}', "malformed"),
-    ],
-)
-def test_load_masks_rejects_bad_files_with_one_line(tmp_path, content, message):
-    path = tmp_path / "masks.json"
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(UsageError, match=message):
-        load_masks(path)
-
-
 def read_tag_classes(path: Path) -> list[str]:
     """The classes `tagclip show` reads from a tags file's metadata."""
     return read_tags_schema(path).get("classes", [])
