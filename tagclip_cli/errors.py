@@ -30,3 +30,8 @@ class OutputWriteError(TagclipError):
 
     Exit code 2 like a usage error: the output was not produced and the user must act (free space)
     before rerunning; parts written earlier are intact, so the rerun resumes."""
+
+
+class FormatError(UsageError):
+    """A file given as one of our outputs (tags Parquet, COCO masks JSON) is missing, unreadable or
+    malformed; the message names the file and the problem (exit code 2)."""

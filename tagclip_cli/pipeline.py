@@ -22,8 +22,9 @@ from tagclip_cli import __version__
 from tagclip_cli.backbone import Backbone, load_backbone
 from tagclip_cli.data import DecodeError, ImageItem, Preprocess, iter_records, load_rgb, to_device
 from tagclip_cli.faults import OomSplitter
+from tagclip_cli.formats import FileTags, TagsFile
 from tagclip_cli.jobs import JobSpec, Placement, Summary, run_job, session
-from tagclip_cli.segment import FileTags, SegmentConfig, Segmenter, SegOutput, TagsFile, require_crf
+from tagclip_cli.segment import SegmentConfig, Segmenter, SegOutput, require_crf
 from tagclip_cli.tagclip import TagCLIPConfig, Tagger
 from tagclip_cli.vocab import Vocabulary
 from tagclip_cli.writers import (

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -588,73 +587,3 @@ class Segmenter:
         present = sorted(label - 1 for label in mask_scores)
         return SegOutput(label_map, mask_scores, present)
 
-
-# ---- tags from a file (`tagclip segment --tags labels.parquet`) -----------------------------------
-
-@dataclass
-class FileTags:
-    """One image's entry in a tags file: foreground indices, the stored scores, or the failure."""
-
-    tags: list[int]
-    names: list[str]
-    scores: list[float] | None
-    error: str | None = None
-
-
-class TagsFile:
-    """The tags Parquet of an earlier `tagclip annotate` (or segment --tags-out) run, looked up by
-    image id. Its classes must be the vocabulary's, in the same order."""
-
-    COLUMNS = ("image_id", "status", "error", "tags", "scores")
-
-    def __init__(self, path: str | Path, vocab: Vocabulary) -> None:
-        import pyarrow.parquet as pq
-
-        from tagclip_cli.writers import read_metadata
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise UsageError(f"--tags {self.path}: no such file")
-        try:
-            self.metadata = read_metadata(self.path)
-            self.table = pq.read_table(self.path, columns=list(self.COLUMNS))
-        except Exception as exc:  # pyarrow raises many types on a file that is not our Parquet
-            raise UsageError(f"--tags {self.path}: not a tags Parquet written by tagclip annotate ({exc})") from None
-        classes = self.metadata.get("classes")
-        if classes is not None and list(classes) != list(vocab.classes):
-            raise UsageError(
-                f"--tags {self.path}: made with other classes ({len(classes)}: {', '.join(classes[:4])}, ...) "
-                f"than --vocab {vocab.source} ({vocab.num_classes}: {', '.join(vocab.classes[:4])}, ...)"
-            )
-        self.class_index = {name: i for i, name in enumerate(vocab.classes)}
-        self.ids = self.table.column("image_id")
-        self._by_id: dict[str, int] | None = None
-
-    def _row(self, item) -> int | None:
-        """The row of item: the same position first (files made from the same input list), else by id."""
-        if item.index < len(self.ids) and self.ids[item.index].as_py() == item.image_id:
-            return item.index
-        if self._by_id is None:
-            self._by_id = {}
-            for row, image_id in enumerate(self.ids.to_pylist()):
-                self._by_id.setdefault(image_id, row)
-        return self._by_id.get(item.image_id)
-
-    def lookup(self, item) -> FileTags:
-        row = self._row(item)
-        if row is None:
-            return FileTags([], [], None, f"no tags for this image in {self.path.name}")
-        rec = {name: self.table.column(name)[row].as_py() for name in self.COLUMNS}
-        if rec["status"] != "ok":
-            return FileTags([], [], None, f"tagging failed in {self.path.name}: {rec['error']}")
-        names = list(rec["tags"] or [])
-        unknown = [n for n in names if n not in self.class_index]
-        if unknown:
-            return FileTags([], [], None, f"tags not in the vocabulary in {self.path.name}: {', '.join(unknown)}")
-        return FileTags([self.class_index[n] for n in names], names, rec["scores"])
-
-    def identity(self) -> dict:
-        """What the segment output depends on: the file's content hash and the run that made it."""
-        from tagclip_cli.backbone import file_sha256
-
-        return {"sha256": file_sha256(self.path), "made_with": self.metadata.get("tagclip")}

@@ -3,7 +3,8 @@
 Inputs are the two files the other commands write: the tags Parquet (`tagclip annotate`) and,
 optionally, the COCO RLE masks JSON (`tagclip segment`). Output layout::
 
-    OUT/index.html              contact sheet (inline CSS/JS, data embedded as JSON; no network)
+    OUT/index.html              contact sheet (inline CSS/JS from tagclip_cli/assets/, data embedded as
+                                JSON; no network)
     OUT/overlays/<name>.png     image at full size (capped by max_side) with masks, plus a legend
     OUT/thumbs/<name>.jpg       thumbnail of the overlay's image part
 
@@ -21,19 +22,19 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from tagclip_cli.errors import UsageError
-from tagclip_cli.writers import METADATA_KEY, atomic_path
+from tagclip_cli.formats import TAG_COLUMNS, class_color, iter_tag_batches, label_map, load_masks, read_tags_schema
+from tagclip_cli.writers import atomic_path
 
 log = logging.getLogger(__name__)
 
-TAG_COLUMNS = ("index", "image_id", "path", "width", "height", "status", "error", "tags", "scores")
 MASK_ALPHA = 0.5
 MIN_PANEL_WIDTH = 360
 PLACEHOLDER_SIZE = (320, 240)
@@ -76,21 +77,6 @@ class ShowSummary:
 # ---- colours --------------------------------------------------------------------------------------
 
 
-def class_color(label: int) -> tuple[int, int, int]:
-    """RGB of label value `label` (class position + 1) in the PASCAL VOC palette; labels past 255
-    wrap around (0 is never used for a class)."""
-    if label <= 0:
-        raise ValueError("label 0 is 'no class' and has no colour")
-    value = (label - 1) % 255 + 1
-    r = g = b = 0
-    for shift in range(8):
-        r |= ((value >> 0) & 1) << (7 - shift)
-        g |= ((value >> 1) & 1) << (7 - shift)
-        b |= ((value >> 2) & 1) << (7 - shift)
-        value >>= 3
-    return r, g, b
-
-
 def hex_color(rgb: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*rgb)
 
@@ -118,131 +104,30 @@ class TagRow:
     tags: tuple[tuple[str, float | None], ...]
 
 
-def read_tag_classes(path: Path) -> list[str]:
-    """Class names stored in a tags Parquet's metadata (empty if absent)."""
-    try:
-        schema = pq.read_schema(path)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such tags file") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: not a Parquet file ({exc})") from None
-    missing = [c for c in TAG_COLUMNS if c not in schema.names]
-    if missing:
-        raise UsageError(f"{path}: not a tags Parquet (missing columns: {', '.join(missing)})")
-    raw = (schema.metadata or {}).get(METADATA_KEY)
-    try:
-        meta = json.loads(raw) if raw else {}
-    except ValueError:
-        meta = {}
-    return [str(c) for c in meta.get("classes", [])]
-
-
 def iter_tag_rows(path: Path, classes: Sequence[str], limit: int | None = None) -> Iterator[TagRow]:
     """Rows of a tags Parquet in file order, reading a few thousand at a time."""
     position = {name: i for i, name in enumerate(classes)}
     count = 0
-    try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=2048, columns=list(TAG_COLUMNS))
-        for batch in batches:
-            for row in batch.to_pylist():
-                if limit is not None and count >= limit:
-                    return
-                scores = row["scores"] or []
-                tags = []
-                for name in row["tags"] or []:
-                    i = position.get(name)
-                    tags.append((name, float(scores[i]) if i is not None and i < len(scores) else None))
-                yield TagRow(
-                    index=int(row["index"]),
-                    image_id=str(row["image_id"]),
-                    path=row["path"],
-                    width=row["width"],
-                    height=row["height"],
-                    failed=row["status"] != "ok",
-                    error=row["error"],
-                    tags=tuple(tags),
-                )
-                count += 1
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read tags ({exc})") from None
-
-
-@dataclass
-class MaskIndex:
-    """Annotations of a COCO RLE masks file, grouped per image and findable by image name."""
-
-    categories: dict[int, str]
-    by_name: dict[str, int]
-    images: dict[int, dict[str, Any]]
-    annotations: dict[int, list[dict[str, Any]]]
-
-    def lookup(self, image_id: str, path: str | None) -> int | None:
-        """COCO image id for a tags row: by our image id (relative path), then by path, then by
-        file name when that is unique."""
-        for key in (image_id, path, Path(image_id).name):
-            if key and key in self.by_name:
-                return self.by_name[key]
-        return None
-
-
-def load_masks(path: Path) -> MaskIndex:
-    """Parse a COCO masks JSON (images, categories, annotations with RLE segmentation)."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such masks file") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UsageError(f"{path}: not a JSON file ({exc})") from None
-    if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations", "categories")):
-        raise UsageError(f"{path}: not a COCO masks file (needs images, annotations, categories)")
-    try:
-        categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
-        images = {int(im["id"]): im for im in data["images"]}
-        annotations: dict[int, list[dict[str, Any]]] = {}
-        for ann in data["annotations"]:
-            if int(ann["category_id"]) not in categories:
-                raise UsageError(f"{path}: annotation {ann.get('id')} has unknown category {ann['category_id']}")
-            if int(ann["image_id"]) not in images:
-                raise UsageError(f"{path}: annotation {ann.get('id')} has unknown image {ann['image_id']}")
-            annotations.setdefault(int(ann["image_id"]), []).append(ann)
-        by_name: dict[str, int] = {}
-        basenames: dict[str, list[int]] = {}
-        for image_id, im in images.items():
-            for key in ("tagclip_image_id", "file_name"):
-                if im.get(key) is not None:
-                    by_name.setdefault(str(im[key]), image_id)
-            if im.get("file_name") is not None:
-                basenames.setdefault(Path(str(im["file_name"])).name, []).append(image_id)
-        for name, ids in basenames.items():
-            if len(ids) == 1:
-                by_name.setdefault(name, ids[0])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UsageError(f"{path}: malformed COCO masks file ({exc!r})") from None
-    return MaskIndex(categories, by_name, images, annotations)
-
-
-def label_map(annotations: Sequence[dict[str, Any]], label_of: dict[int, int], height: int, width: int) -> np.ndarray:
-    """(H, W) int32 map: 0 where no mask, else `label_of[category_id]`. Where masks overlap the
-    higher `score` wins (the same rule as `tagclip evaluate`)."""
-    from pycocotools import mask as mask_utils
-
-    out = np.zeros((height, width), dtype=np.int32)
-    for ann in sorted(annotations, key=lambda a: float(a.get("score", 0.0))):
-        segm = ann["segmentation"]
-        if isinstance(segm, dict) and isinstance(segm.get("counts"), list):
-            rle = mask_utils.frPyObjects(segm, *segm["size"])
-        elif isinstance(segm, dict):
-            rle = dict(segm)
-            if isinstance(rle["counts"], str):
-                rle["counts"] = rle["counts"].encode("ascii")
-        else:  # polygons
-            rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
-        mask = mask_utils.decode(rle).astype(bool)
-        if mask.shape != (height, width):
-            mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
-        out[mask] = label_of[int(ann["category_id"])]
-    return out
+    for batch in iter_tag_batches(path, TAG_COLUMNS):
+        for row in batch:
+            if limit is not None and count >= limit:
+                return
+            scores = row["scores"] or []
+            tags = []
+            for name in row["tags"] or []:
+                i = position.get(name)
+                tags.append((name, float(scores[i]) if i is not None and i < len(scores) else None))
+            yield TagRow(
+                index=int(row["index"]),
+                image_id=str(row["image_id"]),
+                path=row["path"],
+                width=row["width"],
+                height=row["height"],
+                failed=row["status"] != "ok",
+                error=row["error"],
+                tags=tuple(tags),
+            )
+            count += 1
 
 
 # ---- drawing --------------------------------------------------------------------------------------
@@ -427,7 +312,7 @@ def render_job(job: RenderJob) -> dict[str, Any]:
     labels = None
     if picture is not None and job.annotations:
         h, w = job.mask_size or (picture.height, picture.width)
-        labels = label_map(job.annotations, job.label_of, h, w)
+        labels = label_map(job.annotations, job.label_of, h, w, f"masks of {row.image_id}", resize=True)
         if labels.shape != (picture.height, picture.width):
             labels = np.asarray(
                 Image.fromarray(labels).resize((picture.width, picture.height), Image.Resampling.NEAREST)
@@ -507,7 +392,7 @@ def build_gallery(config: ShowConfig, progress: Callable[[int, int], object] | N
         raise UsageError(f"{config.images}: not a directory (--images)")
     if config.out.exists() and not config.out.is_dir():
         raise UsageError(f"{config.out}: exists and is not a directory (--out)")
-    classes = read_tag_classes(config.tags)
+    classes = [str(c) for c in read_tags_schema(config.tags).get("classes", [])]
     masks = load_masks(config.masks) if config.masks else None
     names = list(classes)
     if masks is not None:
@@ -592,205 +477,14 @@ def gallery_html(title: str, classes: Sequence[str], cards: Sequence[dict[str, A
     # "<" escaped so that no string in the data can close the <script> element.
     data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
     return (
-        _PAGE.replace("__TITLE__", html.escape(title))
-        .replace("__CSS__", _CSS)
-        .replace("__JS__", _JS)
+        _asset("gallery.html").replace("__TITLE__", html.escape(title))
+        .replace("__CSS__", _asset("gallery.css"))
+        .replace("__JS__", _asset("gallery.js"))
         .replace("__DATA__", data)
     )
 
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>__TITLE__</title>
-<style>__CSS__</style>
-</head>
-<body>
-<header>
-  <h1>__TITLE__</h1>
-  <div id="controls">
-    <label>class <select id="class-filter"></select></label>
-    <label>name <input id="name-filter" type="search" placeholder="substring"></label>
-    <span id="count"></span>
-  </div>
-  <nav class="pager" id="pager-top"></nav>
-</header>
-<main id="cards"></main>
-<nav class="pager" id="pager-bottom"></nav>
-<noscript><p>This gallery needs JavaScript to list the images; the overlays are in the
-overlays/ folder next to this page.</p></noscript>
-<script id="gallery-data" type="application/json">__DATA__</script>
-<script>__JS__</script>
-</body>
-</html>
-"""
-
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; background: #f4f4f4;
-       color: #222; }
-header { position: sticky; top: 0; background: #fff; border-bottom: 1px solid #ccc; padding: 8px 16px;
-         z-index: 1; }
-h1 { font-size: 18px; margin: 0 0 6px 0; }
-#controls { display: flex; gap: 16px; align-items: center; flex-wrap: wrap; font-size: 14px; }
-#count { color: #666; }
-.pager { display: flex; gap: 6px; align-items: center; font-size: 14px; margin: 6px 0; }
-#pager-bottom { padding: 0 16px 16px; }
-.pager button { font: inherit; padding: 2px 10px; }
-#cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: 12px;
-         padding: 12px 16px; }
-.card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 8px; display: flex;
-        flex-direction: column; gap: 6px; min-width: 0; }
-.card.failed { border: 2px solid #dc1e1e; background: #fff3f3; }
-.thumb { display: flex; align-items: center; justify-content: center; height: 200px; background: #eee; }
-.thumb img { max-width: 100%; max-height: 200px; object-fit: contain; }
-.name { font-size: 13px; font-weight: 600; overflow-wrap: anywhere; }
-.meta { font-size: 12px; color: #666; }
-.tags { display: flex; flex-wrap: wrap; gap: 4px; }
-.tag { font-size: 12px; border-radius: 10px; padding: 1px 8px; border: 1px solid #999; background: #fff; }
-.tag.masked { border-color: transparent; }
-.error { font-size: 12px; color: #b00; font-weight: 600; overflow-wrap: anywhere; }
-.empty { padding: 24px; color: #666; }
-"""
-
-_JS = """
-"use strict";
-(function () {
-  const data = JSON.parse(document.getElementById("gallery-data").textContent);
-  const classes = data.classes;
-  const cardsEl = document.getElementById("cards");
-  const select = document.getElementById("class-filter");
-  const nameInput = document.getElementById("name-filter");
-  const state = { cls: "all", q: "", page: 1 };
-
-  function has(card, index) {
-    return card.tags.some(function (t) { return t[0] === index; }) || card.masks.indexOf(index) >= 0;
-  }
-  function matches(card) {
-    if (state.cls === "failed" && !card.err) return false;
-    if (state.cls !== "all" && state.cls !== "failed" && !has(card, Number(state.cls))) return false;
-    return !state.q || card.id.toLowerCase().indexOf(state.q.toLowerCase()) >= 0;
-  }
-  function el(tag, cls, text) {
-    const e = document.createElement(tag);
-    if (cls) e.className = cls;
-    if (text !== undefined) e.textContent = text;
-    return e;
-  }
-  function buildSelect() {
-    const counts = classes.map(function () { return 0; });
-    let failed = 0;
-    data.cards.forEach(function (c) {
-      if (c.err) failed += 1;
-      classes.forEach(function (_, i) { if (has(c, i)) counts[i] += 1; });
-    });
-    const add = function (value, label) {
-      const o = el("option", null, label); o.value = value; select.appendChild(o);
-    };
-    add("all", "all images (" + data.cards.length + ")");
-    add("failed", "failed (" + failed + ")");
-    classes.map(function (c, i) { return [c.name, i]; })
-      .filter(function (p) { return counts[p[1]] > 0; })
-      .sort(function (a, b) { return a[0].localeCompare(b[0]); })
-      .forEach(function (p) { add(String(p[1]), p[0] + " (" + counts[p[1]] + ")"); });
-  }
-  function card(c) {
-    const div = el("div", "card" + (c.err ? " failed" : ""));
-    div.dataset.id = c.id;
-    const link = el("a", "thumb");
-    link.href = c.o;
-    link.title = "full-size overlay";
-    const img = el("img");
-    img.loading = "lazy";
-    img.decoding = "async";
-    img.width = c.tw;
-    img.height = c.th;
-    img.alt = c.id;
-    img.src = c.t;
-    link.appendChild(img);
-    div.appendChild(link);
-    div.appendChild(el("div", "name", c.id));
-    div.appendChild(el("div", "meta", c.size));
-    if (c.err) div.appendChild(el("div", "error", "FAILED: " + c.err));
-    const tags = el("div", "tags");
-    c.tags.forEach(function (t) {
-      const name = t[0] >= 0 ? classes[t[0]].name : "?";
-      const chip = el("span", "tag", t[1] === null ? name : name + " " + t[1].toFixed(2));
-      if (t[0] >= 0 && c.masks.indexOf(t[0]) >= 0) {
-        chip.className = "tag masked";
-        chip.style.background = classes[t[0]].color;
-        chip.style.color = classes[t[0]].ink;
-        chip.title = "has a mask";
-      }
-      tags.appendChild(chip);
-    });
-    c.masks.forEach(function (m) {
-      if (c.tags.some(function (t) { return t[0] === m; })) return;
-      const chip = el("span", "tag masked", classes[m].name + " (mask)");
-      chip.style.background = classes[m].color;
-      chip.style.color = classes[m].ink;
-      tags.appendChild(chip);
-    });
-    if (!c.err && c.tags.length === 0) tags.appendChild(el("span", "meta", "no tags"));
-    div.appendChild(tags);
-    return div;
-  }
-  function pager(nav, pages) {
-    nav.textContent = "";
-    const prev = el("button", "prev", "\\u2190 prev");
-    prev.disabled = state.page <= 1;
-    prev.onclick = function () { go(state.page - 1); };
-    const next = el("button", "next", "next \\u2192");
-    next.disabled = state.page >= pages;
-    next.onclick = function () { go(state.page + 1); };
-    nav.appendChild(prev);
-    nav.appendChild(el("span", "page-label", "page " + state.page + " of " + pages));
-    nav.appendChild(next);
-  }
-  function render() {
-    const shown = data.cards.filter(matches);
-    const pages = Math.max(1, Math.ceil(shown.length / data.pageSize));
-    state.page = Math.min(Math.max(1, state.page), pages);
-    const start = (state.page - 1) * data.pageSize;
-    const frag = document.createDocumentFragment();
-    shown.slice(start, start + data.pageSize).forEach(function (c) { frag.appendChild(card(c)); });
-    cardsEl.textContent = "";
-    cardsEl.appendChild(frag);
-    if (!shown.length) cardsEl.appendChild(el("div", "empty", "no image matches"));
-    document.getElementById("count").textContent = shown.length + " of " + data.cards.length + " images";
-    pager(document.getElementById("pager-top"), pages);
-    pager(document.getElementById("pager-bottom"), pages);
-    document.body.dataset.ready = "1";
-  }
-  function writeHash() {
-    const parts = [];
-    if (state.cls !== "all") parts.push("class=" + encodeURIComponent(state.cls === "failed" ? "failed"
-      : classes[Number(state.cls)].name));
-    if (state.q) parts.push("q=" + encodeURIComponent(state.q));
-    if (state.page > 1) parts.push("page=" + state.page);
-    history.replaceState(null, "", parts.length ? "#" + parts.join("&") : location.pathname);
-  }
-  function readHash() {
-    const params = new URLSearchParams(location.hash.slice(1));
-    const cls = params.get("class");
-    state.cls = "all";
-    if (cls === "failed") state.cls = "failed";
-    else if (cls !== null) {
-      const i = classes.findIndex(function (c) { return c.name === cls; });
-      if (i >= 0) state.cls = String(i);
-    }
-    state.q = params.get("q") || "";
-    state.page = parseInt(params.get("page") || "1", 10) || 1;
-    select.value = state.cls;
-    nameInput.value = state.q;
-  }
-  function go(page) { state.page = page; writeHash(); render(); window.scrollTo(0, 0); }
-  select.onchange = function () { state.cls = select.value; state.page = 1; writeHash(); render(); };
-  nameInput.oninput = function () { state.q = nameInput.value; state.page = 1; writeHash(); render(); };
-  window.addEventListener("hashchange", function () { readHash(); render(); });
-  buildSelect();
-  readHash();
-  render();
-})();
-"""
+@lru_cache(maxsize=4)
+def _asset(name: str) -> str:
+    """A page asset shipped as package data (tagclip_cli/assets/)."""
+    return resources.files("tagclip_cli").joinpath("assets", name).read_text(encoding="utf-8")

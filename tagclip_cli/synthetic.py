@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
+
+from tagclip_cli.writers import write_bytes_atomic
 
 OBJECT_CLASSES: tuple[str, ...] = (
     "circle",
@@ -402,19 +402,6 @@ def scene_record(scene: Scene) -> dict:
     }
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _png_bytes(array: np.ndarray) -> bytes:
     import io
 
@@ -435,10 +422,10 @@ def write_folder_dataset(out: str | Path, count: int, seed: int, start: int = 0,
     for index in range(start, start + count):
         scene = generate_scene(index, seed, size)
         image_id = f"{index:06d}"
-        _atomic_write_bytes(out / "images" / f"{image_id}.png", _png_bytes(scene.image))
-        _atomic_write_bytes(out / "labels" / f"{image_id}.png", _png_bytes(scene.label_map))
+        write_bytes_atomic(_png_bytes(scene.image), out / "images" / f"{image_id}.png")
+        write_bytes_atomic(_png_bytes(scene.label_map), out / "labels" / f"{image_id}.png")
         records[image_id] = scene_record(scene)
-    _atomic_write_bytes(out / "classes.txt", ("\n".join(OBJECT_CLASSES) + "\n").encode())
+    write_bytes_atomic(("\n".join(OBJECT_CLASSES) + "\n").encode(), out / "classes.txt")
     manifest = {
         "generator": "tagclip_cli.synthetic",
         "seed": seed,
@@ -449,7 +436,7 @@ def write_folder_dataset(out: str | Path, count: int, seed: int, start: int = 0,
         "background": list(STUFF_CLASSES),
         "images": records,
     }
-    _atomic_write_bytes(out / "tags.json", (json.dumps(manifest, indent=1) + "\n").encode())
+    write_bytes_atomic((json.dumps(manifest, indent=1) + "\n").encode(), out / "tags.json")
     return out
 
 

@@ -1,10 +1,12 @@
-"""Output files: tags Parquet (one row per image, every class's score, run metadata) and atomic writes."""
+"""Output files: tags Parquet (one row per image, every class's score, run metadata), the COCO
+masks JSON, label PNGs, and atomic writes. Reading them back is `tagclip_cli.formats`."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -171,11 +173,33 @@ def write_json_atomic(obj: object, path: str | Path) -> None:
             json.dump(obj, fh)
 
 
-def read_metadata(path: str | Path) -> dict:
-    """The run metadata stored in a tags Parquet file."""
-    meta = pq.read_schema(path).metadata or {}
-    raw = meta.get(METADATA_KEY)
+def write_bytes_atomic(data: bytes, path: str | Path) -> None:
+    """Write `data` to `path` atomically (temp file, fsync, rename, directory fsync)."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def schema_config(schema: pa.Schema) -> dict:
+    """The run metadata stored under METADATA_KEY in a schema ({} when there is none).
+    Raises ValueError when it is not JSON."""
+    raw = (schema.metadata or {}).get(METADATA_KEY)
     return json.loads(raw) if raw else {}
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The run metadata stored in a tags Parquet file (`tagclip_cli.formats` reads it with errors
+    that name the file; this is the writer's own resume check on files it wrote)."""
+    return schema_config(pq.read_schema(path))
+
+
+def json_scalar(value: object) -> object:
+    """A value made fit for strict JSON: NaN and +-inf become None, numpy scalars Python numbers,
+    anything else is returned unchanged."""
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    return value
 
 
 # ---- masks: COCO RLE rows, the COCO JSON and label PNGs (`tagclip segment`) --------------------------
@@ -221,13 +245,6 @@ def rle_encode(mask: np.ndarray) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def rle_decode(counts: str, height: int, width: int) -> np.ndarray:
-    """(H, W) bool mask of a compressed RLE counts string."""
-    from pycocotools import mask as mask_utils
-
-    return mask_utils.decode({"size": [height, width], "counts": counts.encode("ascii")}).astype(bool)
-
-
 def mask_entries(label_map: np.ndarray, scores: dict[int, float]) -> list[dict]:
     """The `masks` column of one image: per label > 0 present in the (H, W) label map (ascending),
     {category_id: label, counts, area, bbox, score: scores[label]}."""
@@ -250,7 +267,8 @@ def mask_entries(label_map: np.ndarray, scores: dict[int, float]) -> list[dict]:
 
 
 def voc_palette() -> list[int]:
-    """The PASCAL VOC colour map as a flat 768-entry PIL palette (index 0 black, 1 (128, 0, 0), ...)."""
+    """The PASCAL VOC colour map as a flat 768-entry PIL palette (index 0 black, 1 (128, 0, 0), ...).
+    The label PNGs carry it; `formats.class_color` reads colours from it (the gallery's)."""
     palette = []
     for index in range(256):
         r = g = b = 0
@@ -296,10 +314,6 @@ def coco_categories(classes: Sequence[str]) -> list[dict]:
     return [{"id": i + 1, "name": name, "supercategory": "object"} for i, name in enumerate(classes)]
 
 
-def _finite(value: float | None) -> float | None:
-    return None if value is None or value != value or value in (float("inf"), float("-inf")) else float(value)
-
-
 def write_coco_json(
     tables: Iterable[pa.Table], out: str | Path, schema: pa.Schema, tags_out: str | Path | None = None
 ) -> int:
@@ -315,7 +329,7 @@ def write_coco_json(
       not TagCLIP's image-level score (that is in the tags Parquet and the image's tagclip_tags).
     Memory stays flat: annotations are spooled to a temporary file beside `out` and appended.
     With tags_out, the same pass also writes the tags Parquet (`tags_schema`) there, atomically."""
-    config = json.loads((schema.metadata or {}).get(METADATA_KEY, b"{}"))
+    config = schema_config(schema)
     classes = config.get("classes", [])
     out = Path(out)
     rows = 0
@@ -348,7 +362,7 @@ def write_coco_json(
                             ann = {"id": ann_id, "image_id": int(image_id), "category_id": mask["category_id"],
                                    "segmentation": {"size": [row["height"], row["width"]], "counts": mask["counts"]},
                                    "area": mask["area"], "bbox": mask["bbox"], "iscrowd": 0,
-                                   "score": _finite(mask["score"])}
+                                   "score": json_scalar(mask["score"])}
                             spool.write((", " if ann_id > 1 else "") + json.dumps(ann))
                 fh.write('], "annotations": [')
                 spool.seek(0)

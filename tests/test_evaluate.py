@@ -18,8 +18,10 @@ from pycocotools import mask as mask_utils
 from sklearn.metrics import average_precision_score
 
 from tagclip_cli import evaluate as ev
+from tagclip_cli.data import ImageItem
 from tagclip_cli.errors import UsageError
 from tagclip_cli.evaluate import IGNORE
+from tagclip_cli.writers import rows_to_table, tag_row, tags_schema, write_parquet_atomic
 
 # pycocotools' decode trips a numpy 2 deprecation warning that is not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -30,32 +32,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 
 def write_tags_parquet(path: Path, classes, rows, background=("sky",)) -> Path:
-    """rows: (image_id, path, scores or None (failed), tags)."""
-    schema = pa.schema(
-        [
-            ("image_id", pa.string()),
-            ("path", pa.string()),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-            ("status", pa.string()),
-            ("error", pa.string()),
-            ("tags", pa.list_(pa.string())),
-            ("scores", pa.list_(pa.float32())),
-        ],
-        metadata={b"tagclip": json.dumps({"classes": list(classes), "background": list(background)})},
-    )
-    data = {name: [] for name in schema.names}
-    for image_id, rel, scores, tags in rows:
-        failed = scores is None
-        data["image_id"].append(image_id)
-        data["path"].append(rel)
-        data["width"].append(None if failed else 8)
-        data["height"].append(None if failed else 6)
-        data["status"].append("failed" if failed else "ok")
-        data["error"].append("cannot decode" if failed else None)
-        data["tags"].append([] if failed else list(tags))
-        data["scores"].append(None if failed else [float(s) for s in scores])
-    pq.write_table(pa.Table.from_pydict(data, schema=schema), path)
+    """rows: (image_id, path, scores or None (failed), tags), written by our own writer."""
+    schema = tags_schema({"classes": list(classes), "background": list(background)})
+    table = [
+        tag_row(ImageItem(i, image_id, rel), *((None, None, "cannot decode") if scores is None else (8, 6, None)),
+                tags, scores)
+        for i, (image_id, rel, scores, tags) in enumerate(rows)
+    ]
+    write_parquet_atomic([rows_to_table(table, schema)], path, schema)
     return path
 
 

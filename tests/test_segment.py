@@ -21,12 +21,12 @@ from PIL import Image
 
 from tagclip_cli.data import ImageItem, Preprocess
 from tagclip_cli.errors import UsageError
+from tagclip_cli.formats import TagsFile, rle_decode
 from tagclip_cli.segment import (
     CAM_EPS,
     CrfUnavailableError,
     SegmentConfig,
     Segmenter,
-    TagsFile,
     caa_affinity,
     caa_refine,
     caa_refine_squared,
@@ -47,7 +47,6 @@ from tagclip_cli.vocab import load_vocabulary
 from tagclip_cli.writers import (
     label_png_path,
     mask_entries,
-    rle_decode,
     rle_encode,
     segment_row,
     segment_schema,

@@ -15,16 +15,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from tagclip_cli.errors import UsageError
+from tagclip_cli.formats import class_color, label_map, load_masks, read_tags_schema
 from tagclip_cli.show import (
     MIN_PANEL_WIDTH,
     ShowConfig,
     blend_masks,
     build_gallery,
-    class_color,
     fit_size,
-    label_map,
-    load_masks,
-    read_tag_classes,
     safe_name,
 )
 from tagclip_cli.writers import tags_schema, write_parquet_atomic
@@ -198,7 +195,7 @@ def test_label_map_accepts_bytes_counts_and_polygons():
 def test_label_map_resizes_masks_of_another_size():
     half = np.zeros((2, 2), bool)
     half[:, 1] = True
-    out = label_map([{"category_id": 1, "segmentation": rle(half)}], {1: 1}, 4, 4)
+    out = label_map([{"category_id": 1, "segmentation": rle(half)}], {1: 1}, 4, 4, resize=True)
     assert (out == np.array([[0, 0, 1, 1]] * 4)).all()
 
 
@@ -221,25 +218,9 @@ def test_load_masks_matches_by_tagclip_id_file_name_and_unique_basename(tmp_path
     assert index.lookup("missing.jpg", "/abs/two.jpg") is None
 
 
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        (None, "no such masks file"),
-        ("{not json", "not a JSON file"),
-        ('{"images": []}', "needs images, annotations, categories"),
-        ('{"images": [{"id": 1}], "categories": [{"id": 1, "name": "a"}], '
-         '"annotations": [{"id": 5, "image_id": 1, "category_id": 9}]}', "unknown category 9"),
-        ('{"images": [], "categories": [{"id": 1, "name": "a"}], '
-         '"annotations": [{"id": 5, "image_id": 3, "category_id": 1}]}', "unknown image 3"),
-        ('{"images": [{"file_name": "x"}], "categories": [], "annotations": []}', "malformed"),
-    ],
-)
-def test_load_masks_rejects_bad_files_with_one_line(tmp_path, content, message):
-    path = tmp_path / "masks.json"
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(UsageError, match=message):
-        load_masks(path)
+def read_tag_classes(path: Path) -> list[str]:
+    """The classes `tagclip show` reads from a tags file's metadata."""
+    return read_tags_schema(path).get("classes", [])
 
 
 def test_read_tag_classes_and_bad_tag_files(tmp_path):

@@ -1,0 +1,305 @@
+"""Reading our own outputs back: the tags Parquet with its run metadata, the COCO masks JSON, COCO
+segmentations (RLE or polygons) as masks and label maps, and the colours of label values.
+
+The one place that opens these files, for `tagclip segment --tags`, `tagclip evaluate` and
+`tagclip show`. Every problem with a file raises `FormatError` (a UsageError, exit code 2) whose
+one-line message names the file and what is wrong with it; callers may add their flag's name.
+Writing is `tagclip_cli.writers`; this module depends on it (the metadata key, the palette),
+never the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tagclip_cli.errors import FormatError
+from tagclip_cli.writers import METADATA_KEY, file_sha256, json_scalar, read_metadata, schema_config, voc_palette
+
+if TYPE_CHECKING:
+    from tagclip_cli.vocab import Vocabulary
+
+__all__ = [
+    "TAG_COLUMNS", "CocoFile", "FileTags", "FormatError", "MaskIndex", "TagsFile", "class_color",
+    "decode_segmentation", "iter_tag_batches", "json_scalar", "label_map", "load_masks", "read_coco",
+    "read_metadata", "read_tags", "read_tags_schema", "rle_decode", "tag_classes",
+]  # fmt: skip
+
+TAG_COLUMNS = ("index", "image_id", "path", "width", "height", "status", "error", "tags", "scores")
+_KEY = METADATA_KEY.decode()
+_NOT_TAGS = "not a tags Parquet written by tagclip annotate"
+
+
+# ---- the tags Parquet -----------------------------------------------------------------------------
+
+
+def read_tags_schema(path: str | Path, columns: Sequence[str] = TAG_COLUMNS) -> dict:
+    """The run metadata of a tags Parquet ({} when it has none), after checking that the file is a
+    Parquet file with `columns`. Raises FormatError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path}: no such tags file")
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise FormatError(f"{path}: {_NOT_TAGS} (not a Parquet file: {exc})") from None
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise FormatError(f"{path}: {_NOT_TAGS} (missing columns: {', '.join(missing)})")
+    try:
+        return schema_config(schema)
+    except ValueError as exc:
+        raise FormatError(f"{path}: its '{_KEY}' metadata is not JSON ({exc})") from None
+
+
+def tag_classes(path: str | Path, metadata: Mapping[str, Any]) -> tuple[str, ...]:
+    """The vocabulary (`classes`) of a tags file's metadata; FormatError when it has none."""
+    if not metadata:
+        raise FormatError(f"{path}: no '{_KEY}' metadata (not written by `tagclip annotate`)")
+    classes = metadata.get("classes")
+    if not isinstance(classes, list):
+        raise FormatError(f"{path}: the '{_KEY}' metadata has no valid 'classes' list")
+    return tuple(str(c) for c in classes)
+
+
+def read_tags(path: str | Path, columns: Sequence[str] = TAG_COLUMNS) -> tuple[pa.Table, dict]:
+    """(table of `columns`, run metadata) of a tags Parquet. Raises FormatError naming the file."""
+    metadata = read_tags_schema(path, columns)
+    try:
+        table = pq.read_table(path, columns=list(columns))
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise FormatError(f"{path}: cannot read tags ({exc})") from None
+    return table, metadata
+
+
+def iter_tag_batches(
+    path: str | Path, columns: Sequence[str] = TAG_COLUMNS, batch_size: int = 2048
+) -> Iterator[list[dict]]:
+    """Rows of a tags Parquet as lists of dicts, `batch_size` at a time (memory stays flat).
+    Call `read_tags_schema` first to check the file."""
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=list(columns)):
+            yield batch.to_pylist()
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise FormatError(f"{path}: cannot read tags ({exc})") from None
+
+
+@dataclass
+class FileTags:
+    """One image's entry in a tags file: foreground indices, the stored scores, or the failure."""
+
+    tags: list[int]
+    names: list[str]
+    scores: list[float] | None
+    error: str | None = None
+
+
+class TagsFile:
+    """The tags Parquet of an earlier `tagclip annotate` (or segment --tags-out) run, looked up by
+    image id. Its classes must be the vocabulary's, in the same order."""
+
+    COLUMNS = ("image_id", "status", "error", "tags", "scores")
+
+    def __init__(self, path: str | Path, vocab: Vocabulary) -> None:
+        self.path = Path(path)
+        self.table, self.metadata = read_tags(self.path, self.COLUMNS)
+        classes = self.metadata.get("classes")
+        if classes is not None and list(classes) != list(vocab.classes):
+            raise FormatError(
+                f"{self.path}: made with other classes ({len(classes)}: {', '.join(classes[:4])}, ...) "
+                f"than the vocabulary {vocab.source} ({vocab.num_classes}: {', '.join(vocab.classes[:4])}, ...)"
+            )
+        self.class_index = {name: i for i, name in enumerate(vocab.classes)}
+        self.ids = self.table.column("image_id")
+        self._by_id: dict[str, int] | None = None
+
+    def _row(self, item) -> int | None:
+        """The row of item: the same position first (files made from the same input list), else by id."""
+        if item.index < len(self.ids) and self.ids[item.index].as_py() == item.image_id:
+            return item.index
+        if self._by_id is None:
+            self._by_id = {}
+            for row, image_id in enumerate(self.ids.to_pylist()):
+                self._by_id.setdefault(image_id, row)
+        return self._by_id.get(item.image_id)
+
+    def lookup(self, item) -> FileTags:
+        """The entry of an `ImageItem` (index, image_id); a missing or failed row is an error entry."""
+        row = self._row(item)
+        if row is None:
+            return FileTags([], [], None, f"no tags for this image in {self.path.name}")
+        rec = {name: self.table.column(name)[row].as_py() for name in self.COLUMNS}
+        if rec["status"] != "ok":
+            return FileTags([], [], None, f"tagging failed in {self.path.name}: {rec['error']}")
+        names = list(rec["tags"] or [])
+        unknown = [n for n in names if n not in self.class_index]
+        if unknown:
+            return FileTags([], [], None, f"tags not in the vocabulary in {self.path.name}: {', '.join(unknown)}")
+        return FileTags([self.class_index[n] for n in names], names, rec["scores"])
+
+    def identity(self) -> dict:
+        """What the segment output depends on: the file's content hash and the run that made it."""
+        return {"sha256": file_sha256(self.path), "made_with": self.metadata.get("tagclip")}
+
+
+# ---- COCO JSON (our masks file, and COCO instances ground truth) ----------------------------------
+
+
+@dataclass
+class CocoFile:
+    """A parsed COCO JSON: categories sorted by id, images by id, annotations grouped per image id."""
+
+    path: Path
+    categories: list[dict[str, Any]]
+    images: dict[int, dict[str, Any]]
+    annotations: dict[int, list[dict[str, Any]]]
+
+
+def read_coco(path: str | Path, what: str = "masks file", kind: str = "masks") -> CocoFile:
+    """Parse and check a COCO JSON (images, annotations, categories; every annotation's category
+    and image exist). Errors call the file `what` ("masks file", "COCO annotation file") and the
+    COCO flavour expected `kind` ("masks", "instances")."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such {what}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FormatError(f"{path}: cannot read {what} (not a JSON file: {exc})") from None
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read {what} ({exc})") from None
+    if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations", "categories")):
+        raise FormatError(f"{path}: not a COCO {kind} file (needs images, annotations, categories)")
+    try:
+        categories = sorted(data["categories"], key=lambda c: int(c["id"]))
+        known = {int(c["id"]) for c in categories}
+        for c in categories:
+            str(c["name"])
+        images = {int(im["id"]): im for im in data["images"]}
+        annotations: dict[int, list[dict[str, Any]]] = {}
+        for ann in data["annotations"]:
+            image_id = int(ann["image_id"])
+            if int(ann["category_id"]) not in known:
+                raise FormatError(f"{path}: annotation {ann.get('id')} has unknown category {ann['category_id']}")
+            if image_id not in images:
+                raise FormatError(f"{path}: annotation {ann.get('id')} refers to unknown image {image_id}")
+            annotations.setdefault(image_id, []).append(ann)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"{path}: malformed COCO file ({exc!r})") from None
+    return CocoFile(path, categories, images, annotations)
+
+
+@dataclass
+class MaskIndex:
+    """Annotations of a COCO RLE masks file, grouped per image and findable by image name."""
+
+    categories: dict[int, str]
+    by_name: dict[str, int]
+    images: dict[int, dict[str, Any]]
+    annotations: dict[int, list[dict[str, Any]]]
+
+    def lookup(self, image_id: str, path: str | None) -> int | None:
+        """COCO image id for a tags row: by our image id (relative path), then by path, then by
+        file name when that is unique."""
+        for key in (image_id, path, Path(image_id).name):
+            if key and key in self.by_name:
+                return self.by_name[key]
+        return None
+
+
+def load_masks(path: str | Path) -> MaskIndex:
+    """Our masks JSON (`tagclip segment`) indexed by image name: `tagclip_image_id`, `file_name`,
+    and the file's base name where only one image has it."""
+    coco = read_coco(path, "masks file")
+    by_name: dict[str, int] = {}
+    basenames: dict[str, list[int]] = {}
+    for image_id, im in coco.images.items():
+        for key in ("tagclip_image_id", "file_name"):
+            if im.get(key) is not None:
+                by_name.setdefault(str(im[key]), image_id)
+        if im.get("file_name") is not None:
+            basenames.setdefault(Path(str(im["file_name"])).name, []).append(image_id)
+    for name, ids in basenames.items():
+        if len(ids) == 1:
+            by_name.setdefault(name, ids[0])
+    categories = {int(c["id"]): str(c["name"]) for c in coco.categories}
+    return MaskIndex(categories, by_name, coco.images, coco.annotations)
+
+
+# ---- segmentations --------------------------------------------------------------------------------
+
+
+def decode_segmentation(segm: Any, height: int, width: int, where: str, *, resize: bool = False) -> np.ndarray:
+    """A COCO `segmentation` (polygons, uncompressed or compressed RLE with str or bytes counts) as
+    an (H, W) bool mask. A mask of another size is an error naming `where`, or with `resize`
+    scaled to (H, W) by nearest neighbour."""
+    from pycocotools import mask as mask_utils
+
+    try:
+        if isinstance(segm, list):
+            if not segm:
+                return np.zeros((height, width), dtype=bool)
+            rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+        elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
+            rle = mask_utils.frPyObjects(segm, *segm["size"])
+        elif isinstance(segm, dict) and isinstance(segm.get("counts"), str | bytes):
+            rle = segm
+        else:
+            raise ValueError("not a polygon list or an RLE object")
+        mask = mask_utils.decode(rle).astype(bool)
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise FormatError(f"{where}: invalid segmentation ({exc})") from None
+    if mask.shape[:2] != (height, width):
+        if not resize:
+            raise FormatError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is {width}x{height}")
+        from PIL import Image
+
+        mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
+    return mask
+
+
+def rle_decode(counts: str, height: int, width: int) -> np.ndarray:
+    """(H, W) bool mask of a compressed RLE counts string (a `masks` entry of a segment row)."""
+    return decode_segmentation({"size": [height, width], "counts": counts}, height, width, "RLE")
+
+
+def label_map(
+    annotations: Sequence[Mapping[str, Any]],
+    label_of: Mapping[int, int],
+    height: int,
+    width: int,
+    where: str = "masks",
+    *,
+    resize: bool = False,
+) -> np.ndarray:
+    """(H, W) int32 map: 0 where no mask, else `label_of[category_id]`. Where masks overlap the
+    higher `score` wins (`tagclip evaluate` and `tagclip show` alike). `resize` as in
+    `decode_segmentation`."""
+    out = np.zeros((height, width), dtype=np.int32)
+    for ann in sorted(annotations, key=lambda a: float(a.get("score") or 0.0)):
+        mask = decode_segmentation(ann["segmentation"], height, width, where, resize=resize)
+        out[mask] = label_of[int(ann["category_id"])]
+    return out
+
+
+# ---- colours --------------------------------------------------------------------------------------
+
+_PALETTE = voc_palette()
+
+
+def class_color(label: int) -> tuple[int, int, int]:
+    """RGB of label value `label` (class position + 1) in the PASCAL VOC palette of our label PNGs;
+    labels past 255 wrap around (0 is never used for a class)."""
+    if label <= 0:
+        raise ValueError("label 0 is 'no class' and has no colour")
+    value = (label - 1) % 255 + 1
+    r, g, b = _PALETTE[3 * value : 3 * value + 3]
+    return r, g, b
