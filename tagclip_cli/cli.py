@@ -344,10 +344,18 @@ def _placement(shard: str | None, out: str, overwrite: bool, images: str | None)
     return placement
 
 
-MODEL_HELP = "open_clip model name (default ViT-B-16, the paper's), or a built-in demo model such as shapes-demo."
-PRETRAINED_HELP = "open_clip pretrained tag (default openai; needs network once). 'random' = seeded random weights."
-CHECKPOINT_HELP = (
-    "Weights file: OpenAI TorchScript .pt, or a state dict .pt/.bin/.safetensors (OpenAI or open_clip keys)."
+VOCAB_OPT = typer.Option(..., "--vocab", "-v", help="Vocabulary file, or a built-in name (voc, coco).")
+MODEL_OPT = typer.Option(
+    None, "--model", help="open_clip model name (default ViT-B-16, the paper's), or a built-in demo model such as "
+    "shapes-demo."
+)
+PRETRAINED_OPT = typer.Option(
+    "openai", "--pretrained", help="open_clip pretrained tag (default openai; needs network once). 'random' = "
+    "seeded random weights."
+)
+CHECKPOINT_OPT = typer.Option(
+    None, "--checkpoint", help="Weights file: OpenAI TorchScript .pt, or a state dict .pt/.bin/.safetensors "
+    "(OpenAI or open_clip keys)."
 )
 
 
@@ -355,7 +363,7 @@ CHECKPOINT_HELP = (
 @user_errors
 def annotate(
     images: str = IMAGES_ARG,
-    vocab: str = typer.Option(..., "--vocab", "-v", help="Vocabulary file, or a built-in name (voc, coco)."),
+    vocab: str = VOCAB_OPT,
     out: str = typer.Option(
         ..., "--out", "-o", help="Output Parquet file (one row per image), or '-' for JSON Lines on stdout "
         "(scores as {class: score}; no resume)."
@@ -363,9 +371,9 @@ def annotate(
     manifest: Path = MANIFEST_OPT,
     image_root: Path = IMAGE_ROOT_OPT,
     shard: str = SHARD_OPT,
-    model: str = typer.Option(None, "--model", help=MODEL_HELP),
-    pretrained: str = typer.Option("openai", "--pretrained", help=PRETRAINED_HELP),
-    checkpoint: Path = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    model: str = MODEL_OPT,
+    pretrained: str = PRETRAINED_OPT,
+    checkpoint: Path = CHECKPOINT_OPT,
     device: str = DEVICE_OPT,
     precision: str = PRECISION_OPT,
     background: Path = BACKGROUND_OPT,
@@ -512,7 +520,7 @@ def show(
 @user_errors
 def segment(
     images: str = IMAGES_ARG,
-    vocab: str = typer.Option(..., "--vocab", "-v", help="Vocabulary file, or a built-in name (voc, coco)."),
+    vocab: str = VOCAB_OPT,
     out: Path = typer.Option(..., "--out", "-o", help="Output COCO JSON (RLE masks, one annotation per image "
                              "and present class)."),
     tags_in: Path = typer.Option(None, "--tags", help="Tags Parquet of an earlier `tagclip annotate` run: "
@@ -533,9 +541,9 @@ def segment(
     manifest: Path = MANIFEST_OPT,
     image_root: Path = IMAGE_ROOT_OPT,
     shard: str = SHARD_OPT,
-    model: str = typer.Option(None, "--model", help=MODEL_HELP),
-    pretrained: str = typer.Option("openai", "--pretrained", help=PRETRAINED_HELP),
-    checkpoint: Path = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    model: str = MODEL_OPT,
+    pretrained: str = PRETRAINED_OPT,
+    checkpoint: Path = CHECKPOINT_OPT,
     device: str = DEVICE_OPT,
     precision: str = PRECISION_OPT,
     background: Path = BACKGROUND_OPT,

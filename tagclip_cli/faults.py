@@ -1,16 +1,16 @@
 """Surviving faults: SIGINT/SIGTERM, out-of-memory batches.
 
-Signals. SIGINT and SIGTERM raise `Interrupted` in the main process; the job runner then writes
-the rows of every completed window (`run_job`'s `finally`) and the CLI exits 130 / 143. A part
-file being written when the signal arrives is finished first (`deferred_signals`), and every part
-is atomic anyway, so a rerun of the same command resumes where the run stopped. DataLoader workers
-ignore both signals: the main process decides, and the workers exit when it does (they watch
+Signals. SIGINT and SIGTERM raise `Interrupted` in the main process; the job runner then writes the
+rows of every completed window (the `finally` of `jobs._run_windows`) and the CLI exits 130 / 143. A
+part file being written when the signal arrives is finished first (`deferred_signals`), and every
+part is atomic anyway, so a rerun of the same command resumes where the run stopped. DataLoader
+workers ignore both signals: the main process decides, and the workers exit when it does (they watch
 their parent).
 
 Out of memory. `OomSplitter` wraps the per-batch mapper (the model step): when a batch raises an
 out-of-memory error it is split in halves and each half retried, down to single images; an image
-that does not fit alone becomes a failed result with reason "out of memory". Later batches are cut to the size that
-worked, so a too-large --batch-size costs one failure, not one per batch.
+that does not fit alone becomes a failed result with reason "out of memory". Later batches are cut
+to the size that worked, so a too-large --batch-size costs one failure, not one per batch.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Generic, TextIO, TypeVar
@@ -45,6 +45,8 @@ from tagclip_cli.writers import (
 log = logging.getLogger(__name__)
 
 Result = TypeVar("Result")
+# progress(total) -> a context manager giving advance(n): the CLI's progress bar (cli._progress)
+ProgressFactory = Callable[[int], AbstractContextManager[Callable[[int], object]]]
 
 
 @dataclass
@@ -134,12 +136,12 @@ class Stage(Generic[Result]):
 def run_stage(
     opts: JobOptions,
     build: Callable[[Backbone], Stage],
-    progress: Callable[[int], object] | None = None,
+    progress: ProgressFactory | None = None,
     stdout: TextIO | None = None,
 ) -> Summary:
     """Run one command over opts.items: join the process group, load the model on this rank's
     device, build the stage, then decode -> map -> write every window this rank owns (jobs.run_job:
-    resume, shards, merge). `progress(total)` is a context manager giving `advance(n)` (leader only)."""
+    resume, shards, merge). Only the leader shows progress."""
     with session(opts.placement, opts.model.device) as sess:
         backbone = opts.model.load(sess.device)
         stage = build(backbone)
@@ -151,7 +153,7 @@ def run_stage(
         preprocess = Preprocess(backbone.patch_size, backbone.mean, backbone.std, opts.max_side)
         downscaled = 0  # images the --max-side cap shrank (reported at the end)
 
-        def decoded(todo: Sequence[ImageItem]):
+        def decoded(todo: Sequence[ImageItem]) -> Iterator[DecodedImage]:
             nonlocal downscaled
             pin = backbone.device.type == "cuda"
             for image in iter_records(todo, preprocess, opts.workers, pin_memory=pin, keep_rgb=stage.needs_rgb):
@@ -210,7 +212,7 @@ def tag_rows(results: list[TagResult]) -> list[dict]:
     return [tag_row(r.image.item, r.image.width, r.image.height, r.error, r.tags, r.scores) for r in results]
 
 
-def run_annotate(opts: AnnotateOptions, progress: Callable[[int], object] | None = None) -> Summary:
+def run_annotate(opts: AnnotateOptions, progress: ProgressFactory | None = None) -> Summary:
     """Tag every item into opts.out (Parquet) or stdout (JSON Lines), resuming an interrupted run of
     the same config; under torchrun / --shard only this rank's share (jobs.py)."""
 
@@ -317,7 +319,7 @@ def segment_config(
     return config
 
 
-def run_segment(opts: SegmentOptions, progress: Callable[[int], object] | None = None) -> Summary:
+def run_segment(opts: SegmentOptions, progress: ProgressFactory | None = None) -> Summary:
     """Segment every item into opts.out (COCO RLE JSON; rows stream through OUT.parts/ like annotate,
     so the run resumes and shards), with the tags Parquet at opts.tags_out and label PNGs in
     opts.png_dir if asked. One model load; TagCLIP and CLS-SEG share each image's dense forward."""

@@ -12,7 +12,7 @@ import pytest
 from conftest import sample_photos
 from PIL import Image
 
-from tagclip_cli.data import DecodedImage, ImageItem, Preprocess, list_folder
+from tagclip_cli.data import ImageDataset, Preprocess, list_folder
 from tagclip_cli.pipeline import (
     ModelOptions,
     SegmentOptions,
@@ -33,25 +33,24 @@ def voc():
 
 
 @pytest.fixture(scope="module")
-def photos(tiny_backbone):
-    """Three real photos preprocessed at (width, height) 200x150, 150x200 and 170x131."""
-    pre = Preprocess(tiny_backbone.patch_size, tiny_backbone.mean, tiny_backbone.std)
+def photo_dir(tmp_path_factory):
+    """img0.png 200x150 and img2.png 170x131 (real photos), and img1.png that is not an image."""
+    root = tmp_path_factory.mktemp("photos")
     arrays = list(sample_photos().values())
-    sizes = [(200, 150), (150, 200), (170, 131)]
-    return [pre(Image.fromarray(arrays[i]).resize(size)) for i, size in enumerate(sizes)]
+    Image.fromarray(arrays[0]).resize((200, 150)).save(root / "img0.png")
+    (root / "img1.png").write_text("not an image")
+    Image.fromarray(arrays[2]).resize((170, 131)).save(root / "img2.png")
+    return root
 
 
-def test_segment_mapper_writes_nothing_and_the_writer_makes_rows_and_pngs(tiny_backbone, voc, photos, tmp_path):
+def test_segment_mapper_writes_nothing_and_the_writer_makes_rows_and_pngs(tiny_backbone, voc, photo_dir, tmp_path):
     seg = Segmenter(tiny_backbone, voc)
-    items = [ImageItem(i, f"img{i}.jpg", f"/nowhere/img{i}.jpg") for i in range(3)]
-    records = [
-        DecodedImage(items[0], photos[0], 200, 150),
-        DecodedImage(items[1], error="not an image"),
-        DecodedImage(items[2], photos[2], 170, 131),
-    ]
+    pre = Preprocess(tiny_backbone.patch_size, tiny_backbone.mean, tiny_backbone.std)
+    decoded = ImageDataset(list_folder(photo_dir), pre)
+    records = [decoded[i] for i in range(len(decoded))]
     results = segment_images(seg, records)
     assert all(isinstance(r, SegResult) for r in results)
-    assert [r.error for r in results] == [None, "not an image", None]
+    assert [r.error for r in results] == [None, "not an image (the file is text)", None]
     assert results[0].label_map.shape == (150, 200) and results[1].label_map is None
     assert list(tmp_path.iterdir()) == []  # the mapper writes nothing; the writer does
     rows = segment_rows(results, png_dir=tmp_path)
@@ -60,7 +59,7 @@ def test_segment_mapper_writes_nothing_and_the_writer_makes_rows_and_pngs(tiny_b
     table = pa.Table.from_pylist(rows, schema=segment_schema({"classes": list(voc.classes)}))
     assert table.num_rows == 3
     for row in (rows[0], rows[2]):
-        png = np.asarray(Image.open(tmp_path / row["image_id"].replace(".jpg", ".png")))
+        png = np.asarray(Image.open(tmp_path / row["image_id"]))
         assert png.shape == (row["height"], row["width"])
         rebuilt = np.zeros_like(png)
         for mask in row["masks"]:
