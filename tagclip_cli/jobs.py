@@ -396,6 +396,11 @@ class PartStore:
             mask[indices[indices < total]] = True
         return mask
 
+    def remaining(self, items: Sequence[ImageItem], total: int) -> list[ImageItem]:
+        """The items (of an input list of `total`) that have no row yet, in their order."""
+        done = self.done_mask(total)
+        return [it for it in items if not done[it.index]]
+
     def failed_indices(self) -> np.ndarray:
         """Indices of the rows already in parts whose status is "failed" (for the exit code of a
         resumed run: the output has them even though this run did not meet them)."""
@@ -685,9 +690,7 @@ def run_job(
         if finished is not None:
             return _already_complete(spec, placement, finished)
         store = _open_store(spec, sess)
-        done = store.done_mask(len(spec.items))
-        todo = [it for it in mine if not done[it.index]]
-        del done
+        todo = store.remaining(mine, len(spec.items))
         sink = PartSink(store, spec.schema, spec.part_size)
     summary = _resume_summary(spec, placement, store, len(mine), len(todo))
     if progress:
