@@ -21,7 +21,7 @@ import time
 import torch
 
 from tagclip_cli.backbone import load_backbone
-from tagclip_cli.data import ImageItem, bucket_batches
+from tagclip_cli.data import DecodedImage, ImageItem, bucket_batches
 from tagclip_cli.jobs import WINDOW_BATCHES
 
 # Shares of the most common PASCAL VOC image sizes (width x height), then rounded up to the patch.
@@ -57,8 +57,8 @@ def plan(strategy: str, images: list[torch.Tensor], batch: int) -> list[list[int
             groups.extend(by_size.values())
         return groups
     if strategy == "bucketed":
-        records = [{"item": ImageItem(i, str(i), str(i)), "pixels": images[i], "error": None} for i in range(n)]
-        return [[r["item"].index for r in b] for b, _ in bucket_batches(records, batch, batch * WINDOW_BATCHES) if b]
+        records = [DecodedImage(ImageItem(i, str(i), str(i)), images[i]) for i in range(n)]
+        return [[r.item.index for r in b] for b, _ in bucket_batches(records, batch, batch * WINDOW_BATCHES) if b]
     raise ValueError(strategy)
 
 

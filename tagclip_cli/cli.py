@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,11 +41,36 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     logging.getLogger().setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
+def print_error(message: str) -> None:
+    """The one way an error reaches the user: `error: <message>` as one line on stderr."""
+    # escape: a message may contain brackets (pip install 'tagclip-cli[crf]', a file named
+    # "[draft].jpg") that must print as they are, not be read as rich markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print one line to stderr and return the Exit to raise."""
-    # escape: a message may contain brackets (e.g. pip install 'tagclip-cli[crf]') that are not markup
-    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+    print_error(message)
     return typer.Exit(code)
+
+
+def user_errors(command: Callable) -> Callable:
+    """Wrap a command so that a TagclipError becomes its one-line message and exit code."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except TagclipError as exc:
+            raise fail(str(exc), exc.exit_code) from None
+
+    return run
+
+
+# Logging options of every command. `-v` is not among them: it is --vocab in annotate and segment
+# (evaluate keeps -v as a hidden spelling of --verbose, as before).
+QUIET_OPT = typer.Option(False, "--quiet", "-q", help="Only warnings and errors.")
+VERBOSE_OPT = typer.Option(False, "--verbose", help="Debug logging.")
 
 
 def version_callback(value: bool) -> None:
@@ -62,6 +89,7 @@ def _root(
 
 
 @app.command("evaluate")
+@user_errors
 def evaluate_command(
     gt: str = typer.Option(
         ...,
@@ -92,7 +120,8 @@ def evaluate_command(
         False, "--require-all", help="Fail if a ground-truth image has no prediction."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    verbose: bool = VERBOSE_OPT,
+    verbose_short: bool = typer.Option(False, "-v", hidden=True, help="Old spelling of --verbose."),
 ) -> None:
     """Score tags (mAP, P/R/F1) or masks (mIoU) against VOC, COCO, COCO-Stuff or your own labels."""
     from pathlib import Path
@@ -101,7 +130,7 @@ def evaluate_command(
 
     from tagclip_cli import evaluate as ev
 
-    setup_logging(quiet, verbose)
+    setup_logging(quiet, verbose or verbose_short)
     choices = {
         "--gt": (gt, ev.GT_NAMES),
         "--ap": (ap, ev.AP_VARIANTS),
@@ -122,23 +151,20 @@ def evaluate_command(
         allow_unmatched=allow_unmatched,
         require_all=require_all,
     )
-    try:
-        # No live display (not even its blank line) when stderr is a file or pipe.
-        show = not quiet and err_console.is_terminal
-        with Progress(console=err_console, transient=True, disable=not show) as bar:
-            task = bar.add_task("evaluating", total=None)
+    # No live display (not even its blank line) when stderr is a file or pipe.
+    show = not quiet and err_console.is_terminal
+    with Progress(console=err_console, transient=True, disable=not show) as bar:
+        task = bar.add_task("evaluating", total=None)
 
-            def advance(step: int, total: int) -> None:
-                bar.update(task, advance=step, total=total)
+        def advance(step: int, total: int) -> None:
+            bar.update(task, advance=step, total=total)
 
-            result = ev.evaluate(config, progress=advance)
-        if report:
-            try:
-                ev.write_report(result, Path(report))
-            except OSError as exc:
-                raise fail(f"{report}: cannot write report ({exc.strerror or exc})") from None
-    except TagclipError as exc:
-        raise fail(str(exc), exc.exit_code) from None
+        result = ev.evaluate(config, progress=advance)
+    if report:
+        try:
+            ev.write_report(result, Path(report))
+        except OSError as exc:
+            raise fail(f"{report}: cannot write report ({exc.strerror or exc})") from None
     ev.render_report(result, Console())
     if report:
         logging.getLogger(__name__).info("report written to %s", report)
@@ -150,8 +176,8 @@ def main() -> None:
     install_signal_handlers()  # SIGINT / SIGTERM -> Interrupted: finish the current part, exit 130 / 143
     try:
         app()
-    except TagclipError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+    except TagclipError as exc:  # raised outside a command (commands print their own: user_errors)
+        print_error(str(exc))
         sys.exit(exc.exit_code)
     except Interrupted as exc:
         err_console.print(f"interrupted ({exc}); completed results are kept: rerun the same command to resume",
@@ -198,16 +224,14 @@ def _resolve_device(device: str) -> str:
 
 
 def _load_vocab(vocab: str, background: Path | None, no_background: bool):
-    from tagclip_cli.vocab import VocabularyError, load_vocabulary
+    """The vocabulary with its background set; a VocabularyError is a usage error (exit 2)."""
+    from tagclip_cli.vocab import load_vocabulary
 
-    try:
-        voc = load_vocabulary(vocab)
-        if no_background:
-            voc = voc.with_background(())
-        elif background is not None:
-            voc = voc.with_background_file(background)
-    except VocabularyError as exc:
-        raise fail(str(exc)) from exc
+    voc = load_vocabulary(vocab)
+    if no_background:
+        return voc.with_background(())
+    if background is not None:
+        return voc.with_background_file(background)
     return voc
 
 
@@ -302,20 +326,14 @@ PART_SIZE_OPT = typer.Option(
 def _collect_items(images: str | None, manifest: Path | None, image_root: Path | None):
     from tagclip_cli.data import collect_items
 
-    try:
-        return collect_items(images, manifest, image_root)
-    except TagclipError as exc:
-        raise fail(str(exc), exc.exit_code) from None
+    return collect_items(images, manifest, image_root)
 
 
 def _placement(shard: str | None, out: str, overwrite: bool, images: str | None):
     """Where this process sits (torchrun env, --shard); refuses combinations that cannot work."""
     from tagclip_cli.jobs import parse_shard, placement_from_env
 
-    try:
-        placement = placement_from_env(parse_shard(shard) if shard else None)
-    except TagclipError as exc:
-        raise fail(str(exc), exc.exit_code) from None
+    placement = placement_from_env(parse_shard(shard) if shard else None)
     if placement.shard and overwrite:
         raise fail("--overwrite cannot be combined with --shard (one shard would delete the others' results); "
                    "remove OUT and OUT.parts yourself to start over")
@@ -326,17 +344,26 @@ def _placement(shard: str | None, out: str, overwrite: bool, images: str | None)
     return placement
 
 
-MODEL_HELP = "open_clip model name (default ViT-B-16, the paper's), or a built-in demo model such as shapes-demo."
-PRETRAINED_HELP = "open_clip pretrained tag (default openai; needs network once). 'random' = seeded random weights."
-CHECKPOINT_HELP = (
-    "Weights file: OpenAI TorchScript .pt, or a state dict .pt/.bin/.safetensors (OpenAI or open_clip keys)."
+VOCAB_OPT = typer.Option(..., "--vocab", "-v", help="Vocabulary file, or a built-in name (voc, coco).")
+MODEL_OPT = typer.Option(
+    None, "--model", help="open_clip model name (default ViT-B-16, the paper's), or a built-in demo model such as "
+    "shapes-demo."
+)
+PRETRAINED_OPT = typer.Option(
+    "openai", "--pretrained", help="open_clip pretrained tag (default openai; needs network once). 'random' = "
+    "seeded random weights."
+)
+CHECKPOINT_OPT = typer.Option(
+    None, "--checkpoint", help="Weights file: OpenAI TorchScript .pt, or a state dict .pt/.bin/.safetensors "
+    "(OpenAI or open_clip keys)."
 )
 
 
 @app.command()
+@user_errors
 def annotate(
     images: str = IMAGES_ARG,
-    vocab: str = typer.Option(..., "--vocab", "-v", help="Vocabulary file, or a built-in name (voc, coco)."),
+    vocab: str = VOCAB_OPT,
     out: str = typer.Option(
         ..., "--out", "-o", help="Output Parquet file (one row per image), or '-' for JSON Lines on stdout "
         "(scores as {class: score}; no resume)."
@@ -344,9 +371,9 @@ def annotate(
     manifest: Path = MANIFEST_OPT,
     image_root: Path = IMAGE_ROOT_OPT,
     shard: str = SHARD_OPT,
-    model: str = typer.Option(None, "--model", help=MODEL_HELP),
-    pretrained: str = typer.Option("openai", "--pretrained", help=PRETRAINED_HELP),
-    checkpoint: Path = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    model: str = MODEL_OPT,
+    pretrained: str = PRETRAINED_OPT,
+    checkpoint: Path = CHECKPOINT_OPT,
     device: str = DEVICE_OPT,
     precision: str = PRECISION_OPT,
     background: Path = BACKGROUND_OPT,
@@ -366,8 +393,8 @@ def annotate(
     fail_fast: bool = FAIL_FAST_OPT,
     part_size: int = PART_SIZE_OPT,
     cache_dir: Path = CACHE_DIR_OPT,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
-    verbose: bool = typer.Option(False, "--verbose", help="Debug logging."),
+    quiet: bool = QUIET_OPT,
+    verbose: bool = VERBOSE_OPT,
 ) -> None:
     """Tag every image with TagCLIP: the fused score of every class and the predicted tags, to Parquet."""
     from tagclip_cli.jobs import OutputClosed
@@ -384,26 +411,22 @@ def annotate(
     model_opts = _model_options(model, pretrained, checkpoint, device, cache_dir, precision)
     out_path = None if out == "-" else Path(out)
     if out_path is not None:
-        try:
-            check_output_path(out_path)  # before the model loads: a bad --out fails in a second
-        except TagclipError as exc:
-            raise fail(str(exc), exc.exit_code) from None
-    opts = AnnotateOptions(
-        items=items, vocab=voc, out=out_path,
-        model=model_opts,
-        tagclip=cfg, batch_size=batch_size, workers=workers, max_side=max_side,
-        overwrite=overwrite, fail_fast=fail_fast, placement=placement, part_size=part_size,
-    )
+        check_output_path(out_path)  # before the model loads: a bad --out fails in a second
     try:
         with _stdout_for_results(out_path is None) as stdout:
-            opts.stdout = stdout
+            opts = AnnotateOptions(
+                items=items, vocab=voc, out=out_path, stdout=stdout,
+                model=model_opts,
+                tagclip=cfg, batch_size=batch_size, workers=workers, max_side=max_side,
+                overwrite=overwrite, fail_fast=fail_fast, placement=placement, part_size=part_size,
+            )
             summary = run_annotate(opts, progress=_progress(quiet))
     except OutputClosed:
         raise typer.Exit(0) from None
     except TagclipError as exc:
         if not placement.leader:  # rank 0 has the same error (jobs.Session) and prints it once
             raise typer.Exit(exc.exit_code) from None
-        raise fail(str(exc), exc.exit_code) from None
+        raise
     _report(summary, out_path, quiet)
     if (summary.failed or summary.failed_before) and summary.leader:
         raise typer.Exit(1)  # the output has failed rows, whichever run met them
@@ -434,24 +457,23 @@ def _stdout_for_results(streaming: bool):
 
 
 @app.command()
+@user_errors
 def merge(
     out: Path = typer.Argument(..., help="The output given to the shards' --out (its OUT.parts/ holds the parts)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
-    verbose: bool = typer.Option(False, "--verbose", help="Debug logging."),
+    quiet: bool = QUIET_OPT,
+    verbose: bool = VERBOSE_OPT,
 ) -> None:
     """Merge the parts of separately run shards (--shard I/N) into OUT, once every image has a result."""
     from tagclip_cli.jobs import merge_output
 
     setup_logging(quiet, verbose)
-    try:
-        rows = merge_output(out)
-    except TagclipError as exc:
-        raise fail(str(exc), exc.exit_code) from None
+    rows = merge_output(out)
     if not quiet:
         err_console.print(f"{out}: merged {rows} rows", highlight=False)
 
 
 @app.command()
+@user_errors
 def show(
     images: Path = typer.Option(..., "--images", help="The image folder that was annotated."),
     tags: Path = typer.Option(..., "--tags", help="Tags Parquet written by `tagclip annotate`."),
@@ -464,8 +486,8 @@ def show(
     limit: int = typer.Option(None, "--limit", min=1, help="Show only the first N images of the tags file."),
     workers: int = typer.Option(2, "--workers", min=0, help="Processes drawing overlays (0 = in this process)."),
     title: str = typer.Option(None, "--title", help="Page title (default: the tags file name)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
-    verbose: bool = typer.Option(False, "--verbose", help="Debug logging."),
+    quiet: bool = QUIET_OPT,
+    verbose: bool = VERBOSE_OPT,
 ) -> None:
     """Draw every image with its tags, scores and masks, and write an offline HTML gallery (index.html)."""
     from tagclip_cli.show import ShowConfig, build_gallery
@@ -479,8 +501,6 @@ def show(
         with Progress(console=err_console, transient=True, disable=quiet or not err_console.is_terminal) as bar:
             task = bar.add_task("drawing", total=None)
             summary = build_gallery(config, progress=lambda step, total: bar.update(task, advance=step, total=total))
-    except TagclipError as exc:
-        raise fail(str(exc), exc.exit_code) from None
     except OSError as exc:
         raise fail(f"{out}: cannot write the gallery ({exc.strerror or exc})") from None
     log = logging.getLogger("tagclip_cli")
@@ -497,9 +517,10 @@ def show(
 
 
 @app.command()
+@user_errors
 def segment(
     images: str = IMAGES_ARG,
-    vocab: str = typer.Option(..., "--vocab", "-v", help="Vocabulary file, or a built-in name (voc, coco)."),
+    vocab: str = VOCAB_OPT,
     out: Path = typer.Option(..., "--out", "-o", help="Output COCO JSON (RLE masks, one annotation per image "
                              "and present class)."),
     tags_in: Path = typer.Option(None, "--tags", help="Tags Parquet of an earlier `tagclip annotate` run: "
@@ -520,9 +541,9 @@ def segment(
     manifest: Path = MANIFEST_OPT,
     image_root: Path = IMAGE_ROOT_OPT,
     shard: str = SHARD_OPT,
-    model: str = typer.Option(None, "--model", help=MODEL_HELP),
-    pretrained: str = typer.Option("openai", "--pretrained", help=PRETRAINED_HELP),
-    checkpoint: Path = typer.Option(None, "--checkpoint", help=CHECKPOINT_HELP),
+    model: str = MODEL_OPT,
+    pretrained: str = PRETRAINED_OPT,
+    checkpoint: Path = CHECKPOINT_OPT,
     device: str = DEVICE_OPT,
     precision: str = PRECISION_OPT,
     background: Path = BACKGROUND_OPT,
@@ -539,8 +560,8 @@ def segment(
     fail_fast: bool = FAIL_FAST_OPT,
     part_size: int = PART_SIZE_OPT,
     cache_dir: Path = CACHE_DIR_OPT,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
-    verbose: bool = typer.Option(False, "--verbose", help="Debug logging."),
+    quiet: bool = QUIET_OPT,
+    verbose: bool = VERBOSE_OPT,
 ) -> None:
     """Segment every image (CLS-SEG or MaskCLIP) into a COCO RLE JSON, optionally with label PNGs and tags."""
     from tagclip_cli.pipeline import SegmentOptions, run_segment
@@ -562,18 +583,15 @@ def segment(
         raise fail("segment writes a COCO JSON file; --out - is not supported (use annotate for JSON Lines)")
     placement = _placement(shard, str(out), overwrite, images)
     setup_logging(quiet or not placement.leader, verbose)
-    try:
-        if crf:
-            require_crf()
-        for path in (out, tags_out):
-            if path is not None:
-                check_output_path(path)
-        if png_dir is not None and png_dir.exists() and not png_dir.is_dir():
-            raise fail(f"--png-dir {png_dir}: exists and is not a directory")
-        seg_cfg = SegmentConfig.for_setting(setting, method=method, crf=crf, key_smoothing=key_smoothing,
-                                            prompt_denoising=prompt_denoising, reference_compat=reference_compat)
-    except TagclipError as exc:
-        raise fail(str(exc), exc.exit_code) from None
+    if crf:
+        require_crf()
+    for path in (out, tags_out):
+        if path is not None:
+            check_output_path(path)
+    if png_dir is not None and png_dir.exists() and not png_dir.is_dir():
+        raise fail(f"--png-dir {png_dir}: exists and is not a directory")
+    seg_cfg = SegmentConfig.for_setting(setting, method=method, crf=crf, key_smoothing=key_smoothing,
+                                        prompt_denoising=prompt_denoising, reference_compat=reference_compat)
     voc = _load_vocab(vocab, background, no_background)
     items = _collect_items(images, manifest, image_root)
     cfg = TagCLIPConfig(tag_threshold=tag_threshold, reference_compat=reference_compat,
@@ -584,10 +602,7 @@ def segment(
         tags_in=tags_in, tags_out=tags_out, png_dir=png_dir, batch_size=batch_size, workers=workers,
         max_side=max_side, part_size=part_size, overwrite=overwrite, fail_fast=fail_fast, placement=placement,
     )
-    try:
-        summary = run_segment(opts, progress=_progress(quiet, "segmenting"))
-    except TagclipError as exc:
-        raise fail(str(exc), exc.exit_code) from None
+    summary = run_segment(opts, progress=_progress(quiet, "segmenting"))
     _report(summary, out, quiet)
     if (summary.failed or summary.failed_before) and summary.leader:
         raise typer.Exit(1)  # the output has failed rows, whichever run met them

@@ -15,7 +15,7 @@ import stat
 import sys
 import warnings
 from collections.abc import Hashable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
@@ -351,53 +351,88 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    """One input after decoding, as it travels from the DataLoader through the model to the writer.
+
+    pixels: (3, H', W') float32, resized to multiples of the patch size and normalised; None when
+    the image failed. width/height: the oriented image before any resizing (the output's size);
+    None when decoding failed. error: why the image has no result (the reason stored in the
+    output), else None. downscaled: the --max-side cap shrank it. rgb: the (height, width, 3)
+    uint8 image itself, kept only when asked (the dense CRF needs it), else None."""
+
+    item: ImageItem
+    pixels: Tensor | None = None
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+    downscaled: bool = False
+    rgb: np.ndarray | None = None
+
+    def failed(self, reason: str) -> DecodedImage:
+        """This image marked failed (e.g. out of memory even alone): no pixels, the size kept."""
+        return replace(self, pixels=None, rgb=None, error=reason)
+
+    def to(self, device: torch.device | str) -> DecodedImage:
+        """The pixels on `device` (non-blocking: from pinned host memory the copy overlaps)."""
+        if self.pixels is None:
+            return self
+        return replace(self, pixels=self.pixels.to(device, non_blocking=True))
+
+    def pin_memory(self) -> DecodedImage:
+        """The DataLoader's pin_memory hook: the pixels in page-locked memory."""
+        return self if self.pixels is None else replace(self, pixels=self.pixels.pin_memory())
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    """Decodes and preprocesses items; a failure becomes a record with an error, never an exception.
+    """Decodes and preprocesses items; a failure becomes a `DecodedImage` with an error, never an
+    exception. keep_rgb keeps the decoded RGB image too (for the CRF: no second decode)."""
 
-    A record: item, pixels (3, H', W') float32 or None, width/height of the oriented image (before
-    any resizing) or None, error (the reason) or None, downscaled (the --max-side cap applied)."""
-
-    def __init__(self, items: Sequence[ImageItem], preprocess: Preprocess) -> None:
+    def __init__(self, items: Sequence[ImageItem], preprocess: Preprocess, keep_rgb: bool = False) -> None:
         self.items = list(items)
         self.preprocess = preprocess
+        self.keep_rgb = keep_rgb
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> DecodedImage:
         item = self.items[i]
-        record = {"item": item, "pixels": None, "width": None, "height": None, "error": None, "downscaled": False}
         try:
             img = self.preprocess.load_rgb(item.path)
-            record["width"], record["height"] = img.size
-            record["downscaled"] = self.preprocess.downscaled(*img.size)
-            record["pixels"] = self.preprocess(img)
+            return DecodedImage(
+                item,
+                pixels=self.preprocess(img),
+                width=img.size[0],
+                height=img.size[1],
+                downscaled=self.preprocess.downscaled(*img.size),
+                rgb=np.asarray(img) if self.keep_rgb else None,
+            )
         except DecodeError as exc:
-            record["error"] = output_text(str(exc))
+            error = output_text(str(exc))
         except MemoryError:
-            record["error"] = "out of memory while decoding"
+            error = "out of memory while decoding"
         except Exception as exc:  # a decoder bug must not kill a million-image run
-            record["error"] = output_text(f"cannot decode image ({type(exc).__name__}: {exc})")
-        if record["error"] is not None:
-            record["width"] = record["height"] = None
-        return record
+            error = output_text(f"cannot decode image ({type(exc).__name__}: {exc})")
+        return DecodedImage(item, error=error)
 
 
-def _single(record: dict) -> dict:
-    return record
+def _single(image: DecodedImage) -> DecodedImage:
+    return image
 
 
 def iter_records(
-    items: Sequence[ImageItem], preprocess: Preprocess, workers: int, pin_memory: bool = False
-) -> Iterator[dict]:
-    """Decoded records (see `ImageDataset`) one by one, in item order.
+    items: Sequence[ImageItem], preprocess: Preprocess, workers: int, pin_memory: bool = False,
+    keep_rgb: bool = False,
+) -> Iterator[DecodedImage]:
+    """Decoded images (see `ImageDataset`) one by one, in item order.
 
     `workers` processes decode and resize ahead of the model (0 = in this process); with
     pin_memory the pixel tensors arrive in page-locked memory, ready for non-blocking copies."""
     if not items:
         return iter(())
     loader = torch.utils.data.DataLoader(
-        ImageDataset(items, preprocess),
+        ImageDataset(items, preprocess, keep_rgb),
         batch_size=None,  # one record per fetch: workers stay busy and memory stays at a few images
         shuffle=False,
         num_workers=workers,
@@ -411,20 +446,20 @@ def iter_records(
 
 
 def bucket_batches(
-    records: Iterable[dict], batch_size: int, window: int
-) -> Iterator[tuple[list[dict], bool]]:
-    """Group decoded records into forward batches of one preprocessed size: yields (batch, end).
+    records: Iterable[DecodedImage], batch_size: int, window: int
+) -> Iterator[tuple[list[DecodedImage], bool]]:
+    """Group decoded images into forward batches of one preprocessed size: yields (batch, end).
 
-    Records (in index order) are cut into windows of `window` consecutive global indices; inside a
+    Images (in index order) are cut into windows of `window` consecutive global indices; inside a
     window, images of the same size (3, H, W) are collected and a batch is emitted as soon as
     `batch_size` of them are there; the rest are emitted at the end of the window, the last one
     with end=True (an empty batch if nothing was left). Failed decodes come alone. Batch
     composition depends only on the items, batch_size and window, never on which process or run
     handles the window, which is what keeps outputs bit-identical across ranks and resumes."""
-    buckets: dict[Hashable, list[dict]] = {}
+    buckets: dict[Hashable, list[DecodedImage]] = {}
     current: int | None = None
 
-    def drain() -> Iterator[tuple[list[dict], bool]]:
+    def drain() -> Iterator[tuple[list[DecodedImage], bool]]:
         rest = list(buckets.values())
         buckets.clear()
         for i, batch in enumerate(rest):
@@ -433,14 +468,14 @@ def bucket_batches(
             yield [], True
 
     for record in records:
-        w = record["item"].index // window
+        w = record.item.index // window
         if current is not None and w != current:
             yield from drain()
         current = w
-        if record["error"] is not None:
+        if record.error is not None:
             yield [record], False
             continue
-        key = tuple(record["pixels"].shape)
+        key = tuple(record.pixels.shape)
         bucket = buckets.setdefault(key, [])
         bucket.append(record)
         if len(bucket) >= batch_size:
@@ -450,9 +485,6 @@ def bucket_batches(
         yield from drain()
 
 
-def to_device(records: list[dict], device: torch.device | str) -> list[dict]:
-    """Move each record's pixels to `device` (non-blocking: pinned host memory overlaps the copy)."""
-    for record in records:
-        if record["pixels"] is not None:
-            record["pixels"] = record["pixels"].to(device, non_blocking=True)
-    return records
+def to_device(images: list[DecodedImage], device: torch.device | str) -> list[DecodedImage]:
+    """The images with their pixels on `device` (see `DecodedImage.to`)."""
+    return [image.to(device) for image in images]

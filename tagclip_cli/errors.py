@@ -13,6 +13,12 @@ class UsageError(TagclipError):
     """Bad arguments or inputs detected before any work was done (exit code 2)."""
 
 
+class VocabularyError(UsageError, ValueError):
+    """A vocabulary or class-name file that cannot be used; the message names the file and line.
+
+    Also a ValueError, as it was before it joined the TagclipError family."""
+
+
 class ModelLoadError(TagclipError):
     """Weights or a model config could not be loaded; the message says how to supply them."""
 

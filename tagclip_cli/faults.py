@@ -1,16 +1,16 @@
 """Surviving faults: SIGINT/SIGTERM, out-of-memory batches.
 
-Signals. SIGINT and SIGTERM raise `Interrupted` in the main process; the job runner then writes
-the rows of every completed window (`run_job`'s `finally`) and the CLI exits 130 / 143. A part
-file being written when the signal arrives is finished first (`deferred_signals`), and every part
-is atomic anyway, so a rerun of the same command resumes where the run stopped. DataLoader workers
-ignore both signals: the main process decides, and the workers exit when it does (they watch
+Signals. SIGINT and SIGTERM raise `Interrupted` in the main process; the job runner then writes the
+rows of every completed window (the `finally` of `jobs._run_windows`) and the CLI exits 130 / 143. A
+part file being written when the signal arrives is finished first (`deferred_signals`), and every
+part is atomic anyway, so a rerun of the same command resumes where the run stopped. DataLoader
+workers ignore both signals: the main process decides, and the workers exit when it does (they watch
 their parent).
 
-Out of memory. `OomSplitter` wraps the per-batch processing: when a batch raises an out-of-memory
-error it is split in halves and each half retried, down to single images; an image that does not
-fit alone becomes a failed row with reason "out of memory". Later batches are cut to the size that
-worked, so a too-large --batch-size costs one failure, not one per batch.
+Out of memory. `OomSplitter` wraps the per-batch mapper (the model step): when a batch raises an
+out-of-memory error it is split in halves and each half retried, down to single images; an image
+that does not fit alone becomes a failed result with reason "out of memory". Later batches are cut
+to the size that worked, so a too-large --batch-size costs one failure, not one per batch.
 """
 
 from __future__ import annotations
@@ -20,12 +20,17 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
+
+if TYPE_CHECKING:  # data.py imports this module (worker signal handling)
+    from tagclip_cli.data import DecodedImage
 
 log = logging.getLogger(__name__)
 
 OOM_REASON = "out of memory"
+Result = TypeVar("Result")
 
 
 class Interrupted(BaseException):
@@ -100,55 +105,55 @@ def _release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class OomSplitter:
-    """process(records) -> rows, retried in halves on out-of-memory (see the module docstring).
+class OomSplitter(Generic[Result]):
+    """mapper(images) -> results, retried in halves on out-of-memory (see the module docstring).
 
-    `process` must turn a record whose "error" is set into a failed row without running the model
-    (the annotate and segment processors do), and return one row per record in record order.
+    `mapper` must turn an image whose `error` is set into a failed result without running the
+    model (the annotate and segment mappers do), and return one result per image in image order.
     The batch size that fits is remembered per input shape (batches hold images of one size), and
     only from splits where every image then succeeded: one image too large to fit on its own must
     not shrink the batches of all the others."""
 
-    def __init__(self, process: Callable[[list[dict]], list[dict]]) -> None:
-        self.process = process
+    def __init__(self, mapper: Callable[[list[DecodedImage]], list[Result]]) -> None:
+        self.mapper = mapper
         self.limits: dict[tuple | None, int] = {}  # pixels shape -> largest batch known to fit
         self.failed = 0  # images given up on
 
-    def __call__(self, records: list[dict]) -> list[dict]:
-        if not records:
-            return self.process(records)
-        limit = self.limits.get(_shape(records), len(records))
-        rows: list[dict] = []
-        for start in range(0, len(records), limit):
-            rows.extend(self._run(records[start : start + limit])[0])
-        return rows
+    def __call__(self, images: list[DecodedImage]) -> list[Result]:
+        if not images:
+            return self.mapper(images)
+        limit = self.limits.get(_shape(images), len(images))
+        results: list[Result] = []
+        for start in range(0, len(images), limit):
+            results.extend(self._run(images[start : start + limit])[0])
+        return results
 
-    def _run(self, records: list[dict]) -> tuple[list[dict], bool]:
-        """(rows, clean): clean is False when some image failed for lack of memory."""
+    def _run(self, images: list[DecodedImage]) -> tuple[list[Result], bool]:
+        """(results, clean): clean is False when some image failed for lack of memory."""
         try:
-            return self.process(records), True
+            return self.mapper(images), True
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
         # Out of the except block: the traceback (and the tensors its frames hold) is released.
         _release_cached_memory()
-        if len(records) == 1:
-            record = dict(records[0], pixels=None, error=OOM_REASON)
+        if len(images) == 1:
+            image = images[0].failed(OOM_REASON)
             self.failed += 1
-            log.warning("%s: out of memory even alone; marked failed", record["item"].image_id)
-            return self.process([record]), False
-        half = (len(records) + 1) // 2
-        log.warning("out of memory on a batch of %d images; retrying in halves", len(records))
-        first, first_clean = self._run(records[:half])
-        second, second_clean = self._run(records[half:])
+            log.warning("%s: out of memory even alone; marked failed", image.item.image_id)
+            return self.mapper([image]), False
+        half = (len(images) + 1) // 2
+        log.warning("out of memory on a batch of %d images; retrying in halves", len(images))
+        first, first_clean = self._run(images[:half])
+        second, second_clean = self._run(images[half:])
         clean = first_clean and second_clean
-        key = _shape(records)
-        if clean and half < self.limits.get(key, len(records) + 1):
+        key = _shape(images)
+        if clean and half < self.limits.get(key, len(images) + 1):
             self.limits[key] = half
             log.warning("batches of %d images of this size fit; using that from now on", half)
         return first + second, clean
 
 
-def _shape(records: list[dict]) -> tuple | None:
-    pixels = next((r["pixels"] for r in records if r.get("pixels") is not None), None)
+def _shape(images: list[DecodedImage]) -> tuple | None:
+    pixels = next((im.pixels for im in images if im.pixels is not None), None)
     return tuple(pixels.shape) if pixels is not None else None

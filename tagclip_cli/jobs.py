@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tagclip_cli import errors
-from tagclip_cli.data import ImageItem, bucket_batches
+from tagclip_cli.data import DecodedImage, ImageItem, bucket_batches
 from tagclip_cli.errors import ConfigMismatchError, IncompleteRunError, OutputWriteError, UsageError
 from tagclip_cli.faults import deferred_signals
 from tagclip_cli.writers import (
@@ -79,6 +79,27 @@ class Summary:
         self.failed += 1
         if len(self.failures) < MAX_FAILURES_KEPT:
             self.failures.append((image_id, error))
+
+    def count(self, rows: Sequence[dict]) -> None:
+        """Count result rows as done or failed (by their "status")."""
+        for row in rows:
+            if row["status"] == "failed":
+                self.add_failure(row["image_id"], row["error"])
+            else:
+                self.done += 1
+
+    @classmethod
+    def combine(cls, summaries: Iterable[Summary]) -> Summary:
+        """The leader's summary of all ranks' summaries."""
+        total = cls(leader=True)
+        for s in summaries:
+            total.total += s.total
+            total.done += s.done
+            total.skipped += s.skipped
+            total.failed += s.failed
+            total.failed_before += s.failed_before
+            total.failures.extend(s.failures[: MAX_FAILURES_KEPT - len(total.failures)])
+        return total
 
 
 # ---- work split ----------------------------------------------------------------------------------
@@ -375,6 +396,11 @@ class PartStore:
             mask[indices[indices < total]] = True
         return mask
 
+    def remaining(self, items: Sequence[ImageItem], total: int) -> list[ImageItem]:
+        """The items (of an input list of `total`) that have no row yet, in their order."""
+        done = self.done_mask(total)
+        return [it for it in items if not done[it.index]]
+
     def failed_indices(self) -> np.ndarray:
         """Indices of the rows already in parts whose status is "failed" (for the exit code of a
         resumed run: the output has them even though this run did not meet them)."""
@@ -561,6 +587,10 @@ def json_row(row: dict, classes: Sequence[str]) -> dict:
     return out
 
 
+class OutputClosed(Exception):
+    """The reader of `--out -` went away (e.g. `| head`): stop quietly."""
+
+
 class JsonLinesSink:
     """Writes rows as JSON Lines to a text stream, one object per image, flushed per window."""
 
@@ -569,14 +599,46 @@ class JsonLinesSink:
         self.classes = list(classes)
 
     def write(self, rows: Sequence[dict]) -> None:
-        for row in rows:
-            self.stream.write(json.dumps(json_row(row, self.classes), ensure_ascii=False, allow_nan=False))
-            self.stream.write("\n")
-        self.stream.flush()
+        try:
+            for row in rows:
+                self.stream.write(json.dumps(json_row(row, self.classes), ensure_ascii=False, allow_nan=False))
+                self.stream.write("\n")
+            self.stream.flush()
+        except BrokenPipeError:
+            raise OutputClosed() from None
+
+    def flush(self) -> None:
+        """Nothing held back: every window is written as it completes."""
+
+    def discard(self) -> None:
+        """Nothing held back to drop."""
 
 
-class OutputClosed(Exception):
-    """The reader of `--out -` went away (e.g. `| head`): stop quietly."""
+class PartSink:
+    """Collects the rows of complete windows and writes them as part files of about part_size rows.
+
+    Only complete windows come here: a partial window is recomputed whole on resume, so that its
+    forward batches are the same as in an uninterrupted run."""
+
+    def __init__(self, store: PartStore, schema: pa.Schema, part_size: int) -> None:
+        self.store = store
+        self.schema = schema
+        self.part_size = part_size
+        self.buffer: list[dict] = []
+
+    def write(self, rows: Sequence[dict]) -> None:
+        self.buffer.extend(rows)
+        if len(self.buffer) >= self.part_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.store.write_part(pa.Table.from_pylist(self.buffer, schema=self.schema))
+        self.buffer.clear()
+
+    def discard(self) -> None:
+        """Drop the held rows (the disk refused them: they are redone on resume)."""
+        self.buffer.clear()
 
 
 # ---- running --------------------------------------------------------------------------------------
@@ -600,125 +662,128 @@ class JobSpec:
     def window(self) -> int:
         return self.batch_size * WINDOW_BATCHES
 
+    def stops_at(self, summary: Summary) -> bool:
+        """--fail-fast: stop after the window in which the first image failed."""
+        return self.fail_fast and summary.failed > 0
+
 
 def run_job(
     spec: JobSpec,
     sess: Session,
-    records: Callable[[Sequence[ImageItem]], Iterable[dict]],
-    process: Callable[[list[dict]], list[dict]],
+    records: Callable[[Sequence[ImageItem]], Iterable[DecodedImage]],
+    process: Callable[[list[DecodedImage]], list[dict]],
     progress: Callable[[int], object] | None = None,
     stdout: TextIO | None = None,
 ) -> Summary:
     """Process this rank's windows that have no rows yet, stream rows to parts (or stdout), merge.
 
-    records(todo) yields decoded records of the given items in order; process(batch) returns one
-    row per record of a same-size batch (rows have "index", "image_id", "status", "error")."""
+    records(todo) yields the decoded images of the given items in order; process(batch) returns
+    one row per image of a same-size batch (rows have "index", "image_id", "status", "error")."""
     placement = sess.placement
-    window = spec.window
-    mine = [it for it in spec.items if placement.owns(it, window)]
+    mine = [it for it in spec.items if placement.owns(it, spec.window)]
     store: PartStore | None = None
     if spec.out is None:
-        if placement.distributed:
-            raise UsageError("--out - (JSON Lines on stdout) works in a single process; with torchrun, "
-                             "write Parquet and read it afterwards")
-        sink = JsonLinesSink(stdout or sys.stdout, spec.config.get("classes", ()))
+        sink: JsonLinesSink | PartSink = _stdout_sink(spec, placement, stdout)
         todo = mine
     else:
         finished = None if spec.overwrite or spec.format != "parquet" else finished_output(spec)
         if finished is not None:
-            # Rerunning a finished command is a no-op, as `make` would do (job arrays retry whole
-            # commands); exit 1 still reports failed rows, as after a resumed run.
-            failed = finished if placement.leader else 0
-            return Summary(total=len(spec.items), skipped=len(spec.items), failed_before=failed,
-                           leader=placement.leader, merged=True,
-                           note=f"{spec.out} is already complete for these images and this configuration; "
-                                "nothing to do (--overwrite recomputes it)")
-        job = {"format": spec.format, "batch_size": spec.batch_size, "window": window,
-               "final_options": spec.final_options}
-
-        def open_store(create: bool) -> Callable[[], PartStore]:
-            return lambda: PartStore.open(spec.out, spec.config, spec.items, job, spec.overwrite and create, create)
-
-        store = sess.leader_first(open_store(True), open_store(False))  # type: ignore[assignment]
-        done = store.done_mask(len(spec.items))
-        todo = [it for it in mine if not done[it.index]]
-        del done
-    summary = Summary(total=len(mine), skipped=len(mine) - len(todo))
-    if store is not None and summary.skipped:
-        summary.failed_before = sum(1 for i in store.failed_indices() if placement.owns(spec.items[i], window))
-    if summary.skipped:
-        log.info("%d images already done in %s; %d to go", summary.skipped, store.dir, len(todo))
+            return _already_complete(spec, placement, finished)
+        store = _open_store(spec, sess)
+        todo = store.remaining(mine, len(spec.items))
+        sink = PartSink(store, spec.schema, spec.part_size)
+    summary = _resume_summary(spec, placement, store, len(mine), len(todo))
     if progress:
         progress(summary.skipped)
-    buffer: list[dict] = []  # rows of complete windows not yet in a part
+    _run_windows(spec, records(todo), process, sink, summary, progress)
+    return _finish(spec, sess, store, summary)
 
-    def flush() -> None:
-        if buffer and store is not None:
-            store.write_part(pa.Table.from_pylist(buffer, schema=spec.schema))
-        buffer.clear()
 
+def _stdout_sink(spec: JobSpec, placement: Placement, stdout: TextIO | None) -> JsonLinesSink:
+    if placement.distributed:
+        raise UsageError("--out - (JSON Lines on stdout) works in a single process; with torchrun, "
+                         "write Parquet and read it afterwards")
+    return JsonLinesSink(stdout or sys.stdout, spec.config.get("classes", ()))
+
+
+def _already_complete(spec: JobSpec, placement: Placement, failed: int) -> Summary:
+    """Rerunning a finished command is a no-op, as `make` would do (job arrays retry whole
+    commands); exit 1 still reports failed rows, as after a resumed run."""
+    return Summary(total=len(spec.items), skipped=len(spec.items), failed_before=failed if placement.leader else 0,
+                   leader=placement.leader, merged=True,
+                   note=f"{spec.out} is already complete for these images and this configuration; "
+                        "nothing to do (--overwrite recomputes it)")
+
+
+def _open_store(spec: JobSpec, sess: Session) -> PartStore:
+    """The work directory, created (or checked) by rank 0 first, then checked by the other ranks."""
+    job = {"format": spec.format, "batch_size": spec.batch_size, "window": spec.window,
+           "final_options": spec.final_options}
+
+    def open_store(create: bool) -> Callable[[], PartStore]:
+        return lambda: PartStore.open(spec.out, spec.config, spec.items, job, spec.overwrite and create, create)
+
+    return sess.leader_first(open_store(True), open_store(False))  # type: ignore[return-value]
+
+
+def _resume_summary(spec: JobSpec, placement: Placement, store: PartStore | None, mine: int, todo: int) -> Summary:
+    """This rank's starting counts: its images, those already done by an earlier run (and how many
+    of them failed, for the exit code)."""
+    summary = Summary(total=mine, skipped=mine - todo)
+    if store is not None and summary.skipped:
+        summary.failed_before = sum(1 for i in store.failed_indices() if placement.owns(spec.items[i], spec.window))
+        log.info("%d images already done in %s; %d to go", summary.skipped, store.dir, todo)
+    return summary
+
+
+def _run_windows(
+    spec: JobSpec,
+    records: Iterable[DecodedImage],
+    process: Callable[[list[DecodedImage]], list[dict]],
+    sink: JsonLinesSink | PartSink,
+    summary: Summary,
+    progress: Callable[[int], object] | None,
+) -> None:
+    """The window loop: process each forward batch, hand each complete window's rows (in index
+    order) to the sink, stop early under --fail-fast. Whatever ends the loop (a signal, an error),
+    the complete windows are written; a partial window is not."""
     window_rows: list[dict] = []
     try:
-        for batch, end in bucket_batches(records(todo), spec.batch_size, window):
+        for batch, end in bucket_batches(records, spec.batch_size, spec.window):
             rows = process(batch) if batch else []
-            for row in rows:
-                if row["status"] == "failed":
-                    summary.add_failure(row["image_id"], row["error"])
-                else:
-                    summary.done += 1
+            summary.count(rows)
             window_rows.extend(rows)
             if progress and rows:
                 progress(len(rows))
             if not end:
                 continue
-            window_rows.sort(key=lambda r: r["index"])
-            if store is None:
-                try:
-                    sink.write(window_rows)
-                except BrokenPipeError:
-                    raise OutputClosed() from None
-            else:
-                buffer.extend(window_rows)
-                if len(buffer) >= spec.part_size:
-                    flush()
+            sink.write(sorted(window_rows, key=lambda r: r["index"]))
             window_rows = []
-            if spec.fail_fast and summary.failed:
+            if spec.stops_at(summary):
                 break
     except OutputWriteError:
-        buffer.clear()  # the disk refused them (full?): not again in `finally`; they are redone on resume
+        sink.discard()  # the disk refused them (full?): not again in `finally`; they are redone on resume
         raise
     finally:
-        flush()  # complete windows only: a partial window is recomputed whole on resume
-    return _finish(spec, sess, store, summary)
+        sink.flush()
 
 
 def _finish(spec: JobSpec, sess: Session, store: PartStore | None, summary: Summary) -> Summary:
+    """Gather every rank's counts on the leader, then merge the parts into the output (or say
+    why not: --fail-fast stopped, or this is one --shard of several)."""
     placement = sess.placement
     everyone = sess.gather(summary)
     if not placement.leader:
         summary.leader = False
         return summary
-    total = Summary(leader=True)
-    for s in everyone:
-        total.total += s.total
-        total.done += s.done
-        total.skipped += s.skipped
-        total.failed += s.failed
-        total.failed_before += s.failed_before
-        total.failures.extend(s.failures[: MAX_FAILURES_KEPT - len(total.failures)])
+    total = Summary.combine(everyone)  # type: ignore[arg-type]
     if store is None:
         return total
-    if spec.fail_fast and total.failed:
+    if spec.stops_at(total):
         total.note = f"stopped at the first failure (--fail-fast); finished parts are kept in {store.dir}"
         return total
     if not placement.merges:
-        left = len(store.missing(len(spec.items)))
-        total.note = (
-            f"{placement.describe()} finished. "
-            + (f"All shards are done: run `tagclip merge {spec.out}`" if not left else
-               f"{left} images of other shards still have no result; when all shards are done, run "
-               f"`tagclip merge {spec.out}`")
-        )
+        total.note = _shard_note(spec, placement, len(store.missing(len(spec.items))))
         return total
     rows = store.merge(spec.schema, len(spec.items), spec.format, wait_seconds=60.0 if placement.distributed else 0.0,
                        options=spec.final_options)
@@ -726,3 +791,13 @@ def _finish(spec: JobSpec, sess: Session, store: PartStore | None, summary: Summ
     total.merged = True
     log.info("wrote %s (%d rows)", spec.out, rows)
     return total
+
+
+def _shard_note(spec: JobSpec, placement: Placement, left: int) -> str:
+    """What to do after one --shard finished: merge now, or when the other shards are done."""
+    return (
+        f"{placement.describe()} finished. "
+        + (f"All shards are done: run `tagclip merge {spec.out}`" if not left else
+           f"{left} images of other shards still have no result; when all shards are done, run "
+           f"`tagclip merge {spec.out}`")
+    )

@@ -1,26 +1,31 @@
-"""The annotate and segment pipelines: sources -> decoded images -> backbone -> TagCLIP (-> CLS-SEG)
--> Parquet parts -> output.
+"""The annotate and segment pipelines: one runner, two stages.
 
-The CLI builds an `AnnotateOptions` / `SegmentOptions` and calls `run_annotate` / `run_segment`;
-nothing here parses arguments.
+    items -> decode (data.py: DecodedImage) -> mapper (TagCLIP, or CLS-SEG / MaskCLIP: typed results)
+          -> writer (result rows; label PNGs) -> job (jobs.py: parts, resume, shards, merge) -> output
+
+`run_stage` does what both commands share (the process group and device, the model load,
+preprocessing, decoding, out-of-memory retries, progress); a `Stage` says what one command
+computes and writes. The CLI builds an `AnnotateOptions` / `SegmentOptions` and calls
+`run_annotate` / `run_segment`; nothing here parses arguments.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Generic, TextIO, TypeVar
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from tagclip_cli import __version__
 from tagclip_cli.backbone import Backbone, load_backbone
-from tagclip_cli.data import DecodeError, ImageItem, Preprocess, iter_records, load_rgb, to_device
+from tagclip_cli.data import DecodedImage, ImageItem, Preprocess, iter_records, to_device
 from tagclip_cli.faults import OomSplitter
 from tagclip_cli.formats import FileTags, TagsFile
 from tagclip_cli.jobs import JobSpec, Placement, Summary, run_job, session
@@ -40,23 +45,28 @@ from tagclip_cli.writers import (
 
 log = logging.getLogger(__name__)
 
+Result = TypeVar("Result")
+# progress(total) -> a context manager giving advance(n): the CLI's progress bar (cli._progress)
+ProgressFactory = Callable[[int], AbstractContextManager[Callable[[int], object]]]
+
 
 @dataclass
 class ModelOptions:
     model: str = "ViT-B-16"
     pretrained: str = "openai"
     checkpoint: Path | None = None
-    device: str = "cpu"
+    device: str = "cpu"  # as asked; the session may pin another (cuda:LOCAL_RANK under torchrun)
     cache_dir: Path | None = None
     model_explicit: bool = False
     precision: str = "fp32"  # fp32, or bf16 / fp16 autocast on CUDA
 
-    def load(self) -> Backbone:
+    def load(self, device: str | None = None) -> Backbone:
+        """The backbone on `device` (the session's resolved device; default self.device)."""
         return load_backbone(
             self.model,
             self.pretrained,
             self.checkpoint,
-            device=self.device,
+            device=self.device if device is None else device,
             cache_dir=self.cache_dir,
             model_explicit=self.model_explicit,
             precision=self.precision,
@@ -65,10 +75,11 @@ class ModelOptions:
 
 @dataclass(kw_only=True)
 class JobOptions:
-    """What `annotate` and `segment` share: inputs, model, TagCLIP settings and the job settings."""
+    """What `annotate` and `segment` share: inputs, output, model, TagCLIP settings and the job settings."""
 
     items: Sequence[ImageItem]
     vocab: Vocabulary
+    out: Path | None  # None: JSON Lines on stdout (annotate only)
     model: ModelOptions
     tagclip: TagCLIPConfig
     batch_size: int = 8
@@ -82,7 +93,6 @@ class JobOptions:
 
 @dataclass(kw_only=True)
 class AnnotateOptions(JobOptions):
-    out: Path | None  # None: JSON Lines on stdout
     stdout: TextIO | None = None  # where --out - writes (default sys.stdout)
 
 
@@ -102,52 +112,63 @@ def run_config(backbone: Backbone, vocab: Vocabulary, cfg: TagCLIPConfig, max_si
     }
 
 
-def tag_records(tagger: Tagger, records: list[dict]) -> list[dict]:
-    """Parquet rows for a batch of decoded records (failed decodes become failed rows)."""
-    good = [r for r in records if r["error"] is None]
-    outputs = iter(tagger.tag([r["pixels"] for r in good])) if good else iter(())
-    names = tagger.vocab.classes
-    rows = []
-    for rec in records:
-        if rec["error"] is not None:
-            rows.append(tag_row(rec["item"], rec["width"], rec["height"], rec["error"]))
-            continue
-        out = next(outputs)
-        scores = out.scores.cpu()
-        rows.append(tag_row(rec["item"], rec["width"], rec["height"], None, [names[t] for t in out.tags], scores))
-    return rows
+# ---- the runner -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stage(Generic[Result]):
+    """What one command computes, once its model is loaded.
+
+    config: everything that determines the output (stored with it, checked on resume); schema:
+    the result rows; format / final_options: how the merged rows are written (jobs.write_final).
+    mapper: a same-size batch of decoded images -> one typed result per image, in order (the model
+    step, retried in halves on out-of-memory; a failed image must give a failed result without
+    touching the model). writer: results -> output rows, writing any side files (label PNGs).
+    needs_rgb: decoding keeps each image's RGB pixels for the mapper (the dense CRF)."""
+
+    config: dict
+    schema: pa.Schema
+    mapper: Callable[[list[DecodedImage]], list[Result]]
+    writer: Callable[[list[Result]], list[dict]]
+    format: str = "parquet"
+    final_options: dict = field(default_factory=dict)
+    needs_rgb: bool = False
 
 
-def run_annotate(opts: AnnotateOptions, progress: Callable[[int, int], object] | None = None) -> Summary:
-    """Tag every item into opts.out (Parquet) or stdout (JSON Lines), resuming an interrupted run of
-    the same config; under torchrun / --shard only this rank's share (jobs.py)."""
+def run_stage(
+    opts: JobOptions,
+    build: Callable[[Backbone], Stage],
+    progress: ProgressFactory | None = None,
+    stdout: TextIO | None = None,
+) -> Summary:
+    """Run one command over opts.items: join the process group, load the model on this rank's
+    device, build the stage, then decode -> map -> write every window this rank owns (jobs.run_job:
+    resume, shards, merge). Only the leader shows progress."""
     with session(opts.placement, opts.model.device) as sess:
-        opts.model.device = sess.device
-        backbone = opts.model.load()
-        config = run_config(backbone, opts.vocab, opts.tagclip, opts.max_side)
-        tagger = Tagger(backbone, opts.vocab, opts.tagclip)
-        preprocess = Preprocess(backbone.patch_size, backbone.mean, backbone.std, opts.max_side)
+        backbone = opts.model.load(sess.device)
+        stage = build(backbone)
         spec = JobSpec(
-            items=opts.items, out=opts.out, config=config, schema=tags_schema(config),
-            batch_size=opts.batch_size, part_size=opts.part_size, overwrite=opts.overwrite, fail_fast=opts.fail_fast,
+            items=opts.items, out=opts.out, config=stage.config, schema=stage.schema, format=stage.format,
+            final_options=stage.final_options, batch_size=opts.batch_size, part_size=opts.part_size,
+            overwrite=opts.overwrite, fail_fast=opts.fail_fast,
         )
-        pin = backbone.device.type == "cuda"
+        preprocess = Preprocess(backbone.patch_size, backbone.mean, backbone.std, opts.max_side)
+        downscaled = 0  # images the --max-side cap shrank (reported at the end)
 
-        downscaled = [0]  # images the --max-side cap shrank (reported at the end)
-
-        def records(todo: Sequence[ImageItem]):
-            for record in iter_records(todo, preprocess, opts.workers, pin_memory=pin):
-                downscaled[0] += record["downscaled"]
-                yield record
+        def decoded(todo: Sequence[ImageItem]) -> Iterator[DecodedImage]:
+            nonlocal downscaled
+            pin = backbone.device.type == "cuda"
+            for image in iter_records(todo, preprocess, opts.workers, pin_memory=pin, keep_rgb=stage.needs_rgb):
+                downscaled += image.downscaled
+                yield image
 
         # On out-of-memory a batch is retried in halves, down to single images (faults.py).
-        process = OomSplitter(lambda batch: tag_records(tagger, to_device(batch, backbone.device)))
+        mapper = OomSplitter(lambda batch: stage.mapper(to_device(batch, backbone.device)))
         share = sum(1 for it in opts.items if opts.placement.owns(it, spec.window))
         show = progress if progress and opts.placement.leader else None
-        ctx = show(share) if show else nullcontext(None)
-        with ctx as advance, torch.inference_mode():
-            summary = run_job(spec, sess, records, process, progress=advance, stdout=opts.stdout)
-        log_downscaled(downscaled[0], opts.max_side)
+        with show(share) if show else nullcontext(None) as advance, torch.inference_mode():
+            summary = run_job(spec, sess, decoded, lambda batch: stage.writer(mapper(batch)), progress=advance,
+                              stdout=stdout)
+        log_downscaled(downscaled, opts.max_side)
         return summary
 
 
@@ -156,6 +177,53 @@ def log_downscaled(count: int, max_side: int | None) -> None:
     if count:
         log.info("%d image(s) longer than --max-side %d px were downscaled for the model (width/height in "
                  "the output are the original sizes; raise --max-side to keep more detail)", count, max_side)
+
+
+# ---- annotate -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TagResult:
+    """TagCLIP's answer for one image: the predicted tags (class names) and the fused score of
+    every foreground class ((C,) float32 on the CPU, or a list read from a tags file), or the
+    reason (error) it has none."""
+
+    image: DecodedImage
+    tags: list[str] = field(default_factory=list)
+    scores: torch.Tensor | Sequence[float] | None = None
+    error: str | None = None
+
+
+def tag_images(tagger: Tagger, images: list[DecodedImage]) -> list[TagResult]:
+    """The annotate mapper: TagCLIP on a same-size batch (failed decodes stay failed)."""
+    good = [im for im in images if im.error is None]
+    outputs = iter(tagger.tag([im.pixels for im in good])) if good else iter(())
+    names = tagger.vocab.classes
+    results = []
+    for image in images:
+        if image.error is not None:
+            results.append(TagResult(image, error=image.error))
+            continue
+        out = next(outputs)
+        results.append(TagResult(image, [names[t] for t in out.tags], out.scores.cpu()))
+    return results
+
+
+def tag_rows(results: list[TagResult]) -> list[dict]:
+    """The annotate writer: one `tags_schema` row per result."""
+    return [tag_row(r.image.item, r.image.width, r.image.height, r.error, r.tags, r.scores) for r in results]
+
+
+def run_annotate(opts: AnnotateOptions, progress: ProgressFactory | None = None) -> Summary:
+    """Tag every item into opts.out (Parquet) or stdout (JSON Lines), resuming an interrupted run of
+    the same config; under torchrun / --shard only this rank's share (jobs.py)."""
+
+    def build(backbone: Backbone) -> Stage[TagResult]:
+        config = run_config(backbone, opts.vocab, opts.tagclip, opts.max_side)
+        tagger = Tagger(backbone, opts.vocab, opts.tagclip)
+        return Stage(config=config, schema=tags_schema(config), mapper=lambda batch: tag_images(tagger, batch),
+                     writer=tag_rows)
+
+    return run_stage(opts, build, progress, stdout=opts.stdout)
 
 
 # ---- segment --------------------------------------------------------------------------------------
@@ -173,67 +241,71 @@ class SegmentOptions(JobOptions):
     png_dir: Path | None = None
 
 
-def segment_records(
-    segmenter: Segmenter, records: list[dict], tags_file: TagsFile | None = None, png_dir: Path | None = None
-) -> list[dict]:
-    """Segment rows (`segment_schema`) for a batch of decoded records; failed decodes, and images
-    without usable tags in the tags file, become failed rows. Label PNGs are written as rows are made."""
-    names = segmenter.vocab.classes
+@dataclass(frozen=True)
+class SegResult(TagResult):
+    """One image's segmentation: the (H, W) int32 label map at the image size (0 = background,
+    c + 1 = class c) with {label: score} of each label present, and the tags it was made from
+    (TagCLIP's here, or the tags file's); or the reason (error) it has none."""
+
+    label_map: np.ndarray | None = None
+    mask_scores: dict[int, float] = field(default_factory=dict)
+
+
+def segment_images(
+    segmenter: Segmenter, images: list[DecodedImage], tags_file: TagsFile | None = None
+) -> list[SegResult]:
+    """The segment mapper: CLS-SEG (or MaskCLIP) on a same-size batch. Failed decodes, and images
+    without usable tags in the tags file, become failed results. With the CRF each image needs its
+    RGB pixels (decoded with keep_rgb). Writes nothing."""
     from_file: dict[int, FileTags] = {}
-    images: dict[int, np.ndarray] = {}  # RGB for the CRF
     failed: dict[int, str] = {}
-    good = []
-    for rec in records:
-        index = rec["item"].index
-        if rec["error"] is not None:
+    good: list[DecodedImage] = []
+    for image in images:
+        index = image.item.index
+        if image.error is not None:
+            failed[index] = image.error
             continue
         if tags_file is not None:
-            from_file[index] = tags_file.lookup(rec["item"])
+            from_file[index] = tags_file.lookup(image.item)
             if from_file[index].error is not None:
                 failed[index] = from_file[index].error
                 continue
-        if segmenter.config.crf:
-            try:
-                images[index] = crf_image(rec)
-            except DecodeError as exc:
-                failed[index] = f"cannot read the image again for the CRF ({exc})"
-                continue
-        good.append(rec)
-
+        good.append(image)
     outputs: dict[int, SegOutput] = {}
     if good:
-        tags = [from_file[r["item"].index].tags for r in good] if tags_file is not None else None
-        results = segmenter.segment([r["pixels"] for r in good], [(r["height"], r["width"]) for r in good], tags,
-                                    lambda i: images[good[i]["item"].index])
-        outputs = {r["item"].index: out for r, out in zip(good, results, strict=True)}
-    rows = []
-    for rec in records:
-        item = rec["item"]
-        out = outputs.get(item.index)
+        tags = [from_file[im.item.index].tags for im in good] if tags_file is not None else None
+        segs = segmenter.segment([im.pixels for im in good], [(im.height, im.width) for im in good], tags,
+                                 lambda i: good[i].rgb)
+        outputs = {im.item.index: out for im, out in zip(good, segs, strict=True)}
+    names = segmenter.vocab.classes
+    results = []
+    for image in images:
+        out = outputs.get(image.item.index)
         if out is None:
-            error = rec["error"] if rec["error"] is not None else failed[item.index]
-            rows.append(segment_row(item, rec["width"], rec["height"], error))
-            continue
-        if out.tag_output is not None:
-            tag_names, scores = [names[t] for t in out.tag_output.tags], out.tag_output.scores.cpu()
-        elif tags_file is not None:
-            tag_names, scores = from_file[item.index].names, from_file[item.index].scores
+            results.append(SegResult(image, error=failed[image.item.index]))
+        elif out.tag_output is not None:
+            tags_here = [names[t] for t in out.tag_output.tags]
+            results.append(SegResult(image, tags_here, out.tag_output.scores.cpu(), None, out.label_map,
+                                     out.mask_scores))
         else:
-            tag_names, scores = [], None
+            entry = from_file.get(image.item.index, FileTags([], [], None))
+            results.append(SegResult(image, entry.names, entry.scores, None, out.label_map, out.mask_scores))
+    return results
+
+
+def segment_rows(results: list[SegResult], png_dir: Path | None = None) -> list[dict]:
+    """The segment writer: one `segment_schema` row per result (masks as COCO RLE), and the
+    label PNG of each segmented image in png_dir when given."""
+    rows = []
+    for r in results:
+        item, width, height = r.image.item, r.image.width, r.image.height
+        if r.error is not None:
+            rows.append(segment_row(item, width, height, r.error))
+            continue
         if png_dir is not None:
-            write_label_png(out.label_map, label_png_path(png_dir, item.image_id))
-        masks = mask_entries(out.label_map, out.mask_scores)
-        rows.append(segment_row(item, rec["width"], rec["height"], None, tag_names, scores, masks))
+            write_label_png(r.label_map, label_png_path(png_dir, item.image_id))
+        rows.append(segment_row(item, width, height, None, r.tags, r.scores, mask_entries(r.label_map, r.mask_scores)))
     return rows
-
-
-def crf_image(record: dict) -> np.ndarray:
-    """The (H, W, 3) uint8 RGB image of a decoded record, read again for the CRF (the record holds
-    only the resized, normalised pixels). Raises DecodeError if it can no longer be read as before."""
-    image = np.asarray(load_rgb(record["item"].path))
-    if image.shape[:2] != (record["height"], record["width"]):
-        raise DecodeError("the file changed while it was being processed")
-    return image
 
 
 def segment_config(
@@ -248,40 +320,22 @@ def segment_config(
     return config
 
 
-def run_segment(opts: SegmentOptions, progress: Callable[[int, int], object] | None = None) -> Summary:
+def run_segment(opts: SegmentOptions, progress: ProgressFactory | None = None) -> Summary:
     """Segment every item into opts.out (COCO RLE JSON; rows stream through OUT.parts/ like annotate,
     so the run resumes and shards), with the tags Parquet at opts.tags_out and label PNGs in
     opts.png_dir if asked. One model load; TagCLIP and CLS-SEG share each image's dense forward."""
     if opts.segment.crf:
         require_crf()
     tags_file = TagsFile(opts.tags_in, opts.vocab) if opts.tags_in is not None else None
-    with session(opts.placement, opts.model.device) as sess:
-        opts.model.device = sess.device
-        backbone = opts.model.load()
+
+    def build(backbone: Backbone) -> Stage[SegResult]:
         config = segment_config(backbone, opts, tags_file)
         segmenter = Segmenter(backbone, opts.vocab, opts.segment, opts.tagclip, run_tagclip=tags_file is None)
-        preprocess = Preprocess(backbone.patch_size, backbone.mean, backbone.std, opts.max_side)
         final = {"tags_out": str(Path(opts.tags_out).resolve())} if opts.tags_out is not None else {}
-        spec = JobSpec(
-            items=opts.items, out=opts.out, config=config, schema=segment_schema(config), format=COCO_JSON_FORMAT,
-            final_options=final, batch_size=opts.batch_size, part_size=opts.part_size, overwrite=opts.overwrite,
-            fail_fast=opts.fail_fast,
+        return Stage(
+            config=config, schema=segment_schema(config), format=COCO_JSON_FORMAT, final_options=final,
+            mapper=lambda batch: segment_images(segmenter, batch, tags_file),
+            writer=lambda results: segment_rows(results, opts.png_dir), needs_rgb=opts.segment.crf,
         )
-        pin = backbone.device.type == "cuda"
-        downscaled = [0]
 
-        def records(todo: Sequence[ImageItem]):
-            for record in iter_records(todo, preprocess, opts.workers, pin_memory=pin):
-                downscaled[0] += record["downscaled"]
-                yield record
-
-        process = OomSplitter(
-            lambda batch: segment_records(segmenter, to_device(batch, backbone.device), tags_file, opts.png_dir)
-        )
-        share = sum(1 for it in opts.items if opts.placement.owns(it, spec.window))
-        show = progress if progress and opts.placement.leader else None
-        ctx = show(share) if show else nullcontext(None)
-        with ctx as advance, torch.inference_mode():
-            summary = run_job(spec, sess, records, process, progress=advance)
-        log_downscaled(downscaled[0], opts.max_side)
-        return summary
+    return run_stage(opts, build, progress)

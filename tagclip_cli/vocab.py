@@ -29,14 +29,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tagclip_cli.errors import VocabularyError
+
 log = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "vocabularies"
 BACKGROUND_HEADER = "[background]"
-
-
-class VocabularyError(ValueError):
-    """A vocabulary file that cannot be used; the message names the file and line."""
 
 
 @dataclass(frozen=True)

@@ -6,17 +6,21 @@ import io
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from tagclip_cli.data import (
+    DecodedImage,
+    ImageDataset,
     ImageItem,
     Preprocess,
     bucket_batches,
     collect_items,
     iter_records,
     list_folder,
+    load_rgb,
     read_manifest,
     read_path_list,
 )
@@ -135,13 +139,13 @@ def test_collect_items_usage_errors(tmp_path):
 
 # ---- loader and bucketing -------------------------------------------------------------------------
 
-def record(index: int, shape: tuple[int, int] | None) -> dict:
+def record(index: int, shape: tuple[int, int] | None) -> DecodedImage:
     pixels = torch.zeros(3, *shape) if shape else None
-    return {"item": ImageItem(index, str(index), str(index)), "pixels": pixels, "error": None if shape else "bad"}
+    return DecodedImage(ImageItem(index, str(index), str(index)), pixels, error=None if shape else "bad")
 
 
 def flat(batches) -> list[tuple[list[int], bool]]:
-    return [([r["item"].index for r in batch], end) for batch, end in batches]
+    return [([r.item.index for r in batch], end) for batch, end in batches]
 
 
 def test_bucketing_groups_sizes_inside_windows():
@@ -161,7 +165,7 @@ def test_bucketing_of_a_rank_share_uses_the_same_windows():
     shapes = [(16, 16), (16, 32)]
     full = [record(i, shapes[i % 3 == 0]) for i in range(16)]
     everything = flat(bucket_batches(full, 3, 4))
-    share = flat(bucket_batches([r for r in full if (r["item"].index // 4) % 2 == 1], 3, 4))
+    share = flat(bucket_batches([r for r in full if (r.item.index // 4) % 2 == 1], 3, 4))
     in_share = [(ix, end) for ix, end in everything if ix and (ix[0] // 4) % 2 == 1]
     assert [b for b in share if b[0]] == in_share
 
@@ -172,7 +176,21 @@ def test_iter_records_with_workers_keeps_order(tmp_path):
     items = list_folder(tmp_path)
     prep = Preprocess(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     records = list(iter_records(items, prep, workers=2))
-    assert [r["item"].index for r in records] == list(range(6))
-    assert records[0]["pixels"].shape == (3, 16, 32) and (records[0]["width"], records[0]["height"]) == (20, 10)
-    assert records[5]["pixels"] is None and "empty" in records[5]["error"]
+    assert [r.item.index for r in records] == list(range(6))
+    assert records[0].pixels.shape == (3, 16, 32) and (records[0].width, records[0].height) == (20, 10)
+    assert records[5].pixels is None and "empty" in records[5].error
     assert list(iter_records([], prep, workers=2)) == []
+
+
+def test_decoding_keeps_the_rgb_for_the_crf_only_when_asked(tmp_path):
+    """keep_rgb: the oriented (H, W, 3) uint8 image as load_rgb gives it (no second decode later)."""
+    Image.fromarray(np.arange(10 * 20 * 3, dtype=np.uint8).reshape(10, 20, 3)).save(tmp_path / "a.png")
+    items = list_folder(tmp_path)
+    prep = Preprocess(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    kept = ImageDataset(items, prep, keep_rgb=True)[0]
+    assert kept.rgb.shape == (10, 20, 3) and kept.rgb.dtype == np.uint8
+    assert np.array_equal(kept.rgb, np.asarray(load_rgb(items[0].path)))
+    assert ImageDataset(items, prep)[0].rgb is None
+    failed = kept.failed("out of memory")
+    assert (failed.pixels, failed.rgb, failed.error) == (None, None, "out of memory")
+    assert (failed.width, failed.height) == (20, 10)  # the row keeps the image's size

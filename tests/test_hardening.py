@@ -18,7 +18,7 @@ from bad_images import NON_UTF8_ID, NON_UTF8_NAME, exif_rotated_jpeg, gradient, 
 from PIL import Image, ImageFile
 
 from tagclip_cli import data
-from tagclip_cli.data import DecodeError, ImageDataset, ImageItem, Preprocess, list_folder, load_rgb
+from tagclip_cli.data import DecodedImage, DecodeError, ImageDataset, ImageItem, Preprocess, list_folder, load_rgb
 from tagclip_cli.writers import output_text, tag_row, tags_schema
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -61,20 +61,20 @@ def test_every_corpus_file_gets_its_outcome(corpus):
     root, expect = corpus
     items = list_folder(root)
     records = [ImageDataset(items, preprocess())[i] for i in range(len(items))]
-    got = {r["item"].image_id: r for r in records}
+    got = {r.item.image_id: r for r in records}
     for image_id, outcome in expect.items():
         rec = got[image_id]
         if outcome.status == "ok":
-            assert rec["error"] is None, (image_id, rec["error"])
-            assert (rec["width"], rec["height"]) == outcome.size, image_id
+            assert rec.error is None, (image_id, rec.error)
+            assert (rec.width, rec.height) == outcome.size, image_id
             w, h = outcome.size
-            assert tuple(rec["pixels"].shape) == (3, max(16, -(-h // 16) * 16), max(16, -(-w // 16) * 16))
-            assert torch.isfinite(rec["pixels"]).all()
+            assert tuple(rec.pixels.shape) == (3, max(16, -(-h // 16) * 16), max(16, -(-w // 16) * 16))
+            assert torch.isfinite(rec.pixels).all()
         else:
-            assert rec["pixels"] is None and rec["width"] is None, image_id
-            assert outcome.reason in rec["error"], (image_id, rec["error"])
+            assert rec.pixels is None and rec.width is None, image_id
+            assert outcome.reason in rec.error, (image_id, rec.error)
     # All failure reasons are distinct per kind of problem (no catch-all message).
-    reasons = {image_id: got[image_id]["error"] for image_id, o in expect.items() if o.status == "failed"}
+    reasons = {image_id: got[image_id].error for image_id, o in expect.items() if o.status == "failed"}
     assert reasons["empty.jpg"] == "empty file (0 bytes)"
     assert reasons["broken_link.jpg"] == "broken symbolic link (its target does not exist)"
     assert reasons["pipe.png"] == "not a regular file (a named pipe)"
@@ -92,7 +92,7 @@ def test_failed_and_escaped_rows_fit_the_parquet_schema(corpus):
     rows = []
     for i in range(len(items)):
         rec = ds[i]
-        rows.append(tag_row(rec["item"], rec["width"], rec["height"], rec["error"], [], [0.0] * 2))
+        rows.append(tag_row(rec.item, rec.width, rec.height, rec.error, [], [0.0] * 2))
     table = pa.Table.from_pylist(rows, schema=tags_schema({"classes": ["a", "b"]}))
     ids = table.column("image_id").to_pylist()
     assert NON_UTF8_ID in ids
@@ -165,9 +165,9 @@ def test_image_smaller_than_a_patch_is_resized_to_one_patch(tmp_path: Path):
     path = tmp_path / "one.png"
     Image.new("RGB", (1, 1), (255, 0, 0)).save(path)
     rec = ImageDataset([ImageItem(0, "one.png", str(path))], preprocess())[0]
-    assert rec["error"] is None and (rec["width"], rec["height"]) == (1, 1)
-    assert tuple(rec["pixels"].shape) == (3, 16, 16)
-    np.testing.assert_array_equal(to_uint8(rec["pixels"]).reshape(-1, 3), np.tile([255, 0, 0], (256, 1)))
+    assert rec.error is None and (rec.width, rec.height) == (1, 1)
+    assert tuple(rec.pixels.shape) == (3, 16, 16)
+    np.testing.assert_array_equal(to_uint8(rec.pixels).reshape(-1, 3), np.tile([255, 0, 0], (256, 1)))
 
 
 def test_max_side_downscales_and_keeps_the_original_size(tmp_path: Path):
@@ -176,9 +176,9 @@ def test_max_side_downscales_and_keeps_the_original_size(tmp_path: Path):
     ds = ImageDataset([ImageItem(0, "wide.png", str(path))], preprocess(max_side=32))
     rec = ds[0]
     # 100x50 capped to 32x16, already multiples of 16.
-    assert (rec["width"], rec["height"], rec["downscaled"]) == (100, 50, True)
-    assert tuple(rec["pixels"].shape) == (3, 16, 32)
-    assert ImageDataset(ds.items, preprocess(max_side=100))[0]["downscaled"] is False
+    assert (rec.width, rec.height, rec.downscaled) == (100, 50, True)
+    assert tuple(rec.pixels.shape) == (3, 16, 32)
+    assert ImageDataset(ds.items, preprocess(max_side=100))[0].downscaled is False
 
 
 def test_pixel_limit_is_checked_before_decoding(tmp_path: Path, monkeypatch):
@@ -248,8 +248,8 @@ def test_a_decoder_crash_becomes_a_failed_record(tmp_path: Path, monkeypatch):
 
     monkeypatch.setattr(data, "to_rgb", crash)
     rec = ImageDataset([ImageItem(0, "x.png", str(path))], preprocess())[0]
-    assert rec["error"] == "cannot decode image (ZeroDivisionError: bug in a plugin)"
-    assert rec["pixels"] is None
+    assert rec.error == "cannot decode image (ZeroDivisionError: bug in a plugin)"
+    assert rec.pixels is None
 
 
 def test_directory_named_like_an_image_is_descended_not_reported(tmp_path: Path):
@@ -276,18 +276,8 @@ def test_worker_signal_handlers_ignore_sigint_and_sigterm():
 # ---- out of memory ---------------------------------------------------------------------------------
 
 
-def fake_records(n: int) -> list[dict]:
-    return [
-        {
-            "item": ImageItem(i, f"{i}.png", f"/x/{i}.png"),
-            "pixels": torch.zeros(1),
-            "width": 1,
-            "height": 1,
-            "error": None,
-            "downscaled": False,
-        }
-        for i in range(n)
-    ]
+def fake_records(n: int, shape: tuple[int, ...] = (1,)) -> list[DecodedImage]:
+    return [DecodedImage(ImageItem(i, f"{i}.png", f"/x/{i}.png"), torch.zeros(shape), 1, 1) for i in range(n)]
 
 
 class FakeModel:
@@ -296,15 +286,13 @@ class FakeModel:
     def __init__(self, fits: int, never: tuple[int, ...] = ()) -> None:
         self.fits, self.never, self.sizes = fits, never, []
 
-    def __call__(self, records: list[dict]) -> list[dict]:
-        good = [r for r in records if r["error"] is None]
+    def __call__(self, records: list[DecodedImage]) -> list[dict]:
+        good = [r for r in records if r.error is None]
         if good:
             self.sizes.append(len(good))
-        if len(good) > self.fits or any(r["item"].index in self.never for r in good):
+        if len(good) > self.fits or any(r.item.index in self.never for r in good):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return [
-            {"index": r["item"].index, "status": "failed" if r["error"] else "ok", "error": r["error"]} for r in records
-        ]
+        return [{"index": r.item.index, "status": "failed" if r.error else "ok", "error": r.error} for r in records]
 
 
 def test_oom_halves_the_batch_and_remembers_the_size_that_fits():
@@ -346,9 +334,7 @@ def test_limits_are_per_input_shape_and_a_poisoned_image_does_not_hide_a_real_li
     rows = split(fake_records(8))
     assert [r["status"] for r in rows] == ["ok"] * 5 + ["failed"] + ["ok"] * 2
     assert split.limits == {(1,): 2}  # learnt from the clean half 0-3
-    other = fake_records(4)
-    for r in other:
-        r["pixels"] = torch.zeros(3, 16, 16)
+    other = fake_records(4, shape=(3, 16, 16))
     model.sizes.clear()
     model.fits = 4
     split(other)

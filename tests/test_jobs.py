@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tagclip_cli.data import ImageItem
+from tagclip_cli.data import DecodedImage, ImageItem
 from tagclip_cli.errors import ConfigMismatchError, IncompleteRunError, UsageError
 from tagclip_cli.jobs import (
     JobSpec,
@@ -52,20 +52,20 @@ def size_of(index: int) -> tuple[int, int]:
 def fake_records(todo):
     for it in todo:
         if it.index == 7:
-            yield {"item": it, "pixels": None, "width": None, "height": None, "error": "broken"}
+            yield DecodedImage(it, error="broken")
         else:
             h, w = size_of(it.index)
-            yield {"item": it, "pixels": torch.zeros(3, h, w), "width": w, "height": h, "error": None}
+            yield DecodedImage(it, torch.zeros(3, h, w), w, h)
 
 
 def fake_process(batch, calls=None):
     if calls is not None:
-        calls.append([r["item"].index for r in batch])
-    indices = [r["item"].index for r in batch]
-    assert len({tuple(r["pixels"].shape) for r in batch if r["pixels"] is not None}) <= 1, "mixed sizes"
+        calls.append([r.item.index for r in batch])
+    indices = [r.item.index for r in batch]
+    assert len({tuple(r.pixels.shape) for r in batch if r.pixels is not None}) <= 1, "mixed sizes"
     return [
-        {"index": r["item"].index, "image_id": r["item"].image_id,
-         "status": "failed" if r["error"] else "ok", "error": r["error"], "batch": indices}
+        {"index": r.item.index, "image_id": r.item.image_id,
+         "status": "failed" if r.error else "ok", "error": r.error, "batch": indices}
         for r in batch
     ]
 
@@ -152,7 +152,7 @@ def test_interrupted_run_keeps_complete_windows_and_resumes(tmp_path):
     seen = []
 
     def dying(batch):
-        seen.extend(r["item"].index for r in batch)
+        seen.extend(r.item.index for r in batch)
         if len(seen) >= 13:  # dies in the middle of window 1 (indices 8..15)
             raise KeyboardInterrupt
         return fake_process(batch)

@@ -522,32 +522,6 @@ def test_tags_file_lookup(tmp_path, voc):
         TagsFile(tmp_path / "junk.parquet", voc)
 
 
-def test_segment_records_make_rows_and_pngs(tiny_backbone, voc, photos, tmp_path):
-    from tagclip_cli.pipeline import segment_records
-
-    seg = Segmenter(tiny_backbone, voc)
-    items = [ImageItem(i, f"img{i}.jpg", f"/nowhere/img{i}.jpg") for i in range(3)]
-    records = [
-        {"item": items[0], "pixels": photos[0], "width": 200, "height": 150, "error": None},
-        {"item": items[1], "pixels": None, "width": None, "height": None, "error": "not an image"},
-        {"item": items[2], "pixels": photos[2], "width": 170, "height": 131, "error": None},
-    ]
-    rows = segment_records(seg, records, png_dir=tmp_path)
-    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
-    assert rows[1]["masks"] is None and not (tmp_path / "img1.png").exists()
-    table = pa.Table.from_pylist(rows, schema=segment_schema({"classes": list(voc.classes)}))
-    assert table.num_rows == 3
-    for row in (rows[0], rows[2]):
-        png = np.asarray(Image.open(tmp_path / row["image_id"].replace(".jpg", ".png")))
-        assert png.shape == (row["height"], row["width"])
-        rebuilt = np.zeros_like(png)
-        for mask in row["masks"]:
-            rebuilt[rle_decode(mask["counts"], row["height"], row["width"])] = mask["category_id"]
-        assert np.array_equal(rebuilt, png)
-        assert row["tags"] and len(row["scores"]) == voc.num_classes
-        assert {voc.classes[m["category_id"] - 1] for m in row["masks"]} <= set(row["tags"])
-
-
 def test_segmenter_refuses_crf_without_the_extra(tiny_backbone, voc, monkeypatch):
     monkeypatch.setitem(sys.modules, "pydensecrf", None)
     monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)

@@ -254,6 +254,18 @@ def test_bad_vocabularies_and_arguments_fail_in_one_line_and_write_nothing(
     assert done_out.read_bytes() == done_bytes and not Path(f"{done_out}.parts").exists()
 
 
+def test_error_text_that_looks_like_rich_markup_is_printed_as_it_is(workdir, cache, tmp_path):
+    """A file name such as `[bold]draft[/bold]` is the user's text, not styling: every error line
+    (the commands' own and main()'s) goes through one escaping printer."""
+    missing = tmp_path / "[bold]draft[/bold].parquet"
+    proc = tagclip("merge", str(missing), cache=cache, expect=2)
+    assert error_line(proc) == f"{missing}.parts: no such work directory; nothing to merge"
+    vocab = tmp_path / "[red]classes[/].txt"
+    proc = tagclip("annotate", str(workdir), "--vocab", str(vocab), "--out", str(tmp_path / "x.parquet"), cache=cache,
+                   expect=2)  # a VocabularyError: a usage error, exit 2 as before
+    assert error_line(proc).startswith(f"{vocab}: no such vocabulary file (built-in names: ")
+
+
 def test_unusual_vocabulary_is_accepted_with_warnings(workdir, tiny_checkpoint, cache, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
