@@ -13,6 +13,7 @@ from conftest import sample_photos
 from PIL import Image
 
 from tagclip_cli.data import ImageDataset, Preprocess, list_folder
+from tagclip_cli.formats import rle_decode
 from tagclip_cli.pipeline import (
     ModelOptions,
     SegmentOptions,
@@ -24,7 +25,7 @@ from tagclip_cli.pipeline import (
 from tagclip_cli.segment import SegmentConfig, Segmenter
 from tagclip_cli.tagclip import TagCLIPConfig
 from tagclip_cli.vocab import load_vocabulary
-from tagclip_cli.writers import rle_decode, segment_schema
+from tagclip_cli.writers import segment_schema
 
 
 @pytest.fixture(scope="module")
