@@ -57,7 +57,10 @@ step() {
         return 1
     fi
     [ "$limit" -gt "$left" ] && limit=$left
-    echo "=== $name (limit ${limit}s): $* ===" | tee -a "$log"
+    local cmd="$*"
+    cmd="${cmd//$'\n'/ }"
+    [ ${#cmd} -gt 160 ] && cmd="${cmd:0:157}..."
+    echo "=== $name (limit ${limit}s): $cmd ===" | tee -a "$log"
     local t0 rc
     t0=$(date +%s)
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
@@ -87,24 +90,23 @@ fi
 
 # ---- install: what is missing, from the carried wheels --------------------------------------------
 install() {
-    # import name -> pip name; the carried ones first
-    local carried="open_clip:open_clip_torch ftfy:ftfy wcwidth:wcwidth pycocotools:pycocotools safetensors:safetensors
-                   typer:typer rich:rich timm:timm regex:regex huggingface_hub:huggingface_hub"
-    local image="torchvision:torchvision numpy:numpy PIL:pillow pyarrow:pyarrow cv2:opencv-python-headless
-                 skimage:scikit-image pytest:pytest"
-    local missing=() absent=() pair
-    for pair in $carried; do
-        "$py" -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair##*:}")
-    done
-    for pair in $image; do
-        "$py" -c "import ${pair%%:*}" 2>/dev/null || absent+=("${pair##*:}")
-    done
-    if [ ${#absent[@]} -gt 0 ]; then
-        echo "gpu_check: this machine lacks ${absent[*]}, which are not carried (too large or tied to its torch)"
+    # One process, no imports (find_spec): which modules are absent, by pip name.
+    local probe='import importlib.util as u, sys
+names = dict(a.split(":") for a in sys.argv[1:])
+print(" ".join(p for m, p in names.items() if u.find_spec(m) is None))'
+    local carried=(open_clip:open_clip_torch ftfy:ftfy wcwidth:wcwidth pycocotools:pycocotools
+                   safetensors:safetensors typer:typer rich:rich timm:timm regex:regex huggingface_hub:huggingface_hub)
+    local image=(torchvision:torchvision numpy:numpy PIL:pillow pyarrow:pyarrow cv2:opencv-python-headless
+                 skimage:scikit-image pytest:pytest)
+    local missing absent
+    absent=$("$py" -c "$probe" "${image[@]}") || return 1
+    if [ -n "$absent" ]; then
+        echo "gpu_check: this machine lacks $absent, which are not carried (too large or tied to its torch)"
         return 1
     fi
-    if [ ${#missing[@]} -gt 0 ]; then
-        echo "missing: ${missing[*]}"
+    missing=$("$py" -c "$probe" "${carried[@]}") || return 1
+    if [ -n "$missing" ]; then
+        echo "missing: $missing"
         if [ ! -f "$wheels/README" ]; then
             echo "gpu_check: no wheels in $wheels: run benchmarks/fetch_gpu_wheels.sh where there is network," \
                  "and pass carry=[\"benchmarks/wheels\"] to the device run"
@@ -112,8 +114,8 @@ install() {
         fi
         "$py" benchmarks/check_wheels.py "$wheels" --installed || echo "(pip resolves against what is installed)"
         local pipargs=(-m pip install --no-index --find-links "$wheels" --no-cache-dir --disable-pip-version-check)
-        "$py" "${pipargs[@]}" "${missing[@]}" ||
-            "$py" "${pipargs[@]}" --break-system-packages "${missing[@]}" || return 1
+        # shellcheck disable=SC2086  # the names are words
+        "$py" "${pipargs[@]}" $missing || "$py" "${pipargs[@]}" --break-system-packages $missing || return 1
     else
         echo "nothing missing"
     fi
@@ -128,15 +130,15 @@ fi
 
 # ---- tests: pytest -m cuda -------------------------------------------------------------------------
 if wants tests; then
-    step tests 200 "$py" -m pytest -m cuda -v -rA -p no:cacheprovider --junitxml "$outdir/cuda-tests.xml" \
+    step tests 230 "$py" -m pytest -m cuda -v -rA -p no:cacheprovider --junitxml "$outdir/cuda-tests.xml" \
         tests/test_cuda.py
 fi
 
 # ---- bench: the GPU sweep, ViT-B/16 then ViT-L/14 ------------------------------------------------
 if wants bench; then
     for model in ViT-B-16 ViT-L-14; do
-        limit=75
-        [ "$model" = ViT-L-14 ] && limit=100
+        limit=70
+        [ "$model" = ViT-L-14 ] && limit=90
         step "bench-$model" "$limit" "$py" benchmarks/bench_speed.py --device cuda --model "$model" \
             --precision fp32,bf16,fp16 --batch-sizes 8,16,32,64 --rounds 2 --json-out "$outdir/bench-$model.json"
     done
