@@ -496,6 +496,8 @@ def measure(fast: Backbone, tagger: Tagger, segmenter, images: Sequence[Tensor],
 
     with torch.inference_mode():
         tagger.tag([images[i] for i in batches[0]])  # warm-up: kernels for this shape
+    if segmenter is not None:  # and the Grad-CAM backward, on two images
+        segmenter.segment([images[i] for i in batches[0][:2]], [sizes[i] for i in batches[0][:2]])
     for indices in batches:
         batch = [images[i].to(device) for i in indices]
         stacked = torch.stack(batch)
