@@ -41,8 +41,10 @@ log="$outdir/log.txt"
 : >"$log"
 printf 'step\texit\tseconds\n' >"$outdir/steps.tsv"
 failed=0
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TAGCLIP_CACHE_DIR="$outdir/.cache"
-export TMPDIR="${TMPDIR:-/tmp}"
+# The text cache stays out of OUTDIR: only the files listed above come back from the device run.
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+TAGCLIP_CACHE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-cache.XXXXXX")" || exit 2
+export TAGCLIP_CACHE_DIR
 
 # step NAME LIMIT_SECONDS COMMAND...: run with a timeout (never past the overall budget), output to
 # the log and stdout, exit code and seconds to steps.tsv.
