@@ -553,8 +553,8 @@ def sweep(args: argparse.Namespace, precisions: Sequence[str], batch_sizes: Sequ
     groups = list(by_shape.values())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# bench_speed sweep: {args.model} (random weights, logit scale {bb.logit_scale:.1f}), VOC vocabulary, "
-          f"{count} photos 500x375/375x500 (tokens {[tuple(s[-2:]) for s in by_shape]}), {args.rounds} timed batches "
-          f"per configuration, {device} ({name}), torch {torch.__version__}")
+          f"{count} photos 500x375/375x500 (preprocessed {[tuple(s[-2:]) for s in by_shape]}), "
+          f"{args.rounds} timed batches per configuration, {device} ({name}), torch {torch.__version__}")
     print(f"# decode + resize + normalise: {1 / decode_per_image:.0f} images/s in one process"
           + (f"; torchvision.io.decode_jpeg on {device}: {gpu_decode:.0f} images/s" if gpu_decode else ""), flush=True)
     rows = []
