@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint bench clean
+.PHONY: setup test lint bench gpu-check clean
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -16,6 +16,11 @@ lint:
 
 bench:
 	$(BIN)/python benchmarks/run_all.py
+
+# On a CUDA machine (see the header of benchmarks/gpu_check.sh): tests -m cuda and the GPU sweep.
+GPU_OUT ?= gpu-check
+gpu-check:
+	bash benchmarks/gpu_check.sh $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -33,6 +33,19 @@ template per class (text encoding is timed separately and reported as per-run se
     .venv/bin/python benchmarks/bench_speed.py --quick    # 8 images, batches of 4 (make bench)
     .venv/bin/python benchmarks/bench_speed.py --quick --precision bf16
 
+On a GPU (or with --batch-sizes) it sweeps instead: no naive loop; for each precision of
+--precision (comma-separated) and each batch size of --batch-sizes, `rounds` batches of one image
+size each are timed (after one warm-up batch) through annotate (`Tagger.tag`), segment
+(`Segmenter.segment`) and their parts: the dense forward with attention maps
+(`Backbone.dense_forward`), the same forward fused and without maps (so the maps' cost is the
+difference), and the batched CWR crop forward (`Backbone.masked_cls_forward`). Printed per
+configuration: images/s, peak GPU memory (torch.cuda.max_memory_allocated) and each part's share
+of the time (decode in one process, encoder, attention maps, CWR crops, the rest of TagCLIP,
+CLS-SEG); JPEG decoding on the GPU (torchvision.io.decode_jpeg) is timed once for comparison.
+
+    python benchmarks/bench_speed.py --device cuda --model ViT-L-14 --precision fp32,bf16,fp16 \
+        --batch-sizes 8,16,32,64 --json-out out/vit-l.json
+
 --precision bf16 runs ours and the encoder-only forwards with `--precision bf16` (on CPU: the image
 tower's weights in bf16, attention maps still fp32 softmax) on a second copy of the same weights;
 the naive loop stays fp32, as the reference runs. The score difference and the tag agreement
@@ -42,6 +55,7 @@ with the naive loop then measure what bf16 changes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -232,11 +246,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="keep the random initial logit scale (14.3): nearly every class becomes a CWR candidate",
     )
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                    help="precision of ours and of the encoder-only row (the naive loop is always fp32)")
+    ap.add_argument("--precision", default="fp32",
+                    help="precision of ours and of the encoder-only row (the naive loop is always fp32): fp32, bf16 "
+                         "or fp16; comma-separated in a sweep (e.g. fp32,bf16,fp16)")
+    ap.add_argument("--batch-sizes", default=None,
+                    help="sweep these batch sizes (comma-separated, e.g. 8,16,32,64): the GPU mode (the default on "
+                         "a non-CPU device, with 8,16,32,64)")
+    ap.add_argument("--rounds", type=int, default=2, help="sweep: timed batches per configuration (default 2)")
     ap.add_argument("--no-segment", action="store_true", help="skip the segment measurements")
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--json", "--json-out", dest="json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    bad = [p for p in precisions if p not in ("fp32", "bf16", "fp16")]
+    if bad or not precisions:
+        ap.error(f"--precision: expected fp32, bf16 or fp16 (comma-separated), not {args.precision!r}")
+    if args.batch_sizes is None and args.device != "cpu":
+        args.batch_sizes = "8,16,32,64"
+    if args.batch_sizes is not None:
+        try:
+            sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+        except ValueError:
+            sizes = []
+        if not sizes or min(sizes) < 1:
+            ap.error(f"--batch-sizes: expected positive integers, comma-separated, not {args.batch_sizes!r}")
+        if args.rounds < 1:
+            ap.error("--rounds must be at least 1")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        workdir = Path(tempfile.mkdtemp(prefix="tagclip-bench-"))
+        try:
+            return sweep(args, precisions, sizes, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if len(precisions) != 1:
+        ap.error("several precisions need --batch-sizes (the sweep)")
+    args.precision = precisions[0]
     count = 8 if args.quick and args.images == 16 else args.images
     if args.batch_size is None:
         args.batch_size = 4 if args.quick else 8
@@ -395,6 +440,187 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
     print(f"segment speedup vs naive: {'n/a' if math.isnan(seg_speedup) else f'{seg_speedup:.2f}'}x")
     print(f"annotate time vs encoder-only: {encoder_ratio:.2f}x")
     return 0
+
+
+# ---- the sweep (GPU mode) -------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that wall-clock time covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[..., object], *args: object) -> tuple[object, float, float]:
+    """(result, seconds, peak device memory in MB: NaN off CUDA) of fn(*args)."""
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    result = fn(*args)
+    sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    return result, seconds, peak
+
+
+def gpu_jpeg_decode_rate(paths: Sequence[Path], device: torch.device) -> float | None:
+    """Images/s of torchvision.io.decode_jpeg on the device for these files (batched), or None."""
+    if device.type != "cuda":
+        return None
+    try:
+        from torchvision.io import decode_jpeg, read_file
+    except ImportError:
+        return None
+    data = [read_file(str(p)) for p in paths]
+    try:
+        decode_jpeg(data[:2], device=device)  # warm-up (nvjpeg handles)
+        _, seconds, _ = timed(device, lambda: decode_jpeg(data, device=device))
+    except (RuntimeError, TypeError) as exc:
+        print(f"# GPU JPEG decoding unavailable: {exc}")
+        return None
+    return len(data) / seconds
+
+
+def measure(fast: Backbone, tagger: Tagger, segmenter, images: Sequence[Tensor], sizes: Sequence[tuple[int, int]],
+            batches: Sequence[Sequence[int]], device: torch.device) -> dict:
+    """Seconds of each part over the batches (after one warm-up batch), peak memory, crops run.
+    Raises torch.OutOfMemoryError when a batch does not fit."""
+    t = dict.fromkeys(("annotate", "segment", "dense", "bare", "crops"), 0.0)
+    peaks = {"annotate": 0.0, "segment": 0.0}
+    crops_run = done = 0
+
+    def bare(stacked: Tensor) -> Tensor:
+        with fast.autocast():
+            return bare_dense(fast, stacked)
+
+    with torch.inference_mode():
+        tagger.tag([images[i] for i in batches[0]])  # warm-up: kernels for this shape
+    if segmenter is not None:  # and the Grad-CAM backward, on two images
+        segmenter.segment([images[i] for i in batches[0][:2]], [sizes[i] for i in batches[0][:2]])
+    for indices in batches:
+        batch = [images[i].to(device) for i in indices]
+        stacked = torch.stack(batch)
+        with torch.inference_mode():
+            outs, s, peak = timed(device, tagger.tag, batch)
+            t["annotate"] += s
+            peaks["annotate"] = max(peaks["annotate"], peak)
+            t["dense"] += timed(device, fast.dense_forward, stacked)[1]
+            t["bare"] += timed(device, bare, stacked)[1]
+            c, k = cwr_inputs(fast, batch, outs)
+            if c is not None:
+                t["crops"] += timed(device, fast.masked_cls_forward, c, k)[1]
+                crops_run += len(c)
+        if segmenter is not None:
+            _, s, peak = timed(device, segmenter.segment, batch, [sizes[i] for i in indices])
+            t["segment"] += s
+            peaks["segment"] = max(peaks["segment"], peak)
+        done += len(indices)
+    return {"seconds": t, "peaks": peaks, "crops": crops_run, "images": done}
+
+
+def sweep(args: argparse.Namespace, precisions: Sequence[str], batch_sizes: Sequence[int], workdir: Path) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_speed: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+
+    def load(precision: str) -> Backbone:
+        torch.manual_seed(0)
+        model = load_backbone(args.model, pretrained="random", device=str(device), cache_dir=workdir / "cache",
+                              precision=precision)
+        if not args.init_logit_scale:
+            with torch.no_grad():
+                model.model.logit_scale.fill_(math.log(100.0))
+        return model
+
+    bb = load("fp32")
+    vocab = load_vocabulary("voc")
+    text = bb.text_classifier(vocab.all_names, ("a photo of a {}.",))
+    count = args.rounds * max(batch_sizes)
+    count += count % 2  # half of each VOC size
+    paths = make_photos(workdir / "photos", count)
+    pre = Preprocess(bb.patch_size, bb.mean, bb.std)
+    start = time.perf_counter()
+    rgb = [load_rgb(str(p)) for p in paths]
+    images = [pre(im) for im in rgb]
+    decode_per_image = (time.perf_counter() - start) / count
+    sizes = [(im.height, im.width) for im in rgb]
+    gpu_decode = gpu_jpeg_decode_rate(paths, device)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, img in enumerate(images):
+        by_shape.setdefault(tuple(img.shape), []).append(i)
+    groups = list(by_shape.values())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"# bench_speed sweep: {args.model} (random weights, logit scale {bb.logit_scale:.1f}), VOC vocabulary, "
+          f"{count} photos 500x375/375x500 (preprocessed {[tuple(s[-2:]) for s in by_shape]}), "
+          f"{args.rounds} timed batches per configuration, {device} ({name}), torch {torch.__version__}")
+    print(f"# decode + resize + normalise: {1 / decode_per_image:.0f} images/s in one process"
+          + (f"; torchvision.io.decode_jpeg on {device}: {gpu_decode:.0f} images/s" if gpu_decode else ""), flush=True)
+    rows = []
+    print()
+    print("| precision | batch | annotate img/s | segment img/s | peak MB annotate | peak MB segment | decode | "
+          "encoder | attn maps | CWR crops | TagCLIP rest | CLS-SEG |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for precision in precisions:
+        if precision == "fp32":
+            fast = bb
+        elif device.type == "cuda":  # autocast: the same weights, no copy
+            fast = dataclasses.replace(bb, precision=precision)
+        else:  # CPU bf16 casts the image tower once: a second copy
+            fast = load(precision)
+        tagger = Tagger(fast, vocab, text=text)
+        segmenter = make_segmenter(fast, vocab, tagger, args.no_segment)
+        for bs in batch_sizes:
+            batches = [groups[r % len(groups)][(r // len(groups)) * bs:(r // len(groups) + 1) * bs]
+                       for r in range(args.rounds)]
+            row = {"model": args.model, "precision": precision, "batch_size": bs}
+            try:
+                got = measure(fast, tagger, segmenter, images, sizes, batches, device)
+            except torch.OutOfMemoryError:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                row["oom"] = True
+                rows.append(row)
+                print(f"| {precision} | {bs} | out of memory | | | | | | | | | |", flush=True)
+                continue
+            t, peaks, crops_run = got["seconds"], got["peaks"], got["crops"]
+            row["images"] = got["images"]
+            n = row["images"]
+            decode = decode_per_image * n
+            maps = max(t["dense"] - t["bare"], 0.0)
+            rest = max(t["annotate"] - t["dense"] - t["crops"], 0.0)
+            clsseg = max(t["segment"] - t["annotate"], 0.0) if segmenter is not None else 0.0
+            total = decode + (t["segment"] if segmenter is not None else t["annotate"])
+            shares = {"decode": decode, "encoder": t["bare"], "attention_maps": maps, "cwr_crops": t["crops"],
+                      "tagclip_rest": rest, "cls_seg": clsseg}
+            row.update(
+                annotate_images_per_s=n / t["annotate"],
+                segment_images_per_s=n / t["segment"] if segmenter is not None else None,
+                peak_mb_annotate=peaks["annotate"], peak_mb_segment=peaks["segment"] if segmenter else None,
+                seconds=t, crops=crops_run, share={k: v / total for k, v in shares.items()},
+            )
+            rows.append(row)
+            seg_rate = f"{row['segment_images_per_s']:.1f}" if segmenter is not None else "n/a"
+            mem = (f"{peaks['annotate']:.0f} | {peaks['segment']:.0f}" if device.type == "cuda" else "n/a | n/a")
+            print(f"| {precision} | {bs} | {row['annotate_images_per_s']:.1f} | {seg_rate} | {mem} | "
+                  + " | ".join(f"{100 * v:.0f}%" for v in row["share"].values()) + " |", flush=True)
+        if fast is not bb:
+            del tagger, segmenter, fast
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print()
+    print("Shares are of the time one process would spend on decode (single-threaded, CPU) plus segment "
+          "(annotate with --no-segment); encoder = fused forward without maps, attn maps = dense forward minus "
+          "that, TagCLIP rest = DMAR, box search, CWR crop preparation, fusion and host syncs.")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "model": args.model, "device": str(device), "device_name": name, "torch": torch.__version__,
+            "images": count, "rounds": args.rounds, "decode_images_per_s_one_process": 1 / decode_per_image,
+            "gpu_jpeg_decode_images_per_s": gpu_decode, "rows": rows,
+        }, indent=2))
+    return 1 if all(r.get("oom") for r in rows) else 0
 
 
 Tensor = torch.Tensor

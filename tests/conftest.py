@@ -55,3 +55,16 @@ def photo_dir(tmp_path_factory) -> Path:
     for name, arr in sample_photos().items():
         Image.fromarray(arr).save(root / f"{name}.jpg", quality=92)
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect the `cuda` tests (tests/test_cuda.py) where torch sees no CUDA device: CI has no
+    GPU. Deselected, not skipped: they are reported as deselected and never count as passing."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    cuda = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if cuda:
+        config.hook.pytest_deselected(items=cuda)
+        items[:] = [item for item in items if item.get_closest_marker("cuda") is None]
