@@ -180,9 +180,7 @@ def read_coco(path: str | Path, what: str = "masks file", kind: str = "masks") -
         raise FormatError(f"{path}: not a COCO {kind} file (needs images, annotations, categories)")
     try:
         categories = sorted(data["categories"], key=lambda c: int(c["id"]))
-        known = {int(c["id"]) for c in categories}
-        for c in categories:
-            str(c["name"])
+        known = {int(c["id"]): str(c["name"]) for c in categories}  # a nameless category is malformed
         images = {int(im["id"]): im for im in data["images"]}
         annotations: dict[int, list[dict[str, Any]]] = {}
         for ann in data["annotations"]:
