@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -43,9 +42,9 @@ from tagclip_cli.errors import ConfigMismatchError, IncompleteRunError, OutputWr
 from tagclip_cli.faults import deferred_signals
 from tagclip_cli.writers import (
     COCO_JSON_FORMAT,
-    METADATA_KEY,
     ROW_GROUP_SIZE,
     atomic_path,
+    json_scalar,
     output_text,
     read_metadata,
     write_coco_json,
@@ -556,8 +555,8 @@ def merge_output(out: Path) -> int:
     parts = store.part_files()
     schema = pq.read_schema(parts[0][2])
     for _, _, path in parts:
-        raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
-        if raw is not None and json.loads(raw) != config:
+        made_with = read_metadata(path)
+        if made_with and made_with != config:
             raise ConfigMismatchError(
                 f"{path}: written with a different configuration than {store.dir / 'config.json'}; "
                 "were the shards started with different options? Rerun that shard's work with --overwrite "
@@ -573,9 +572,8 @@ def merge_output(out: Path) -> int:
 
 def _score(value: float | None) -> float | None:
     """A float32 score as the shortest decimal that reads back to the same float32 (NaN -> null)."""
-    if value is None or not math.isfinite(value):
-        return None
-    return float(str(np.float32(value)))
+    value = json_scalar(value)
+    return None if value is None else float(str(np.float32(value)))
 
 
 def json_row(row: dict, classes: Sequence[str]) -> dict:

@@ -26,6 +26,7 @@ import torch
 from tagclip_cli import __version__
 from tagclip_cli.backbone import Backbone, load_backbone
 from tagclip_cli.data import DecodedImage, ImageItem, Preprocess, iter_records, to_device
+from tagclip_cli.errors import FormatError, UsageError
 from tagclip_cli.faults import OomSplitter
 from tagclip_cli.formats import FileTags, TagsFile
 from tagclip_cli.jobs import JobSpec, Placement, Summary, run_job, session
@@ -320,13 +321,21 @@ def segment_config(
     return config
 
 
+def open_tags_file(path: str | Path, vocab: Vocabulary) -> TagsFile:
+    """The `--tags` file, its errors worded for the option that named it."""
+    try:
+        return TagsFile(path, vocab)
+    except FormatError as exc:
+        raise UsageError(f"--tags {exc}") from None
+
+
 def run_segment(opts: SegmentOptions, progress: ProgressFactory | None = None) -> Summary:
     """Segment every item into opts.out (COCO RLE JSON; rows stream through OUT.parts/ like annotate,
     so the run resumes and shards), with the tags Parquet at opts.tags_out and label PNGs in
     opts.png_dir if asked. One model load; TagCLIP and CLS-SEG share each image's dense forward."""
     if opts.segment.crf:
         require_crf()
-    tags_file = TagsFile(opts.tags_in, opts.vocab) if opts.tags_in is not None else None
+    tags_file = open_tags_file(opts.tags_in, opts.vocab) if opts.tags_in is not None else None
 
     def build(backbone: Backbone) -> Stage[SegResult]:
         config = segment_config(backbone, opts, tags_file)
