@@ -6,6 +6,8 @@ Layout beside the output `OUT`: a work directory `OUT.parts/` holding
   and `tagclip merge` uses it to prove that every index 0..total-1 has a row;
 - `job.json`: the final format and the batching that was used;
 - `part-<first index>-<last index>.parquet`: result rows, each file written atomically.
+Beside them, `OUT.lock` (or `OUT.shard-I-of-N.lock`) names the live run writing that share of the
+output; a second run on it refuses before loading the model (see "one writer per output").
 
 Work is cut into windows of consecutive global indices (a few batches each); window w belongs to
 global rank w % world. A window is processed by one process, with forward batches that depend only
