@@ -78,12 +78,14 @@ def test_a_second_run_on_a_live_output_refuses_at_once(tiny_checkpoint, cache, t
     try:
         wait_for(lambda: any(Path(f"{out}.parts").glob("part-*.parquet")), first)  # computing
         second = tagclip(*args, cache=cache)
-        assert first.poll() is None, "the first run ended before the second started: use more images"
+        first_alive = first.poll() is None
         parts_after_refusal = len(list(Path(f"{out}.parts").glob("part-*.parquet")))
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
         first.communicate(timeout=120)
     assert second.returncode == 2, second.stderr
+    assert first_alive, "the first run ended before the second one was refused: use more images"
     lines = [line for line in second.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, second.stderr
     assert lines[0].startswith(f"error: {out}: another run is writing this output (pid {first.pid} on "
@@ -102,7 +104,8 @@ def test_a_sigkilled_runs_lock_is_taken_over_with_a_warning(tiny_checkpoint, cac
     try:
         wait_for(lambda: any(Path(f"{out}.parts").glob("part-*.parquet")), first)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
         first.communicate(timeout=120)
     assert (tmp_path / "out.parquet.lock").exists()  # left behind by the killed run
     rerun = tagclip(*args, cache=cache)
