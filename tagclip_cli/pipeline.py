@@ -29,7 +29,7 @@ from tagclip_cli.data import DecodedImage, ImageItem, Preprocess, iter_records, 
 from tagclip_cli.errors import FormatError, UsageError
 from tagclip_cli.faults import OomSplitter
 from tagclip_cli.formats import FileTags, TagsFile
-from tagclip_cli.jobs import JobSpec, Placement, Summary, run_job, session
+from tagclip_cli.jobs import JobSpec, Placement, Summary, output_lock, run_job, session
 from tagclip_cli.segment import SegmentConfig, Segmenter, SegOutput, require_crf
 from tagclip_cli.tagclip import TagCLIPConfig, Tagger
 from tagclip_cli.vocab import Vocabulary
@@ -141,10 +141,12 @@ def run_stage(
     progress: ProgressFactory | None = None,
     stdout: TextIO | None = None,
 ) -> Summary:
-    """Run one command over opts.items: join the process group, load the model on this rank's
-    device, build the stage, then decode -> map -> write every window this rank owns (jobs.run_job:
-    resume, shards, merge). Only the leader shows progress."""
-    with session(opts.placement, opts.model.device) as sess:
+    """Run one command over opts.items: join the process group, lock this run's share of the
+    output (jobs.output_lock), load the model on this rank's device, build the stage, then decode ->
+    map -> write every window this rank owns (jobs.run_job: resume, shards, merge). Only the leader
+    shows progress."""
+    with session(opts.placement, opts.model.device) as sess, output_lock(sess, opts.out):
+        # Locked before the model loads: a second run on a live run's output refuses at once.
         backbone = opts.model.load(sess.device)
         stage = build(backbone)
         spec = JobSpec(
