@@ -4,8 +4,10 @@ Writes a masks Parquet (the `tagclip segment --out masks.parquet` schema, row gr
 rows) of N images whose masks are the ground-truth label maps of generated shapes scenes
 (tagclip_cli.synthetic, 224x224, a pool of 64 scenes reused), and N empty image files for the
 export to link. Then runs the export in a subprocess on the first N/4 and on all N images and
-reports each run's wall time, images/s and peak RSS (wait4). The masks stream a row group at a
-time, so the peak RSS should be the same at both sizes.
+reports each run's wall time, images/s and peak RSS (wait4), and the marginal rate between the
+two runs ((N - N/4) / (t_N - t_N/4): the CLI's start-up, mostly importing torch, cancels out).
+A `tagclip --version` process gives the start-up's own time and RSS. The masks stream a row group
+at a time, so the peak RSS should be the same at both sizes.
 
     .venv/bin/python benchmarks/bench_export.py              # 2,500 and 10,000 images
     .venv/bin/python benchmarks/bench_export.py --quick      # 500 and 2,000
@@ -87,18 +89,17 @@ def write_inputs(root: Path, count: int, classes: list[str], scenes: list[list[d
     return path, images
 
 
-def run_export(masks: Path, images: Path, out: Path) -> tuple[float, float]:
-    """(seconds, peak RSS MB) of one `tagclip export yolo --task segment` process."""
+def run_tagclip(*args: str) -> tuple[float, float]:
+    """(seconds, peak RSS MB) of one `tagclip ARGS` process."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
-    cmd = [sys.executable, "-m", "tagclip_cli", "export", "yolo", "--task", "segment", "--masks", str(masks),
-           "--images", str(images), "--out", str(out), "--overwrite", "--quiet"]
+    cmd = [sys.executable, "-m", "tagclip_cli", *args]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"export failed: {' '.join(cmd)}")
+        raise SystemExit(f"failed: {' '.join(cmd)}")
     return seconds, usage.ru_maxrss / 1024
 
 
@@ -117,13 +118,17 @@ def main() -> int:
             masks, images = write_inputs(root, count, classes, scenes)
             rows = pq.ParquetFile(masks).metadata.num_rows
             out = root / f"yolo-{count}"
-            seconds, peak = run_export(masks, images, out)
+            seconds, peak = run_tagclip("export", "yolo", "--task", "segment", "--masks", str(masks), "--images",
+                                        str(images), "--out", str(out), "--overwrite", "--quiet")
             lines = sum(len(p.read_text().splitlines()) for p in (out / "labels").rglob("*.txt"))
             results.append((count, seconds, peak))
             print(f"export yolo --task segment: {count:6d} images ({rows} masks, {lines} polygons): "
                   f"{seconds:6.1f} s, {count / seconds:7.1f} images/s, peak RSS {peak:6.1f} MB", flush=True)
             shutil.rmtree(out)
-        (small, _, p_small), (big, _, p_big) = results
+        (small, t_small, p_small), (big, t_big, p_big) = results
+        start_s, start_rss = run_tagclip("--version")
+        print(f"start-up alone (tagclip --version): {start_s:.1f} s, peak RSS {start_rss:.1f} MB")
+        print(f"marginal rate {small} -> {big} images: {(big - small) / (t_big - t_small):.1f} images/s")
         print(f"peak RSS {big} vs {small} images: {p_big / p_small:.2f}x (flat = 1.00x)")
     return 0
 
