@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -163,6 +164,28 @@ def test_mask_reader_keeps_failed_and_empty_images(hand):
     assert images["broken.png"].status == "failed" and images["broken.png"].error == "cannot decode"
     assert images["empty.png"].status == "ok" and images["empty.png"].masks == []
     assert list(MaskFile(hand["parquet"]).image_ids()) == list(images)
+
+
+def test_bad_masks_parquet_files_name_the_file_and_the_problem(hand, tmp_path):
+    import pyarrow as pa
+
+    from tagclip_cli.errors import FormatError
+
+    no_columns = tmp_path / "no-columns.parquet"
+    pq.write_table(pa.table({"image_id": ["a"]}), no_columns)
+    no_meta = tmp_path / "no-meta.parquet"
+    pq.write_table(pq.read_table(hand["parquet"]).replace_schema_metadata(None), no_meta)
+    bad_class = write_masks_parquet(tmp_path / "bad-class.parquet", mask_rows(
+        "a.png", "a.png", np.ones((4, 4), np.int32) * 3, HAND_CLASSES), HAND_CLASSES[:2])
+    not_parquet = tmp_path / "text.parquet"
+    not_parquet.write_text("hello")
+    cases = [(no_columns, "missing columns: path, width"), (no_meta, "no 'tagclip' metadata"),
+             (bad_class, "image a.png: class 3 'bar' is not in the file's classes"),
+             (not_parquet, "not a masks Parquet written by tagclip segment (not a Parquet file")]
+    for path, message in cases:
+        with pytest.raises(FormatError, match=re.escape(message)) as info:
+            list(iter_mask_images(path))
+        assert str(info.value).startswith(str(path))
 
 
 # ---- yolo -------------------------------------------------------------------------------------
@@ -476,9 +499,10 @@ def big_masks(root: Path, count: int) -> tuple[Path, Path]:
     return write_masks_parquet(root / "masks.parquet", rows, HAND_CLASSES), images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_killed_export_leaves_out_as_it_was_and_a_rerun_gives_the_same_files(tmp_path, overwrite):
-    masks, images = big_masks(tmp_path, 3000)
+    masks, images = big_masks(tmp_path, 1500)
     out = tmp_path / "out"
     args = ["export", "yolo", "--masks", str(masks), "--images", str(images), "--out", str(out), "--overwrite"]
     run_tagclip(*args)
