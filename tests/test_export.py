@@ -361,6 +361,19 @@ def test_labelstudio_polygons_fill_back_to_the_masks(hand, tmp_path):
             assert iou(mask, expected[image_id][cls]) >= 0.98, (image_id, cls)
 
 
+def test_nan_mask_scores_give_strict_json(tmp_path):
+    rows = mask_rows("a.png", "a.png", np.ones((4, 4), np.int32), HAND_CLASSES, scores={1: float("nan")})
+    masks = write_masks_parquet(tmp_path / "nan.parquet", rows, HAND_CLASSES)
+    assert [r.score for im in iter_mask_images(masks) for r in im.masks] == [None]
+    export(ExportConfig(format="labelstudio", out=tmp_path / "ls", masks=masks))
+
+    def refuse(name):
+        raise AssertionError(f"{name} in tasks.json")
+
+    task = json.loads((tmp_path / "ls" / "tasks.json").read_text(), parse_constant=refuse)[0]
+    assert task["predictions"][0]["result"][0]["score"] is None
+
+
 def test_labelstudio_config_escapes_class_names():
     root = ET.fromstring(labelstudio_config(['a "b" & <c>', "d"], masks=True, mask_as="brush"))
     assert [c.get("value") for c in root.iter("Choice")] == ['a "b" & <c>', "d"]
