@@ -478,6 +478,36 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(hand, tmp_path):
     assert tree(full) == {"keep.txt": b"mine"}
 
 
+def test_two_images_with_one_output_name_are_refused(tmp_path):
+    rows = []
+    for name in ("a/b.jpg", "a/b.png"):
+        rows += mask_rows(name, name, np.ones((4, 4), np.int32), HAND_CLASSES)
+    masks = write_masks_parquet(tmp_path / "clash.parquet", rows, HAND_CLASSES)
+    proc = run_tagclip("export", "yolo", "--masks", str(masks), "--out", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2
+    assert "images 'a/b.jpg' and 'a/b.png' export to the same name 'a/b'" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("order", ["same", "reversed"])
+def test_tags_are_matched_by_id_in_any_order(hand, tmp_path, order):
+    from tagclip_cli.export import _TagIndex
+
+    table = pq.read_table(hand["tags"])
+    tags = tmp_path / "tags.parquet"
+    pq.write_table(table if order == "same" else table.take(list(range(table.num_rows))[::-1]), tags)
+    index = _TagIndex(tags, with_scores=False)
+    for im in iter_mask_images(hand["parquet"]):
+        assert index.get(im.image_id)["image_id"] == im.image_id
+    # in the same order the rows are read alongside the masks; else an index is built
+    assert index.indexed == (order == "reversed")
+    out = tmp_path / "cvat"
+    export(ExportConfig(format="cvat", out=out, masks=hand["parquet"], tags=tags))
+    want = {r["image_id"]: r["tags"] for r in table.to_pylist()}
+    for element in ET.parse(out / "annotations.xml").getroot().findall("image"):
+        assert [t.get("label") for t in element.findall("tag")] == want[element.get("name")]
+
+
 def test_missing_image_mid_export_leaves_nothing(hand, tmp_path):
     images = tmp_path / "images"
     write_images(images, {"holes.png": hand["maps"]["holes.png"]})  # the other images are missing
