@@ -1,13 +1,13 @@
 """`tagclip export yolo --task segment` on synthetic masks: images/s and peak RSS at two sizes.
 
 Writes a masks Parquet (the `tagclip segment --out masks.parquet` schema, row groups of 4,096
-rows) of N images whose masks are the ground-truth label maps of generated shapes scenes
-(tagclip_cli.synthetic, 224x224, a pool of 64 scenes reused), and N empty image files for the
-export to link. Then runs the export in a subprocess on the first N/4 and on all N images and
+rows) and a tags Parquet of N images, whose masks are the ground-truth label maps of generated
+shapes scenes (tagclip_cli.synthetic, 224x224, a pool of 64 scenes reused), and N empty image
+files for the export to link; the export gets both (--tags --masks), as a user would run it. Then runs the export in a subprocess on the first N/4 and on all N images and
 reports each run's wall time, images/s and peak RSS (wait4), and the marginal rate between the
 two runs ((N - N/4) / (t_N - t_N/4): the CLI's start-up, mostly importing torch, cancels out).
 A `tagclip --version` process gives the start-up's own time and RSS. The masks stream a row group
-at a time, so the peak RSS should be the same at both sizes.
+at a time and the tags are read alongside them, so the peak RSS should be the same at both sizes.
 
     .venv/bin/python benchmarks/bench_export.py              # 2,500 and 10,000 images
     .venv/bin/python benchmarks/bench_export.py --quick      # 500 and 2,000
@@ -64,8 +64,9 @@ SCHEMA = pa.schema([
 ])  # fmt: skip
 
 
-def write_inputs(root: Path, count: int, classes: list[str], scenes: list[list[dict]]) -> tuple[Path, Path]:
-    from tagclip_cli.writers import METADATA_KEY
+def write_inputs(root: Path, count: int, classes: list[str], scenes: list[list[dict]]) -> tuple[Path, Path, Path]:
+    """(masks Parquet, tags Parquet, image folder) of `count` images."""
+    from tagclip_cli.writers import METADATA_KEY, tags_schema
 
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,16 @@ def write_inputs(root: Path, count: int, classes: list[str], scenes: list[list[d
                 rows = []
         if rows:
             writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
-    return path, images
+    tags = root / f"tags-{count}.parquet"
+    tag_rows = []
+    for i in range(count):
+        name = f"{i // 1000:03d}/{i:06d}.png"
+        present = {t["class_id"] - 1 for t in scenes[i % len(scenes)]}
+        tag_rows.append({"index": i, "image_id": name, "path": str(images / name), "width": 224, "height": 224,
+                         "status": "ok", "error": None, "tags": [classes[k] for k in sorted(present)],
+                         "scores": [0.8 if k in present else 0.1 for k in range(len(classes))]})
+    pq.write_table(pa.Table.from_pylist(tag_rows, schema=tags_schema(meta)), tags, row_group_size=4096)
+    return path, tags, images
 
 
 def run_tagclip(*args: str) -> tuple[float, float]:
@@ -115,11 +125,12 @@ def main() -> int:
         root = Path(tmp)
         results = []
         for count in sizes:
-            masks, images = write_inputs(root, count, classes, scenes)
+            masks, tags, images = write_inputs(root, count, classes, scenes)
             rows = pq.ParquetFile(masks).metadata.num_rows
             out = root / f"yolo-{count}"
-            seconds, peak = run_tagclip("export", "yolo", "--task", "segment", "--masks", str(masks), "--images",
-                                        str(images), "--out", str(out), "--overwrite", "--quiet")
+            seconds, peak = run_tagclip("export", "yolo", "--task", "segment", "--tags", str(tags), "--masks",
+                                        str(masks), "--images", str(images), "--out", str(out), "--overwrite",
+                                        "--quiet")
             lines = sum(len(p.read_text().splitlines()) for p in (out / "labels").rglob("*.txt"))
             results.append((count, seconds, peak))
             print(f"export yolo --task segment: {count:6d} images ({rows} masks, {lines} polygons): "

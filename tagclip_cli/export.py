@@ -25,9 +25,11 @@ export that fails or is killed leaves `--out` as it was, and a rerun writes the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,7 +41,15 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 
 from tagclip_cli.errors import UsageError
-from tagclip_cli.formats import MaskFile, MaskImage, MaskRegion, read_tags, tag_classes
+from tagclip_cli.formats import (
+    MaskFile,
+    MaskImage,
+    MaskRegion,
+    iter_tag_batches,
+    read_tags,
+    read_tags_schema,
+    tag_classes,
+)
 
 FORMATS = ("yolo", "voc", "labelstudio", "cvat", "coco")
 YOLO_TASKS = ("detect", "segment")
@@ -101,33 +111,49 @@ class Record:
 
 
 class _TagIndex:
-    """A tags Parquet looked up by image id: the ids, paths, statuses, tags (and scores for formats
-    that write them) as Arrow columns (tens of bytes per image), plus a dict from id to row."""
+    """A tags Parquet looked up by image id, for a stream of ids (the masks file's).
+
+    While the ids come in the tags file's order (a masks file and a tags file of one run), the
+    tags rows are read alongside them a batch at a time, so memory stays flat. At the first id
+    not found ahead, it falls back to an index of the whole file: its columns as Arrow arrays (tens
+    of bytes per image; scores only for formats that write them) and a dict from id to row."""
 
     COLUMNS = ("image_id", "path", "width", "height", "status", "error", "tags")
 
     def __init__(self, path: Path, with_scores: bool) -> None:
-        # scores (one float per class per image) only where the format writes them
-        columns = (*self.COLUMNS, "scores") if with_scores else self.COLUMNS
         self.path = path
-        self.table, self.metadata = read_tags(path, columns)
+        self.columns = (*self.COLUMNS, "scores") if with_scores else self.COLUMNS
+        self.metadata = read_tags_schema(path, self.columns)
         self.classes = tag_classes(path, self.metadata)
-        self.row: dict[str, int] = {}
-        for i, image_id in enumerate(self.table.column("image_id").to_pylist()):
-            self.row.setdefault(image_id, i)
+        self.indexed = False  # True once the fallback index is built
+        self._table: Any = None
+        self._row: dict[str, int] = {}
+        self.restart()
 
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def get(self, image_id: str) -> dict | None:
-        row = self.row.get(image_id)
-        if row is None:
-            return None
-        return self.table.slice(row, 1).to_pylist()[0]
+    def restart(self) -> None:
+        """Start matching a new stream of ids from the top of the file."""
+        self._ahead: Iterator[dict] = self.rows()
 
     def rows(self) -> Iterator[dict]:
-        for batch in self.table.to_batches(max_chunksize=4096):
-            yield from batch.to_pylist()
+        """Every row in file order, a batch at a time."""
+        for batch in iter_tag_batches(self.path, self.columns, batch_size=4096):
+            yield from batch
+
+    def get(self, image_id: str) -> dict | None:
+        """The row of image_id (None if the file has none)."""
+        if not self.indexed:
+            for row in self._ahead:
+                if row["image_id"] == image_id:
+                    return row
+            self._build_index()  # not ahead: the orders differ (or the id is missing)
+        row = self._row.get(image_id)
+        return None if row is None else self._table.slice(row, 1).to_pylist()[0]
+
+    def _build_index(self) -> None:
+        self._table, _ = read_tags(self.path, self.columns)
+        for i, image_id in enumerate(self._table.column("image_id").to_pylist()):
+            self._row.setdefault(image_id, i)
+        self.indexed = True
 
     def tags_of(self, row: dict | None) -> list[tuple[str, float | None]]:
         """(name, stored score) of a tags row's tags; [] for a missing or failed row."""
@@ -195,20 +221,38 @@ def _open_inputs(config: ExportConfig) -> _Inputs:
         if unknown:
             raise UsageError(f"{masks.path}: class '{unknown[0]}' is not in the vocabulary of {tags.path} "
                              f"({len(tags.classes)} classes: {', '.join(tags.classes[:5])}, ...)")
-    namer = _NAMERS.get(config.format)
-    seen: set[str] = set()
-    count = 0
+    namer = _NAMERS.get(config.format) or (lambda image_id: image_id)
+    # 8 bytes per image (a hash of each output name), not the names: memory stays small at scale
+    hashes = array("q")
     ids = masks.image_ids() if masks is not None else (r["image_id"] for r in tags.rows())  # type: ignore[union-attr]
     for image_id in ids:
-        if masks is not None and tags is not None and image_id not in tags.row:
+        if masks is not None and tags is not None and tags.get(image_id) is None:
             raise UsageError(f"{masks.path}: image '{image_id}' is not in the tags file {tags.path}")
-        name = namer(image_id) if namer is not None else image_id
-        if name in seen:
-            raise UsageError(f"{config.masks or config.tags}: two images export to the same name '{name}' "
-                             f"(image '{image_id}')")
-        seen.add(name)
-        count += 1
+        hashes.append(_name_hash(namer(image_id)))
+    count = len(hashes)
+    if count:
+        ordered = np.sort(np.frombuffer(hashes, dtype=np.int64))
+        if (ordered[1:] == ordered[:-1]).any():
+            _name_clash(masks.image_ids() if masks is not None else (r["image_id"] for r in tags.rows()),  # type: ignore[union-attr]
+                        namer, config.masks or config.tags)
+    if tags is not None:
+        tags.restart()
     return _Inputs(config, masks, tags, tuple(classes), count)
+
+
+def _name_hash(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest(),
+                          "little", signed=True)
+
+
+def _name_clash(ids: Iterator[str], namer: Callable[[str], str], source: Path | None) -> None:
+    """Raise for the first two images whose output names are equal (or a repeated image id)."""
+    first: dict[str, str] = {}
+    for image_id in ids:
+        name = namer(image_id)
+        if name in first:
+            raise UsageError(f"{source}: images '{first[name]}' and '{image_id}' export to the same name '{name}'")
+        first[name] = image_id
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

@@ -361,6 +361,19 @@ def test_labelstudio_polygons_fill_back_to_the_masks(hand, tmp_path):
             assert iou(mask, expected[image_id][cls]) >= 0.98, (image_id, cls)
 
 
+def test_nan_mask_scores_give_strict_json(tmp_path):
+    rows = mask_rows("a.png", "a.png", np.ones((4, 4), np.int32), HAND_CLASSES, scores={1: float("nan")})
+    masks = write_masks_parquet(tmp_path / "nan.parquet", rows, HAND_CLASSES)
+    assert [r.score for im in iter_mask_images(masks) for r in im.masks] == [None]
+    export(ExportConfig(format="labelstudio", out=tmp_path / "ls", masks=masks))
+
+    def refuse(name):
+        raise AssertionError(f"{name} in tasks.json")
+
+    task = json.loads((tmp_path / "ls" / "tasks.json").read_text(), parse_constant=refuse)[0]
+    assert task["predictions"][0]["result"][0]["score"] is None
+
+
 def test_labelstudio_config_escapes_class_names():
     root = ET.fromstring(labelstudio_config(['a "b" & <c>', "d"], masks=True, mask_as="brush"))
     assert [c.get("value") for c in root.iter("Choice")] == ['a "b" & <c>', "d"]
@@ -463,6 +476,36 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(hand, tmp_path):
         assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temporary left
     assert tree(full) == {"keep.txt": b"mine"}
+
+
+def test_two_images_with_one_output_name_are_refused(tmp_path):
+    rows = []
+    for name in ("a/b.jpg", "a/b.png"):
+        rows += mask_rows(name, name, np.ones((4, 4), np.int32), HAND_CLASSES)
+    masks = write_masks_parquet(tmp_path / "clash.parquet", rows, HAND_CLASSES)
+    proc = run_tagclip("export", "yolo", "--masks", str(masks), "--out", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2
+    assert "images 'a/b.jpg' and 'a/b.png' export to the same name 'a/b'" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("order", ["same", "reversed"])
+def test_tags_are_matched_by_id_in_any_order(hand, tmp_path, order):
+    from tagclip_cli.export import _TagIndex
+
+    table = pq.read_table(hand["tags"])
+    tags = tmp_path / "tags.parquet"
+    pq.write_table(table if order == "same" else table.take(list(range(table.num_rows))[::-1]), tags)
+    index = _TagIndex(tags, with_scores=False)
+    for im in iter_mask_images(hand["parquet"]):
+        assert index.get(im.image_id)["image_id"] == im.image_id
+    # in the same order the rows are read alongside the masks; else an index is built
+    assert index.indexed == (order == "reversed")
+    out = tmp_path / "cvat"
+    export(ExportConfig(format="cvat", out=out, masks=hand["parquet"], tags=tags))
+    want = {r["image_id"]: r["tags"] for r in table.to_pylist()}
+    for element in ET.parse(out / "annotations.xml").getroot().findall("image"):
+        assert [t.get("label") for t in element.findall("tag")] == want[element.get("name")]
 
 
 def test_missing_image_mid_export_leaves_nothing(hand, tmp_path):
