@@ -243,6 +243,7 @@ def train_student(config: StudentConfig) -> StudentRun:
         val = train  # --val-fraction 0: Ultralytics still validates, on the training images
     _check_out(config.out, config.overwrite)
     out = config.out
+    created = not out.exists()
     out.mkdir(exist_ok=True)
     for name in OUTPUTS:  # a previous run's files (only with --overwrite: _check_out)
         path = out / name
@@ -251,7 +252,12 @@ def train_student(config: StudentConfig) -> StudentRun:
         elif path.exists() or path.is_symlink():
             path.unlink()
     dataset = out / "dataset"
-    export_yolo(config.masks, dataset, tags=config.tags, images=config.images, task=task, copy=config.copy)
+    try:  # the export checks the rest (every masked image in the tags file, image files found) first
+        export_yolo(config.masks, dataset, tags=config.tags, images=config.images, task=task, copy=config.copy)
+    except UsageError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     data_yaml = _write_split(out, dataset, classes, train, val)
     run = StudentRun(out=out, dataset=dataset, data_yaml=data_yaml, task=task, train_images=len(train),
                      val_images=len(val))
