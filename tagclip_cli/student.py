@@ -99,9 +99,22 @@ def offline_ultralytics() -> Any:
     os.environ["YOLO_AUTOINSTALL"] = "false"
     try:
         import ultralytics
+        import ultralytics.data.utils as data_utils
     except ImportError:
         raise UsageError(INSTALL_HINT) from None
+    # Its dataset check fetches the plotting font (Arial.ttf) whatever `plots` says, and YOLO_OFFLINE
+    # does not stop that request: the font it would fetch is only drawn on plots, which we turn off,
+    # so the check finds a local copy or nothing and never goes online.
+    data_utils.check_font = _local_font
     return ultralytics
+
+
+def _local_font(font: str = "Arial.ttf") -> Path | None:
+    """Ultralytics' font look-up without its download: the copy in its config folder, or None."""
+    from ultralytics.utils import USER_CONFIG_DIR
+
+    path = Path(USER_CONFIG_DIR) / Path(font).name
+    return path if path.is_file() else None
 
 
 def load_student(student: str) -> Any:
