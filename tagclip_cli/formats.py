@@ -11,6 +11,7 @@ never the other way round.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,7 +252,7 @@ _NOT_MASKS = "not a masks Parquet written by tagclip segment"
 @dataclass(frozen=True)
 class MaskRegion:
     """One class's mask in one image: COCO category id (vocabulary index + 1), its name, the mask's
-    score (None when not stored), area in pixels, bbox [x, y, w, h] and compressed COCO RLE counts."""
+    score (None when not stored or NaN), area in pixels, bbox [x, y, w, h] and compressed COCO RLE counts."""
 
     class_id: int
     class_name: str
@@ -351,9 +352,8 @@ class MaskFile:
                     if not (isinstance(segm, dict) and isinstance(segm.get("counts"), str)):
                         raise FormatError(f"{where}: annotation {ann.get('id')} is not a compressed RLE "
                                           "with str counts")
-                    score = ann.get("score")
                     regions.append(MaskRegion(int(ann["category_id"]), self.categories[int(ann["category_id"])],
-                                              None if score is None else float(score), int(ann["area"]),
+                                              _finite(ann.get("score")), int(ann["area"]),
                                               tuple(float(v) for v in ann["bbox"]), segm["counts"]))
             except (KeyError, TypeError, ValueError) as exc:
                 raise FormatError(f"{where}: malformed image or annotation ({exc!r})") from None
@@ -379,10 +379,18 @@ class MaskFile:
                                       f"'{row['class_name']}' is not in the file's classes")
                 if row["counts"] is None or row["bbox"] is None or len(row["bbox"]) != 4:
                     raise FormatError(f"{self.path}: image {row['image_id']}: class '{name}' has no counts or bbox")
-                current.masks.append(MaskRegion(class_id, name, row["score"], int(row["area"] or 0),
+                current.masks.append(MaskRegion(class_id, name, _finite(row["score"]), int(row["area"] or 0),
                                                 tuple(row["bbox"]), row["counts"]))
         if current is not None:
             yield current
+
+
+def _finite(score: Any) -> float | None:
+    """A stored mask score as a float, None when missing or not finite (JSON has no NaN)."""
+    if score is None:
+        return None
+    value = float(score)
+    return value if math.isfinite(value) else None
 
 
 def _coco_image_id(im: Mapping[str, Any]) -> str:
