@@ -339,7 +339,8 @@ def masks_format(out: Path) -> str:
 def run_segment(opts: SegmentOptions, progress: ProgressFactory | None = None) -> Summary:
     """Segment every item into opts.out (COCO RLE JSON, or a masks Parquet: `masks_format`; rows
     stream through OUT.parts/ like annotate, so the run resumes and shards), with the tags Parquet
-    at opts.tags_out and label PNGs in opts.png_dir if asked. One model load; TagCLIP and CLS-SEG share each image's dense forward."""
+    at opts.tags_out and label PNGs in opts.png_dir if asked. One model load; TagCLIP and CLS-SEG
+    share each image's dense forward."""
     if opts.segment.crf:
         require_crf()
     tags_file = TagsFile(opts.tags_in, opts.vocab) if opts.tags_in is not None else None
