@@ -498,9 +498,19 @@ def show(
                                  help="Longer side of the overlays' image part (about 1 MB per PNG at 1024)."),
     thumb_side: int = typer.Option(256, "--thumb-side", min=32, help="Longer side of the thumbnails."),
     page_size: int = typer.Option(100, "--page-size", min=1, help="Cards per page in index.html."),
-    limit: int = typer.Option(None, "--limit", min=1, help="Show only the first N images of the tags file."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Show only the first N images of the tags file (with "
+                              "--sort doubt: the N most doubtful)."),
     workers: int = typer.Option(2, "--workers", min=0, help="Processes drawing overlays (0 = in this process)."),
     title: str = typer.Option(None, "--title", help="Page title (default: the tags file name)."),
+    sort: str = typer.Option("file", "--sort", help="file (the tags file's order) or doubt (images whose tag "
+                             "decisions are closest to their thresholds first: the likeliest mistakes)."),
+    failed_first: bool = typer.Option(False, "--failed-first", help="With --sort doubt: failed images first."),
+    doubt_class: str = typer.Option(None, "--class", help="Only this class's doubt: its images sorted by how close "
+                                    "its score is to its threshold (implies --sort doubt)."),
+    max_margin: float = typer.Option(None, "--max-margin", min=0.0, max=1.0,
+                                     help="With --sort doubt: only images whose margin is at most this."),
+    thresholds: Path = typer.Option(None, "--thresholds", help="With --sort doubt: thresholds file to measure "
+                                    "doubt against (default: the ones the tags file was made with)."),
     quiet: bool = QUIET_OPT,
     verbose: bool = VERBOSE_OPT,
 ) -> None:
@@ -509,7 +519,9 @@ def show(
 
     setup_logging(quiet, verbose)
     config = ShowConfig(images=images, tags=tags, out=out, masks=masks, max_side=max_side, thumb_side=thumb_side,
-                        page_size=page_size, limit=limit, workers=workers, title=title)
+                        page_size=page_size, limit=limit, workers=workers, title=title, sort=sort,
+                        failed_first=failed_first, doubt_class=doubt_class, max_margin=max_margin,
+                        thresholds=thresholds)
     from rich.progress import Progress
 
     try:
