@@ -734,17 +734,18 @@ def _render_calibration(result) -> None:
         return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
     table = Table(title=f"calibration on {result.images} labelled images (target {result.target})")
-    for column in ("class", "pos", "threshold", "P", "R", "F1", "P'", "R'", "F1'"):
+    for column in ("class", "pos", "t", "P", "R", "F1", "t'", "P'", "R'", "F1'"):
         table.add_column(column, justify="left" if column == "class" else "right")
     b, a = result.prf_before, result.prf_after
     for p, name in enumerate(result.classes):
         if result.gt_names[p] is None:
             continue
-        table.add_row(name, str(result.positives[p]), f"{result.before[p]:.3f} -> {result.after[p]:.3f}",
-                      pct(b["precision"][p]), pct(b["recall"][p]), pct(b["f1"][p]),
-                      pct(a["precision"][p]), pct(a["recall"][p]), pct(a["f1"][p]))
+        table.add_row(name, str(result.positives[p]),
+                      f"{result.before[p]:.3f}", pct(b["precision"][p]), pct(b["recall"][p]), pct(b["f1"][p]),
+                      f"{result.after[p]:.3f}", pct(a["precision"][p]), pct(a["recall"][p]), pct(a["f1"][p]))
     for label, key in (("overall (pooled)", "overall"), ("per-class mean", "per_class")):
         table.add_row(label, "", "", pct(b[key]["precision"]), pct(b[key]["recall"]), pct(b[key]["f1"]),
-                      pct(a[key]["precision"]), pct(a[key]["recall"]), pct(a[key]["f1"]))
+                      "", pct(a[key]["precision"]), pct(a[key]["recall"]), pct(a[key]["f1"]))
     Console().print(table)
-    Console().print("P, R, F1: the tags as in the file; P', R', F1': with the new thresholds (percent)")
+    Console().print("t, P, R, F1: threshold and the tags as in the file; t', P', R', F1': the new thresholds and "
+                    "the tags they give (P, R, F1 in percent)")
