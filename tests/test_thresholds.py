@@ -288,3 +288,31 @@ def test_annotate_refuses_a_bad_thresholds_file_before_loading(small_photos, tmp
     result = _annotate(["--thresholds", str(bad)], small_photos, tmp_path / "no-such.pt", tmp_path, out)
     assert result.exit_code == 2 and f"{bad}:2: threshold 7 of 'dog' is outside [0, 1]" in result.output
     assert not out.exists()
+
+
+def test_segment_tag_step_uses_the_thresholds(small_photos, tiny_checkpoint, cache_dir, tmp_path):
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("aeroplane\t0.05\nbicycle\t0.05\nbird\t0.05\nperson\t0.99\n")
+    common = ["--vocab", "voc", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--workers", "0",
+              "--cache-dir", str(cache_dir), "-q", "--thresholds", str(tsv)]
+    direct = tmp_path / "direct.parquet"
+    assert _annotate(["--thresholds", str(tsv)], small_photos, tiny_checkpoint, cache_dir, direct).exit_code == 1
+    tags_out = tmp_path / "seg-tags.parquet"
+    result = CliRunner().invoke(app, ["segment", str(small_photos), "--out", str(tmp_path / "m.json"),
+                                      "--tags-out", str(tags_out), *common])
+    assert result.exit_code == 1, result.output
+    seg, ann = pq.read_table(tags_out), pq.read_table(direct)
+    assert seg.column("tags").equals(ann.column("tags")) and seg.column("scores").equals(ann.column("scores"))
+    meta = json.loads(seg.schema.metadata[METADATA_KEY])
+    assert meta["thresholds"]["per_class"] == {"aeroplane": 0.05, "bicycle": 0.05, "bird": 0.05, "person": 0.99}
+    # with --tags the tags are not computed here: refused, nothing written
+    result = CliRunner().invoke(app, ["segment", str(small_photos), "--out", str(tmp_path / "m2.json"),
+                                      "--tags", str(direct), *common])
+    assert result.exit_code == 2 and "tagclip retag" in result.output
+    assert not (tmp_path / "m2.json").exists()
+
+
+@pytest.mark.parametrize("command", ["retag", "calibrate"])
+def test_new_commands_have_help_and_the_logging_options(command):
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--verbose" in result.output and "--quiet" in result.output
