@@ -316,3 +316,25 @@ def test_segment_tag_step_uses_the_thresholds(small_photos, tiny_checkpoint, cac
 def test_new_commands_have_help_and_the_logging_options(command):
     result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "--verbose" in result.output and "--quiet" in result.output
+
+
+@pytest.mark.parametrize("with_failed", [False, True])
+def test_retag_table_equals_the_rule_row_by_row(tmp_path, with_failed):
+    from tagclip_cli.thresholds import retag_table
+
+    classes = tuple(f"c{i}" for i in range(6))
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.rand(40, 6, generator=gen)
+    scores[::9] = 0.5  # constant rows: the argmax fallback
+    status = ["failed" if with_failed and i % 7 == 3 else "ok" for i in range(40)]
+    path = tmp_path / "t.parquet"
+    _tags_file(path, scores.tolist(), status=status, classes=classes)
+    table = pq.read_table(path)
+    thresholds = [0.2, 0.9, 0.5, 0.7, 0.95, 0.0]
+    new, changed = retag_table(table, classes, thresholds, path)
+    expected = [[] if s != "ok" else [classes[c] for c in tags_from_scores(row, torch.tensor(thresholds))]
+                for row, s in zip(scores, status, strict=True)]
+    assert new.column("tags").to_pylist() == expected
+    old = table.column("tags").to_pylist()
+    assert changed == sum(1 for a, b, s in zip(old, expected, status, strict=True) if s == "ok" and a != b) > 0
+    assert new.drop_columns(["tags"]).equals(table.drop_columns(["tags"]))
