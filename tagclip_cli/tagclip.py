@@ -407,5 +407,9 @@ class Tagger:
         for out in outputs:
             fused = ~torch.isnan(out.p_global)
             out.scores = fuse(out.p_local, torch.nan_to_num(out.p_global), fused, self.config.fusion_lambda)
-            out.tags = tags_from_scores(out.scores, self.threshold)
+            if isinstance(self.threshold, Tensor):
+                # per-class thresholds: on the float32 scores, as `retag` sees them in the Parquet
+                out.tags = tags_from_scores(out.scores.float(), self.threshold)
+            else:
+                out.tags = tags_from_scores(out.scores, self.threshold)
 
