@@ -282,6 +282,19 @@ def _report(summary, out: Path | None, quiet: bool = False) -> None:
         )
 
 
+THRESHOLDS_HELP = ("Per-class thresholds: a file of 'class<TAB>threshold' lines (e.g. from `tagclip calibrate`); "
+                   "classes not listed keep --tag-threshold.")
+
+
+def _class_thresholds(path: Path | None, classes, default: float) -> tuple[float, ...] | None:
+    """The (F,) per-class thresholds of a --thresholds file (ThresholdFileError: exit 2, file and line)."""
+    if path is None:
+        return None
+    from tagclip_cli.thresholds import read_threshold_file
+
+    return read_threshold_file(path, classes, default).vector(classes)
+
+
 # Input and job options shared by `annotate` and `segment`.
 IMAGES_ARG = typer.Argument(
     None, help="Folder of images (recursive), a text file of image paths (one per line), one image, or '-' to "
@@ -381,6 +394,7 @@ def annotate(
     tag_threshold: float = typer.Option(
         0.5, "--tag-threshold", min=0.0, max=1.0, help="Keep classes whose normalised score is above this."
     ),
+    thresholds: Path = typer.Option(None, "--thresholds", help=THRESHOLDS_HELP),
     reference_compat: bool = REFERENCE_COMPAT_OPT,
     batch_size: int = BATCH_SIZE_OPT,
     workers: int = WORKERS_OPT,
@@ -407,7 +421,8 @@ def annotate(
     voc = _load_vocab(vocab, background, no_background)
     items = _collect_items(images, manifest, image_root)
     cfg = TagCLIPConfig(tag_threshold=tag_threshold, reference_compat=reference_compat,
-                        use_background=not no_background)
+                        use_background=not no_background,
+                        class_thresholds=_class_thresholds(thresholds, voc.classes, tag_threshold))
     model_opts = _model_options(model, pretrained, checkpoint, device, cache_dir, precision)
     out_path = None if out == "-" else Path(out)
     if out_path is not None:
@@ -483,9 +498,19 @@ def show(
                                  help="Longer side of the overlays' image part (about 1 MB per PNG at 1024)."),
     thumb_side: int = typer.Option(256, "--thumb-side", min=32, help="Longer side of the thumbnails."),
     page_size: int = typer.Option(100, "--page-size", min=1, help="Cards per page in index.html."),
-    limit: int = typer.Option(None, "--limit", min=1, help="Show only the first N images of the tags file."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Show only the first N images of the tags file (with "
+                              "--sort doubt: the N most doubtful)."),
     workers: int = typer.Option(2, "--workers", min=0, help="Processes drawing overlays (0 = in this process)."),
     title: str = typer.Option(None, "--title", help="Page title (default: the tags file name)."),
+    sort: str = typer.Option("file", "--sort", help="file (the tags file's order) or doubt (images whose tag "
+                             "decisions are closest to their thresholds first: the likeliest mistakes)."),
+    failed_first: bool = typer.Option(False, "--failed-first", help="With --sort doubt: failed images first."),
+    doubt_class: str = typer.Option(None, "--class", help="Only this class's doubt: its images sorted by how close "
+                                    "its score is to its threshold (implies --sort doubt)."),
+    max_margin: float = typer.Option(None, "--max-margin", min=0.0, max=1.0,
+                                     help="With --sort doubt: only images whose margin is at most this."),
+    thresholds: Path = typer.Option(None, "--thresholds", help="With --sort doubt: thresholds file to measure "
+                                    "doubt against (default: the ones the tags file was made with)."),
     quiet: bool = QUIET_OPT,
     verbose: bool = VERBOSE_OPT,
 ) -> None:
@@ -494,7 +519,9 @@ def show(
 
     setup_logging(quiet, verbose)
     config = ShowConfig(images=images, tags=tags, out=out, masks=masks, max_side=max_side, thumb_side=thumb_side,
-                        page_size=page_size, limit=limit, workers=workers, title=title)
+                        page_size=page_size, limit=limit, workers=workers, title=title, sort=sort,
+                        failed_first=failed_first, doubt_class=doubt_class, max_margin=max_margin,
+                        thresholds=thresholds)
     from rich.progress import Progress
 
     try:
@@ -522,7 +549,8 @@ def segment(
     images: str = IMAGES_ARG,
     vocab: str = VOCAB_OPT,
     out: Path = typer.Option(..., "--out", "-o", help="Output COCO JSON (RLE masks, one annotation per image "
-                             "and present class)."),
+                             "and present class), or a masks Parquet when it ends in .parquet (one row per mask, "
+                             "for runs too large for one JSON)."),
     tags_in: Path = typer.Option(None, "--tags", help="Tags Parquet of an earlier `tagclip annotate` run: "
                                  "segment its tags instead of running TagCLIP here."),
     tags_out: Path = typer.Option(None, "--tags-out", help="Also write the tags Parquet (as annotate would) "
@@ -551,6 +579,7 @@ def segment(
     tag_threshold: float = typer.Option(
         0.5, "--tag-threshold", min=0.0, max=1.0, help="TagCLIP: keep classes whose normalised score is above this."
     ),
+    thresholds: Path = typer.Option(None, "--thresholds", help="TagCLIP: " + THRESHOLDS_HELP),
     reference_compat: bool = REFERENCE_COMPAT_OPT,
     batch_size: int = BATCH_SIZE_OPT,
     workers: int = WORKERS_OPT,
@@ -563,7 +592,8 @@ def segment(
     quiet: bool = QUIET_OPT,
     verbose: bool = VERBOSE_OPT,
 ) -> None:
-    """Segment every image (CLS-SEG or MaskCLIP) into a COCO RLE JSON, optionally with label PNGs and tags."""
+    """Segment every image (CLS-SEG or MaskCLIP) into a COCO RLE JSON or a masks Parquet, optionally with label
+    PNGs and tags."""
     from tagclip_cli.pipeline import SegmentOptions, run_segment
     from tagclip_cli.segment import METHODS, SegmentConfig, require_crf
     from tagclip_cli.tagclip import TagCLIPConfig
@@ -579,8 +609,12 @@ def segment(
         raise fail("--key-smoothing and --prompt-denoising are MaskCLIP options (--method maskclip)")
     if tags_in is not None and tags_out is not None:
         raise fail("--tags-out writes the tags of TagCLIP run here; with --tags the tags are already in that file")
+    if thresholds is not None and tags_in is not None:
+        raise fail("--thresholds applies to the TagCLIP tags computed here; with --tags, re-derive that file's "
+                   "tags first: tagclip retag TAGS --thresholds FILE --out NEW")
     if str(out) == "-":
-        raise fail("segment writes a COCO JSON file; --out - is not supported (use annotate for JSON Lines)")
+        raise fail("segment writes a COCO JSON or masks Parquet file; --out - is not supported "
+                   "(use annotate for JSON Lines)")
     placement = _placement(shard, str(out), overwrite, images)
     setup_logging(quiet or not placement.leader, verbose)
     if crf:
@@ -595,7 +629,8 @@ def segment(
     voc = _load_vocab(vocab, background, no_background)
     items = _collect_items(images, manifest, image_root)
     cfg = TagCLIPConfig(tag_threshold=tag_threshold, reference_compat=reference_compat,
-                        use_background=not no_background)
+                        use_background=not no_background,
+                        class_thresholds=_class_thresholds(thresholds, voc.classes, tag_threshold))
     model_opts = _model_options(model, pretrained, checkpoint, device, cache_dir, precision)
     opts = SegmentOptions(
         items=items, vocab=voc, out=out, model=model_opts, tagclip=cfg, segment=seg_cfg,
@@ -721,3 +756,111 @@ def student_predict_command(
     count = predict_label_pngs(weights, images, png_dir, imgsz=imgsz, device=device, conf=conf)
     if not quiet:
         err_console.print(f"{png_dir}: {count} label PNGs", highlight=False)
+
+
+@app.command()
+@user_errors
+def retag(
+    tags: Path = typer.Argument(..., help="Tags Parquet written by `tagclip annotate` (or segment --tags-out)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The retagged tags Parquet (same columns and metadata)."),
+    thresholds: Path = typer.Option(None, "--thresholds", help=THRESHOLDS_HELP),
+    tag_threshold: float = typer.Option(
+        None, "--tag-threshold", min=0.0, max=1.0,
+        help="Threshold of the classes the file does not list (default: the one TAGS was made with)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    quiet: bool = QUIET_OPT,
+    verbose: bool = VERBOSE_OPT,
+) -> None:
+    """Re-derive the tags of a tags Parquet from its stored scores with new thresholds (no model)."""
+    from tagclip_cli.thresholds import retag_file
+    from tagclip_cli.writers import check_output_path
+
+    setup_logging(quiet, verbose)
+    if thresholds is None and tag_threshold is None:
+        raise fail("retag needs --thresholds FILE and/or --tag-threshold")
+    if out.resolve() == tags.resolve():
+        raise fail(f"--out {out} is the input file; write the retagged tags to a new file")
+    check_output_path(out)
+    if out.exists() and not overwrite:
+        raise fail(f"{out}: exists; pass --overwrite to replace it")
+    rows, changed = retag_file(tags, out, thresholds, tag_threshold)
+    if not quiet:
+        err_console.print(f"{out}: {rows} rows, tags changed in {changed}", highlight=False)
+
+
+@app.command()
+@user_errors
+def calibrate(
+    gt: str = typer.Option(..., "--gt", help="Ground truth of the labelled subset, as `tagclip evaluate --gt`."),
+    root: str = typer.Option(..., "--root", help="Dataset directory (or the COCO instances JSON)."),
+    pred: Path = typer.Option(..., "--pred", help="Tags Parquet of the labelled images (`tagclip annotate`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Thresholds file to write (class<TAB>threshold)."),
+    target: str = typer.Option("f1", "--target", help="f1 (best F1 per class), precision=P (most recall with "
+                               "precision >= P) or recall=R (most precision with recall >= R)."),
+    min_positives: int = typer.Option(5, "--min-positives", min=1,
+                                      help="Classes with fewer positive images keep their threshold."),
+    split: str | None = typer.Option(None, "--split", help="Image list (first token per line)."),
+    difficult: str = typer.Option("positive", "--difficult", help="VOC2007 difficult objects."),
+    classes: str | None = typer.Option(None, "--classes", help="--gt folder: class names file."),
+    allow_unmatched: bool = typer.Option(False, "--allow-unmatched",
+                                         help="Calibrate the common classes when the class names differ."),
+    quiet: bool = QUIET_OPT,
+    verbose: bool = VERBOSE_OPT,
+) -> None:
+    """Pick each class's tag threshold on labelled images; print precision/recall/F1 before and after."""
+    from tagclip_cli import evaluate as ev
+    from tagclip_cli.thresholds import calibrate as run_calibration
+    from tagclip_cli.thresholds import parse_target, write_threshold_file
+    from tagclip_cli.writers import check_output_path
+
+    setup_logging(quiet, verbose)
+    if gt not in ev.GT_NAMES:
+        raise fail(f"--gt must be one of {', '.join(ev.GT_NAMES)}, not '{gt}'")
+    parse_target(target)
+    check_output_path(out)
+    result = run_calibration(gt, Path(root), pred, target, split=Path(split) if split else None,
+                             difficult=difficult, classes_file=Path(classes) if classes else None,
+                             allow_unmatched=allow_unmatched, min_positives=min_positives)
+    log = logging.getLogger("tagclip_cli")
+    for name, why in zip(result.classes, result.kept_because, strict=True):
+        if why is not None and why != "not in the ground truth":
+            log.warning("%s: keeps its threshold (%s)", name, why)
+    missing = [n for n, why in zip(result.classes, result.kept_because, strict=True)
+               if why == "not in the ground truth"]
+    if missing:
+        log.warning("%d class(es) not in the ground truth keep their threshold: %s", len(missing), ", ".join(missing))
+    write_threshold_file(out, dict(zip(result.classes, result.after, strict=True)),
+                         header=[f"tagclip calibrate --gt {gt} --target {target}: {result.images} labelled images "
+                                 f"of {pred.name}"])
+    _render_calibration(result)
+    if not quiet:
+        err_console.print(f"{out}: thresholds of {len(result.classes)} classes "
+                          f"({sum(w is None for w in result.kept_because)} calibrated)", highlight=False)
+
+
+def _render_calibration(result) -> None:
+    """The per-class table of `tagclip calibrate` on stdout: threshold and P/R/F1, before -> after."""
+    import math
+
+    from rich.table import Table
+
+    def pct(value: float) -> str:
+        return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+    table = Table(title=f"calibration on {result.images} labelled images (target {result.target})")
+    for column in ("class", "pos", "t", "P", "R", "F1", "t'", "P'", "R'", "F1'"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    b, a = result.prf_before, result.prf_after
+    for p, name in enumerate(result.classes):
+        if result.gt_names[p] is None:
+            continue
+        table.add_row(name, str(result.positives[p]),
+                      f"{result.before[p]:.3f}", pct(b["precision"][p]), pct(b["recall"][p]), pct(b["f1"][p]),
+                      f"{result.after[p]:.3f}", pct(a["precision"][p]), pct(a["recall"][p]), pct(a["f1"][p]))
+    for label, key in (("overall (pooled)", "overall"), ("per-class mean", "per_class")):
+        table.add_row(label, "", "", pct(b[key]["precision"]), pct(b[key]["recall"]), pct(b[key]["f1"]),
+                      "", pct(a[key]["precision"]), pct(a[key]["recall"]), pct(a[key]["f1"]))
+    Console().print(table)
+    Console().print("t, P, R, F1: threshold and the tags as in the file; t', P', R', F1': the new thresholds and "
+                    "the tags they give (P, R, F1 in percent)")

@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 __all__ = [
     "MASK_COLUMNS", "TAG_COLUMNS", "CocoFile", "FileTags", "FormatError", "MaskFile", "MaskImage", "MaskIndex",
     "MaskRegion", "TagsFile", "class_color", "decode_segmentation", "iter_mask_images", "iter_tag_batches",
-    "json_scalar", "label_map", "load_masks", "open_masks", "read_coco", "read_metadata", "read_tags",
-    "read_tags_schema", "rle_decode", "tag_classes",
+    "iter_tag_tables", "json_scalar", "label_map", "load_masks", "open_masks", "read_coco", "read_metadata",
+    "read_tags", "read_tags_schema", "rle_decode", "tag_classes", "tags_arrow_schema",
 ]  # fmt: skip
 
 TAG_COLUMNS = ("index", "image_id", "path", "width", "height", "status", "error", "tags", "scores")
@@ -89,6 +89,24 @@ def iter_tag_batches(
     try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=list(columns)):
             yield batch.to_pylist()
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise FormatError(f"{path}: cannot read tags ({exc})") from None
+
+
+def tags_arrow_schema(path: str | Path) -> pa.Schema:
+    """The Arrow schema (columns and metadata) of a tags Parquet; `read_tags_schema` checks it first."""
+    try:
+        return pq.read_schema(path)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise FormatError(f"{path}: {_NOT_TAGS} (not a Parquet file: {exc})") from None
+
+
+def iter_tag_tables(path: str | Path, batch_size: int = 4096) -> Iterator[pa.Table]:
+    """Every column of a tags Parquet, `batch_size` rows at a time in file order (memory stays
+    flat; `tagclip retag`). Call `read_tags_schema` first to check the file."""
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+            yield pa.Table.from_batches([batch])
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise FormatError(f"{path}: cannot read tags ({exc})") from None
 

@@ -54,6 +54,7 @@ from tagclip_cli.errors import (
 from tagclip_cli.faults import deferred_signals
 from tagclip_cli.writers import (
     COCO_JSON_FORMAT,
+    MASKS_PARQUET_FORMAT,
     ROW_GROUP_SIZE,
     atomic_path,
     json_scalar,
@@ -61,6 +62,7 @@ from tagclip_cli.writers import (
     read_metadata,
     write_coco_json,
     write_json_atomic,
+    write_masks_parquet,
     write_parquet_atomic,
 )
 
@@ -736,6 +738,8 @@ def write_final(fmt: str, tables: Iterable[pa.Table], out: Path, schema: pa.Sche
         return write_parquet_atomic(tables, out, schema)
     if fmt == COCO_JSON_FORMAT:  # `tagclip segment`: masks JSON (+ the tags Parquet with tags_out)
         return write_coco_json(tables, out, schema, tags_out=(options or {}).get("tags_out"))
+    if fmt == MASKS_PARQUET_FORMAT:  # `tagclip segment --out masks.parquet`: one row per (image, mask)
+        return write_masks_parquet(tables, out, schema, tags_out=(options or {}).get("tags_out"))
     raise UsageError(f"unknown output format '{fmt}' in the work directory of {out}")
 
 

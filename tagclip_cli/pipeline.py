@@ -32,9 +32,11 @@ from tagclip_cli.formats import FileTags, TagsFile
 from tagclip_cli.jobs import JobSpec, Placement, Summary, output_lock, run_job, session
 from tagclip_cli.segment import SegmentConfig, Segmenter, SegOutput, require_crf
 from tagclip_cli.tagclip import TagCLIPConfig, Tagger
+from tagclip_cli.thresholds import thresholds_record
 from tagclip_cli.vocab import Vocabulary
 from tagclip_cli.writers import (
     COCO_JSON_FORMAT,
+    MASKS_PARQUET_FORMAT,
     label_png_path,
     mask_entries,
     segment_row,
@@ -98,8 +100,13 @@ class AnnotateOptions(JobOptions):
 
 
 def run_config(backbone: Backbone, vocab: Vocabulary, cfg: TagCLIPConfig, max_side: int | None) -> dict:
-    """Everything that determines the output; stored in the Parquet metadata and checked on resume."""
-    return {
+    """Everything that determines the output; stored in the Parquet metadata and checked on resume.
+
+    Per-class thresholds (cfg.class_thresholds) are recorded as "thresholds" (`thresholds_record`),
+    and only when set, so that a run without them has the metadata it always had."""
+    tagclip = asdict(cfg)
+    class_thresholds = tagclip.pop("class_thresholds")
+    config = {
         "tool": "tagclip-cli",
         "tool_version": __version__,
         "model": backbone.identity(),
@@ -108,9 +115,12 @@ def run_config(backbone: Backbone, vocab: Vocabulary, cfg: TagCLIPConfig, max_si
         "seg_names": list(vocab.seg_names),
         "background": list(vocab.background) if cfg.use_background else [],
         "vocabulary": vocab.source,
-        "tagclip": asdict(cfg),
+        "tagclip": tagclip,
         "max_side": max_side,
     }
+    if class_thresholds is not None:
+        config["thresholds"] = thresholds_record(cfg.tag_threshold, class_thresholds, vocab.classes)
+    return config
 
 
 # ---- the runner -----------------------------------------------------------------------------------
@@ -331,10 +341,17 @@ def open_tags_file(path: str | Path, vocab: Vocabulary) -> TagsFile:
         raise UsageError(f"--tags {exc}") from None
 
 
+def masks_format(out: Path) -> str:
+    """The masks output a segment run writes: a masks Parquet (`writers.masks_schema`, one row per
+    mask, for large runs) when `out` ends in .parquet, else the COCO JSON (the default)."""
+    return MASKS_PARQUET_FORMAT if Path(out).suffix.lower() == ".parquet" else COCO_JSON_FORMAT
+
+
 def run_segment(opts: SegmentOptions, progress: ProgressFactory | None = None) -> Summary:
-    """Segment every item into opts.out (COCO RLE JSON; rows stream through OUT.parts/ like annotate,
-    so the run resumes and shards), with the tags Parquet at opts.tags_out and label PNGs in
-    opts.png_dir if asked. One model load; TagCLIP and CLS-SEG share each image's dense forward."""
+    """Segment every item into opts.out (COCO RLE JSON, or a masks Parquet: `masks_format`; rows
+    stream through OUT.parts/ like annotate, so the run resumes and shards), with the tags Parquet
+    at opts.tags_out and label PNGs in opts.png_dir if asked. One model load; TagCLIP and CLS-SEG
+    share each image's dense forward."""
     if opts.segment.crf:
         require_crf()
     tags_file = open_tags_file(opts.tags_in, opts.vocab) if opts.tags_in is not None else None
@@ -344,7 +361,7 @@ def run_segment(opts: SegmentOptions, progress: ProgressFactory | None = None) -
         segmenter = Segmenter(backbone, opts.vocab, opts.segment, opts.tagclip, run_tagclip=tags_file is None)
         final = {"tags_out": str(Path(opts.tags_out).resolve())} if opts.tags_out is not None else {}
         return Stage(
-            config=config, schema=segment_schema(config), format=COCO_JSON_FORMAT, final_options=final,
+            config=config, schema=segment_schema(config), format=masks_format(opts.out), final_options=final,
             mapper=lambda batch: segment_images(segmenter, batch, tags_file),
             writer=lambda results: segment_rows(results, opts.png_dir), needs_rgb=opts.segment.crf,
         )

@@ -1,7 +1,10 @@
 """Look at the labels: one overlay PNG per image and an offline HTML contact sheet.
 
 Inputs are the two files the other commands write: the tags Parquet (`tagclip annotate`) and,
-optionally, the COCO RLE masks JSON (`tagclip segment`). Output layout::
+optionally, the COCO RLE masks JSON (`tagclip segment`). Cards are in file order, or with
+sort="doubt" the likeliest mistakes first: images whose tag decisions lie closest to their
+thresholds (`doubt_margins`), failed images first if asked, optionally one class's only. Output
+layout::
 
     OUT/index.html              contact sheet (inline CSS/JS from tagclip_cli/assets/, data embedded as
                                 JSON; no network)
@@ -61,6 +64,14 @@ class ShowConfig:
     limit: int | None = None
     workers: int = 0
     title: str | None = None
+    sort: str = "file"  # "file" (the tags file's order) or "doubt" (smallest margin first)
+    failed_first: bool = False  # with sort="doubt": failed images before all others
+    doubt_class: str | None = None  # doubt of this class only; implies sort="doubt"
+    max_margin: float | None = None  # with doubt: keep only images whose margin is at most this
+    thresholds: Path | None = None  # thresholds file (default: those the tags file records)
+
+
+SORT_ORDERS = ("file", "doubt")
 
 
 @dataclass
@@ -102,10 +113,34 @@ class TagRow:
     failed: bool
     error: str | None
     tags: tuple[tuple[str, float | None], ...]
+    doubt: tuple[int, float, float] | None = None  # (class index, margin, its threshold); see doubt_margins
 
 
-def iter_tag_rows(path: Path, classes: Sequence[str], limit: int | None = None) -> Iterator[TagRow]:
-    """Rows of a tags Parquet in file order, reading a few thousand at a time."""
+def doubt_margins(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """How close each tag decision is: |normalised score - threshold| per class (N, F) for
+    scores (N, F) and thresholds (F,), the normalisation of the tag rule (docs/algorithm.md §6).
+    A small margin is a decision that a small change of score or threshold would flip."""
+    from tagclip_cli.thresholds import normalised_scores
+
+    return np.abs(normalised_scores(scores) - np.asarray(thresholds, dtype=np.float32)[None, :])
+
+
+def _doubt_of(scores: Sequence[float] | None, thresholds: np.ndarray | None, only: int | None
+              ) -> tuple[int, float, float] | None:
+    """(class, margin, threshold) of a row's closest decision (or of class `only`); None when the
+    row has no usable scores or no thresholds were asked for."""
+    if thresholds is None or not scores or len(scores) != len(thresholds):
+        return None
+    margins = doubt_margins(np.asarray([scores], dtype=np.float32), thresholds)[0]
+    c = int(np.argmin(margins)) if only is None else only
+    return c, float(margins[c]), float(thresholds[c])
+
+
+def iter_tag_rows(path: Path, classes: Sequence[str], limit: int | None = None,
+                  thresholds: np.ndarray | None = None, doubt_class: int | None = None) -> Iterator[TagRow]:
+    """Rows of a tags Parquet in file order, reading a few thousand at a time; with (F,)
+    thresholds each row carries its doubt (`doubt_margins`: of its closest decision, or of class
+    doubt_class)."""
     position = {name: i for i, name in enumerate(classes)}
     count = 0
     for batch in iter_tag_batches(path, TAG_COLUMNS):
@@ -126,8 +161,22 @@ def iter_tag_rows(path: Path, classes: Sequence[str], limit: int | None = None) 
                 failed=row["status"] != "ok",
                 error=row["error"],
                 tags=tuple(tags),
+                doubt=None if row["status"] != "ok" else _doubt_of(row["scores"], thresholds, doubt_class),
             )
             count += 1
+
+
+def doubt_order(rows: Sequence[TagRow], failed_first: bool = False, max_margin: float | None = None
+                ) -> list[TagRow]:
+    """Rows by increasing doubt margin (ties: file order); failed rows (no scores) first with
+    failed_first, else last; rows whose margin exceeds max_margin are left out (failed rows are
+    kept only with failed_first)."""
+    failed = [r for r in rows if r.doubt is None]
+    scored = [r for r in rows if r.doubt is not None and (max_margin is None or r.doubt[1] <= max_margin)]
+    scored.sort(key=lambda r: r.doubt[1])  # stable: file order among equal margins
+    if failed_first:
+        return failed + scored
+    return scored + ([] if max_margin is not None else failed)
 
 
 # ---- drawing --------------------------------------------------------------------------------------
@@ -347,6 +396,10 @@ def render_job(job: RenderJob) -> dict[str, Any]:
                                     swatch=class_color(label)))
     if not failed and not row.tags:
         lines.append(LegendLine("no tags above the threshold", color=(90, 90, 90)))
+    if row.doubt is not None:
+        c, margin, threshold = row.doubt
+        lines.append(LegendLine(f"closest decision: {job.names[c]}, {margin:.3f} from its threshold {threshold:.2f}",
+                                color=(90, 90, 90)))
 
     overlay, part = render_overlay(picture, labels, colors, lines, failed, job.max_side)
     out = Path(job.out)
@@ -359,7 +412,7 @@ def render_job(job: RenderJob) -> dict[str, Any]:
     with atomic_path(out / thumb_rel) as tmp:
         thumb.save(tmp, format="JPEG", quality=85)
         tmp.chmod(PUBLIC_MODE)
-    return {
+    card = {
         "id": row.image_id,
         "o": overlay_rel,
         "t": thumb_rel,
@@ -371,6 +424,9 @@ def render_job(job: RenderJob) -> dict[str, Any]:
         "err": error if failed else None,
         "read_error": read_error if not row.failed else None,
     }
+    if row.doubt is not None:  # [class index, margin, threshold] of the closest decision
+        card["doubt"] = [row.doubt[0], round(row.doubt[1], 4), round(row.doubt[2], 4)]
+    return card
 
 
 # ---- the whole gallery ----------------------------------------------------------------------------
@@ -384,6 +440,33 @@ def resolve_source(images: Path, row: TagRow) -> str | None:
     if row.path and Path(row.path).is_file():
         return row.path
     return None
+
+
+def _rows_to_show(config: ShowConfig, classes: Sequence[str]) -> list[TagRow]:
+    """The rows of the gallery, in order: the first `limit` rows of the file, or with the doubt
+    order the `limit` most doubtful of all rows."""
+    if config.sort not in SORT_ORDERS:
+        raise UsageError(f"--sort must be one of {', '.join(SORT_ORDERS)}, not '{config.sort}'")
+    by_doubt = config.sort == "doubt" or config.doubt_class is not None
+    if not by_doubt:
+        if config.failed_first or config.max_margin is not None or config.thresholds is not None:
+            raise UsageError("--failed-first, --max-margin and --thresholds order by doubt: add --sort doubt")
+        return list(iter_tag_rows(config.tags, classes, config.limit))
+    from tagclip_cli.thresholds import read_threshold_file, thresholds_from_metadata
+
+    metadata = read_tags_schema(config.tags)
+    recorded = thresholds_from_metadata(metadata)
+    chosen = read_threshold_file(config.thresholds, classes, recorded.default) if config.thresholds else recorded
+    vector = np.asarray(chosen.vector(classes), dtype=np.float32)
+    only = None
+    if config.doubt_class is not None:
+        if config.doubt_class not in classes:
+            raise UsageError(f"--class {config.doubt_class!r}: not a class of {config.tags} "
+                             f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+        only = list(classes).index(config.doubt_class)
+    rows = doubt_order(list(iter_tag_rows(config.tags, classes, None, vector, only)), config.failed_first,
+                       config.max_margin)
+    return rows[: config.limit] if config.limit is not None else rows
 
 
 def build_gallery(config: ShowConfig, progress: Callable[[int, int], object] | None = None) -> ShowSummary:
@@ -400,9 +483,10 @@ def build_gallery(config: ShowConfig, progress: Callable[[int, int], object] | N
             if masks.categories[cat_id] not in names:
                 names.append(masks.categories[cat_id])
     label_of = {} if masks is None else {cid: names.index(n) + 1 for cid, n in masks.categories.items()}
-    rows = list(iter_tag_rows(config.tags, classes, config.limit))
+    rows = _rows_to_show(config, classes)
     if not rows:
-        raise UsageError(f"{config.tags}: no rows to show")
+        raise UsageError(f"{config.tags}: no rows to show" + (
+            f" (no image within --max-margin {config.max_margin})" if config.max_margin is not None else ""))
     for sub in ("overlays", "thumbs"):
         (config.out / sub).mkdir(parents=True, exist_ok=True)
 

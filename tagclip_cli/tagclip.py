@@ -63,6 +63,9 @@ class TagCLIPConfig:
     cwr_patch_threshold: float = 0.5  # CWR box: normalised P_refined column above this
     fusion_lambda: float = 0.5  # P_final = lambda * local + (1 - lambda) * global
     tag_threshold: float = 0.5  # tags: normalised P_final over foreground above this
+    # Per-class thresholds (F,) in vocabulary order (`tagclip_cli.thresholds`), replacing
+    # tag_threshold for every class when set; None = tag_threshold for all (docs/algorithm.md §6).
+    class_thresholds: tuple[float, ...] | None = None
     use_dmar: bool = True  # ablation switch: False = coarse patch scores only
     use_cwr: bool = True  # ablation switch: False = local scores only
     use_background: bool = True
@@ -251,10 +254,37 @@ def fuse(p_local: Tensor, p_global: Tensor, fused: Tensor, lam: float) -> Tensor
     return torch.where(fused, lam * p_local + (1 - lam) * p_global, p_local)
 
 
-def tags_from_scores(scores: Tensor, threshold: float) -> list[int]:
-    """Classes whose min-max normalised score is > threshold (strictly); the argmax if none pass."""
+def tags_from_scores(scores: Tensor, threshold: float | Tensor) -> list[int]:
+    """Classes whose min-max normalised score (over the F foreground scores (F,)) is > threshold
+    (strictly); the argmax if none pass (docs/algorithm.md §6). threshold: one float for every
+    class, or an (F,) tensor of per-class thresholds (each class against its own)."""
+    if isinstance(threshold, Tensor):
+        threshold = threshold.to(scores.device)
     keep = torch.nonzero(minmax(scores) > threshold).flatten().tolist()
     return keep if keep else [int(torch.argmax(scores))]
+
+
+def tag_matrix(scores: Tensor, threshold: float | Tensor) -> Tensor:
+    """`tags_from_scores` for a batch: scores (N, F) -> (N, F) bool, row i True at the tags of
+    row i. The same float32 operations per row, so each row equals tags_from_scores exactly;
+    used to re-derive tags from stored scores (`tagclip retag`, `tagclip calibrate`)."""
+    if isinstance(threshold, Tensor):
+        threshold = threshold.to(scores.device)
+    keep = minmax(scores, dim=1) > threshold
+    none = ~keep.any(dim=1)
+    if none.any():
+        keep[none, scores[none].argmax(dim=1)] = True  # argmax: the first maximum, as above
+    return keep
+
+
+def class_threshold_tensor(config: TagCLIPConfig, num_classes: int) -> float | Tensor:
+    """The threshold argument of `tags_from_scores` for a config: tag_threshold, or the (F,)
+    float32 per-class thresholds."""
+    if config.class_thresholds is None:
+        return config.tag_threshold
+    if len(config.class_thresholds) != num_classes:
+        raise ValueError(f"{len(config.class_thresholds)} class thresholds for {num_classes} classes")
+    return torch.tensor(config.class_thresholds, dtype=torch.float32)
 
 
 # ---- batching -------------------------------------------------------------------------------------
@@ -318,6 +348,7 @@ class Tagger:
             raise ValueError(f"text classifier has {text.shape[0]} rows for {len(names)} classes")
         self.text = text
         self.layers = self.config.layers_for(backbone.num_layers)
+        self.threshold = class_threshold_tensor(self.config, vocab.num_classes)
 
     @torch.inference_mode()
     def tag(self, images: Sequence[Tensor], keep_dense: bool = False) -> list[TagOutput]:
@@ -376,5 +407,9 @@ class Tagger:
         for out in outputs:
             fused = ~torch.isnan(out.p_global)
             out.scores = fuse(out.p_local, torch.nan_to_num(out.p_global), fused, self.config.fusion_lambda)
-            out.tags = tags_from_scores(out.scores, self.config.tag_threshold)
+            if isinstance(self.threshold, Tensor):
+                # per-class thresholds: on the float32 scores, as `retag` sees them in the Parquet
+                out.tags = tags_from_scores(out.scores.float(), self.threshold)
+            else:
+                out.tags = tags_from_scores(out.scores, self.threshold)
 

@@ -374,6 +374,101 @@ def write_coco_json(
     return rows
 
 
+MASKS_PARQUET_FORMAT = "masks-parquet"  # `tagclip segment --out masks.parquet` (jobs.write_final)
+
+
+def masks_schema(metadata: dict | None = None) -> pa.Schema:
+    """Columns of the masks Parquet: one row per (image, class mask), and one row with null
+    class_id for an image without masks or a failed image (status "failed", its error).
+
+    class_id is the COCO category id of `coco_categories` (vocabulary index + 1), class_name its
+    name; score, area, bbox ([x, y, w, h] in pixels, as COCO) and counts (COCO compressed RLE at
+    the image's height x width, column-major) are those of the COCO JSON's annotation. The run
+    metadata (with "classes") is stored under METADATA_KEY, as in the tags Parquet."""
+    schema = pa.schema(
+        [
+            ("image_id", pa.string()),
+            ("path", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("class_id", pa.int32()),
+            ("class_name", pa.string()),
+            ("score", pa.float32()),
+            ("area", pa.int64()),
+            ("bbox", pa.list_(pa.float64())),
+            ("counts", pa.string()),
+        ]
+    )
+    if metadata is not None:
+        schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode("utf-8")})
+    return schema
+
+
+def mask_rows_table(table: pa.Table, classes: Sequence[str], schema: pa.Schema) -> pa.Table:
+    """Segment rows (`segment_schema`, one per image) -> masks Parquet rows (`masks_schema`):
+    each image's `masks` entries become rows in order; an image with none (or failed) becomes one
+    row with null mask columns. Vectorised with Arrow (no Python loop over masks)."""
+    import pyarrow.compute as pc
+
+    n = table.num_rows
+    masks = table.column("masks").combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(masks), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    per_image = np.maximum(lengths, 1)  # rows per image in the output
+    image_of_row = np.repeat(np.arange(n), per_image)
+    out_start = np.cumsum(per_image) - per_image
+    flat_start = np.cumsum(lengths) - lengths
+    total = int(per_image.sum())
+    # output row -> position in the flattened mask entries, or null for an image without masks
+    mask_of_row = np.full(total, -1, dtype=np.int64)
+    n_masks = int(lengths.sum())
+    if n_masks:
+        rows_with_mask = np.repeat(out_start, lengths) + (np.arange(n_masks) - np.repeat(flat_start, lengths))
+        mask_of_row[rows_with_mask] = np.arange(n_masks)
+    # masks.flatten() would ignore the offsets of a sliced array; values + offsets do not
+    entries = pc.list_flatten(masks)
+    take = pa.array(mask_of_row, mask=mask_of_row < 0)
+    picked = entries.take(take) if n_masks else pa.nulls(total, entries.type)
+    images = table.select(["image_id", "path", "width", "height", "status", "error"]).take(pa.array(image_of_row))
+    class_id = pc.struct_field(picked, "category_id")
+    names = pa.array(list(classes), type=pa.string())
+    class_name = names.take(pc.subtract(class_id, 1)) if len(classes) else pa.nulls(total, pa.string())
+    columns = {name: images.column(name) for name in images.column_names}
+    columns |= {
+        "class_id": class_id,
+        "class_name": class_name,
+        "score": pc.struct_field(picked, "score"),
+        "area": pc.struct_field(picked, "area"),
+        "bbox": pc.struct_field(picked, "bbox"),
+        "counts": pc.struct_field(picked, "counts"),
+    }
+    return pa.table([columns[f.name] for f in schema], schema=schema)
+
+
+def write_masks_parquet(
+    tables: Iterable[pa.Table], out: str | Path, schema: pa.Schema, tags_out: str | Path | None = None
+) -> int:
+    """Merge segment rows (tables in index order, `segment_schema`) into the masks Parquet at
+    `out` (`masks_schema`, row groups of ROW_GROUP_SIZE rows), atomically; returns the number of
+    images. One table of rows is in memory at a time. With tags_out, the same pass also writes the
+    tags Parquet there, as `write_coco_json` does."""
+    config = schema_config(schema)
+    classes = config.get("classes", [])
+    out_schema = masks_schema(config)
+    tag_fields = tags_schema(config)
+    images = 0
+    with atomic_path(out) as tmp, _maybe_parquet(tags_out, tag_fields) as tag_writer:
+        with pq.ParquetWriter(tmp, out_schema, compression="zstd") as writer:
+            for table in tables:
+                if tag_writer is not None:
+                    tag_writer.write_table(table.select(tag_fields.names).cast(tag_fields),
+                                           row_group_size=ROW_GROUP_SIZE)
+                writer.write_table(mask_rows_table(table, classes, out_schema), row_group_size=ROW_GROUP_SIZE)
+                images += table.num_rows
+    return images
+
+
 @contextmanager
 def _maybe_parquet(path: str | Path | None, schema: pa.Schema):
     """A ParquetWriter on an atomic temporary for `path`, or None when path is None."""

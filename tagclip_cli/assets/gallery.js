@@ -57,6 +57,12 @@
     div.appendChild(el("div", "name", c.id));
     div.appendChild(el("div", "meta", c.size));
     if (c.err) div.appendChild(el("div", "error", "FAILED: " + c.err));
+    if (c.doubt) {
+      const d = el("div", "meta doubt", "closest decision: " + classes[c.doubt[0]].name + ", " +
+        c.doubt[1].toFixed(3) + " from its threshold " + c.doubt[2].toFixed(2));
+      d.title = "|normalised score - threshold|: the smaller, the likelier a wrong tag decision";
+      div.appendChild(d);
+    }
     const tags = el("div", "tags");
     c.tags.forEach(function (t) {
       const name = t[0] >= 0 ? classes[t[0]].name : "?";

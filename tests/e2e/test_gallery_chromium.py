@@ -407,3 +407,25 @@ def test_thousands_of_cards_are_paginated(browser, tmp_path):
     assert len(page.evaluate(LOAD_ALL_IMAGES)) == 67
     assert not page.problems(), page.problems()
     page.close()
+
+
+def test_doubt_order_renders_failed_first_with_each_cards_closest_decision(browser, gallery, tmp_path):
+    """`show --sort doubt --failed-first`: every row's scores are 0.1, 0.3, 0.5, 0.7, normalised 0,
+    1/3, 2/3, 1, so with threshold 0.5 the closest decision is 'person' or 'cup' (1/6 each; in
+    float32 person's is the smaller) in every row: equal margins keep the file order, after the
+    failed image."""
+    root = gallery["out"].parent
+    out = tmp_path / "doubt"
+    done = run_show("--images", str(gallery["images"]), "--tags", str(root / "labels.parquet"), "--out", str(out),
+                    "--sort", "doubt", "--failed-first", "--workers", "0")
+    assert done.returncode == 0, done.stderr
+    page = Page(browser)
+    page.open(out.joinpath("index.html").as_uri())
+    ids = [c["id"] for c in page.evaluate(CARDS)]
+    assert ids == ["corrupt.jpg"] + [r["image_id"] for r in gallery["rows"] if r["status"] == "ok"][:9]
+    notes = page.evaluate("Array.from(document.querySelectorAll('#cards .card')).map("
+                          "c => (c.querySelector('.doubt') || {}).textContent || null)")
+    assert notes[0] is None  # the failed image has no scores
+    assert set(notes[1:]) == {"closest decision: person, 0.167 from its threshold 0.50"}
+    assert not page.problems(), page.problems()
+    page.close()
