@@ -97,15 +97,29 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def value_path_and_class_token(bb: Backbone, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def value_path_and_class_token(bb: Backbone, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, N, D) value-path patch tokens exactly as TagCLIP scores them (``Backbone.dense_forward``,
-    docs/algorithm.md §1) and the (B, D) ordinary class-token embedding (what ``encode_image`` gives),
-    sharing blocks 1..L-1: the class token is block L with normal attention on the same input."""
+    docs/algorithm.md §1), the (B, D) ordinary class-token embedding (what ``encode_image`` gives),
+    sharing blocks 1..L-1 (the class token is block L with normal attention on the same input), and
+    the (B, L, 1+N, 1+N) head-averaged attention maps DMAR and CAA read."""
     dense = bb.dense_forward(images, keep_pre_last=True)
     if not dense.tokens.requires_grad:
         raise RuntimeError("Backbone.dense_forward returned no gradient: it must keep autograd when enabled")
     x, _ = bb.block_forward(bb.num_layers - 1, dense.pre_last)
-    return dense.tokens[:, 1:], bb.project_tokens(x[:, :1])[:, 0]
+    return dense.tokens[:, 1:], bb.project_tokens(x[:, :1])[:, 0], dense.attn
+
+
+def attention_loss(attn: torch.Tensor, targets: torch.Tensor, layers: slice, object_weight: float) -> torch.Tensor:
+    """The second auxiliary loss: in the layers DMAR averages (docs/algorithm.md §3: L-3..L-1), each
+    patch's attention should fall on patches of its own class: -log of the attention mass a patch puts
+    on patches sharing its label (soft: the product of the two patches' pixel shares), averaged over
+    patches with the weights of :func:`patch_loss`. attn (B, L, 1+N, 1+N), targets (B, N, 18). The class
+    token's row is left alone (it has to look at the whole scene)."""
+    maps = attn[:, layers, 1:, 1:].float()  # (B, l, N, N) patch queries, patch keys
+    same = targets @ targets.transpose(1, 2)  # (B, N, N)
+    mass = (maps * same[:, None]).sum(dim=-1).clamp_min(1e-6)  # (B, l, N)
+    weight = 1 + (object_weight - 1) * targets[..., : len(OBJECT_CLASSES)].sum(dim=-1)  # (B, N)
+    return (weight[:, None] * -mass.log()).sum() / (weight.sum() * maps.shape[1])
 
 
 def patch_loss(
@@ -185,6 +199,8 @@ def main() -> None:
         "fast on CPUs with AMX/AVX512-BF16",
     )
     ap.add_argument("--patch-weight", type=float, default=1.0, help="weight of the per-patch loss (0: plain CLIP)")
+    ap.add_argument("--attention-weight", type=float, default=0.5,
+                    help="weight of the attention loss on DMAR's layers (0: none)")  # fmt: skip
     ap.add_argument("--object-weight", type=float, default=3.0,
                     help="a patch fully covered by an object counts this many background patches")  # fmt: skip
     ap.add_argument("--save-every", type=int, default=100)
@@ -237,8 +253,9 @@ def main() -> None:
     compute.requires_grad_(True)
     tokenizer = data.tokenizer
     templates = tagclip_templates()
-    log.info("precision %s; patch loss weight %.2f, object-patch weight %.1f", args.precision, args.patch_weight,
-             args.object_weight)  # fmt: skip
+    dmar_layers = slice(max(0, bb.num_layers - 4), bb.num_layers - 1)  # 0-based: DMAR's L-3..L-1
+    log.info("precision %s; loss weights: patch %.2f, attention %.2f (layers %s), object patches x%.1f",
+             args.precision, args.patch_weight, args.attention_weight, dmar_layers, args.object_weight)  # fmt: skip
 
     model.train()
     compute.train()
@@ -256,7 +273,7 @@ def main() -> None:
         # every template of the 85-prompt ensemble the tool's classifier averages.
         pick = np.random.default_rng([args.seed, step]).integers(len(templates), size=len(TARGET_CLASSES))
         prompts = tokenizer([templates[t].format(c) for t, c in zip(pick, TARGET_CLASSES, strict=True)])
-        patches, cls = value_path_and_class_token(bb, images)
+        patches, cls, attn = value_path_and_class_token(bb, images)
         # Features and the losses in fp32 whatever the compute precision (normalised in fp32 too).
         image_features = torch.nn.functional.normalize(cls.float(), dim=-1)
         text_all = torch.nn.functional.normalize(compute.encode_text(torch.cat([tokens, prompts])).float(), dim=-1)
@@ -264,7 +281,8 @@ def main() -> None:
         scale = compute.logit_scale.float().exp()
         clip = loss_fn(image_features, text_features, scale)
         patch = patch_loss(patches, class_text, targets, scale, args.object_weight)
-        loss = clip + args.patch_weight * patch
+        affinity = attention_loss(attn, targets, dmar_layers, args.object_weight)
+        loss = clip + args.patch_weight * patch + args.attention_weight * affinity
         loss.backward()
         if shadow is not None:
             shadow.grads_to_master()
@@ -276,9 +294,10 @@ def main() -> None:
         if step % 10 == 0 or step == args.steps - 1:
             elapsed = time.time() - start
             log.info(
-                "step %d/%d loss %.4f (ema %.4f; contrastive %.3f, patch %.3f) lr %.2e scale %.1f %.2fs/step "
-                "elapsed %.0fs",
-                step, args.steps, loss.item(), running, clip.item(), patch.item(), lr, model.logit_scale.exp().item(),
+                "step %d/%d loss %.4f (ema %.4f; contrastive %.3f, patch %.3f, attention %.3f) lr %.2e scale %.1f "
+                "%.2fs/step elapsed %.0fs",
+                step, args.steps, loss.item(), running, clip.item(), patch.item(), affinity.item(), lr,
+                model.logit_scale.exp().item(),
                 elapsed / (step + 1), elapsed,
             )  # fmt: skip
         if (step + 1) % args.save_every == 0 or step == args.steps - 1:
