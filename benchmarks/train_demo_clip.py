@@ -1,25 +1,38 @@
 """Train the small ``shapes-demo`` CLIP on synthetic scenes (tagclip_cli.synthetic), on CPU.
 
 The model is open_clip's own ``CLIP`` class with a small config (ViT, 224 px, patch 16 -> a 14x14
-grid like ViT-B/16; small text tower; QuickGELU), trained with open_clip's contrastive ``ClipLoss``
-on web-style captions that mostly name only the largest object of each scene. That salience bias
-in the captions is what makes the class token favour the salient object, as with real CLIP.
+grid like ViT-B/16; small text tower; QuickGELU). It is a *stand-in* for a CLIP with local
+patch-text alignment, not a small CLIP: trained contrastively alone for an hour on a CPU, a model
+this size never gets the alignment OpenAI's CLIP has (its patch tokens over small objects named
+their object 5.6% of the time, chance 8.3%), and TagCLIP rests on it. So the loss has three terms:
+
+- open_clip's contrastive ``ClipLoss`` on web-style captions that mostly name only the largest
+  object of each scene: the salience bias that makes the class token favour the salient object,
+  as with real CLIP;
+- ``--patch-weight`` x a per-patch loss (:func:`patch_loss`): every value-path patch token, exactly
+  as TagCLIP scores it (``Backbone.dense_forward``), is classified against the text embeddings of
+  the 12 shapes and the 6 background textures (the ``shapes`` vocabulary's classes then background
+  set), with the pixel shares under the patch (the generator's ground truth) as soft target;
+- ``--attention-weight`` x an attention loss (:func:`attention_loss`) on the layers DMAR averages:
+  each patch's attention should fall on patches of its own class.
 
 Reproducible from ``--seed``: training scene ``i`` is ``generate_scene(i, seed=TRAIN_STREAM)``, read
-in order, and torch is seeded. (Bitwise equality of the weights also needs the same torch build and
-thread count.) Checkpoints (fp16 safetensors + the open_clip JSON config) are written every
-``--save-every`` steps, so a partial run is usable.
+in order, the prompt template of each class at each step is drawn from ``default_rng([seed, step])``,
+and torch is seeded. (Bitwise equality of the weights also needs the same torch build and thread
+count.) Checkpoints (fp16 safetensors + the open_clip JSON config; the recipe in the safetensors
+metadata) are written every ``--save-every`` steps, so a partial run is usable; ``--stop-at N`` gives
+exactly the step-N checkpoint of the full schedule.
 
-    # the shipped weights (42 minutes on a 2-core AMX CPU):
-    .venv/bin/python benchmarks/train_demo_clip.py --precision bf16 --steps 1500 --batch-size 64 \
-        --threads 2 --workers 1 --seed 0 --out runs/shapes-demo-bf16
-    cp runs/shapes-demo-bf16/shapes-demo.{json,safetensors} tagclip_cli/weights/
+    # the shipped weights (see the README, "A first run, offline", for the time it took):
+    .venv/bin/python benchmarks/train_demo_clip.py --precision bf16 --steps 280 --warmup 30 \
+        --batch-size 32 --stop-at STOP --threads 1 --workers 1 --seed 0 --out runs/shapes-demo
+    cp runs/shapes-demo/shapes-demo.{json,safetensors} tagclip_cli/weights/
 
 ``--precision bf16`` trains in manual mixed precision (for CPUs with AMX / AVX512-BF16, where a
 bf16 forward/backward is several times faster than fp32; ``torch.autocast`` on CPU is not used
 because it copies every weight inside every matmul): the master weights and AdamW stay fp32, a
 bf16 copy of the model runs the forward and backward pass (weights copied in before each step,
-gradients copied back as fp32), and the features are cast to fp32 before the contrastive loss.
+gradients copied back as fp32), and the features are cast to fp32 before the losses.
 Checkpoints are written from the fp32 master weights either way.
 """
 
