@@ -84,7 +84,9 @@ class Scene:
 
     ``image`` is (H, W, 3) uint8 RGB; ``label_map`` is (H, W) uint8 with 0 = background and
     k = ``OBJECT_CLASSES[k - 1]``. ``objects`` lists the present object classes from the largest
-    visible area to the smallest, with their areas in ``areas`` (pixels).
+    visible area to the smallest, with their areas in ``areas`` (pixels). ``stuff_map`` is (H, W)
+    uint8, the ``STUFF_CLASSES`` index of the stuff texture at each pixel (also under objects): the
+    background half of the demo model's per-patch training targets.
     """
 
     index: int
@@ -95,6 +97,7 @@ class Scene:
     stuff: tuple[str, ...]
     caption: str
     meta: dict = field(default_factory=dict, compare=False)
+    stuff_map: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def salient(self) -> str:
@@ -332,6 +335,7 @@ def generate_scene(index: int, seed: int = 0, size: int = DEFAULT_SIZE) -> Scene
     if rng.random() < 0.45:
         stuff = (STUFF_CLASSES[rng.integers(len(STUFF_CLASSES))],)
         image = _stuff_texture(stuff[0], rng, size)
+        stuff_map = np.full((size, size), STUFF_CLASSES.index(stuff[0]), np.uint8)
     else:
         upper = _UPPER_STUFF[rng.integers(len(_UPPER_STUFF))]
         lower = _LOWER_STUFF[rng.integers(len(_LOWER_STUFF))]
@@ -340,6 +344,7 @@ def generate_scene(index: int, seed: int = 0, size: int = DEFAULT_SIZE) -> Scene
         horizon = size * rng.uniform(0.3, 0.7) + 0.04 * size * _smooth_noise(rng, size, 3)[0]
         below = np.arange(size)[:, None] >= horizon[None, :]
         image = np.where(below[..., None], bottom, top)
+        stuff_map = np.where(below, STUFF_CLASSES.index(lower), STUFF_CLASSES.index(upper)).astype(np.uint8)
 
     # Objects: distinct classes with log-uniform sizes, placed back to front (largest first so
     # that small ones stay visible), rejected if they would be hidden too much.
@@ -383,7 +388,7 @@ def generate_scene(index: int, seed: int = 0, size: int = DEFAULT_SIZE) -> Scene
     objects = tuple(OBJECT_CLASSES[c] for _, c in visible)
     areas = tuple(a for a, _ in visible)
     caption = make_caption(objects, stuff, rng)
-    return Scene(index, image_u8, label_map, objects, areas, stuff, caption)
+    return Scene(index, image_u8, label_map, objects, areas, stuff, caption, stuff_map=stuff_map)
 
 
 # ---------------------------------------------------------------------------------------------

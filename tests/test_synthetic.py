@@ -162,3 +162,14 @@ def test_shapes_demo_ships_in_the_package_and_loads_offline(tmp_path, monkeypatc
     top = (bb.encode_image(pixels) @ text.T).argmax(dim=1).tolist()
     hits = sum(OBJECT_CLASSES[t] == r["salient"] for t, r in zip(top, records.values(), strict=True))
     assert hits >= len(records) // 2
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_stuff_map_names_the_scene_stuff_and_fills_the_background(index: int) -> None:
+    scene = generate_scene(index, seed=11)
+    assert scene.stuff_map.shape == (224, 224) and scene.stuff_map.dtype == np.uint8
+    present = {STUFF_CLASSES[v] for v in np.unique(scene.stuff_map)}
+    assert present == set(scene.stuff)
+    if len(scene.stuff) == 2:  # upper stuff above the horizon, lower stuff below it, per column
+        upper, lower = (STUFF_CLASSES.index(s) for s in scene.stuff)
+        assert (scene.stuff_map[0] == upper).all() and (scene.stuff_map[-1] == lower).all()

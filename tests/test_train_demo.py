@@ -76,3 +76,68 @@ def test_patch_coverage_shares() -> None:
     assert cov.shape == (6, 4)
     assert cov.sum(axis=1) == pytest.approx(np.ones(6))
     assert cov[0, 2] == pytest.approx(0.5) and cov[5, 1] == pytest.approx(1.0) and cov[3, 0] == pytest.approx(1.0)
+
+
+def test_patch_targets_are_pixel_shares_of_objects_then_stuff() -> None:
+    from tagclip_cli.synthetic import OBJECT_CLASSES, STUFF_CLASSES, generate_scene
+
+    train = _load("train_demo_clip")
+    assert train.TARGET_CLASSES == OBJECT_CLASSES + STUFF_CLASSES
+    from tagclip_cli.vocab import load_vocabulary
+
+    assert load_vocabulary("shapes").all_names == train.TARGET_CLASSES  # the columns TagCLIP scores
+    scene = generate_scene(3, seed=11)
+    targets = train.patch_targets(scene, 16)
+    assert targets.shape == (196, len(train.TARGET_CLASSES))
+    assert targets.sum(axis=1) == pytest.approx(np.ones(196))
+    nf = len(OBJECT_CLASSES)
+    for name, area in zip(scene.objects, scene.areas, strict=True):  # object pixels, in patch units
+        assert targets[:, OBJECT_CLASSES.index(name)].sum() * 256 == pytest.approx(area)
+    background = (scene.label_map == 0).sum()
+    assert targets[:, nf:].sum() * 256 == pytest.approx(background)
+    assert set(np.nonzero(targets[:, nf:].sum(axis=0))[0]) <= {STUFF_CLASSES.index(s) for s in scene.stuff}
+
+
+def test_patch_loss_reads_the_value_path_tokens_the_tagger_scores() -> None:
+    import open_clip
+
+    from tagclip_cli.backbone import Backbone
+
+    train = _load("train_demo_clip")
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY)
+    bb = Backbone(model=model, tokenizer=None, name="tiny", weights="test", device=torch.device("cpu"), cache_dir=None)
+    model.requires_grad_(True)
+    images = torch.randn(2, 3, 32, 32)
+    patches, cls, attn = train.value_path_and_class_token(bb, images)
+    with torch.no_grad():
+        dense = bb.dense_forward(images)
+        assert torch.allclose(patches, dense.tokens[:, 1:], atol=1e-5)
+        assert torch.allclose(attn, dense.attn, atol=1e-6)
+        assert torch.allclose(cls, model.encode_image(images), atol=1e-5)  # the ordinary class token
+    text = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    targets = torch.softmax(torch.randn(2, 4, 5), dim=-1)
+    loss = train.patch_loss(patches, text, targets, torch.tensor(10.0), object_weight=3.0)
+    loss.backward()
+    assert model.visual.transformer.resblocks[-1].attn.in_proj_weight.grad is not None  # v of block L
+    assert model.visual.conv1.weight.grad.abs().sum() > 0
+    # A perfect prediction of a one-hot target costs (almost) nothing.
+    hot = torch.zeros(1, 1, 5)
+    hot[0, 0, 2] = 1
+    assert train.patch_loss(text[2].reshape(1, 1, 16), text, hot, torch.tensor(100.0), 3.0) < 1e-3
+
+
+def test_attention_loss_rewards_attention_within_a_label() -> None:
+    train = _load("train_demo_clip")
+    # Two patches of class 0, two of class 1 (one-hot shares), one layer.
+    targets = torch.tensor([[[1.0, 0], [1, 0], [0, 1], [0, 1]]])
+    within = torch.zeros(1, 1, 5, 5)
+    within[0, 0, 1:, 1:] = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5]])
+    across = torch.zeros(1, 1, 5, 5)
+    across[0, 0, 1:, 1:] = torch.tensor([[0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5], [0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0]])
+    uniform = torch.full((1, 1, 5, 5), 0.2)
+    good = train.attention_loss(within, targets, slice(0, 1), 3.0)
+    assert float(good) == pytest.approx(0.0, abs=1e-6)
+    spread = train.attention_loss(uniform, targets, slice(0, 1), 3.0)
+    assert spread > good
+    assert train.attention_loss(across, targets, slice(0, 1), 3.0) > spread
