@@ -52,8 +52,9 @@ from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from tagclip_cli.backbone import Backbone, tagclip_templates
+from tagclip_cli.backbone import Backbone
 from tagclip_cli.synthetic import DEFAULT_SIZE, OBJECT_CLASSES, STUFF_CLASSES, Scene, generate_scene
+from tagclip_cli.tagclip import tagclip_templates
 
 log = logging.getLogger("train_demo_clip")
 
