@@ -577,7 +577,7 @@ def segment(
     if setting not in ("voc", "coco"):
         raise fail(f"--setting must be voc or coco, not '{setting}'")
     if crf and method != "clses":
-        raise fail("--crf refines CLS-SEG cams; it does not apply to --method maskclip")
+        raise fail(f"--crf refines CLS-SEG cams; it does not apply to --method {method}")
     if (key_smoothing or prompt_denoising) and method != "maskclip":
         raise fail("--key-smoothing and --prompt-denoising are MaskCLIP options (--method maskclip)")
     if method in DENSE_METHODS and (tags_in is not None or tags_out is not None):
