@@ -1,4 +1,5 @@
-"""CLS-SEG (TagCLIP's tags fed to CLIP-ES) and the MaskCLIP baseline: label maps from a frozen CLIP.
+"""CLS-SEG (TagCLIP's tags fed to CLIP-ES), the MaskCLIP baseline and the dense baselines SCLIP,
+ClearCLIP and NACLIP (docs/algorithm.md §12): label maps from a frozen CLIP.
 
 Pure tensor functions (shapes in the docstrings; N patches on a (gh, gw) grid, K tags of one image,
 B background classes, L layers) plus a `Segmenter` that runs them over batches of images, sharing

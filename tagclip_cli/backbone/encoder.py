@@ -324,20 +324,22 @@ def dense_attention(block: torch.nn.Module, y: Tensor, method: str, grid: tuple[
     - clearclip: P = softmax(s q q^T);
     - naclip: P = softmax(s k k^T + prior), `neighbourhood_prior` with std gaussian_std.
 
-    The scores and softmax are fp32 (as `softmax_attention`), the product with v in v's dtype."""
+    The scores and softmax are fp32 (as `softmax_attention`; float64 inputs stay float64), the
+    product with v in v's dtype."""
     if method not in DENSE_ATTENTION:
         raise ValueError(f"unknown dense attention '{method}' (choose from {', '.join(DENSE_ATTENTION)})")
     mha: torch.nn.MultiheadAttention = block.attn
     q, k, v = split_qkv(mha, y)
     scale = q.shape[-1] ** -0.5
+    work = torch.promote_types(q.dtype, torch.float32)  # fp32 at least (float64 stays float64)
     with torch.autocast(y.device.type, enabled=False):
-        q, k = q.float(), k.float()
+        q, k = q.to(work), k.to(work)
         if method in ("sclip", "clearclip"):
             probs = (scale * q @ q.transpose(-1, -2)).softmax(dim=-1)
         if method == "sclip":
             probs = probs + (scale * k @ k.transpose(-1, -2)).softmax(dim=-1)
         elif method == "naclip":
-            prior = neighbourhood_prior(grid, gaussian_std, y.device)
+            prior = neighbourhood_prior(grid, gaussian_std, y.device).to(work)
             probs = (scale * k @ k.transpose(-1, -2) + prior).softmax(dim=-1)
     return merge_heads(mha, probs.to(v.dtype) @ v)
 
