@@ -623,7 +623,10 @@ def dense_logits(
         group = windows[start : start + chunk]
         crops = torch.stack([pixels[:, y1:y2, x1:x2] for y1, y2, x1, x2 in group])  # windows of one image: one size
         ch, cw = crops.shape[-2:]
-        pad = centre_padding(ch, cw, p) if settings.pad_crops else (0, 0, 0, 0)
+        if settings.pad_crops:
+            pad = centre_padding(ch, cw, p)
+        else:  # a side shorter than one patch (the authors' code fails there) is padded to one patch
+            pad = (0, max(0, p - cw), 0, max(0, p - ch))
         if any(pad):
             crops = F.pad(crops, pad)
         tokens = backbone.dense_method_forward(crops, method, settings.gaussian_std)  # (B, n, D)

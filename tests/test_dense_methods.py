@@ -248,6 +248,14 @@ def test_window_average_equals_windows_one_by_one(model, pad):
     assert torch.allclose(ours, total / count, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", DENSE_METHODS)
+def test_a_sliver_thinner_than_a_patch_still_segments(tiny_backbone, method):
+    seg = Segmenter(tiny_backbone, load_vocabulary("voc"), SegmentConfig(method=method))
+    rgb = np.full((6, 2000, 3), 128, dtype=np.uint8)  # resized to 6 x 2048: thinner than one patch
+    (out,) = seg.segment([torch.zeros(3, 16, 2000)], [(6, 2000)], rgb=lambda i: rgb)
+    assert out.label_map.shape == (6, 2000)
+
+
 @pytest.mark.parametrize("area", [None, 0.3])
 def test_label_map_equals_pixel_by_pixel(area):
     torch.manual_seed(4)
