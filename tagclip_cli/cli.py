@@ -557,12 +557,14 @@ def segment(
                                   "from the same pass."),
     png_dir: Path = typer.Option(None, "--png-dir", help="Also write palette label PNGs (0 = background, "
                                  "class = vocabulary index + 1) as DIR/<image id>.png."),
-    method: str = typer.Option("clses", "--method", help="clses (CLS-SEG: TagCLIP tags -> CLIP-ES, the paper's) "
-                               "or maskclip (baseline: dense logits, argmax)."),
+    method: str = typer.Option("clses", "--method", help="clses (CLS-SEG: TagCLIP tags -> CLIP-ES, the paper's), "
+                               "maskclip (baseline: dense logits, argmax), or the dense baselines sclip, clearclip, "
+                               "naclip with their published settings (README 'Compare methods')."),
     crf: bool = typer.Option(False, "--crf", help="Dense CRF on the RGB image (paper's parameters; "
                              "needs pip install 'tagclip-cli\\[crf]')."),
     setting: str = typer.Option("voc", "--setting", help="CAA layers and box threshold: voc (layers L-7..L-1, "
-                                "0.4) or coco (layers L-7..L, 0.7), as the reference."),
+                                "0.4) or coco (layers L-7..L, 0.7), as the reference; for sclip / clearclip / "
+                                "naclip their published VOC21 or COCO-Object settings."),
     key_smoothing: bool = typer.Option(False, "--key-smoothing", help="MaskCLIP: smooth with last-layer keys."),
     prompt_denoising: bool = typer.Option(False, "--prompt-denoising",
                                           help="MaskCLIP: drop classes whose best probability is below 0.5."),
@@ -592,10 +594,10 @@ def segment(
     quiet: bool = QUIET_OPT,
     verbose: bool = VERBOSE_OPT,
 ) -> None:
-    """Segment every image (CLS-SEG or MaskCLIP) into a COCO RLE JSON or a masks Parquet, optionally with label
-    PNGs and tags."""
+    """Segment every image (CLS-SEG, MaskCLIP, SCLIP, ClearCLIP or NACLIP) into a COCO RLE JSON or a masks
+    Parquet, optionally with label PNGs and tags."""
     from tagclip_cli.pipeline import SegmentOptions, run_segment
-    from tagclip_cli.segment import METHODS, SegmentConfig, require_crf
+    from tagclip_cli.segment import DENSE_METHODS, METHODS, SegmentConfig, require_crf
     from tagclip_cli.tagclip import TagCLIPConfig
     from tagclip_cli.writers import check_output_path
 
@@ -604,9 +606,11 @@ def segment(
     if setting not in ("voc", "coco"):
         raise fail(f"--setting must be voc or coco, not '{setting}'")
     if crf and method != "clses":
-        raise fail("--crf refines CLS-SEG cams; it does not apply to --method maskclip")
+        raise fail(f"--crf refines CLS-SEG cams; it does not apply to --method {method}")
     if (key_smoothing or prompt_denoising) and method != "maskclip":
         raise fail("--key-smoothing and --prompt-denoising are MaskCLIP options (--method maskclip)")
+    if method in DENSE_METHODS and (tags_in is not None or tags_out is not None):
+        raise fail(f"--tags and --tags-out are for TagCLIP's tags; --method {method} does not use them")
     if tags_in is not None and tags_out is not None:
         raise fail("--tags-out writes the tags of TagCLIP run here; with --tags the tags are already in that file")
     if thresholds is not None and tags_in is not None:

@@ -30,7 +30,7 @@ from tagclip_cli.errors import FormatError, UsageError
 from tagclip_cli.faults import OomSplitter
 from tagclip_cli.formats import FileTags, TagsFile
 from tagclip_cli.jobs import JobSpec, Placement, Summary, output_lock, run_job, session
-from tagclip_cli.segment import SegmentConfig, Segmenter, SegOutput, require_crf
+from tagclip_cli.segment import DENSE_METHODS, SegmentConfig, Segmenter, SegOutput, require_crf
 from tagclip_cli.tagclip import TagCLIPConfig, Tagger
 from tagclip_cli.thresholds import thresholds_record
 from tagclip_cli.vocab import Vocabulary
@@ -300,6 +300,9 @@ def segment_images(
             tags_here = [names[t] for t in out.tag_output.tags]
             results.append(SegResult(image, tags_here, out.tag_output.scores.cpu(), None, out.label_map,
                                      out.mask_scores))
+        elif tags_file is None:  # a dense baseline: no TagCLIP, the classes present are the tags
+            results.append(SegResult(image, [names[t] for t in out.tags], None, None, out.label_map,
+                                     out.mask_scores))
         else:
             entry = from_file.get(image.item.index, FileTags([], [], None))
             results.append(SegResult(image, entry.names, entry.scores, None, out.label_map, out.mask_scores))
@@ -327,6 +330,10 @@ def segment_config(
     """run_config plus the segmentation settings and, with --tags, the tags file's identity."""
     config = run_config(backbone, opts.vocab, opts.tagclip, opts.max_side)
     config["segment"] = json.loads(json.dumps(asdict(opts.segment)))  # as config.json reads back (lists)
+    if config["segment"]["dense"] is None:
+        del config["segment"]["dense"]  # clses / maskclip: the config of earlier versions, so their runs resume
+    else:
+        config["tagclip"] = None  # the dense baselines do not run TagCLIP
     if tags_file is not None:
         config["tagclip"] = None  # TagCLIP did not run here: the tags come from the file
         config["tags_input"] = tags_file.identity()
@@ -363,7 +370,8 @@ def run_segment(opts: SegmentOptions, progress: ProgressFactory | None = None) -
         return Stage(
             config=config, schema=segment_schema(config), format=masks_format(opts.out), final_options=final,
             mapper=lambda batch: segment_images(segmenter, batch, tags_file),
-            writer=lambda results: segment_rows(results, opts.png_dir), needs_rgb=opts.segment.crf,
+            writer=lambda results: segment_rows(results, opts.png_dir),
+            needs_rgb=opts.segment.crf or opts.segment.method in DENSE_METHODS,  # dense baselines resize it themselves
         )
 
     return run_stage(opts, build, progress)

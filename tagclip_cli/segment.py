@@ -1,4 +1,5 @@
-"""CLS-SEG (TagCLIP's tags fed to CLIP-ES) and the MaskCLIP baseline: label maps from a frozen CLIP.
+"""CLS-SEG (TagCLIP's tags fed to CLIP-ES), the MaskCLIP baseline and the dense baselines SCLIP,
+ClearCLIP and NACLIP (docs/algorithm.md §12): label maps from a frozen CLIP.
 
 Pure tensor functions (shapes in the docstrings; N patches on a (gh, gw) grid, K tags of one image,
 B background classes, L layers) plus a `Segmenter` that runs them over batches of images, sharing
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tagclip_cli.backbone import Backbone, DenseOutput
+from tagclip_cli.backbone import Backbone, DenseOutput, imagenet_templates
 from tagclip_cli.errors import UsageError
 from tagclip_cli.tagclip import (
     TagCLIPConfig,
@@ -44,11 +45,12 @@ from tagclip_cli.tagclip import (
     layer_range,
     tagclip_templates,
 )
-from tagclip_cli.vocab import Vocabulary
+from tagclip_cli.vocab import Vocabulary, load_vocabulary
 
 log = logging.getLogger(__name__)
 
-METHODS = ("clses", "maskclip")
+DENSE_METHODS = ("sclip", "clearclip", "naclip")  # the dense baselines (docs/algorithm.md §12)
+METHODS = ("clses", "maskclip", *DENSE_METHODS)
 CAM_EPS = 1e-7  # the reference's normalisation: (x - min) / (max - min + eps)
 ROW_CHUNK_PIXELS = 1 << 22  # upsample and argmax about this many pixels x classes at a time
 # CLS-SEG names classes with CLIP-ES's single template (docs/algorithm.md §7).
@@ -57,6 +59,95 @@ CLS_SEG_TEMPLATES = ("a clean origami {}.",)
 
 class CrfUnavailableError(UsageError):
     """The dense CRF was asked for but the optional pydensecrf2 package is not installed."""
+
+
+# ---- the dense baselines' published settings (docs/algorithm.md §12) ------------------------------
+
+@dataclass(frozen=True)
+class DenseSettings:
+    """Inference settings of a dense baseline (SCLIP, ClearCLIP, NACLIP), as each published them.
+
+    The image is resized keeping its aspect ratio so that its short side is short_side (its long
+    side at most max_long), with OpenCV's bilinear resize of the uint8 image; crop > 0: sliding
+    crop x crop windows every `stride` pixels (crop 0: the whole image in one forward);
+    pad_crops: windows whose sides are not multiples of the patch size are zero-padded on both
+    sides (ClearCLIP) instead of losing the remainder in the patch convolution. Per pixel:
+    softmax over the queries of logit_scale * cosine, a class's probability is the max over its
+    queries; area_threshold (SCLIP, VOC): a foreground class covering at most this fraction of the
+    foreground pixels is dropped; pixels whose best probability is below prob_threshold are
+    background. gaussian_std: NACLIP's neighbourhood prior on the patch grid. queries:
+    "published" = the authors' query names for the built-in voc / coco vocabularies
+    (`dense_queries`), "vocabulary" = one query per class name, the vocabulary's background
+    names for the background."""
+
+    short_side: int
+    crop: int
+    stride: int
+    logit_scale: float
+    prob_threshold: float
+    area_threshold: float | None = None
+    pad_crops: bool = False
+    gaussian_std: float = 5.0
+    max_long: int = 2048
+    queries: str = "published"
+
+    def __post_init__(self) -> None:
+        if self.short_side < 1 or self.max_long < 1 or self.crop < 0 or (self.crop and self.stride < 1):
+            raise UsageError("dense settings: short_side and max_long must be >= 1, crop >= 0, stride >= 1")
+        if self.queries not in ("published", "vocabulary"):
+            raise UsageError(f"dense settings: queries must be published or vocabulary, not '{self.queries}'")
+
+    @classmethod
+    def published(cls, method: str, setting: str) -> DenseSettings:
+        """The authors' VOC21 ("voc") or COCO-Object ("coco") configuration of method."""
+        try:
+            return PUBLISHED_DENSE[method][setting]
+        except KeyError:
+            raise UsageError(f"no published settings for method '{method}', setting '{setting}'") from None
+
+
+# Read from the authors' VOC21 and COCO-Object configs (ViT-B/16); SCLIP and NACLIP leave the
+# class's constructor defaults (224 / 112 windows) where a config does not set them.
+PUBLISHED_DENSE: dict[str, dict[str, DenseSettings]] = {
+    "sclip": {
+        "voc": DenseSettings(short_side=336, crop=224, stride=112, logit_scale=65, prob_threshold=0.1,
+                             area_threshold=0.1),
+        "coco": DenseSettings(short_side=336, crop=224, stride=112, logit_scale=50, prob_threshold=0.1),
+    },
+    "clearclip": {
+        "voc": DenseSettings(short_side=448, crop=448, stride=224, logit_scale=50, prob_threshold=0.5,
+                             pad_crops=True),
+        "coco": DenseSettings(short_side=448, crop=448, stride=224, logit_scale=50, prob_threshold=0.4,
+                              pad_crops=True),
+    },
+    "naclip": {
+        "voc": DenseSettings(short_side=336, crop=0, stride=0, logit_scale=40, prob_threshold=0.1),
+        "coco": DenseSettings(short_side=336, crop=224, stride=112, logit_scale=40, prob_threshold=0.1),
+    },
+}
+
+# SCLIP's and NACLIP's query names (docs/algorithm.md §12): background = 26 scene words, and a
+# few classes with several names; a class scores the max over its queries.
+SCENE_BACKGROUND = (
+    "sky", "wall", "tree", "wood", "grass", "road", "sea", "river", "mountain", "sands", "desk", "bed",
+    "building", "cloud", "lamp", "door", "window", "wardrobe", "ceiling", "shelf", "curtain", "stair",
+    "floor", "hill", "rail", "fence",
+)
+PERSON_QUERIES = ("person", "person in shirt", "person in jeans", "person in dress", "person in sweater",
+                  "person in skirt", "person in jacket")
+# Per built-in vocabulary: class name -> the authors' names for it (classes not listed: their own name).
+VOC_RENAMES = {"boat": ("ship",), "diningtable": ("table",)}
+SCLIP_VOC_QUERIES = {
+    **VOC_RENAMES, "person": PERSON_QUERIES,
+    "tvmonitor": ("television monitor", "tv monitor", "monitor", "television", "screen"),
+}
+CLEARCLIP_VOC_QUERIES = {**VOC_RENAMES}
+COCO_RENAMES = {
+    "motorbike": ("motorcycle",), "aeroplane": ("airplane",), "sofa": ("couch",),
+    "pottedplant": ("potted plant",), "diningtable": ("dining table",), "tvmonitor": ("tv",),
+}
+SCLIP_COCO_QUERIES = {**COCO_RENAMES, "person": (*PERSON_QUERIES, "body")}
+CLEARCLIP_COCO_QUERIES = {**COCO_RENAMES}
 
 
 @dataclass(frozen=True)
@@ -89,10 +180,13 @@ class SegmentConfig:
     prompt_denoising: bool = False  # MaskCLIP: drop classes whose best probability is below ...
     prompt_denoising_threshold: float = 0.5
     reference_compat: bool = False  # quirks Q2 (box edges) and Q4 (CAA in float32), docs/algorithm.md §10
+    dense: DenseSettings | None = None  # sclip / clearclip / naclip: their published settings (voc by default)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UsageError(f"unknown segmentation method '{self.method}' (choose from {', '.join(METHODS)})")
+        if self.method in DENSE_METHODS and self.dense is None:
+            object.__setattr__(self, "dense", DenseSettings.published(self.method, "voc"))
         if not 0.0 <= self.box_threshold <= 1.0:
             raise UsageError(f"box threshold {self.box_threshold} outside [0, 1]")
         if self.cam_batch < 1 or self.sinkhorn_rounds < 0 or self.affinity_power < 0:
@@ -105,10 +199,14 @@ class SegmentConfig:
     @classmethod
     def coco(cls, **kw) -> SegmentConfig:
         """The reference's COCO setting: CAA layers L-7..L and box threshold 0.7."""
+        if kw.get("method") in DENSE_METHODS and kw.get("dense") is None:
+            kw["dense"] = DenseSettings.published(kw["method"], "coco")
         return cls(caa_layers=(-7, 0), box_threshold=0.7, **kw)
 
     @classmethod
     def for_setting(cls, setting: str, **kw) -> SegmentConfig:
+        """The voc or coco setting: CLS-SEG's CAA values, or a dense baseline's published
+        VOC21 / COCO-Object settings (`DenseSettings.published`)."""
         if setting == "voc":
             return cls(**kw)
         if setting == "coco":
@@ -428,6 +526,148 @@ def label_map_from_scores(
     return out, _mean_by_label(sums, counts, labels)
 
 
+# ---- the dense baselines: SCLIP, ClearCLIP, NACLIP (docs/algorithm.md §12) -------------------------
+
+def _builtin_classes(name: str) -> tuple[str, ...]:
+    return load_vocabulary(name).classes
+
+
+def dense_queries(method: str, vocab: Vocabulary, use_background: bool = True,
+                  source: str = "published") -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The text queries of a dense baseline and the class of each: (names (Q,), class (Q,)) with
+    class 0 = background and c + 1 = vocabulary class c.
+
+    source "published": for the built-in voc and coco vocabularies, the authors' names (SCLIP and
+    NACLIP: 26 scene words for the background and several names for person, and on VOC for tv
+    monitor; ClearCLIP: the single word "background"; both rename a few classes). Any other
+    vocabulary, or source "vocabulary": one query per class name, the vocabulary's background names
+    for the background. use_background False drops the background queries."""
+    table: dict[str, tuple[str, ...]] | None = None
+    background: tuple[str, ...] = tuple(vocab.background)
+    if source == "published":
+        scene = method in ("sclip", "naclip")
+        if vocab.classes == _builtin_classes("voc"):
+            table = SCLIP_VOC_QUERIES if scene else CLEARCLIP_VOC_QUERIES
+        elif vocab.classes == _builtin_classes("coco"):
+            table = SCLIP_COCO_QUERIES if scene else CLEARCLIP_COCO_QUERIES
+        if table is not None:
+            background = SCENE_BACKGROUND if scene else ("background",)
+    names: list[str] = []
+    index: list[int] = []
+    if use_background:
+        names += background
+        index += [0] * len(background)
+    for c, name in enumerate(vocab.classes):
+        queries = (table or {}).get(name, (name,))
+        names += queries
+        index += [c + 1] * len(queries)
+    return tuple(names), tuple(index)
+
+
+def keep_ratio_size(height: int, width: int, short_side: int, max_long: int = 2048) -> tuple[int, int]:
+    """(height, width) after the authors' keep-ratio rescale: the largest scale with the short side
+    at most short_side and the long side at most max_long, sizes rounded half up."""
+    scale = min(max_long / max(height, width), short_side / min(height, width))
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def dense_pixels(rgb: np.ndarray, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """(3, h, w) float32 normalised image: OpenCV's bilinear resize of the (H, W, 3) uint8 RGB
+    image to size (h, w) (uint8 out, no antialiasing, as the authors' loaders), then
+    (x / 255 - mean) / std."""
+    import cv2
+
+    h, w = size
+    resized = cv2.resize(np.ascontiguousarray(rgb), (w, h), interpolation=cv2.INTER_LINEAR)
+    arr = torch.from_numpy(resized.astype(np.float32)).permute(2, 0, 1) / 255.0
+    return (arr - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def slide_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """(y1, y2, x1, x2) windows of the authors' sliding inference: crop x crop every stride pixels,
+    the last row/column of windows moved back to end at the border, windows clipped to a smaller
+    image; crop 0 = the whole image."""
+    if crop <= 0:
+        return [(0, height, 0, width)]
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    out = []
+    for i in range(rows):
+        for j in range(cols):
+            y2, x2 = min(i * stride + crop, height), min(j * stride + crop, width)
+            out.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return out
+
+
+def centre_padding(height: int, width: int, patch: int) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding that brings both sides to multiples of patch, split
+    evenly (the extra pixel on the right / bottom)."""
+    pad_w = -width % patch
+    pad_h = -height % patch
+    return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
+
+
+def dense_logits(
+    backbone: Backbone, pixels: Tensor, text: Tensor, method: str, settings: DenseSettings, chunk: int = 16
+) -> Tensor:
+    """Cosine logits (Q, h, w) of a dense baseline over a resized image pixels (3, h, w) for the
+    queries' classifier text (Q, D): per window (`slide_windows`), the patch tokens' cosines with
+    the queries, upsampled bilinearly to the window, summed where windows overlap and divided by
+    the number of windows covering each pixel. Windows run `chunk` at a time."""
+    _, h, w = pixels.shape
+    p = backbone.patch_size
+    windows = slide_windows(h, w, settings.crop, settings.stride)
+    total = torch.zeros(text.shape[0], h, w, device=pixels.device)
+    count = torch.zeros(1, h, w, device=pixels.device)
+    for start in range(0, len(windows), chunk):
+        group = windows[start : start + chunk]
+        crops = torch.stack([pixels[:, y1:y2, x1:x2] for y1, y2, x1, x2 in group])  # windows of one image: one size
+        ch, cw = crops.shape[-2:]
+        if settings.pad_crops:
+            pad = centre_padding(ch, cw, p)
+        else:  # a side shorter than one patch (the authors' code fails there) is padded to one patch
+            pad = (0, max(0, p - cw), 0, max(0, p - ch))
+        if any(pad):
+            crops = F.pad(crops, pad)
+        tokens = backbone.dense_method_forward(crops, method, settings.gaussian_std)  # (B, n, D)
+        grid = (crops.shape[-2] // p, crops.shape[-1] // p)
+        logits = F.normalize(tokens, dim=-1) @ text.T  # (B, n, Q)
+        logits = logits.transpose(1, 2).reshape(len(group), -1, *grid)
+        logits = F.interpolate(logits, size=crops.shape[-2:], mode="bilinear", align_corners=False)
+        logits = logits[:, :, pad[2] : pad[2] + ch, pad[0] : pad[0] + cw]
+        for (y1, y2, x1, x2), one in zip(group, logits, strict=True):
+            total[:, y1:y2, x1:x2] += one
+            count[:, y1:y2, x1:x2] += 1
+    return total / count
+
+
+def dense_label_map(
+    logits: Tensor, query_class: Tensor, num_labels: int, settings: DenseSettings
+) -> tuple[np.ndarray, dict[int, float]]:
+    """Label map (H, W) int32 and per label the mean probability of its pixels, from query logits
+    (Q, H, W) at the image size: probabilities softmax(logit_scale * logits) over the queries,
+    a label's probability the max over its queries (query_class (Q,) long, label of each query,
+    0 = background, num_labels labels in all); SCLIP's area threshold; argmax; pixels whose best
+    probability is below prob_threshold become background."""
+    probs = (settings.logit_scale * logits.float()).softmax(dim=0)
+    # A label without queries (the background with --no-background) keeps probability 0.
+    per_label = torch.zeros(num_labels, *probs.shape[1:], device=probs.device)
+    query_class = query_class.to(probs.device)
+    for label in query_class.unique().tolist():
+        per_label[label] = probs[query_class == label].amax(dim=0)
+    if settings.area_threshold is not None:
+        winner = per_label.argmax(dim=0)
+        area = torch.bincount(winner.flatten(), minlength=num_labels)[1:].float()
+        keep = area > settings.area_threshold * area.sum()
+        per_label[1:] *= keep.to(per_label.dtype)[:, None, None]
+    best, winner = per_label.max(dim=0)
+    winner = torch.where(best < settings.prob_threshold, torch.zeros_like(winner), winner)
+    winner = winner.cpu()
+    sums = torch.bincount(winner.flatten(), weights=best.cpu().double().flatten(), minlength=num_labels)
+    counts = torch.bincount(winner.flatten(), minlength=num_labels).double()
+    return winner.numpy().astype(np.int32), _mean_by_label(sums, counts, list(range(num_labels)))
+
+
 # ---- batching -------------------------------------------------------------------------------------
 
 @dataclass
@@ -469,11 +709,18 @@ class Segmenter:
         self.tagclip = tagclip or TagCLIPConfig()
         if self.config.crf:
             require_crf()
-        self.tagger = Tagger(backbone, vocab, self.tagclip) if run_tagclip else None
+        dense = self.config.method in DENSE_METHODS
+        self.tagger = Tagger(backbone, vocab, self.tagclip) if run_tagclip and not dense else None
         background = vocab.background if self.tagclip.use_background else ()
         self.num_background = len(background)
         self.layers = self.config.layers_for(backbone.num_layers)
-        if self.config.method == "clses":
+        if dense:
+            # The dense baselines: their query names and the 80 ImageNet templates (docs/algorithm.md §12).
+            settings = self.config.dense
+            names, index = dense_queries(self.config.method, vocab, self.tagclip.use_background, settings.queries)
+            self.query_class = torch.tensor(index, dtype=torch.long)
+            self.text = backbone.text_classifier(names, imagenet_templates())
+        elif self.config.method == "clses":
             # CLS-SEG names with the single origami template; foreground rows first, then background.
             self.text = backbone.text_classifier(tuple(vocab.seg_names) + tuple(background), CLS_SEG_TEMPLATES)
         elif self.tagger is not None:
@@ -494,6 +741,10 @@ class Segmenter:
         sizes: the (height, width) of each label map (the original image size). tags: foreground
         class indices per image (None = run TagCLIP here). rgb(i): the (H, W, 3) uint8 image i,
         needed only with the CRF. keep_cams keeps the grid cams in the outputs (CLS-SEG)."""
+        if self.config.method in DENSE_METHODS:
+            if rgb is None:
+                raise ValueError(f"{self.config.method} resizes the RGB images itself (rgb=...)")
+            return [self._dense_method(rgb(i), tuple(size)) for i, size in enumerate(sizes)]
         tag_outputs: list[TagOutput | None]
         if tags is None:
             if self.tagger is None:
@@ -587,3 +838,13 @@ class Segmenter:
         present = sorted(label - 1 for label in mask_scores)
         return SegOutput(label_map, mask_scores, present)
 
+    @torch.inference_mode()
+    def _dense_method(self, rgb: np.ndarray, size: tuple[int, int]) -> SegOutput:
+        """A dense baseline on one (H, W, 3) uint8 image, label map at size (H, W) (docs/algorithm.md §12)."""
+        settings = self.config.dense
+        resized = keep_ratio_size(rgb.shape[0], rgb.shape[1], settings.short_side, settings.max_long)
+        pixels = dense_pixels(rgb, resized, self.backbone.mean, self.backbone.std).to(self.backbone.device)
+        logits = dense_logits(self.backbone, pixels, self.text, self.config.method, settings)
+        logits = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+        label_map, scores = dense_label_map(logits, self.query_class, self.vocab.num_classes + 1, settings)
+        return SegOutput(label_map, scores, sorted(label - 1 for label in scores))

@@ -1,7 +1,8 @@
 """The encoder surgeries on an open_clip ViT image tower (`visual`): docs/algorithm.md §0 (the
 positional embedding at any grid, quirk Q1), §1 (dense features: the value-path last block, eq. 6-8,
-and the attention maps of every layer), §5 (CWR's masked class-token forward) and §8 (the last
-block with its ln_1 output as an autograd leaf, for Grad-CAM).
+and the attention maps of every layer), §5 (CWR's masked class-token forward), §8 (the last
+block with its ln_1 output as an autograd leaf, for Grad-CAM) and §12 (the dense baselines' last
+block).
 
 Plain functions of open_clip modules and tensors; `Backbone` wraps them with its buffers and
 precision. Every block of a ViT is
@@ -14,7 +15,9 @@ and the surgeries differ only in the attention branch:
 - `value_path_attention`: MaskCLIP's value path, out_proj(v) for every token (no query/key
   mixing), while the map returned is still the ordinary softmax;
 - `fused_attention`: `scaled_dot_product_attention` without a map (CWR), optionally for the
-  first few queries only.
+  first few queries only;
+- `dense_attention`: the last-block attention of the dense baselines SCLIP, ClearCLIP and NACLIP
+  (docs/algorithm.md §12), q-q / k-k similarities in place of q-k.
 
 Shapes: B images, T = 1 + N tokens (class token first), W width, h heads of d = W / h, D the
 projected dimension, L blocks.
@@ -106,15 +109,35 @@ def positional_embedding(visual: torch.nn.Module, grid: tuple[int, int], fp16_ro
     return out
 
 
-def embed(visual: torch.nn.Module, pixels: Tensor, fp16_round: bool = False) -> Tensor:
-    """Patch embedding + class token + positional embedding + ln_pre: (B, 3, H, W) -> (B, 1+N, W)."""
+def positional_embedding_bicubic(visual: torch.nn.Module, grid: tuple[int, int]) -> Tensor:
+    """(1+gh*gw, W) positional embedding as SCLIP, ClearCLIP and NACLIP interpolate it
+    (docs/algorithm.md §12): bicubic, with the scale factors (g + 0.1) / g0 given to the
+    interpolation itself (so its sampling positions follow those factors, not the output size).
+    The native grid is returned as it is."""
+    pos = visual.positional_embedding
+    if tuple(grid) == native_grid(visual):
+        return pos
+    gh0, gw0 = native_grid(visual)
+    patch_pos = pos[1:].T.reshape(1, -1, gh0, gw0)
+    scale = ((grid[0] + 0.1) / gh0, (grid[1] + 0.1) / gw0)
+    patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic", align_corners=False,
+                              recompute_scale_factor=False)
+    return torch.cat([pos[:1], patch_pos.reshape(pos.shape[1], -1).T])
+
+
+def embed(visual: torch.nn.Module, pixels: Tensor, fp16_round: bool = False, bicubic_pos: bool = False) -> Tensor:
+    """Patch embedding + class token + positional embedding + ln_pre: (B, 3, H, W) -> (B, 1+N, W).
+
+    H and W need not be multiples of the patch size: the patch convolution drops the remainder.
+    bicubic_pos: the dense baselines' interpolation (`positional_embedding_bicubic`)."""
     p = patch_size(visual)
     grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
     x = visual.conv1(pixels.to(visual.conv1.weight.dtype))
     x = x.flatten(2).transpose(1, 2)
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
     x = torch.cat([cls, x], dim=1)
-    x = x + positional_embedding(visual, grid, fp16_round).to(x.dtype)
+    pos = positional_embedding_bicubic(visual, grid) if bicubic_pos else positional_embedding(visual, grid, fp16_round)
+    x = x + pos.to(x.dtype)
     return visual.ln_pre(x)
 
 
@@ -271,6 +294,80 @@ def value_path_block(
     last block of the dense forward. Returns (new x (B, T, W), ordinary attention map (B, T, T))."""
     out, attn = value_path_attention(block, block.ln_1(x), workspace, map_out=map_out)
     return residual_block(block, x, out), attn
+
+
+# ---- the dense baselines' last block (docs/algorithm.md §12) ----------------------------------------
+
+DENSE_ATTENTION = ("sclip", "clearclip", "naclip")
+
+
+def neighbourhood_prior(grid: tuple[int, int], std: float, device: torch.device | None = None) -> Tensor:
+    """NACLIP's additive attention bias (1+N, 1+N) fp32 on a (gh, gw) grid: between patches i and j,
+    exp(-|p_i - p_j|^2 / (2 std^2)) with p the (row, column) grid position; 0 in the class token's
+    row and column."""
+    rows = torch.arange(grid[0], dtype=torch.float32, device=device)
+    cols = torch.arange(grid[1], dtype=torch.float32, device=device)
+    pos = torch.cartesian_prod(rows, cols)  # (N, 2), row-major like the patch tokens
+    dist2 = (pos[:, None, :] - pos[None, :, :]).square().sum(dim=-1)
+    out = torch.zeros(1 + pos.shape[0], 1 + pos.shape[0], device=device)
+    out[1:, 1:] = torch.exp(-dist2 / (2 * std**2))
+    return out
+
+
+def dense_attention(block: torch.nn.Module, y: Tensor, method: str, grid: tuple[int, int],
+                    gaussian_std: float = 5.0) -> Tensor:
+    """The attention branch of a dense baseline's last block on ln_1 output y (B, T, W), T = 1 + N
+    tokens of a (gh, gw) grid: out_proj of P @ v per head, (B, T, W), where with s = d^-0.5
+
+    - sclip: P = softmax(s q q^T) + softmax(s k k^T) (SCLIP's correlative self-attention; the
+      rows sum to 2);
+    - clearclip: P = softmax(s q q^T);
+    - naclip: P = softmax(s k k^T + prior), `neighbourhood_prior` with std gaussian_std.
+
+    The scores and softmax are fp32 (as `softmax_attention`; float64 inputs stay float64), the
+    product with v in v's dtype."""
+    if method not in DENSE_ATTENTION:
+        raise ValueError(f"unknown dense attention '{method}' (choose from {', '.join(DENSE_ATTENTION)})")
+    mha: torch.nn.MultiheadAttention = block.attn
+    q, k, v = split_qkv(mha, y)
+    scale = q.shape[-1] ** -0.5
+    work = torch.promote_types(q.dtype, torch.float32)  # fp32 at least (float64 stays float64)
+    with torch.autocast(y.device.type, enabled=False):
+        q, k = q.to(work), k.to(work)
+        if method in ("sclip", "clearclip"):
+            probs = (scale * q @ q.transpose(-1, -2)).softmax(dim=-1)
+        if method == "sclip":
+            probs = probs + (scale * k @ k.transpose(-1, -2)).softmax(dim=-1)
+        elif method == "naclip":
+            prior = neighbourhood_prior(grid, gaussian_std, y.device).to(work)
+            probs = (scale * k @ k.transpose(-1, -2) + prior).softmax(dim=-1)
+    return merge_heads(mha, probs.to(v.dtype) @ v)
+
+
+def dense_last_block(block: torch.nn.Module, x: Tensor, method: str, grid: tuple[int, int],
+                     gaussian_std: float = 5.0) -> Tensor:
+    """A dense baseline's last block on tokens x (B, T, W) -> (B, T, W) (docs/algorithm.md §12):
+    SCLIP keeps the residual and the MLP around its attention (`residual_block`); ClearCLIP and
+    NACLIP return the attention branch alone (no residual, no MLP; no layer scale either, as the
+    authors, which changes nothing on OpenAI weights, whose layer scales are identities)."""
+    out = dense_attention(block, block.ln_1(x), method, grid, gaussian_std)
+    return residual_block(block, x, out) if method == "sclip" else out
+
+
+def dense_method_forward(visual: torch.nn.Module, pixels: Tensor, method: str, gaussian_std: float = 5.0) -> Tensor:
+    """Projected patch tokens (B, N, D) fp32 of a dense baseline (docs/algorithm.md §12) for
+    normalised images (B, 3, H, W): the bicubic positional embedding, blocks 1..L-1 as usual (fused
+    attention: no map is needed), block L as `dense_last_block`, then ln_post and proj. Sizes that
+    are not multiples of the patch size lose the remainder in the patch convolution, as the
+    authors' forward does."""
+    p = patch_size(visual)
+    grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
+    blocks = visual.transformer.resblocks
+    x = embed(visual, pixels, bicubic_pos=True)
+    for block in blocks[:-1]:
+        x = residual_block(block, x, fused_attention(block.attn, block.ln_1(x), None))
+    x = dense_last_block(blocks[-1], x, method, grid, gaussian_std)
+    return project_tokens(visual, x[:, 1:]).float()
 
 
 def block_forward_ln1_leaf(block: torch.nn.Module, x: Tensor, workspace: Workspace) -> tuple[Tensor, Tensor, Tensor]:
