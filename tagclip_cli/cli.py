@@ -534,7 +534,12 @@ def segment(
     crf: bool = typer.Option(False, "--crf", help="Dense CRF on the RGB image (paper's parameters; "
                              "needs pip install 'tagclip-cli\\[crf]')."),
     setting: str = typer.Option("voc", "--setting", help="CAA layers and box threshold: voc (layers L-7..L-1, "
-                                "0.4) or coco (layers L-7..L, 0.7), as the reference."),
+                                "0.4), coco (layers L-7..L, 0.7) or cocostuff (coco's, plus TagCLIP's COCO-Stuff "
+                                "values and no background label), as the reference (docs/algorithm.md §11)."),
+    save_cams: Path = typer.Option(None, "--save-cams", help="Also save each image's refined CAMs (float16 .npz: "
+                                   "cams, tags) as DIR/<image id>.npz, for `evaluate --cams DIR --bg-threshold`."),
+    cams_grid: bool = typer.Option(False, "--cams-grid", help="--save-cams on the patch grid instead of at the "
+                                   "image size (about 256x smaller files)."),
     key_smoothing: bool = typer.Option(False, "--key-smoothing", help="MaskCLIP: smooth with last-layer keys."),
     prompt_denoising: bool = typer.Option(False, "--prompt-denoising",
                                           help="MaskCLIP: drop classes whose best probability is below 0.5."),
@@ -549,7 +554,8 @@ def segment(
     background: Path = BACKGROUND_OPT,
     no_background: bool = typer.Option(False, "--no-background", help="No background classes."),
     tag_threshold: float = typer.Option(
-        0.5, "--tag-threshold", min=0.0, max=1.0, help="TagCLIP: keep classes whose normalised score is above this."
+        None, "--tag-threshold", min=0.0, max=1.0, help="TagCLIP: keep classes whose normalised score is above this "
+        "(default 0.5; 0.1 with --setting cocostuff)."
     ),
     reference_compat: bool = REFERENCE_COMPAT_OPT,
     batch_size: int = BATCH_SIZE_OPT,
@@ -565,14 +571,15 @@ def segment(
 ) -> None:
     """Segment every image (CLS-SEG or MaskCLIP) into a COCO RLE JSON, optionally with label PNGs and tags."""
     from tagclip_cli.pipeline import SegmentOptions, run_segment
-    from tagclip_cli.segment import METHODS, SegmentConfig, require_crf
+    from tagclip_cli.segment import METHODS, SETTINGS, SegmentConfig, require_crf
     from tagclip_cli.tagclip import TagCLIPConfig
     from tagclip_cli.writers import check_output_path
 
     if method not in METHODS:
         raise fail(f"--method must be one of {', '.join(METHODS)}, not '{method}'")
-    if setting not in ("voc", "coco"):
-        raise fail(f"--setting must be voc or coco, not '{setting}'")
+    if setting not in SETTINGS:
+        raise fail(f"--setting must be one of {', '.join(SETTINGS)}, not '{setting}'")
+    _check_save_cams(save_cams, cams_grid, method)
     if crf and method != "clses":
         raise fail("--crf refines CLS-SEG cams; it does not apply to --method maskclip")
     if (key_smoothing or prompt_denoising) and method != "maskclip":
@@ -591,18 +598,36 @@ def segment(
     if png_dir is not None and png_dir.exists() and not png_dir.is_dir():
         raise fail(f"--png-dir {png_dir}: exists and is not a directory")
     seg_cfg = SegmentConfig.for_setting(setting, method=method, crf=crf, key_smoothing=key_smoothing,
-                                        prompt_denoising=prompt_denoising, reference_compat=reference_compat)
+                                        prompt_denoising=prompt_denoising, reference_compat=reference_compat,
+                                        save_cams=None if save_cams is None else ("grid" if cams_grid else "image"))
     voc = _load_vocab(vocab, background, no_background)
     items = _collect_items(images, manifest, image_root)
-    cfg = TagCLIPConfig(tag_threshold=tag_threshold, reference_compat=reference_compat,
-                        use_background=not no_background)
+    tag_kw = {"reference_compat": reference_compat}
+    if tag_threshold is not None:
+        tag_kw["tag_threshold"] = tag_threshold
+    if setting == "cocostuff":  # TagCLIP's COCO-Stuff values (layers 1..L-1, thresholds 0.1, no background)
+        cfg = TagCLIPConfig.coco_stuff(**tag_kw)
+    else:
+        cfg = TagCLIPConfig(use_background=not no_background, **tag_kw)
     model_opts = _model_options(model, pretrained, checkpoint, device, cache_dir, precision)
     opts = SegmentOptions(
         items=items, vocab=voc, out=out, model=model_opts, tagclip=cfg, segment=seg_cfg,
-        tags_in=tags_in, tags_out=tags_out, png_dir=png_dir, batch_size=batch_size, workers=workers,
+        tags_in=tags_in, tags_out=tags_out, png_dir=png_dir, cams_dir=save_cams, batch_size=batch_size, workers=workers,
         max_side=max_side, part_size=part_size, overwrite=overwrite, fail_fast=fail_fast, placement=placement,
     )
     summary = run_segment(opts, progress=_progress(quiet, "segmenting"))
     _report(summary, out, quiet)
     if (summary.failed or summary.failed_before) and summary.leader:
         raise typer.Exit(1)  # the output has failed rows, whichever run met them
+
+
+def _check_save_cams(save_cams: Path | None, cams_grid: bool, method: str) -> None:
+    """--save-cams DIR / --cams-grid: usage errors before anything loads."""
+    if cams_grid and save_cams is None:
+        raise fail("--cams-grid chooses the layout of --save-cams DIR; give --save-cams too")
+    if save_cams is None:
+        return
+    if method != "clses":
+        raise fail("--save-cams saves CLS-SEG's refined CAMs; it needs --method clses")
+    if save_cams.exists() and not save_cams.is_dir():
+        raise fail(f"--save-cams {save_cams}: exists and is not a directory")
