@@ -99,8 +99,17 @@ def evaluate_command(
     ),
     root: str = typer.Option(..., "--root", help="Dataset directory (or the COCO instances JSON)."),
     pred: str = typer.Option(
-        ..., "--pred", help="Tags Parquet (classification), COCO RLE JSON or PNG dir (segmentation)."
+        None, "--pred", help="Tags Parquet (classification), COCO RLE JSON or PNG dir (segmentation)."
     ),
+    cams: str = typer.Option(None, "--cams", help="Instead of --pred: a `segment --save-cams` directory; its label "
+                             "maps are remade from the saved CAMs (see --bg-threshold, --crf)."),
+    bg_threshold: str = typer.Option(None, "--bg-threshold", help="--cams: sweep a constant background score, "
+                                     "START:STOP:STEP (e.g. 0.3:0.7:0.05), a list a,b or one value; mIoU per value "
+                                     "(default: the run's own rule, (1 - max cam)^1)."),
+    crf: bool = typer.Option(False, "--crf", help="--cams: dense CRF on the saved CAMs (needs pip install "
+                             "'tagclip-cli\\[crf]')."),
+    images: str = typer.Option(None, "--images", help="--cams --crf: image folder (DIR/<image id>); default: the "
+                               "image paths the cams were saved with."),
     split: str | None = typer.Option(None, "--split", help="Image list (first token per line)."),
     report: str | None = typer.Option(None, "--report", help="Write every number and setting as JSON."),
     ap: str = typer.Option("paper", "--ap", help="AP variant: paper (non-interpolated) or voc07 (11-point)."),
@@ -139,10 +148,21 @@ def evaluate_command(
     for option, (value, allowed) in choices.items():
         if value not in allowed:
             raise fail(f"{option} must be one of {', '.join(allowed)}, not '{value}'")
+    if (pred is None) == (cams is None):
+        raise fail("give either --pred (tags or masks) or --cams (a segment --save-cams directory)")
+    thresholds = None
+    if bg_threshold is not None:
+        from tagclip_cli.cams import parse_thresholds
+
+        thresholds = tuple(parse_thresholds(bg_threshold))
     config = ev.EvaluateConfig(
         gt=gt,
         root=Path(root),
-        pred=Path(pred),
+        pred=Path(pred) if pred is not None else None,
+        cams=Path(cams) if cams is not None else None,
+        bg_thresholds=thresholds,
+        crf=crf,
+        images=Path(images) if images is not None else None,
         split=Path(split) if split else None,
         ap=ap,
         difficult=difficult,
