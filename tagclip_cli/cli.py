@@ -651,3 +651,49 @@ def _check_save_cams(save_cams: Path | None, cams_grid: bool, method: str) -> No
         raise fail("--save-cams saves CLS-SEG's refined CAMs; it needs --method clses")
     if save_cams.exists() and not save_cams.is_dir():
         raise fail(f"--save-cams {save_cams}: exists and is not a directory")
+
+
+@app.command()
+@user_errors
+def reproduce(
+    out: Path = typer.Option(..., "--out", "-o", help="Work folder: one subfolder per row (outputs, report.json), "
+                             "results.json. Rerun the same command to resume; finished rows are skipped."),
+    checkpoint: Path = CHECKPOINT_OPT,
+    voc2007: Path = typer.Option(None, "--voc2007", help="VOC2007 (or VOCdevkit) root: Annotations, JPEGImages, "
+                                 "ImageSets/Main/test.txt."),
+    voc2012: Path = typer.Option(None, "--voc2012", help="VOC2012 root: JPEGImages, SegmentationClass, "
+                                 "ImageSets/Segmentation/val.txt."),
+    coco2014: Path = typer.Option(None, "--coco2014", help="COCO 2014 root: annotations/instances_val2014.json, "
+                                  "val2014/."),
+    coco2017: Path = typer.Option(None, "--coco2017", help="COCO 2017 root: annotations/instances_val2017.json, "
+                                  "val2017/ (COCO-Object, and the images of COCO-Stuff)."),
+    cocostuff: Path = typer.Option(None, "--cocostuff", help="COCO-Stuff root: stuffthingmaps_trainval2017/val2017 "
+                                   "(or the label PNGs themselves)."),
+    cocostuff_split: Path = typer.Option(None, "--cocostuff-split", help="COCO-Stuff image list (default: every "
+                                         "label PNG); the reference uses its imageset/cocostuff/val.txt."),
+    rows: str = typer.Option(None, "--rows", help="Only these rows (comma-separated names; default all eight)."),
+    model: str = MODEL_OPT,
+    pretrained: str = PRETRAINED_OPT,
+    device: str = DEVICE_OPT,
+    batch_size: int = BATCH_SIZE_OPT,
+    workers: int = WORKERS_OPT,
+    cache_dir: Path = CACHE_DIR_OPT,
+    quiet: bool = QUIET_OPT,
+    verbose: bool = VERBOSE_OPT,
+) -> None:
+    """The paper's eight numbers (VOC07 / COCO14 mAP; VOC12, COCO-Object, COCO-Stuff-27 mIoU with and without CRF)
+    with --reference-compat, in one resumable run, and a table of ours vs published."""
+    from tagclip_cli.reproduce import ROW_NAMES, ReproduceOptions, render_results, run_reproduce
+
+    setup_logging(quiet, verbose)
+    roots = {name: path for name, path in (("voc2007", voc2007), ("voc2012", voc2012), ("coco2014", coco2014),
+                                            ("coco2017", coco2017), ("cocostuff", cocostuff)) if path is not None}
+    if cocostuff_split is not None and not cocostuff_split.is_file():
+        raise fail(f"--cocostuff-split {cocostuff_split}: file not found")
+    chosen = ROW_NAMES if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip())
+    opts = ReproduceOptions(
+        out=out, roots=roots, model=_model_options(model, pretrained, checkpoint, device, cache_dir),
+        rows=chosen, cocostuff_split=cocostuff_split, batch_size=batch_size, workers=workers,
+        progress=_progress(quiet, "reproducing"),
+    )
+    render_results(run_reproduce(opts), Console())
