@@ -161,11 +161,10 @@ def run_row(row: Row, opts: ReproduceOptions) -> RowResult:
 
     work = opts.out / row.name
     report_path = work / "report.json"
-    missing = row.dataset if row.dataset not in opts.roots else None
-    if row.dataset == "cocostuff" and "coco2017" not in opts.roots:
-        missing = "coco2017 (its val2017 images)"
+    needs = [row.dataset] + (["coco2017"] if row.dataset == "cocostuff" else [])  # COCO-Stuff: val2017 images
+    missing = [name for name in needs if name not in opts.roots]
     if missing:
-        return RowResult(row, "not run", note=f"no --{missing.split()[0]} root given")
+        return RowResult(row, "not run", note=f"no {' / '.join('--' + m for m in missing)} root given")
     if row.crf_of is not None and not crf_available():
         return RowResult(row, "not run", note="the CRF needs pip install 'tagclip-cli[crf]'")
     status = "skipped"
