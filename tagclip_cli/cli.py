@@ -364,7 +364,7 @@ def _placement(shard: str | None, out: str, overwrite: bool, images: str | None)
     return placement
 
 
-VOCAB_OPT = typer.Option(..., "--vocab", "-v", help="Vocabulary file, or a built-in name (voc, coco).")
+VOCAB_OPT = typer.Option(..., "--vocab", "-v", help="Vocabulary file, or a built-in name (voc, coco, coco-stuff).")
 MODEL_OPT = typer.Option(
     None, "--model", help="open_clip model name (default ViT-B-16, the paper's), or a built-in demo model such as "
     "shapes-demo."
