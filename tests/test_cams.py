@@ -186,3 +186,25 @@ def test_segmenter_coco_stuff_labels_every_pixel_and_saves_what_it_labelled(tiny
     again, _ = label_map_from_upsampled(torch.from_numpy(out.saved_cams.astype(np.float32)),
                                         [t + 1 for t in out.tags], label_background=False)
     np.testing.assert_array_equal(out.label_map, again)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--cams-grid"], "give --save-cams too"),
+        (["--method", "maskclip", "--save-cams", "cams"], "needs --method clses"),
+        (["--save-cams", "a.png"], "exists and is not a directory"),
+    ],
+)
+def test_segment_save_cams_bad_combinations(tmp_path, monkeypatch, extra, message):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from tagclip_cli.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    result = CliRunner().invoke(app, ["segment", str(tmp_path), "--vocab", "voc", "--out", "m.json", *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "m.json.parts").exists() and not (tmp_path / "cams").exists()
