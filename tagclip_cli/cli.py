@@ -697,3 +697,47 @@ def reproduce(
         progress=_progress(quiet, "reproducing"),
     )
     render_results(run_reproduce(opts), Console())
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    fmt: str = typer.Argument(..., metavar="FORMAT", help="yolo, voc, labelstudio, cvat or coco."),
+    tags: Path = typer.Option(None, "--tags", help="Tags Parquet (`tagclip annotate` or segment --tags-out): "
+                              "image tags, and the vocabulary the masks are checked against."),
+    masks: Path = typer.Option(None, "--masks", help="Masks of `tagclip segment`: COCO JSON or masks Parquet."),
+    images: Path = typer.Option(None, "--images", help="Folder the image ids are relative to (yolo and voc "
+                                "link or copy images; default: the paths recorded in the tags file)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (must not exist, or be empty; see --overwrite)."),
+    task: str = typer.Option("segment", "--task", help="yolo: segment (polygons) or detect (boxes)."),
+    copy: bool = typer.Option(False, "--copy", help="yolo, voc: copy the images instead of linking them."),
+    mask_as: str = typer.Option("brush", "--mask-as", help="labelstudio: brush (Label Studio RLE, exact) or "
+                                "polygon regions."),
+    split: str = typer.Option("train", "--split", help="voc: the image set name (ImageSets/*/<split>.txt)."),
+    url_prefix: str = typer.Option("/data/local-files/?d=", "--url-prefix", help="labelstudio: task image URL = "
+                                   "prefix + image id (default: Label Studio's local files under "
+                                   "LOCAL_FILES_DOCUMENT_ROOT)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+    quiet: bool = QUIET_OPT,
+    verbose: bool = VERBOSE_OPT,
+) -> None:
+    """Export tags and masks as a YOLO, Pascal VOC, Label Studio, CVAT or COCO dataset folder."""
+    from tagclip_cli.export import ExportConfig, export
+
+    setup_logging(quiet, verbose)
+    config = ExportConfig(format=fmt, out=out, tags=tags, masks=masks, images=images, task=task, copy=copy,
+                          mask_as=mask_as, split=split, url_prefix=url_prefix, overwrite=overwrite)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err_console, transient=True,
+                  disable=quiet or not err_console.is_terminal) as bar:
+        bar_task = bar.add_task(f"export {fmt}", total=None)
+        summary = export(config, progress=lambda step, total: bar.update(bar_task, advance=step, total=total))
+    if not quiet:
+        err_console.print(
+            f"{summary.out}: {fmt}, {summary.images} images, {summary.masks} masks"
+            + (f", {summary.shapes} label shapes" if summary.shapes else "")
+            + (f" ({summary.skipped} failed images skipped)" if summary.skipped else ""),
+            highlight=False,
+        )
