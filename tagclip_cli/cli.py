@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -99,8 +100,17 @@ def evaluate_command(
     ),
     root: str = typer.Option(..., "--root", help="Dataset directory (or the COCO instances JSON)."),
     pred: str = typer.Option(
-        ..., "--pred", help="Tags Parquet (classification), COCO RLE JSON or PNG dir (segmentation)."
+        None, "--pred", help="Tags Parquet (classification), COCO RLE JSON or PNG dir (segmentation)."
     ),
+    cams: str = typer.Option(None, "--cams", help="Instead of --pred: a `segment --save-cams` directory; its label "
+                             "maps are remade from the saved CAMs (see --bg-threshold, --crf)."),
+    bg_threshold: str = typer.Option(None, "--bg-threshold", help="--cams: sweep a constant background score, "
+                                     "START:STOP:STEP (e.g. 0.3:0.7:0.05), a list a,b or one value; mIoU per value "
+                                     "(default: the run's own rule, (1 - max cam)^1)."),
+    crf: bool = typer.Option(False, "--crf", help="--cams: dense CRF on the saved CAMs (needs pip install "
+                             "'tagclip-cli\\[crf]')."),
+    images: str = typer.Option(None, "--images", help="--cams --crf: image folder (DIR/<image id>); default: the "
+                               "image paths the cams were saved with."),
     split: str | None = typer.Option(None, "--split", help="Image list (first token per line)."),
     report: str | None = typer.Option(None, "--report", help="Write every number and setting as JSON."),
     ap: str = typer.Option("paper", "--ap", help="AP variant: paper (non-interpolated) or voc07 (11-point)."),
@@ -139,10 +149,21 @@ def evaluate_command(
     for option, (value, allowed) in choices.items():
         if value not in allowed:
             raise fail(f"{option} must be one of {', '.join(allowed)}, not '{value}'")
+    if (pred is None) == (cams is None):
+        raise fail("give either --pred (tags or masks) or --cams (a segment --save-cams directory)")
+    thresholds = None
+    if bg_threshold is not None:
+        from tagclip_cli.cams import parse_thresholds
+
+        thresholds = tuple(parse_thresholds(bg_threshold))
     config = ev.EvaluateConfig(
         gt=gt,
         root=Path(root),
-        pred=Path(pred),
+        pred=Path(pred) if pred is not None else None,
+        cams=Path(cams) if cams is not None else None,
+        bg_thresholds=thresholds,
+        crf=crf,
+        images=Path(images) if images is not None else None,
         split=Path(split) if split else None,
         ap=ap,
         difficult=difficult,
@@ -357,7 +378,7 @@ def _placement(shard: str | None, out: str, overwrite: bool, images: str | None)
     return placement
 
 
-VOCAB_OPT = typer.Option(..., "--vocab", "-v", help="Vocabulary file, or a built-in name (voc, coco).")
+VOCAB_OPT = typer.Option(..., "--vocab", "-v", help="Vocabulary file, or a built-in name (voc, coco, coco-stuff).")
 MODEL_OPT = typer.Option(
     None, "--model", help="open_clip model name (default ViT-B-16, the paper's), or a built-in demo model such as "
     "shapes-demo."
@@ -563,8 +584,13 @@ def segment(
     crf: bool = typer.Option(False, "--crf", help="Dense CRF on the RGB image (paper's parameters; "
                              "needs pip install 'tagclip-cli\\[crf]')."),
     setting: str = typer.Option("voc", "--setting", help="CAA layers and box threshold: voc (layers L-7..L-1, "
-                                "0.4) or coco (layers L-7..L, 0.7), as the reference; for sclip / clearclip / "
-                                "naclip their published VOC21 or COCO-Object settings."),
+                                "0.4), coco (layers L-7..L, 0.7) or cocostuff (coco's, plus TagCLIP's COCO-Stuff "
+                                "values and no background label), as the reference (docs/algorithm.md §11); "
+                                "for sclip / clearclip / naclip their published VOC21 or COCO-Object settings."),
+    save_cams: Path = typer.Option(None, "--save-cams", help="Also save each image's refined CAMs (float16 .npz: "
+                                   "cams, tags) as DIR/<image id>.npz, for `evaluate --cams DIR --bg-threshold`."),
+    cams_grid: bool = typer.Option(False, "--cams-grid", help="--save-cams on the patch grid instead of at the "
+                                   "image size (about 256x smaller files)."),
     key_smoothing: bool = typer.Option(False, "--key-smoothing", help="MaskCLIP: smooth with last-layer keys."),
     prompt_denoising: bool = typer.Option(False, "--prompt-denoising",
                                           help="MaskCLIP: drop classes whose best probability is below 0.5."),
@@ -579,7 +605,8 @@ def segment(
     background: Path = BACKGROUND_OPT,
     no_background: bool = typer.Option(False, "--no-background", help="No background classes."),
     tag_threshold: float = typer.Option(
-        0.5, "--tag-threshold", min=0.0, max=1.0, help="TagCLIP: keep classes whose normalised score is above this."
+        None, "--tag-threshold", min=0.0, max=1.0, help="TagCLIP: keep classes whose normalised score is above this "
+        "(default 0.5; 0.1 with --setting cocostuff)."
     ),
     thresholds: Path = typer.Option(None, "--thresholds", help="TagCLIP: " + THRESHOLDS_HELP),
     reference_compat: bool = REFERENCE_COMPAT_OPT,
@@ -597,14 +624,15 @@ def segment(
     """Segment every image (CLS-SEG, MaskCLIP, SCLIP, ClearCLIP or NACLIP) into a COCO RLE JSON or a masks
     Parquet, optionally with label PNGs and tags."""
     from tagclip_cli.pipeline import SegmentOptions, run_segment
-    from tagclip_cli.segment import DENSE_METHODS, METHODS, SegmentConfig, require_crf
+    from tagclip_cli.segment import DENSE_METHODS, METHODS, SETTINGS, SegmentConfig, require_crf
     from tagclip_cli.tagclip import TagCLIPConfig
     from tagclip_cli.writers import check_output_path
 
     if method not in METHODS:
         raise fail(f"--method must be one of {', '.join(METHODS)}, not '{method}'")
-    if setting not in ("voc", "coco"):
-        raise fail(f"--setting must be voc or coco, not '{setting}'")
+    if setting not in SETTINGS:
+        raise fail(f"--setting must be one of {', '.join(SETTINGS)}, not '{setting}'")
+    _check_save_cams(save_cams, cams_grid, method)
     if crf and method != "clses":
         raise fail(f"--crf refines CLS-SEG cams; it does not apply to --method {method}")
     if (key_smoothing or prompt_denoising) and method != "maskclip":
@@ -629,22 +657,87 @@ def segment(
     if png_dir is not None and png_dir.exists() and not png_dir.is_dir():
         raise fail(f"--png-dir {png_dir}: exists and is not a directory")
     seg_cfg = SegmentConfig.for_setting(setting, method=method, crf=crf, key_smoothing=key_smoothing,
-                                        prompt_denoising=prompt_denoising, reference_compat=reference_compat)
+                                        prompt_denoising=prompt_denoising, reference_compat=reference_compat,
+                                        save_cams=None if save_cams is None else ("grid" if cams_grid else "image"))
     voc = _load_vocab(vocab, background, no_background)
     items = _collect_items(images, manifest, image_root)
-    cfg = TagCLIPConfig(tag_threshold=tag_threshold, reference_compat=reference_compat,
-                        use_background=not no_background,
-                        class_thresholds=_class_thresholds(thresholds, voc.classes, tag_threshold))
+    tag_kw = {"reference_compat": reference_compat}
+    if tag_threshold is not None:
+        tag_kw["tag_threshold"] = tag_threshold
+    if setting == "cocostuff":  # TagCLIP's COCO-Stuff values (layers 1..L-1, thresholds 0.1, no background)
+        cfg = TagCLIPConfig.coco_stuff(**tag_kw)
+    else:
+        cfg = TagCLIPConfig(use_background=not no_background, **tag_kw)
+    if thresholds is not None:
+        cfg = dataclasses.replace(cfg, class_thresholds=_class_thresholds(thresholds, voc.classes, cfg.tag_threshold))
     model_opts = _model_options(model, pretrained, checkpoint, device, cache_dir, precision)
     opts = SegmentOptions(
         items=items, vocab=voc, out=out, model=model_opts, tagclip=cfg, segment=seg_cfg,
-        tags_in=tags_in, tags_out=tags_out, png_dir=png_dir, batch_size=batch_size, workers=workers,
+        tags_in=tags_in, tags_out=tags_out, png_dir=png_dir, cams_dir=save_cams, batch_size=batch_size, workers=workers,
         max_side=max_side, part_size=part_size, overwrite=overwrite, fail_fast=fail_fast, placement=placement,
     )
     summary = run_segment(opts, progress=_progress(quiet, "segmenting"))
     _report(summary, out, quiet)
     if (summary.failed or summary.failed_before) and summary.leader:
         raise typer.Exit(1)  # the output has failed rows, whichever run met them
+
+
+def _check_save_cams(save_cams: Path | None, cams_grid: bool, method: str) -> None:
+    """--save-cams DIR / --cams-grid: usage errors before anything loads."""
+    if cams_grid and save_cams is None:
+        raise fail("--cams-grid chooses the layout of --save-cams DIR; give --save-cams too")
+    if save_cams is None:
+        return
+    if method != "clses":
+        raise fail("--save-cams saves CLS-SEG's refined CAMs; it needs --method clses")
+    if save_cams.exists() and not save_cams.is_dir():
+        raise fail(f"--save-cams {save_cams}: exists and is not a directory")
+
+
+@app.command()
+@user_errors
+def reproduce(
+    out: Path = typer.Option(..., "--out", "-o", help="Work folder: one subfolder per row (outputs, report.json), "
+                             "results.json. Rerun the same command to resume; finished rows are skipped."),
+    checkpoint: Path = CHECKPOINT_OPT,
+    voc2007: Path = typer.Option(None, "--voc2007", help="VOC2007 (or VOCdevkit) root: Annotations, JPEGImages, "
+                                 "ImageSets/Main/test.txt."),
+    voc2012: Path = typer.Option(None, "--voc2012", help="VOC2012 root: JPEGImages, SegmentationClass, "
+                                 "ImageSets/Segmentation/val.txt."),
+    coco2014: Path = typer.Option(None, "--coco2014", help="COCO 2014 root: annotations/instances_val2014.json, "
+                                  "val2014/."),
+    coco2017: Path = typer.Option(None, "--coco2017", help="COCO 2017 root: annotations/instances_val2017.json, "
+                                  "val2017/ (COCO-Object, and the images of COCO-Stuff)."),
+    cocostuff: Path = typer.Option(None, "--cocostuff", help="COCO-Stuff root: stuffthingmaps_trainval2017/val2017 "
+                                   "(or the label PNGs themselves)."),
+    cocostuff_split: Path = typer.Option(None, "--cocostuff-split", help="COCO-Stuff image list (default: every "
+                                         "label PNG); the reference uses its imageset/cocostuff/val.txt."),
+    rows: str = typer.Option(None, "--rows", help="Only these rows (comma-separated names; default all eight)."),
+    model: str = MODEL_OPT,
+    pretrained: str = PRETRAINED_OPT,
+    device: str = DEVICE_OPT,
+    batch_size: int = BATCH_SIZE_OPT,
+    workers: int = WORKERS_OPT,
+    cache_dir: Path = CACHE_DIR_OPT,
+    quiet: bool = QUIET_OPT,
+    verbose: bool = VERBOSE_OPT,
+) -> None:
+    """The paper's eight numbers (VOC07 / COCO14 mAP; VOC12, COCO-Object, COCO-Stuff-27 mIoU with and without CRF)
+    with --reference-compat, in one resumable run, and a table of ours vs published."""
+    from tagclip_cli.reproduce import ROW_NAMES, ReproduceOptions, render_results, run_reproduce
+
+    setup_logging(quiet, verbose)
+    roots = {name: path for name, path in (("voc2007", voc2007), ("voc2012", voc2012), ("coco2014", coco2014),
+                                            ("coco2017", coco2017), ("cocostuff", cocostuff)) if path is not None}
+    if cocostuff_split is not None and not cocostuff_split.is_file():
+        raise fail(f"--cocostuff-split {cocostuff_split}: file not found")
+    chosen = ROW_NAMES if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip())
+    opts = ReproduceOptions(
+        out=out, roots=roots, model=_model_options(model, pretrained, checkpoint, device, cache_dir),
+        rows=chosen, cocostuff_split=cocostuff_split, batch_size=batch_size, workers=workers,
+        progress=_progress(quiet, "reproducing"),
+    )
+    render_results(run_reproduce(opts), Console())
 
 
 @app.command("export")

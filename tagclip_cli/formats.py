@@ -22,16 +22,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tagclip_cli.errors import FormatError
-from tagclip_cli.writers import METADATA_KEY, file_sha256, json_scalar, read_metadata, schema_config, voc_palette
+from tagclip_cli.writers import (
+    CAMS_FORMAT,
+    CAMS_INDEX,
+    METADATA_KEY,
+    file_sha256,
+    json_scalar,
+    read_metadata,
+    schema_config,
+    voc_palette,
+)
 
 if TYPE_CHECKING:
     from tagclip_cli.vocab import Vocabulary
 
 __all__ = [
-    "MASK_COLUMNS", "TAG_COLUMNS", "CocoFile", "FileTags", "FormatError", "MaskFile", "MaskImage", "MaskIndex",
-    "MaskRegion", "TagsFile", "class_color", "decode_segmentation", "iter_mask_images", "iter_tag_batches",
-    "iter_tag_tables", "json_scalar", "label_map", "load_masks", "open_masks", "read_coco", "read_metadata",
-    "read_tags", "read_tags_schema", "rle_decode", "tag_classes", "tags_arrow_schema",
+    "MASK_COLUMNS", "TAG_COLUMNS", "CamFile", "CocoFile", "FileTags", "FormatError", "MaskFile", "MaskImage",
+    "MaskIndex", "MaskRegion", "TagsFile", "class_color", "decode_segmentation", "iter_mask_images",
+    "iter_tag_batches", "iter_tag_tables", "json_scalar", "label_map", "load_masks", "open_masks", "read_cam_file",
+    "read_cams_index", "read_coco", "read_metadata", "read_tags", "read_tags_schema", "rle_decode", "tag_classes",
+    "tags_arrow_schema",
 ]  # fmt: skip
 
 TAG_COLUMNS = ("index", "image_id", "path", "width", "height", "status", "error", "tags", "scores")
@@ -492,3 +502,55 @@ def class_color(label: int) -> tuple[int, int, int]:
     value = (label - 1) % 255 + 1
     r, g, b = _PALETTE[3 * value : 3 * value + 3]
     return r, g, b
+
+
+# ---- saved cams (segment --save-cams; written by writers.write_cam_file) ---------------------------
+
+@dataclass(frozen=True)
+class CamFile:
+    """One image's saved cams: `cams` (K, h, w) float16 (image size or patch grid), `tags` (K,)
+    vocabulary indices, `size` the image's (height, width), and its id and path."""
+
+    cams: np.ndarray
+    tags: np.ndarray
+    size: tuple[int, int]
+    image_id: str
+    path: str
+
+
+def read_cams_index(cams_dir: str | Path) -> dict:
+    """DIR/cams.json of a --save-cams directory, checked (FormatError naming the problem)."""
+    cams_dir = Path(cams_dir)
+    if not cams_dir.is_dir():
+        raise FormatError(f"--cams {cams_dir}: not a directory of saved cams (segment --save-cams DIR)")
+    target = cams_dir / CAMS_INDEX
+    try:
+        index = json.loads(target.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FormatError(f"--cams {cams_dir}: no {CAMS_INDEX}; not written by segment --save-cams") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{target}: cannot read ({exc})") from None
+    if not isinstance(index, dict) or index.get("format") != CAMS_FORMAT:
+        raise FormatError(f"{target}: not a tagclip cams index (format {CAMS_FORMAT!r} expected)")
+    if index.get("layout") not in ("image", "grid") or not isinstance(index.get("classes"), list) \
+            or not isinstance(index.get("rule"), dict):
+        raise FormatError(f"{target}: malformed cams index (layout, classes or rule missing)")
+    return index
+
+
+def read_cam_file(path: str | Path, num_classes: int | None = None) -> CamFile:
+    """One .npz of a --save-cams directory (FormatError naming the file and problem)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            cams, tags, size = data["cams"], data["tags"], data["size"]
+            image_id, image_path = str(data["image_id"]), str(data["path"])
+    except FileNotFoundError:
+        raise FormatError(f"{path}: cam file not found") from None
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise FormatError(f"{path}: not a cam file written by segment --save-cams ({exc})") from None
+    if cams.ndim != 3 or tags.shape != (cams.shape[0],) or size.shape != (2,):
+        raise FormatError(f"{path}: cams {cams.shape}, tags {tags.shape} and size {size.shape} do not fit")
+    if num_classes is not None and tags.size and (tags.min() < 0 or tags.max() >= num_classes):
+        raise FormatError(f"{path}: tag index outside the {num_classes} classes of cams.json")
+    return CamFile(cams, tags.astype(np.int64), (int(size[0]), int(size[1])), image_id, image_path)

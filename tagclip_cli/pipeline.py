@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -35,14 +36,18 @@ from tagclip_cli.tagclip import TagCLIPConfig, Tagger
 from tagclip_cli.thresholds import thresholds_record
 from tagclip_cli.vocab import Vocabulary
 from tagclip_cli.writers import (
+    CAMS_FORMAT,
     COCO_JSON_FORMAT,
     MASKS_PARQUET_FORMAT,
+    cam_file_path,
     label_png_path,
     mask_entries,
     segment_row,
     segment_schema,
     tag_row,
     tags_schema,
+    write_cam_file,
+    write_cams_index,
     write_label_png,
 )
 
@@ -252,6 +257,7 @@ class SegmentOptions(JobOptions):
     tags_in: Path | None = None
     tags_out: Path | None = None
     png_dir: Path | None = None
+    cams_dir: Path | None = None  # --save-cams DIR (segment.save_cams says the layout)
 
 
 @dataclass(frozen=True)
@@ -262,6 +268,8 @@ class SegResult(TagResult):
 
     label_map: np.ndarray | None = None
     mask_scores: dict[int, float] = field(default_factory=dict)
+    saved_cams: np.ndarray | None = None  # --save-cams: float16 (K, H, W) or (K, gh, gw)
+    cam_tags: tuple[int, ...] = ()  # the vocabulary index of each saved cam
 
 
 def segment_images(
@@ -299,19 +307,22 @@ def segment_images(
         elif out.tag_output is not None:
             tags_here = [names[t] for t in out.tag_output.tags]
             results.append(SegResult(image, tags_here, out.tag_output.scores.cpu(), None, out.label_map,
-                                     out.mask_scores))
+                                     out.mask_scores, out.saved_cams, tuple(out.tags)))
         elif tags_file is None:  # a dense baseline: no TagCLIP, the classes present are the tags
             results.append(SegResult(image, [names[t] for t in out.tags], None, None, out.label_map,
                                      out.mask_scores))
         else:
             entry = from_file.get(image.item.index, FileTags([], [], None))
-            results.append(SegResult(image, entry.names, entry.scores, None, out.label_map, out.mask_scores))
+            results.append(SegResult(image, entry.names, entry.scores, None, out.label_map, out.mask_scores,
+                                     out.saved_cams, tuple(out.tags)))
     return results
 
 
-def segment_rows(results: list[SegResult], png_dir: Path | None = None) -> list[dict]:
-    """The segment writer: one `segment_schema` row per result (masks as COCO RLE), and the
-    label PNG of each segmented image in png_dir when given."""
+def segment_rows(results: list[SegResult], png_dir: Path | None = None, cams_dir: Path | None = None) -> list[dict]:
+    """The segment writer: one `segment_schema` row per result (masks as COCO RLE), the label PNG
+    of each segmented image in png_dir and its cams (.npz) in cams_dir when given. Side files are
+    written (atomically) before the rows reach the job's part file, so a resumed run that skips an
+    image has its files already."""
     rows = []
     for r in results:
         item, width, height = r.image.item, r.image.width, r.image.height
@@ -320,6 +331,9 @@ def segment_rows(results: list[SegResult], png_dir: Path | None = None) -> list[
             continue
         if png_dir is not None:
             write_label_png(r.label_map, label_png_path(png_dir, item.image_id))
+        if cams_dir is not None and r.saved_cams is not None:
+            write_cam_file(cam_file_path(cams_dir, item.image_id), r.saved_cams, r.cam_tags, (height, width),
+                           item.image_id, os.path.abspath(item.path))
         rows.append(segment_row(item, width, height, None, r.tags, r.scores, mask_entries(r.label_map, r.mask_scores)))
     return rows
 
@@ -338,6 +352,21 @@ def segment_config(
         config["tagclip"] = None  # TagCLIP did not run here: the tags come from the file
         config["tags_input"] = tags_file.identity()
     return config
+
+
+def cams_index(config: dict, seg: SegmentConfig) -> dict:
+    """DIR/cams.json of --save-cams: what every .npz in DIR means (format in writers.write_cam_file)
+    and the label rule that made the run's masks from them (`cams.CamRule`)."""
+    return {
+        "format": CAMS_FORMAT,
+        "version": 1,
+        "layout": seg.save_cams,
+        "dtype": "float16",
+        "classes": config["classes"],
+        "vocabulary": config["vocabulary"],
+        "model": config["model"],
+        "rule": asdict(seg.cam_rule()),
+    }
 
 
 def open_tags_file(path: str | Path, vocab: Vocabulary) -> TagsFile:
@@ -367,10 +396,12 @@ def run_segment(opts: SegmentOptions, progress: ProgressFactory | None = None) -
         config = segment_config(backbone, opts, tags_file)
         segmenter = Segmenter(backbone, opts.vocab, opts.segment, opts.tagclip, run_tagclip=tags_file is None)
         final = {"tags_out": str(Path(opts.tags_out).resolve())} if opts.tags_out is not None else {}
+        if opts.cams_dir is not None:
+            write_cams_index(opts.cams_dir, cams_index(config, opts.segment), overwrite=opts.overwrite)
         return Stage(
             config=config, schema=segment_schema(config), format=masks_format(opts.out), final_options=final,
             mapper=lambda batch: segment_images(segmenter, batch, tags_file),
-            writer=lambda results: segment_rows(results, opts.png_dir),
+            writer=lambda results: segment_rows(results, opts.png_dir, opts.cams_dir),
             needs_rgb=opts.segment.crf or opts.segment.method in DENSE_METHODS,  # dense baselines resize it themselves
         )
 

@@ -35,6 +35,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tagclip_cli.backbone import Backbone, DenseOutput, imagenet_templates
+
+# The label rule and the CRF live in cams.py (shared with `evaluate --cams`); importable from here.
+from tagclip_cli.cams import (  # noqa: F401
+    CAM_EPS,
+    CAM_LAYOUTS,
+    ROW_CHUNK_PIXELS,
+    CamRule,
+    CrfUnavailableError,
+    _mean_by_label,
+    _row_bands,
+    crf_available,
+    crf_label_map,
+    crf_label_map_upsampled,
+    dense_crf,
+    label_map_from_cams,
+    label_map_from_upsampled,
+    normalise_cam,
+    require_crf,
+    resize_bilinear,
+)
 from tagclip_cli.errors import UsageError
 from tagclip_cli.tagclip import (
     TagCLIPConfig,
@@ -51,14 +71,9 @@ log = logging.getLogger(__name__)
 
 DENSE_METHODS = ("sclip", "clearclip", "naclip")  # the dense baselines (docs/algorithm.md §12)
 METHODS = ("clses", "maskclip", *DENSE_METHODS)
-CAM_EPS = 1e-7  # the reference's normalisation: (x - min) / (max - min + eps)
-ROW_CHUNK_PIXELS = 1 << 22  # upsample and argmax about this many pixels x classes at a time
+SETTINGS = ("voc", "coco", "cocostuff")  # docs/algorithm.md §11
 # CLS-SEG names classes with CLIP-ES's single template (docs/algorithm.md §7).
 CLS_SEG_TEMPLATES = ("a clean origami {}.",)
-
-
-class CrfUnavailableError(UsageError):
-    """The dense CRF was asked for but the optional pydensecrf2 package is not installed."""
 
 
 # ---- the dense baselines' published settings (docs/algorithm.md §12) ------------------------------
@@ -181,6 +196,14 @@ class SegmentConfig:
     prompt_denoising_threshold: float = 0.5
     reference_compat: bool = False  # quirks Q2 (box edges) and Q4 (CAA in float32), docs/algorithm.md §10
     dense: DenseSettings | None = None  # sclip / clearclip / naclip: their published settings (voc by default)
+    # COCO-Stuff (docs/algorithm.md §11): no background label (every pixel gets its best tag) and
+    # Grad-CAM's softmax over [tags + these names] instead of the vocabulary's background set.
+    label_background: bool = True
+    cam_background: tuple[str, ...] | None = None  # None = the background set TagCLIP uses
+    # --save-cams: the refined cams kept (float16) at the image size ("image") or on the patch
+    # grid ("grid"); the label map is then made from exactly the values saved, so that
+    # `evaluate --cams` reproduces it (docs/algorithm.md §8 step 11).
+    save_cams: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -191,10 +214,16 @@ class SegmentConfig:
             raise UsageError(f"box threshold {self.box_threshold} outside [0, 1]")
         if self.cam_batch < 1 or self.sinkhorn_rounds < 0 or self.affinity_power < 0:
             raise UsageError("cam_batch must be >= 1, sinkhorn_rounds and affinity_power >= 0")
+        if self.save_cams not in (None, *CAM_LAYOUTS):
+            raise UsageError(f"save_cams must be one of {', '.join(CAM_LAYOUTS)}, not '{self.save_cams}'")
 
     def layers_for(self, num_layers: int) -> tuple[int, int]:
         """The CAA layer range (1-based, inclusive) for a model with num_layers blocks (`layer_range`)."""
         return layer_range(self.caa_layers, num_layers, "CAA layers")
+
+    def cam_rule(self) -> CamRule:
+        """The label rule and CRF parameters (what `evaluate --cams` needs to redo the label maps)."""
+        return CamRule(**{name: getattr(self, name) for name in CamRule.__dataclass_fields__})
 
     @classmethod
     def coco(cls, **kw) -> SegmentConfig:
@@ -204,6 +233,14 @@ class SegmentConfig:
         return cls(caa_layers=(-7, 0), box_threshold=0.7, **kw)
 
     @classmethod
+    def coco_stuff(cls, **kw) -> SegmentConfig:
+        """The reference's COCO-Stuff setting (TagCLIP's CLIP-ES/generate_cams_cocostuff.py and
+        eval_cam_cocostuff.py): the COCO CAA layers and box threshold, Grad-CAM against the one
+        background name "background", and no background label (argmax over the tags alone)."""
+        return cls(caa_layers=(-7, 0), box_threshold=0.7, label_background=False, cam_background=("background",),
+                   **kw)
+
+    @classmethod
     def for_setting(cls, setting: str, **kw) -> SegmentConfig:
         """The voc or coco setting: CLS-SEG's CAA values, or a dense baseline's published
         VOC21 / COCO-Object settings (`DenseSettings.published`)."""
@@ -211,23 +248,12 @@ class SegmentConfig:
             return cls(**kw)
         if setting == "coco":
             return cls.coco(**kw)
-        raise UsageError(f"unknown setting '{setting}' (choose voc or coco)")
+        if setting == "cocostuff":
+            return cls.coco_stuff(**kw)
+        raise UsageError(f"unknown setting '{setting}' (choose from {', '.join(SETTINGS)})")
 
 
 # ---- pure functions -------------------------------------------------------------------------------
-
-def normalise_cam(cams: Tensor, eps: float = CAM_EPS) -> Tensor:
-    """Per map (x - min) / (max - min + eps) over all but the first dim: (K, ...) -> (K, ...).
-
-    The reference's normalisation (eps 1e-7): the maximum is just below 1. eps=0 is the exact
-    min-max; a constant map becomes 0 either way."""
-    flat = cams.reshape(cams.shape[0], -1)
-    lo = flat.amin(dim=1, keepdim=True)
-    shifted = flat - lo
-    span = shifted.amax(dim=1, keepdim=True) + eps
-    safe = torch.where(span > 0, span, torch.ones_like(span))
-    return (shifted / safe).reshape(cams.shape)
-
 
 def grad_cams(backbone: Backbone, pre_last: Tensor, text: Tensor, num_targets: int, batch: int = 16) -> Tensor:
     """Grad-CAM of the last block for the first num_targets classes of `text`, (K, N) after ReLU.
@@ -322,151 +348,6 @@ def caa_refine(cams: Tensor, transition: Tensor, box_masks: Tensor, power: int =
     for _ in range(power):
         v = transition @ v
     return v.T
-
-
-def _linear_taps(in_size: int, out_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Source indices (i0, i1) and weight of i1 for 1-D linear resizing, align_corners=False
-    (the rule of torch's bilinear interpolate and OpenCV's INTER_LINEAR when enlarging)."""
-    scale = in_size / out_size
-    src = ((torch.arange(out_size, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
-    i0 = src.floor().long().clamp(max=in_size - 1)
-    i1 = (i0 + 1).clamp(max=in_size - 1)
-    return i0, i1, src - i0
-
-
-def resize_bilinear(maps: Tensor, size: tuple[int, int], rows: slice | None = None) -> Tensor:
-    """Bilinear resize (align_corners=False) of (M, h, w) maps to (M, H, W), or only output rows
-    `rows` of it, (M, len(rows), W): the same numbers as `F.interpolate`, computed a band at a time
-    so that many classes on a large image need not be held at full resolution at once."""
-    _, h, w = maps.shape
-    height, width = size
-    y0, y1, ly = _linear_taps(h, height, maps.device)
-    x0, x1, lx = _linear_taps(w, width, maps.device)
-    if rows is not None:
-        y0, y1, ly = y0[rows], y1[rows], ly[rows]
-    maps = maps.float()
-    vertical = maps[:, y0, :] * (1 - ly)[None, :, None] + maps[:, y1, :] * ly[None, :, None]
-    return vertical[:, :, x0] * (1 - lx) + vertical[:, :, x1] * lx
-
-
-def _row_bands(height: int, width: int, channels: int) -> list[slice]:
-    step = max(1, ROW_CHUNK_PIXELS // max(1, width * channels))
-    return [slice(y, min(height, y + step)) for y in range(0, height, step)]
-
-
-def label_map_from_cams(
-    cams: Tensor, labels: Sequence[int], size: tuple[int, int], background_power: float = 1.0,
-    normalise_after_resize: bool = False, eps: float = CAM_EPS,
-) -> tuple[np.ndarray, dict[int, float]]:
-    """Label map (H, W) int32 and per-label mean cam inside its mask, from grid cams (K, gh, gw).
-
-    cams are normalised refined cams on the patch grid; each is upsampled bilinearly to `size`.
-    Background score = (1 - max_k cam_k) ** background_power; argmax over [background, cams]
-    (ties go to background), so with power 1 a pixel is foreground iff its best cam > 0.5.
-    labels[k] is the output value of cam k (0 = background). normalise_after_resize re-normalises
-    each upsampled map (instead of relying on the grid normalisation)."""
-    height, width = size
-    out = np.zeros((height, width), dtype=np.int32)
-    k = cams.shape[0]
-    if k == 0:
-        return out, {}
-    lookup = torch.tensor([0, *labels], dtype=torch.long)
-    sums = torch.zeros(k + 1, dtype=torch.float64)
-    counts = torch.zeros(k + 1, dtype=torch.float64)
-    scale = None
-    if normalise_after_resize:  # min/max of the full-size maps: one pass first
-        full = resize_bilinear(cams, size)
-        lo = full.amin(dim=(1, 2))
-        span = full.amax(dim=(1, 2)) - lo + eps
-        scale = (lo, torch.where(span > 0, span, torch.ones_like(span)))
-        del full
-    for band in _row_bands(height, width, k):
-        up = resize_bilinear(cams, size, band)  # (K, h, W)
-        if scale is not None:
-            up = (up - scale[0][:, None, None]) / scale[1][:, None, None]
-        background = (1 - up.amax(dim=0)).clamp(min=0) ** background_power
-        winner = torch.cat([background[None], up]).argmax(dim=0).cpu()  # (h, W) in 0..K
-        out[band] = lookup[winner].numpy()
-        value = up.gather(0, (winner.to(up.device) - 1).clamp(min=0)[None])[0].cpu().double()
-        sums += torch.bincount(winner.flatten(), weights=value.flatten(), minlength=k + 1)
-        counts += torch.bincount(winner.flatten(), minlength=k + 1).double()
-    return out, _mean_by_label(sums, counts, [0, *labels])
-
-
-def _mean_by_label(sums: Tensor, counts: Tensor, labels: Sequence[int]) -> dict[int, float]:
-    """{label: mean value} for the labels > 0 that own at least one pixel (several rows may share a
-    label: their sums and counts are pooled)."""
-    total: dict[int, list[float]] = {}
-    for i, label in enumerate(labels):
-        if label > 0 and counts[i] > 0:
-            acc = total.setdefault(int(label), [0.0, 0.0])
-            acc[0] += float(sums[i])
-            acc[1] += float(counts[i])
-    return {label: s / c for label, (s, c) in sorted(total.items())}
-
-
-def crf_available() -> bool:
-    try:
-        import pydensecrf.densecrf  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def require_crf() -> None:
-    """Raise CrfUnavailableError (one line, with the fix) when pydensecrf2 is not importable."""
-    if not crf_available():
-        raise CrfUnavailableError(
-            "the dense CRF needs the optional pydensecrf2 package: pip install 'tagclip-cli[crf]' "
-            "(or pip install pydensecrf2)"
-        )
-
-
-def dense_crf(rgb: np.ndarray, probs: np.ndarray, config: SegmentConfig) -> np.ndarray:
-    """Mean-field dense CRF (Kraehenbuehl & Koltun) with the paper's parameters: (C, H, W) -> (C, H, W).
-
-    rgb: (H, W, 3) uint8 image. probs: (C, H, W) class scores in [0, 1] (here [background; cams],
-    not renormalised, as the reference feeds them); unary = -log(clip(p, clip, 1)). Pairwise:
-    Gaussian (sxy, compat) and bilateral (sxy, srgb, compat); `crf_iterations` rounds."""
-    require_crf()
-    import pydensecrf.densecrf as dcrf
-
-    c, h, w = probs.shape
-    if rgb.shape != (h, w, 3):
-        raise ValueError(f"CRF image {rgb.shape} does not match the score maps {(h, w)}")
-    unary = -np.log(np.clip(probs.reshape(c, -1), config.crf_unary_clip, 1.0)).astype(np.float32)
-    crf = dcrf.DenseCRF2D(w, h, c)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary))
-    crf.addPairwiseGaussian(sxy=config.crf_gaussian_sxy, compat=config.crf_gaussian_compat)
-    # np.array copies: pydensecrf needs a writable buffer (PIL-backed arrays are read-only)
-    crf.addPairwiseBilateral(sxy=config.crf_bilateral_sxy, srgb=config.crf_bilateral_srgb,
-                             rgbim=np.array(rgb, dtype=np.uint8, order="C"), compat=config.crf_bilateral_compat)
-    return np.asarray(crf.inference(config.crf_iterations), dtype=np.float32).reshape(c, h, w)
-
-
-def crf_label_map(
-    rgb: np.ndarray, cams: Tensor, labels: Sequence[int], config: SegmentConfig
-) -> tuple[np.ndarray, dict[int, float]]:
-    """Label map (H, W) and per-label mean cam inside its mask after a dense CRF on [background; cams].
-
-    cams: (K, gh, gw) normalised refined cams, upsampled here to the image size of rgb."""
-    h, w = rgb.shape[:2]
-    out = np.zeros((h, w), dtype=np.int32)
-    if cams.shape[0] == 0:
-        return out, {}
-    up = resize_bilinear(cams, (h, w))
-    if config.normalise_after_resize:
-        up = normalise_cam(up, config.cam_eps)
-    background = (1 - up.amax(dim=0)).clamp(min=0) ** config.background_power
-    probs = torch.cat([background[None], up]).cpu().numpy()
-    winner = dense_crf(rgb, probs, config).argmax(axis=0)
-    lookup = np.array([0, *labels], dtype=np.int32)
-    out = lookup[winner]
-    value = np.take_along_axis(probs, winner[None], axis=0)[0]
-    k = cams.shape[0]
-    sums = torch.from_numpy(np.bincount(winner.ravel(), weights=value.ravel(), minlength=k + 1))
-    counts = torch.from_numpy(np.bincount(winner.ravel(), minlength=k + 1).astype(np.float64))
-    return out, _mean_by_label(sums, counts, [0, *labels])
 
 
 # ---- MaskCLIP -------------------------------------------------------------------------------------
@@ -679,7 +560,9 @@ class SegOutput:
     mask (CLS-SEG: the normalised refined cam; MaskCLIP: the class's softmax probability).
     tags: the foreground classes segmented (CLS-SEG) or present (MaskCLIP).
     cams: (K, gh, gw) normalised refined cams on the grid (CLS-SEG). raw_cams: (K, gh, gw)
-    normalised Grad-CAMs before CAA. tag_output: TagCLIP's result when it ran in this pass."""
+    normalised Grad-CAMs before CAA. tag_output: TagCLIP's result when it ran in this pass.
+    saved_cams: with SegmentConfig.save_cams, the float16 cams to write (numpy, on the CPU) that
+    the label map was made from."""
 
     label_map: np.ndarray
     mask_scores: dict[int, float]
@@ -687,6 +570,7 @@ class SegOutput:
     cams: Tensor | None = None
     raw_cams: Tensor | None = None
     tag_output: TagOutput | None = field(default=None, repr=False)
+    saved_cams: np.ndarray | None = field(default=None, repr=False)  # --save-cams: float16 (K, H, W) / (K, gh, gw)
 
 
 class Segmenter:
@@ -712,6 +596,8 @@ class Segmenter:
         dense = self.config.method in DENSE_METHODS
         self.tagger = Tagger(backbone, vocab, self.tagclip) if run_tagclip and not dense else None
         background = vocab.background if self.tagclip.use_background else ()
+        if self.config.cam_background is not None:  # COCO-Stuff: Grad-CAM against "background" only
+            background = self.config.cam_background
         self.num_background = len(background)
         self.layers = self.config.layers_for(backbone.num_layers)
         if dense:
@@ -810,14 +696,47 @@ class Segmenter:
             raise ValueError("CLS-SEG needs the tokens entering the last block (keep_pre_last=True)")
         raw, refined = self.seg_cams(dense, tags)
         labels = [t + 1 for t in tags]
+        saved = None
         with torch.inference_mode():
-            if rgb is not None:
+            if cfg.save_cams is not None:
+                # docs/algorithm.md §8 step 11: the label map is made from the float16 values saved.
+                saved = self._saved_cams(refined, size)
+                label_map, scores = self._label_saved(saved, labels, size, rgb)
+            elif rgb is not None:
                 label_map, scores = crf_label_map(rgb, refined, labels, cfg)
             else:
                 label_map, scores = label_map_from_cams(
-                    refined, labels, size, cfg.background_power, cfg.normalise_after_resize, cfg.cam_eps
+                    refined, labels, size, cfg.background_power, cfg.normalise_after_resize, cfg.cam_eps,
+                    cfg.label_background,
                 )
-        return SegOutput(label_map, scores, tags, refined if keep_cams else None, raw if keep_cams else None)
+        out = SegOutput(label_map, scores, tags, refined if keep_cams else None, raw if keep_cams else None)
+        out.saved_cams = None if saved is None else saved.cpu().numpy()
+        return out
+
+    def _saved_cams(self, refined: Tensor, size: tuple[int, int]) -> Tensor:
+        """The cams --save-cams writes, float16: (K, H, W) at the image size or (K, gh, gw)."""
+        cfg = self.config
+        if cfg.save_cams == "grid":
+            return refined.half()
+        up = resize_bilinear(refined, size)
+        if cfg.normalise_after_resize:
+            up = normalise_cam(up, cfg.cam_eps)
+        return up.half()
+
+    def _label_saved(
+        self, saved: Tensor, labels: list[int], size: tuple[int, int], rgb: np.ndarray | None
+    ) -> tuple[np.ndarray, dict[int, float]]:
+        """The label map of float16 saved cams, by the rule `evaluate --cams` applies to the files."""
+        cfg = self.config
+        cams = saved.float()
+        if cfg.save_cams == "grid":
+            if rgb is not None:
+                return crf_label_map(rgb, cams, labels, cfg)
+            return label_map_from_cams(cams, labels, size, cfg.background_power, cfg.normalise_after_resize,
+                                       cfg.cam_eps, cfg.label_background)
+        if rgb is not None:
+            return crf_label_map_upsampled(rgb, cams, labels, cfg)
+        return label_map_from_upsampled(cams, labels, cfg.background_power, cfg.label_background)
 
     @torch.inference_mode()
     def _maskclip(self, dense: DenseOutput, size: tuple[int, int]) -> SegOutput:

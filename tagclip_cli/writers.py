@@ -282,12 +282,65 @@ def voc_palette() -> list[int]:
     return palette
 
 
-def label_png_path(png_dir: str | Path, image_id: str) -> Path:
-    """<png_dir>/<image_id with its extension replaced by .png>; an id that is absolute or climbs
-    out with '..' is kept inside png_dir (leading '/' dropped, '..' parts become '__')."""
+def label_png_path(png_dir: str | Path, image_id: str, suffix: str = ".png") -> Path:
+    """<png_dir>/<image_id with its extension replaced by .png (or `suffix`)>; an id that is
+    absolute or climbs out with '..' is kept inside png_dir (leading '/' dropped, '..' parts
+    become '__')."""
     parts = [("__" if p == ".." else p) for p in Path(image_id).parts if p not in ("/", ".", "")]
     rel = Path(*parts) if parts else Path("image")
-    return Path(png_dir) / rel.with_suffix(".png")
+    return Path(png_dir) / rel.with_suffix(suffix)
+
+
+# ---- saved cams (segment --save-cams; read back by formats.read_cam_file) -------------------------
+
+CAMS_FORMAT = "tagclip-cams"
+CAMS_INDEX = "cams.json"  # DIR/cams.json: classes, layout and label rule of every file in DIR
+
+
+def cam_file_path(cams_dir: str | Path, image_id: str) -> Path:
+    """<cams_dir>/<image_id with its extension replaced by .npz> (kept inside cams_dir)."""
+    return label_png_path(cams_dir, image_id, ".npz")
+
+
+def write_cam_file(path: str | Path, cams: np.ndarray, tags: Sequence[int], size: tuple[int, int],
+                   image_id: str, image_path: str) -> None:
+    """One image's cams as a compressed .npz, atomically: `cams` (K, h, w) float16 (at the image
+    size or on the patch grid), `tags` (K,) int32 vocabulary indices (cam k is class tags[k]),
+    `size` (2,) int32 the image's (height, width), `image_id` and `path` (str)."""
+    path = Path(path)
+    if cams.ndim != 3 or cams.shape[0] != len(tags):
+        raise ValueError(f"cams {cams.shape} do not match {len(tags)} tags")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot create {path.parent} ({describe_os_error(exc)})") from None
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, cams=cams.astype(np.float16), tags=np.asarray(tags, dtype=np.int32),
+                            size=np.asarray(size, dtype=np.int32), image_id=np.str_(image_id),
+                            path=np.str_(image_path))
+
+
+def write_cams_index(cams_dir: str | Path, index: dict, overwrite: bool = False) -> None:
+    """Write DIR/cams.json, or check that the one there describes the same run (else UsageError:
+    cams of two different runs must not share a directory)."""
+    cams_dir = Path(cams_dir)
+    if cams_dir.exists() and not cams_dir.is_dir():
+        raise UsageError(f"--save-cams {cams_dir}: exists and is not a directory")
+    target = cams_dir / CAMS_INDEX
+    if target.is_file() and not overwrite:
+        try:
+            existing = json.loads(target.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            existing = None
+        if existing != json.loads(json.dumps(index)):
+            raise UsageError(f"--save-cams {cams_dir}: holds cams of another run (its {CAMS_INDEX} differs); "
+                             "use another directory or --overwrite")
+        return
+    try:
+        cams_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot create {cams_dir} ({describe_os_error(exc)})") from None
+    write_json_atomic(index, target)
 
 
 def write_label_png(label_map: np.ndarray, path: str | Path) -> None:

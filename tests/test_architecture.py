@@ -15,7 +15,7 @@ ALGORITHM = ("tagclip", "segment")
 BACKBONE = ("backbone",)
 DECODING = ("data", "sources")
 OUR_FILES = ("writers", "formats", "evaluate", "export")
-ORCHESTRATION = ("cli", "pipeline", "jobs", "show")
+ORCHESTRATION = ("cli", "pipeline", "jobs", "show", "reproduce")
 
 # module group -> what it must never import
 RULES: dict[tuple[str, ...], tuple[str, ...]] = {
@@ -27,6 +27,8 @@ RULES: dict[tuple[str, ...], tuple[str, ...]] = {
     OUR_FILES: BACKBONE + ALGORITHM + ("cli", "pipeline", "jobs"),
     # Sources and decoding know nothing of the method.
     DECODING: ALGORITHM + BACKBONE + ("cli", "pipeline", "evaluate", "export"),
+    # The label rule shared by segment and evaluate --cams: no model, no method, no file formats.
+    ("cams",): BACKBONE + ALGORITHM + ORCHESTRATION + OUR_FILES + DECODING,
     # Only the entry point imports the CLI.
     ("pipeline", "jobs", "show", "vocab", "errors", "faults", "synthetic"): ("cli",),
 }

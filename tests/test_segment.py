@@ -547,7 +547,7 @@ def test_crf_segmenter_needs_rgb_and_uses_it(tiny_backbone, voc, photos):
     [
         (["--method", "grabcut"], "--method must be one of clses, maskclip"),
         (["--method", "maskclip", "--crf"], "--crf refines CLS-SEG cams"),
-        (["--setting", "ade"], "--setting must be voc or coco"),
+        (["--setting", "ade"], "--setting must be one of voc, coco, cocostuff"),
         (["--key-smoothing"], "MaskCLIP options"),
         (["--tags", "x.parquet", "--tags-out", "y.parquet"], "--tags-out"),
     ],

@@ -87,10 +87,17 @@ class MaskPredictions:
     source: Path
     classes: tuple[str, ...]
     entries: list[tuple[tuple[str, ...], Any]]  # (names to match, handle for load())
+    # Several label maps per image (a background-threshold sweep, `sweep.CamPredictions`): one
+    # entry per variant; a plain prediction has the one variant None.
+    variants: tuple[Any, ...] = (None,)
 
     def load(self, handle: Any, height: int, width: int) -> np.ndarray:
         """(H, W) int32 map with values in [0, len(classes)]."""
         raise NotImplementedError
+
+    def load_variants(self, handle: Any, height: int, width: int) -> list[np.ndarray]:
+        """One (H, W) map per variant, in the order of `variants`."""
+        return [self.load(handle, height, width)]
 
 
 class CocoMaskPredictions(MaskPredictions):

@@ -42,7 +42,7 @@ class EvaluateConfig:
 
     gt: str
     root: Path
-    pred: Path
+    pred: Path | None = None  # or cams:
     split: Path | None = None
     ap: str = "paper"
     difficult: str = "positive"
@@ -50,6 +50,10 @@ class EvaluateConfig:
     vocab: str | None = None
     allow_unmatched: bool = False
     require_all: bool = False
+    cams: Path | None = None  # a segment --save-cams directory (instead of pred)
+    bg_thresholds: tuple[float, ...] | None = None  # --bg-threshold sweep over the cams
+    crf: bool = False  # --crf: the cams through the dense CRF
+    images: Path | None = None  # --images: where the CRF finds the images (default: the paths saved)
 
 
 def match_images(
@@ -225,20 +229,24 @@ def evaluate_masks(
     )
     gt_to_pred, extra = match_images(gt.images, [names for names, _ in preds.entries], preds.source)
     images = _image_counts(gt, gt_to_pred, extra, 0, config.require_all)
-    confusion = ConfusionMatrix(k)
+    confusions = [ConfusionMatrix(k) for _ in preds.variants]
     for i, j in sorted(gt_to_pred.items()):
         image = gt.images[i]
         gt_map = gt.load_map(image)
-        pred_raw = preds.load(preds.entries[j][1], *gt_map.shape)
-        if pred_raw.shape != gt_map.shape:
-            raise UsageError(
-                f"{preds.source}: prediction for '{image.key}' is {pred_raw.shape[1]}x{pred_raw.shape[0]} "
-                f"but the ground truth is {gt_map.shape[1]}x{gt_map.shape[0]}"
-            )
-        confusion.update(gt_map, lut[pred_raw])
+        for confusion, pred_raw in zip(confusions, preds.load_variants(preds.entries[j][1], *gt_map.shape),
+                                       strict=True):
+            if pred_raw.shape != gt_map.shape:
+                raise UsageError(
+                    f"{preds.source}: prediction for '{image.key}' is {pred_raw.shape[1]}x{pred_raw.shape[0]} "
+                    f"but the ground truth is {gt_map.shape[1]}x{gt_map.shape[0]}"
+                )
+            confusion.update(gt_map, lut[pred_raw])
         if progress:
             progress(1, len(gt_to_pred))
-    summary = confusion.summary()
+    summaries = [c.summary() for c in confusions]
+    # A sweep reports every variant and details the best (the first of equals), as eval_cam.py.
+    best = max(range(len(summaries)), key=lambda v: (np.nan_to_num(summaries[v]["miou"], nan=-1.0), -v))
+    summary, confusion = summaries[best], confusions[best]
     absent = [n for n, p in zip(gt.map_classes, summary["present"], strict=True) if not p]
     per_class = [
         {
@@ -250,10 +258,22 @@ def evaluate_masks(
         }
         for c, name in enumerate(gt.map_classes)
     ]
+    sweep = {}
+    if hasattr(preds, "describe"):  # saved cams (evaluate --cams): the background rule of each variant
+        sweep = {
+            "sweep": [
+                {"bg_threshold": v, "background": preds.describe(v), "mIoU": json_scalar(s["miou"]),
+                 "pixel_accuracy": json_scalar(s["pixel_accuracy"])}
+                for v, s in zip(preds.variants, summaries, strict=True)
+            ],
+            "best": {"bg_threshold": preds.variants[best], "background": preds.describe(preds.variants[best])},
+            "crf": bool(getattr(preds, "crf", False)),
+        }
     return {
         "task": "segmentation",
         "images": images,
         "class_matching": match.to_json(),
+        **sweep,
         "metrics": {
             "mIoU": json_scalar(summary["miou"]),
             "pixel_accuracy": json_scalar(summary["pixel_accuracy"]),
@@ -279,13 +299,23 @@ def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> dict[s
     """Run one evaluation and return the full report (JSON-serialisable)."""
     if config.ap not in AP_VARIANTS:
         raise UsageError(f"--ap must be one of {', '.join(AP_VARIANTS)}, not {config.ap}")
-    kind = prediction_kind(config.pred)
+    if (config.pred is None) == (config.cams is None):
+        raise UsageError("give either --pred (tags or masks) or --cams (a segment --save-cams directory)")
+    if config.cams is None and (config.bg_thresholds is not None or config.crf or config.images is not None):
+        raise UsageError("--bg-threshold, --crf and --images apply to --cams DIR (saved cams)")
+    kind = "cams" if config.cams is not None else prediction_kind(config.pred)
     if config.vocab is not None and kind != "masks-png":
         raise UsageError("--vocab is only for a --pred directory of PNGs")
+    if kind == "cams":
+        from tagclip_cli.evaluate.sweep import CamPredictions
+
+        cams = CamPredictions(config.cams, config.bg_thresholds, config.crf, config.images)
     gt = load_ground_truth(
         config.gt, config.root, config.split, difficult=config.difficult, classes_file=config.classes_file
     )
-    if kind == "tags":
+    if kind == "cams":
+        result = evaluate_masks(gt, cams, config, progress)
+    elif kind == "tags":
         result = evaluate_tags(gt, read_tags_parquet(config.pred), config, progress)
     else:
         result = evaluate_masks(gt, open_mask_predictions(config.pred, config.vocab), config, progress)
@@ -297,7 +327,7 @@ def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> dict[s
             "root": str(config.root),
             "ground_truth": gt.description,
             "split": gt.split_rule,
-            "pred": str(config.pred),
+            "pred": str(config.pred if config.cams is None else config.cams),
             "pred_kind": kind,
             "allow_unmatched": config.allow_unmatched,
             "notes": list(gt.notes),
@@ -363,6 +393,15 @@ def render_report(report: Mapping[str, Any], console: Any) -> None:
         if metrics["classes_without_positives"]:
             console.print(f"classes without positives (not in mAP): {', '.join(metrics['classes_without_positives'])}")
     else:
+        if "sweep" in report:
+            sweep = Table(title=f"{settings['gt']} - background sweep over saved cams"
+                                + (" (dense CRF)" if report["crf"] else ""))
+            for col in ("background", "mIoU", "pixel accuracy"):
+                sweep.add_column(col, justify="left" if col == "background" else "right")
+            for row in report["sweep"]:
+                sweep.add_row(row["background"], _pct(row["mIoU"]), _pct(row["pixel_accuracy"]))
+            console.print(sweep)
+            console.print(f"per class at the best: {report['best']['background']}")
         table = Table(title=title)
         for col in ("class", "IoU", "GT pixels", "pred pixels"):
             table.add_column(col, justify="left" if col == "class" else "right")

@@ -1,0 +1,237 @@
+"""`tagclip reproduce`: the TagCLIP paper's eight numbers in one resumable run.
+
+Rows (docs/algorithm.md §11 for the settings; every run with `--reference-compat`):
+
+* VOC2007 and COCO2014 mAP: `annotate` (vocabularies voc, coco) then `evaluate --gt voc2007 / coco2014`.
+* VOC2012, COCO-Object and COCO-Stuff-27 mIoU: `segment --save-cams` (settings voc, coco, cocostuff;
+  vocabularies voc, coco, coco-stuff) then `evaluate` of its masks; the "+ CRF" rows are
+  `evaluate --cams --crf` over the cams that run saved, which is the reference's own order (its
+  eval_cam_with_crf scripts read the saved cams), so each dataset is segmented once.
+
+Each row works in OUT/<row>/ (the image list, the tags / masks / cams, report.json); a row whose
+report.json exists is done and a rerun skips it, and an interrupted annotate / segment resumes
+(jobs.py). The table compares ours with the paper and with the reference repository's own run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tagclip_cli.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+PAPER = "TagCLIP paper (Lin et al., AAAI 2024, arXiv 2312.12828), as quoted in the TagCLIP README"
+REFERENCE = "linyq2117/TagCLIP README, 'Results': the rows '(this repo)', the authors' run of their code"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One number of the paper: how to compute it and what was published."""
+
+    name: str
+    title: str
+    dataset: str  # the ReproduceOptions root it needs: voc2007, voc2012, coco2014, coco2017, cocostuff
+    metric: str  # "mAP" or "mIoU"
+    gt: str  # evaluate --gt
+    paper: float
+    reference: float
+    setting: str | None = None  # segment --setting (None: an annotate row)
+    vocab: str = "voc"
+    crf_of: str | None = None  # a CRF row: evaluate --cams --crf over this row's saved cams
+
+
+ROWS: tuple[Row, ...] = (
+    Row("voc2007-map", "VOC2007 test, mAP", "voc2007", "mAP", "voc2007", 92.8, 92.8, vocab="voc"),
+    Row("coco2014-map", "COCO2014 val, mAP", "coco2014", "mAP", "coco2014", 68.8, 68.7, vocab="coco"),
+    Row("voc2012-miou", "VOC2012 val, CLS-SEG mIoU", "voc2012", "mIoU", "voc2012", 64.8, 64.7, "voc", "voc"),
+    Row("voc2012-miou-crf", "VOC2012 val, CLS-SEG + CRF mIoU", "voc2012", "mIoU", "voc2012", 68.7, 68.6,
+        vocab="voc", crf_of="voc2012-miou"),
+    Row("coco-object-miou", "COCO-Object (val2017), CLS-SEG mIoU", "coco2017", "mIoU", "coco-object", 34.0, 34.0,
+        "coco", "coco"),
+    Row("coco-object-miou-crf", "COCO-Object (val2017), CLS-SEG + CRF mIoU", "coco2017", "mIoU", "coco-object",
+        35.3, 35.2, vocab="coco", crf_of="coco-object-miou"),
+    Row("coco-stuff-27-miou", "COCO-Stuff-27 (val2017), CLS-SEG mIoU", "cocostuff", "mIoU", "coco-stuff-27", 30.1,
+        30.3, "cocostuff", "coco-stuff"),
+    Row("coco-stuff-27-miou-crf", "COCO-Stuff-27 (val2017), CLS-SEG + CRF mIoU", "cocostuff", "mIoU",
+        "coco-stuff-27", 31.0, 31.1, vocab="coco-stuff", crf_of="coco-stuff-27-miou"),
+)
+ROW_NAMES = tuple(r.name for r in ROWS)
+DATASETS = ("voc2007", "voc2012", "coco2014", "coco2017", "cocostuff")
+
+
+@dataclass
+class ReproduceOptions:
+    """What `tagclip reproduce` was given. roots: dataset name (DATASETS) -> its root directory."""
+
+    out: Path
+    roots: dict[str, Path]
+    model: Any  # pipeline.ModelOptions
+    rows: tuple[str, ...] = ROW_NAMES
+    cocostuff_split: Path | None = None  # e.g. the reference's imageset/cocostuff/val.txt (4,172 images)
+    batch_size: int = 8
+    workers: int = 2
+    progress: Callable | None = None  # pipeline.ProgressFactory
+
+
+@dataclass
+class RowResult:
+    row: Row
+    status: str  # "done", "skipped" (already done), "not run"
+    value: float | None = None  # percent
+    images: int | None = None
+    note: str = ""
+    report: Path | None = None
+    details: dict = field(default_factory=dict)
+
+
+# ---- image lists from the ground truths ------------------------------------------------------------
+
+def _first_dir(candidates: Sequence[Path], what: str) -> Path:
+    for path in candidates:
+        if path.is_dir():
+            return path
+    raise UsageError(f"no {what} folder (looked in {', '.join(str(p) for p in candidates)})")
+
+
+def image_list(row: Row, opts: ReproduceOptions) -> tuple[Path, list[str]]:
+    """(image root, image paths relative to it) of the ground-truth images of a row, in split order."""
+    from tagclip_cli.evaluate import load_ground_truth
+
+    root = opts.roots[row.dataset]
+    if row.dataset == "cocostuff":
+        gt = load_ground_truth(row.gt, root, opts.cocostuff_split)
+        coco = opts.roots.get("coco2017")
+        if coco is None:
+            raise UsageError("the COCO-Stuff rows segment the COCO val2017 images: give --coco2017 too")
+        images = _first_dir([coco / "val2017", coco / "images" / "val2017"], "COCO val2017 image")
+        return images, [f"{Path(im.key).name}.jpg" for im in gt.images]
+    gt = load_ground_truth(row.gt, root)
+    if row.dataset in ("voc2007", "voc2012"):
+        base = gt.root if row.dataset == "voc2007" else gt.root.parent  # VOCdevkit/VOC20xx
+        images = _first_dir([base / "JPEGImages"], f"{row.dataset} JPEGImages")
+        return images, [f"{im.key}.jpg" for im in gt.images]
+    split = "val2014" if row.dataset == "coco2014" else "val2017"
+    images = _first_dir([root / split, root / "images" / split, Path(gt.root).parent.parent / split],
+                        f"COCO {split} image")
+    return images, [im.alt_keys[-1] for im in gt.images]  # CocoInstances: alt_keys = (id, file_name)
+
+
+# ---- one row --------------------------------------------------------------------------------------
+
+def _run_model(row: Row, opts: ReproduceOptions, work: Path) -> tuple[Path, int]:
+    """annotate (tags.parquet) or segment --save-cams (masks.json, cams/) of a row, and how many
+    images failed (they are left out of the metric); resumes an interrupted run."""
+    from tagclip_cli.data import read_path_list
+    from tagclip_cli.pipeline import AnnotateOptions, SegmentOptions, run_annotate, run_segment
+    from tagclip_cli.segment import SegmentConfig
+    from tagclip_cli.tagclip import TagCLIPConfig
+    from tagclip_cli.vocab import load_vocabulary
+
+    image_root, names = image_list(row, opts)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "images.txt").write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+    items = read_path_list(names, image_root, str(work / "images.txt"))
+    vocab = load_vocabulary(row.vocab)
+    common = {"items": items, "vocab": vocab, "model": opts.model, "batch_size": opts.batch_size,
+              "workers": opts.workers}
+    if row.setting is None:
+        out = work / "tags.parquet"
+        summary = run_annotate(AnnotateOptions(out=out, tagclip=TagCLIPConfig(reference_compat=True), **common),
+                               opts.progress)
+        return out, summary.failed + summary.failed_before
+    tagclip = (TagCLIPConfig.coco_stuff(reference_compat=True) if row.setting == "cocostuff"
+               else TagCLIPConfig(reference_compat=True))
+    seg = SegmentConfig.for_setting(row.setting, reference_compat=True, save_cams="image")
+    out = work / "masks.json"
+    summary = run_segment(SegmentOptions(out=out, tagclip=tagclip, segment=seg, cams_dir=work / "cams", **common),
+                          opts.progress)
+    return out, summary.failed + summary.failed_before
+
+
+def run_row(row: Row, opts: ReproduceOptions) -> RowResult:
+    """Compute one row in OUT/<row>/ unless its report.json is there (then read it)."""
+    from tagclip_cli import evaluate as ev
+    from tagclip_cli.cams import crf_available
+
+    work = opts.out / row.name
+    report_path = work / "report.json"
+    needs = [row.dataset] + (["coco2017"] if row.dataset == "cocostuff" else [])  # COCO-Stuff: val2017 images
+    missing = [name for name in needs if name not in opts.roots]
+    if missing:
+        return RowResult(row, "not run", note=f"no {' / '.join('--' + m for m in missing)} root given")
+    if row.crf_of is not None and not crf_available():
+        return RowResult(row, "not run", note="the CRF needs pip install 'tagclip-cli[crf]'")
+    status = "skipped"
+    if not report_path.is_file():
+        status = "done"
+        root = opts.roots[row.dataset]
+        split = opts.cocostuff_split if row.dataset == "cocostuff" else None
+        if row.crf_of is not None:
+            base = opts.out / row.crf_of
+            if not (base / "masks.json").is_file():
+                _run_model(next(r for r in ROWS if r.name == row.crf_of), opts, base)
+            config = ev.EvaluateConfig(gt=row.gt, root=root, split=split, cams=base / "cams", crf=True)
+        else:
+            pred, failed = _run_model(row, opts, work)
+            if failed:
+                log.warning("%s: %d images failed and are left out (see %s)", row.name, failed, pred)
+            config = ev.EvaluateConfig(gt=row.gt, root=root, split=split, pred=pred)
+        log.info("%s: evaluating", row.name)
+        work.mkdir(parents=True, exist_ok=True)
+        ev.write_report(ev.evaluate(config), report_path)  # last: its presence marks the row done
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    value = report["metrics"]["mAP" if row.metric == "mAP" else "mIoU"]
+    return RowResult(row, status, None if value is None else 100 * value, report["images"]["evaluated"],
+                     report=report_path)
+
+
+def run_reproduce(opts: ReproduceOptions) -> list[RowResult]:
+    """Every selected row in ROWS order; writes OUT/results.json."""
+    from tagclip_cli.writers import write_json_atomic
+
+    unknown = [r for r in opts.rows if r not in ROW_NAMES]
+    if unknown:
+        raise UsageError(f"--rows: unknown row {unknown[0]!r} (choose from {', '.join(ROW_NAMES)})")
+    for name, root in opts.roots.items():
+        if not Path(root).is_dir():
+            raise UsageError(f"--{name} {root}: not a directory")
+    if not any(r.dataset in opts.roots for r in ROWS if r.name in opts.rows):
+        raise UsageError("no dataset root given: pass at least one of " + ", ".join(f"--{d}" for d in DATASETS))
+    opts.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for row in ROWS:
+        if row.name in opts.rows:
+            results.append(run_row(row, opts))
+    write_json_atomic({"rows": [result_json(r) for r in results], "sources": {"paper": PAPER,
+                                                                              "reference": REFERENCE}},
+                      opts.out / "results.json")
+    return results
+
+
+def result_json(result: RowResult) -> dict:
+    row = result.row
+    return {"row": row.name, "title": row.title, "metric": row.metric, "status": result.status,
+            "ours": result.value, "paper": row.paper, "reference_repo": row.reference, "images": result.images,
+            "note": result.note, "report": None if result.report is None else str(result.report)}
+
+
+def render_results(results: Sequence[RowResult], console: Any) -> None:
+    """The one table: ours vs published vs the reference repository's own numbers."""
+    from rich.table import Table
+
+    table = Table(title="TagCLIP: ours (--reference-compat) vs published")
+    for col in ("row", "metric", "ours", "paper", "reference repo", "images", "note"):
+        table.add_column(col, justify="left" if col in ("row", "note") else "right")
+    for r in results:
+        ours = "-" if r.value is None else f"{r.value:.1f}"
+        note = r.note or ("from an earlier run" if r.status == "skipped" else "")
+        table.add_row(r.row.title, r.row.metric, ours, f"{r.row.paper:.1f}", f"{r.row.reference:.1f}",
+                      "-" if r.images is None else str(r.images), note)
+    console.print(table)
+    console.print(f"paper: {PAPER}.\nreference repo: {REFERENCE}.", highlight=False)
