@@ -97,11 +97,18 @@ def offline_ultralytics() -> Any:
     because Ultralytics reads it once, at import time."""
     os.environ["YOLO_OFFLINE"] = "1"
     os.environ["YOLO_AUTOINSTALL"] = "false"
+    from PIL import Image
+
+    pil_open = Image.open
     try:
         import ultralytics
         import ultralytics.data.utils as data_utils
     except ImportError:
         raise UsageError(INSTALL_HINT) from None
+    finally:
+        # Ultralytics replaces PIL.Image.open for everyone on import (a HEIF fallback that imports
+        # pi_heif on any unreadable file); our decoder's errors must stay ours, so put it back.
+        Image.open = pil_open
     # Its dataset check fetches the plotting font (Arial.ttf) whatever `plots` says, and YOLO_OFFLINE
     # does not stop that request: the font it would fetch is only drawn on plots, which we turn off,
     # so the check finds a local copy or nothing and never goes online.

@@ -68,3 +68,12 @@ def pytest_collection_modifyitems(config, items):
     if cuda:
         config.hook.pytest_deselected(items=cuda)
         items[:] = [item for item in items if item.get_closest_marker("cuda") is None]
+
+
+@pytest.fixture(autouse=True)
+def _pil_open_restored():
+    """Ultralytics (imported by the export tests to check YOLO datasets) replaces PIL.Image.open
+    process-wide on import; put it back after each test so no later test decodes through it."""
+    original = Image.open
+    yield
+    Image.open = original
