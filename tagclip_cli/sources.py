@@ -93,7 +93,7 @@ def _reason(exc: BaseException) -> str:
     """An I/O exception as a short reason (botocore / aiohttp messages can span lines)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(exc, FileNotFoundError):
-        return "not found" + (f" ({text})" if text and "No such file" not in text else "")
+        return text if text and "No such file" not in text else "not found"
     if isinstance(exc, PermissionError):
         return "permission denied"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -453,7 +453,7 @@ def _pick_image_column(schema, wanted: str | None, url: str) -> str:
             return name
         raise UsageError(f"{_safe(url)}: column '{name}' holds {typ}, not image bytes "
                          "(binary, or a struct with a 'bytes' field)")
-    asked = f"--image-column {wanted}" if wanted else "an 'image' or 'jpg' column"
+    asked = f"--image-column {wanted}" if wanted else "'image' or 'jpg' column"
     raise UsageError(f"{_safe(url)}: no {asked}; its columns are: {', '.join(names)} (choose with --image-column)")
 
 
