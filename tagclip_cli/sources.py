@@ -16,6 +16,7 @@ group at a time.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -698,7 +699,7 @@ def _collect_images(images: str, image_root: str | Path | None, stdin: TextIO | 
             return _from_shards(_kind_of([lower]), [images], columns)
         try:
             with open(images, encoding="utf-8") as fh:
-                return _from_list(fh.read().splitlines(), image_root, images, columns)
+                return _from_list(list(fh), image_root, images, columns)
         except UnicodeDecodeError:
             raise UsageError(f"{images}: not a text file of image paths") from None
     raise UsageError(f"{images}: no such file or directory")
@@ -742,4 +743,4 @@ def _collect_remote(url: str, image_root: str | Path | None, columns: ParquetCol
         text = _read_text(url)
     except UnicodeDecodeError:
         raise UsageError(f"{_safe(url)}: not a text file of image paths") from None
-    return _from_list(text.splitlines(), image_root, url, columns)
+    return _from_list(list(io.StringIO(text, newline=None)), image_root, url, columns)  # universal newlines, as open()
