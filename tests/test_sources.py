@@ -254,3 +254,11 @@ def test_s3_shard_deleted_after_listing_fails_its_rows(s3, dataset):
     out = decoded(items)
     assert len(out) == 2 and all("cannot read tar shard s3://bucket/vanish/00002.tar" in im.error for im in out)
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in " ".join(im.error for im in out)
+
+
+def test_unreachable_url_is_a_usage_error_before_any_work():
+    from shard_fixtures import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/shards/{{0..1}}.tar"  # nothing listens there
+    with pytest.raises(UsageError, match=r"cannot read tar shard http://127\.0\.0\.1:\d+/shards/0\.tar"):
+        collect_items(url)
