@@ -54,8 +54,9 @@ class ImageItem:
 
     path: the image file (local path or URL), or for an image inside a tar / Parquet file a
     readable description (`tar://<member>::<shard>`, `<file>#row=<n>`). shard: that tar / Parquet
-    file (None for plain files); shard_index: its position among the input's shards (work is split
-    by it, so one shard is done by one process). locator: where in the shard:
+    file (None for plain files); shard_index: the unit of work it belongs to, the tar's position
+    among the input's tars, or for Parquet the row group's among all row groups (work is split by
+    it, so one tar or row group is read by one process). locator: where in the shard:
     ("tar", data offset, size), ("parquet", row group, row in group, image column), or
     ("error", reason) for a sample that has no readable image (the reason becomes its failed row)."""
 
@@ -357,20 +358,23 @@ def scan_tar(fileobj, size: int | None, shard: str) -> tuple[list[TarSample], st
             while True:
                 info = tar.next()
                 if info is None:
+                    if size is not None and tar.offset >= size:  # no end-of-archive blocks: cut at a header
+                        problem = (f"truncated tar shard {shard}: it ends after {len(samples) + 1} samples "
+                                   "without the end-of-archive marker; later samples are lost")
                     break
                 if not info.isfile():
                     continue
+                if size is not None and info.offset_data + info.size > size:
+                    problem = f"truncated tar shard {shard}: {info.name} is cut off at byte {size}"
+                    current_key = None
+                    break
                 key, ext = _sample_key(info.name)
                 if key != current_key or info.name in current_names:  # a new sample (or the same key again)
                     close()
                     current_key, current_names, image, members = key, set(), None, []
                 current_names.add(info.name)
                 members.append(info.name)
-                if image is None and ("." + ext.rsplit(".", 1)[-1]).lower() in IMAGE_EXTENSIONS and ext:
-                    if size is not None and info.offset_data + info.size > size:
-                        problem = f"truncated tar shard {shard}: {info.name} is cut off at byte {size}"
-                        current_key = None
-                        break
+                if image is None and ext and ("." + ext.rsplit(".", 1)[-1]).lower() in IMAGE_EXTENSIONS:
                     image = (info.name, info.offset_data, info.size)
     except (tarfile.TarError, EOFError, OSError) as exc:
         problem = f"truncated or damaged tar shard {shard} ({_reason(exc)}); samples after {len(samples)} are lost"
@@ -479,7 +483,8 @@ def list_parquet(urls: Sequence[str], columns: ParquetColumns = ParquetColumns()
 
     names = _shard_names(urls, PARQUET_EXTENSIONS)
     items: list[ImageItem] = []
-    for shard_index, (url, name) in enumerate(zip(urls, names, strict=True)):
+    groups = 0  # row groups so far: the unit of work (one file can be a whole data set)
+    for url, name in zip(urls, names, strict=True):
         fs, p = _fs(url)
         try:
             with fs.open(p, "rb") as fh:
@@ -496,9 +501,11 @@ def list_parquet(urls: Sequence[str], columns: ParquetColumns = ParquetColumns()
                     for in_group, value in enumerate(ids):
                         image_id = _unique_id(f"{name}/{row if value is None else value}", seen, url)
                         items.append(ImageItem(first_index + len(items), output_text(image_id),
-                                               output_text(f"{url}#row={row}"), shard=url, shard_index=shard_index,
+                                               output_text(f"{url}#row={row}"), shard=url,
+                                               shard_index=groups + group,
                                                locator=("parquet", group, in_group, image_col)))
                         row += 1
+                groups += pf.metadata.num_row_groups
         except UsageError:
             raise
         except FileNotFoundError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -109,6 +110,19 @@ def test_truncated_tar_keeps_the_samples_read_and_fails_the_rest_naming_the_shar
     assert "truncated" in caplog.text and "\n" not in out[-1].error
 
 
+def test_tar_cut_at_a_header_boundary_is_truncated_too(tmp_path):
+    members = [(f"{k:03d}.png", encode(arr)) for k, arr in enumerate(noise_images(3, seed=4))]
+    full = write_tar(tmp_path / "full.tar", members).read_bytes()
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        second = tar.getmembers()[1].offset  # where the second member's header starts
+    (tmp_path / "cut.tar").write_bytes(full[:second])
+    items = collect_items(str(tmp_path / "cut.tar"))
+    out = decoded(items)
+    assert [im.item.image_id for im in out] == ["cut/000", "cut/<unreadable>"]
+    assert out[0].error is None and "truncated tar shard" in out[1].error and "end-of-archive" in out[1].error
+    assert len(collect_items(str(tmp_path / "full.tar"))) == 3  # a whole tar is not
+
+
 def test_a_member_that_is_not_an_image_is_a_failed_row(tmp_path):
     tar = write_tar(tmp_path / "t.tar", [("a.jpg", b"<html>not found</html>"), ("b.png", encode(noise_images(1)[0]))])
     out = decoded(collect_items(str(tar)))
@@ -153,6 +167,7 @@ def test_hugging_face_parquet_in_row_groups(tmp_path):
     items = collect_items(str(path))  # auto-detected from the extension
     assert [it.image_id for it in items] == [f"train-00000/{i}" for i in range(10)]  # no key column: row number
     assert [it.locator[1:3] for it in items[2:5]] == [(0, 2), (1, 0), (1, 1)]
+    assert [it.shard_index for it in items] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]  # work split by row group
     out = decoded(items)
     assert all(np.array_equal(im.rgb, arr) for im, arr in zip(out, images, strict=True))
     # the same via --images-parquet with a glob, and an explicit id column
