@@ -633,3 +633,118 @@ def segment(
     _report(summary, out, quiet)
     if (summary.failed or summary.failed_before) and summary.leader:
         raise typer.Exit(1)  # the output has failed rows, whichever run met them
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    fmt: str = typer.Argument(..., metavar="FORMAT", help="yolo, voc, labelstudio, cvat or coco."),
+    tags: Path = typer.Option(None, "--tags", help="Tags Parquet (`tagclip annotate` or segment --tags-out): "
+                              "image tags, and the vocabulary the masks are checked against."),
+    masks: Path = typer.Option(None, "--masks", help="Masks of `tagclip segment`: COCO JSON or masks Parquet."),
+    images: Path = typer.Option(None, "--images", help="Folder the image ids are relative to (yolo and voc "
+                                "link or copy images; default: the paths recorded in the tags file)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (must not exist, or be empty; see --overwrite)."),
+    task: str = typer.Option("segment", "--task", help="yolo: segment (polygons) or detect (boxes)."),
+    copy: bool = typer.Option(False, "--copy", help="yolo, voc: copy the images instead of linking them."),
+    mask_as: str = typer.Option("brush", "--mask-as", help="labelstudio: brush (Label Studio RLE, exact) or "
+                                "polygon regions."),
+    split: str = typer.Option("train", "--split", help="voc: the image set name (ImageSets/*/<split>.txt)."),
+    url_prefix: str = typer.Option("/data/local-files/?d=", "--url-prefix", help="labelstudio: task image URL = "
+                                   "prefix + image id (default: Label Studio's local files under "
+                                   "LOCAL_FILES_DOCUMENT_ROOT)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+    quiet: bool = QUIET_OPT,
+    verbose: bool = VERBOSE_OPT,
+) -> None:
+    """Export tags and masks as a YOLO, Pascal VOC, Label Studio, CVAT or COCO dataset folder."""
+    from tagclip_cli.export import ExportConfig, export
+
+    setup_logging(quiet, verbose)
+    config = ExportConfig(format=fmt, out=out, tags=tags, masks=masks, images=images, task=task, copy=copy,
+                          mask_as=mask_as, split=split, url_prefix=url_prefix, overwrite=overwrite)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err_console, transient=True,
+                  disable=quiet or not err_console.is_terminal) as bar:
+        bar_task = bar.add_task(f"export {fmt}", total=None)
+        summary = export(config, progress=lambda step, total: bar.update(bar_task, advance=step, total=total))
+    if not quiet:
+        err_console.print(
+            f"{summary.out}: {fmt}, {summary.images} images, {summary.masks} masks"
+            + (f", {summary.shapes} label shapes" if summary.shapes else "")
+            + (f" ({summary.skipped} failed images skipped)" if summary.skipped else ""),
+            highlight=False,
+        )
+
+
+@app.command("train-student")
+@user_errors
+def train_student_command(
+    masks: Path = typer.Option(..., "--masks", help="Masks of `tagclip segment` (COCO JSON or masks Parquet)."),
+    tags: Path = typer.Option(None, "--tags", help="Tags Parquet of the same run: checked against the masks "
+                              "and its vocabulary names the classes."),
+    images: Path = typer.Option(None, "--images", help="Folder the image ids are relative to (default: the "
+                                "paths recorded in the tags file)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: dataset/, train.txt, val.txt, data.yaml, "
+                             "student/ (Ultralytics' run: weights/best.pt, results.csv), student.json."),
+    student: str = typer.Option("yolo11n-seg.yaml", "--student", help="Ultralytics model: a yaml it ships "
+                                "(from scratch; -seg for masks, plain for boxes) or a local .pt to fine-tune."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share of images held out for validation, "
+                                       "by a seeded hash of the image id (0: validate on the training images)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split and of Ultralytics' training."),
+    epochs: int = typer.Option(100, "--epochs", help="Ultralytics epochs."),
+    imgsz: int = typer.Option(640, "--imgsz", help="Ultralytics training image size."),
+    batch: int = typer.Option(16, "--batch", help="Ultralytics batch size."),
+    device: str = typer.Option("auto", "--device", help="Ultralytics device: cpu, 0, 0,1, ... (auto: GPU 0 "
+                               "if there is one)."),
+    workers: int = typer.Option(8, "--workers", help="Ultralytics data-loading workers (0: in process)."),
+    amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision on CUDA (Ultralytics checks it "
+                             "with yolo26n.pt, which must then be in its weights folder: offline it warns)."),
+    copy: bool = typer.Option(False, "--copy", help="Copy the images into dataset/ instead of linking them."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous train-student run in --out."),
+    quiet: bool = QUIET_OPT,
+    verbose: bool = VERBOSE_OPT,
+) -> None:
+    """Train a YOLO student (Ultralytics, offline) on the masks: export, seeded train/val split, train."""
+    from tagclip_cli.student import StudentConfig, train_student
+
+    setup_logging(quiet, verbose)
+    if quiet:
+        os.environ["YOLO_VERBOSE"] = "False"  # read by Ultralytics when it is imported
+    if device == "auto":
+        import torch
+
+        device = "0" if torch.cuda.is_available() else "cpu"
+    config = StudentConfig(masks=masks, out=out, tags=tags, images=images, student=student,
+                           val_fraction=val_fraction, seed=seed, epochs=epochs, imgsz=imgsz, batch=batch,
+                           device=device, workers=workers, amp=amp, copy=copy, overwrite=overwrite)
+    run = train_student(config)
+    if not quiet:
+        shown = {k.removeprefix("metrics/"): round(v, 4) for k, v in run.metrics.items()}
+        err_console.print(f"{run.out}: {run.task} student trained on {run.train_images} images, validated on "
+                          f"{run.val_images}; weights {run.weights}; {shown}", highlight=False, soft_wrap=True)
+
+
+@app.command("student-predict")
+@user_errors
+def student_predict_command(
+    weights: Path = typer.Argument(..., help="Trained student weights (train-student's student/weights/best.pt)."),
+    images: Path = typer.Argument(..., help="Folder of images (ids relative to it, as for segment)."),
+    png_dir: Path = typer.Option(..., "--png-dir", help="Output: one label PNG per image and categories.json, "
+                                 "what `tagclip evaluate --pred DIR` reads."),
+    imgsz: int = typer.Option(640, "--imgsz", help="Inference image size (the training one)."),
+    conf: float = typer.Option(0.25, "--conf", help="Ultralytics confidence threshold."),
+    device: str = typer.Option("cpu", "--device", help="Ultralytics device: cpu, 0, ..."),
+    quiet: bool = QUIET_OPT,
+    verbose: bool = VERBOSE_OPT,
+) -> None:
+    """Write a trained student's masks as label PNGs, to score it with `tagclip evaluate`."""
+    from tagclip_cli.student import predict_label_pngs
+
+    setup_logging(quiet, verbose)
+    os.environ["YOLO_VERBOSE"] = "False"
+    count = predict_label_pngs(weights, images, png_dir, imgsz=imgsz, device=device, conf=conf)
+    if not quiet:
+        err_console.print(f"{png_dir}: {count} label PNGs", highlight=False)

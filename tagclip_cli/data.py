@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from tagclip_cli.faults import ignore_signals_in_worker
+from tagclip_cli.faults import deferred_signals, ignore_signals_in_worker
 from tagclip_cli.sources import (  # noqa: F401  (listing moved to sources.py; old names kept importable)
     IMAGE_EXTENSIONS,
     ImageItem,
@@ -265,6 +265,22 @@ class DecodedImage:
         """The DataLoader's pin_memory hook: the pixels in page-locked memory."""
         return self if self.pixels is None else replace(self, pixels=self.pixels.pin_memory())
 
+    def __reduce__(self) -> tuple:
+        """Pickled (a DataLoader worker sending it to the main process) with the pixels as a NumPy
+        array, i.e. as plain bytes through the worker's result pipe. A torch tensor would go by
+        torch's default "file_descriptor" sharing: a handshake per tensor with a listener thread
+        that multiprocessing's resource_sharer starts in the worker; a SIGINT/SIGTERM raising
+        `Interrupted` in the main process mid-handshake makes that thread print a traceback as the
+        run shuts down. Bytes through the pipe have no side channel to cut (and open no file
+        descriptors); the pixels arrive C-contiguous, with the same values."""
+        pixels = None if self.pixels is None else self.pixels.numpy()
+        return _unpickle_decoded, (self.item, pixels, self.width, self.height, self.error, self.downscaled, self.rgb)
+
+
+def _unpickle_decoded(item: ImageItem, pixels: np.ndarray | None, *rest: object) -> DecodedImage:
+    """The inverse of `DecodedImage.__reduce__`."""
+    return DecodedImage(item, None if pixels is None else torch.from_numpy(pixels), *rest)  # type: ignore[arg-type]
+
 
 class ImageDataset(torch.utils.data.Dataset):
     """Decodes and preprocesses items; a failure becomes a `DecodedImage` with an error, never an
@@ -324,7 +340,12 @@ def iter_records(
         persistent_workers=False,
         worker_init_fn=ignore_signals_in_worker,  # Ctrl-C / SIGTERM are the main process's to handle
     )
-    return iter(loader)
+    # Starting the iterator forks the workers. Signals are held meanwhile: a SIGTERM to the process
+    # group would otherwise kill a worker born before its worker_init_fn ignores it (the DataLoader
+    # then raises "worker killed by signal" while shutting down), and `Interrupted` raised in the
+    # parent inside an at-fork hook (logging's lock release) is lost and can deadlock the run.
+    with deferred_signals():
+        return iter(loader)
 
 
 def bucket_batches(

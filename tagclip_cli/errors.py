@@ -31,6 +31,11 @@ class IncompleteRunError(TagclipError):
     """A merge was asked for while some inputs still have no result (e.g. a shard has not finished)."""
 
 
+class OutputLockedError(TagclipError):
+    """Another live run is writing the same output (or an overlapping share of it): exit code 2,
+    before any work is done."""
+
+
 class OutputWriteError(TagclipError):
     """An output or part file could not be written (disk full, quota, read-only, I/O error).
 

@@ -11,8 +11,9 @@ never the other way round.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +28,10 @@ if TYPE_CHECKING:
     from tagclip_cli.vocab import Vocabulary
 
 __all__ = [
-    "TAG_COLUMNS", "CocoFile", "FileTags", "FormatError", "MaskIndex", "TagsFile", "class_color",
-    "decode_segmentation", "iter_tag_batches", "json_scalar", "label_map", "load_masks", "read_coco",
-    "read_metadata", "read_tags", "read_tags_schema", "rle_decode", "tag_classes",
+    "MASK_COLUMNS", "TAG_COLUMNS", "CocoFile", "FileTags", "FormatError", "MaskFile", "MaskImage", "MaskIndex",
+    "MaskRegion", "TagsFile", "class_color", "decode_segmentation", "iter_mask_images", "iter_tag_batches",
+    "json_scalar", "label_map", "load_masks", "open_masks", "read_coco", "read_metadata", "read_tags",
+    "read_tags_schema", "rle_decode", "tag_classes",
 ]  # fmt: skip
 
 TAG_COLUMNS = ("index", "image_id", "path", "width", "height", "status", "error", "tags", "scores")
@@ -160,6 +162,7 @@ class CocoFile:
     categories: list[dict[str, Any]]
     images: dict[int, dict[str, Any]]
     annotations: dict[int, list[dict[str, Any]]]
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def read_coco(path: str | Path, what: str = "masks file", kind: str = "masks") -> CocoFile:
@@ -180,9 +183,7 @@ def read_coco(path: str | Path, what: str = "masks file", kind: str = "masks") -
         raise FormatError(f"{path}: not a COCO {kind} file (needs images, annotations, categories)")
     try:
         categories = sorted(data["categories"], key=lambda c: int(c["id"]))
-        known = {int(c["id"]) for c in categories}
-        for c in categories:
-            str(c["name"])
+        known = {int(c["id"]): str(c["name"]) for c in categories}  # a nameless category is malformed
         images = {int(im["id"]): im for im in data["images"]}
         annotations: dict[int, list[dict[str, Any]]] = {}
         for ann in data["annotations"]:
@@ -194,7 +195,8 @@ def read_coco(path: str | Path, what: str = "masks file", kind: str = "masks") -
             annotations.setdefault(image_id, []).append(ann)
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"{path}: malformed COCO file ({exc!r})") from None
-    return CocoFile(path, categories, images, annotations)
+    info = data.get("info")
+    return CocoFile(path, categories, images, annotations, info if isinstance(info, dict) else {})
 
 
 @dataclass
@@ -232,6 +234,175 @@ def load_masks(path: str | Path) -> MaskIndex:
             by_name.setdefault(name, ids[0])
     categories = {int(c["id"]): str(c["name"]) for c in coco.categories}
     return MaskIndex(categories, by_name, coco.images, coco.annotations)
+
+
+# ---- masks, one image at a time (COCO masks JSON or masks Parquet) ---------------------------------
+
+# The masks Parquet (`tagclip segment --out masks.parquet`): one row per (image, class mask), plus one
+# row with a null class_id for an image without masks or a failed image; the run metadata (with
+# "classes") under METADATA_KEY as in the tags Parquet. class_id = vocabulary index + 1, the COCO
+# category id of `writers.coco_categories`.
+MASK_COLUMNS = ("image_id", "path", "width", "height", "status", "error", "class_id", "class_name", "score",
+                "area", "bbox", "counts")
+_NOT_MASKS = "not a masks Parquet written by tagclip segment"
+
+
+@dataclass(frozen=True)
+class MaskRegion:
+    """One class's mask in one image: COCO category id (vocabulary index + 1), its name, the mask's
+    score (None when not stored or NaN), area in pixels, bbox [x, y, w, h] and compressed COCO RLE counts."""
+
+    class_id: int
+    class_name: str
+    score: float | None
+    area: int
+    bbox: tuple[float, float, float, float]
+    counts: str
+
+    def mask(self, height: int, width: int) -> np.ndarray:
+        """The (H, W) bool mask."""
+        return rle_decode(self.counts, height, width)
+
+
+@dataclass
+class MaskImage:
+    """One image of a masks file: our image id, its path (as recorded), size, status ("ok" or
+    "failed"), the error of a failed image, and its masks (empty for failed images)."""
+
+    image_id: str
+    path: str
+    width: int
+    height: int
+    status: str
+    error: str | None
+    masks: list[MaskRegion]
+
+
+class MaskFile:
+    """A masks file opened for streaming: the COCO masks JSON (read whole: JSON has no random access)
+    or the masks Parquet (read a row group at a time: memory stays flat). `classes` are the category
+    names in id order (id = position + 1 for our files), `categories` maps id to name. Iterating
+    yields `MaskImage`s in file order; `image_ids()` yields only the ids (cheap for Parquet)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FormatError(f"{self.path}: no such masks file")
+        self.kind = "parquet" if self.path.suffix.lower() in (".parquet", ".pq") else "json"
+        self._coco: CocoFile | None = None
+        if self.kind == "parquet":
+            self.metadata = self._parquet_metadata()
+            self.categories = {i + 1: name for i, name in enumerate(tag_classes(self.path, self.metadata))}
+        else:
+            self._coco = read_coco(self.path, "masks file")
+            meta = self._coco.info.get("tagclip")
+            self.metadata = meta if isinstance(meta, dict) else {}
+            self.categories = {int(c["id"]): str(c["name"]) for c in self._coco.categories}
+        self.classes = tuple(self.categories.values())
+
+    def _parquet_metadata(self) -> dict:
+        try:
+            schema = pq.read_schema(self.path)
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise FormatError(f"{self.path}: {_NOT_MASKS} (not a Parquet file: {exc})") from None
+        missing = [c for c in MASK_COLUMNS if c not in schema.names]
+        if missing:
+            raise FormatError(f"{self.path}: {_NOT_MASKS} (missing columns: {', '.join(missing)})")
+        try:
+            return schema_config(schema)
+        except ValueError as exc:
+            raise FormatError(f"{self.path}: its '{_KEY}' metadata is not JSON ({exc})") from None
+
+    def _batches(self, columns: Sequence[str], batch_size: int) -> Iterator[list[dict]]:
+        try:
+            for batch in pq.ParquetFile(self.path).iter_batches(batch_size=batch_size, columns=list(columns)):
+                yield batch.to_pylist()
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise FormatError(f"{self.path}: cannot read masks ({exc})") from None
+
+    def image_ids(self) -> Iterator[str]:
+        """Image ids in file order, one per image (a Parquet image's rows are consecutive)."""
+        if self._coco is not None:
+            for im in self._coco.images.values():
+                yield _coco_image_id(im)
+            return
+        previous = None
+        for rows in self._batches(("image_id",), 1 << 16):
+            for row in rows:
+                if row["image_id"] != previous:
+                    previous = row["image_id"]
+                    yield previous
+
+    def __iter__(self) -> Iterator[MaskImage]:
+        if self._coco is not None:
+            yield from self._iter_json(self._coco)
+        else:
+            yield from self._iter_parquet()
+
+    def _iter_json(self, coco: CocoFile) -> Iterator[MaskImage]:
+        for coco_id, im in coco.images.items():
+            where = f"{self.path}: image {coco_id}"
+            try:
+                width, height = int(im["width"]), int(im["height"])
+                regions = []
+                for ann in coco.annotations.get(coco_id, ()):
+                    segm = ann["segmentation"]
+                    if not (isinstance(segm, dict) and isinstance(segm.get("counts"), str)):
+                        raise FormatError(f"{where}: annotation {ann.get('id')} is not a compressed RLE "
+                                          "with str counts")
+                    regions.append(MaskRegion(int(ann["category_id"]), self.categories[int(ann["category_id"])],
+                                              _finite(ann.get("score")), int(ann["area"]),
+                                              tuple(float(v) for v in ann["bbox"]), segm["counts"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise FormatError(f"{where}: malformed image or annotation ({exc!r})") from None
+            status = str(im.get("tagclip_status", "ok"))
+            yield MaskImage(_coco_image_id(im), str(im.get("file_name", "")), width, height, status,
+                            im.get("tagclip_error"), regions if status == "ok" else [])
+
+    def _iter_parquet(self) -> Iterator[MaskImage]:
+        current: MaskImage | None = None
+        for rows in self._batches(MASK_COLUMNS, 4096):
+            for row in rows:
+                if current is None or row["image_id"] != current.image_id:
+                    if current is not None:
+                        yield current
+                    current = MaskImage(row["image_id"], row["path"], row["width"], row["height"], row["status"],
+                                        row["error"], [])
+                if row["class_id"] is None:
+                    continue
+                class_id = int(row["class_id"])
+                name = self.categories.get(class_id)
+                if name is None or (row["class_name"] is not None and row["class_name"] != name):
+                    raise FormatError(f"{self.path}: image {row['image_id']}: class {class_id} "
+                                      f"'{row['class_name']}' is not in the file's classes")
+                if row["counts"] is None or row["bbox"] is None or len(row["bbox"]) != 4:
+                    raise FormatError(f"{self.path}: image {row['image_id']}: class '{name}' has no counts or bbox")
+                current.masks.append(MaskRegion(class_id, name, _finite(row["score"]), int(row["area"] or 0),
+                                                tuple(row["bbox"]), row["counts"]))
+        if current is not None:
+            yield current
+
+
+def _finite(score: Any) -> float | None:
+    """A stored mask score as a float, None when missing or not finite (JSON has no NaN)."""
+    if score is None:
+        return None
+    value = float(score)
+    return value if math.isfinite(value) else None
+
+
+def _coco_image_id(im: Mapping[str, Any]) -> str:
+    return str(im.get("tagclip_image_id") or im.get("file_name") or im["id"])
+
+
+def open_masks(path: str | Path) -> MaskFile:
+    """Open a masks file (`.parquet`: masks Parquet, else COCO masks JSON). Raises FormatError."""
+    return MaskFile(path)
+
+
+def iter_mask_images(path: str | Path) -> Iterator[MaskImage]:
+    """The images of a masks file one at a time (`MaskFile`)."""
+    yield from MaskFile(path)
 
 
 # ---- segmentations --------------------------------------------------------------------------------

@@ -26,9 +26,10 @@ import torch
 from tagclip_cli import __version__
 from tagclip_cli.backbone import Backbone, load_backbone
 from tagclip_cli.data import DecodedImage, ImageItem, Preprocess, iter_records, to_device
+from tagclip_cli.errors import FormatError, UsageError
 from tagclip_cli.faults import OomSplitter
 from tagclip_cli.formats import FileTags, TagsFile
-from tagclip_cli.jobs import JobSpec, Placement, Summary, run_job, session
+from tagclip_cli.jobs import JobSpec, Placement, Summary, output_lock, run_job, session
 from tagclip_cli.segment import SegmentConfig, Segmenter, SegOutput, require_crf
 from tagclip_cli.tagclip import TagCLIPConfig, Tagger
 from tagclip_cli.vocab import Vocabulary
@@ -140,10 +141,12 @@ def run_stage(
     progress: ProgressFactory | None = None,
     stdout: TextIO | None = None,
 ) -> Summary:
-    """Run one command over opts.items: join the process group, load the model on this rank's
-    device, build the stage, then decode -> map -> write every window this rank owns (jobs.run_job:
-    resume, shards, merge). Only the leader shows progress."""
-    with session(opts.placement, opts.model.device) as sess:
+    """Run one command over opts.items: join the process group, lock this run's share of the
+    output (jobs.output_lock), load the model on this rank's device, build the stage, then decode ->
+    map -> write every window this rank owns (jobs.run_job: resume, shards, merge). Only the leader
+    shows progress."""
+    with session(opts.placement, opts.model.device) as sess, output_lock(sess, opts.out):
+        # Locked before the model loads: a second run on a live run's output refuses at once.
         backbone = opts.model.load(sess.device)
         stage = build(backbone)
         spec = JobSpec(
@@ -320,13 +323,21 @@ def segment_config(
     return config
 
 
+def open_tags_file(path: str | Path, vocab: Vocabulary) -> TagsFile:
+    """The `--tags` file, its errors worded for the option that named it."""
+    try:
+        return TagsFile(path, vocab)
+    except FormatError as exc:
+        raise UsageError(f"--tags {exc}") from None
+
+
 def run_segment(opts: SegmentOptions, progress: ProgressFactory | None = None) -> Summary:
     """Segment every item into opts.out (COCO RLE JSON; rows stream through OUT.parts/ like annotate,
     so the run resumes and shards), with the tags Parquet at opts.tags_out and label PNGs in
     opts.png_dir if asked. One model load; TagCLIP and CLS-SEG share each image's dense forward."""
     if opts.segment.crf:
         require_crf()
-    tags_file = TagsFile(opts.tags_in, opts.vocab) if opts.tags_in is not None else None
+    tags_file = open_tags_file(opts.tags_in, opts.vocab) if opts.tags_in is not None else None
 
     def build(backbone: Backbone) -> Stage[SegResult]:
         config = segment_config(backbone, opts, tags_file)

@@ -75,3 +75,24 @@ def test_reference_compat_branches_cite_their_quirk(path: Path):
     lines = source.splitlines()
     uncited = [n for n in flag_branch_lines(source) if not QUIRK.search("\n".join(lines[max(0, n - 3) : n + 2]))]
     assert not uncited, f"{path.name} lines {uncited} branch on reference_compat (or fp16_round) with no quirk Qn cited"
+
+
+CODE_NAME = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)(?:\([^`]*\))?`")
+
+
+def test_code_names_in_the_spec_exist():
+    """The spec names the functions that implement each step; a rename must update it."""
+    files = [p for d in ("tagclip_cli", "benchmarks") for p in (ROOT / d).rglob("*.py")]
+    code = "\n".join(p.read_text(encoding="utf-8") for p in files)
+    defined = set(re.findall(r"\b(?:def|class)\s+([A-Za-z_][A-Za-z0-9_]*)", code)) | set(
+        re.findall(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*[:=]", code, flags=re.M)
+    )
+    names = {m.group(1) for m in CODE_NAME.finditer(SPEC.read_text(encoding="utf-8"))}
+    # Only names that look like code (a dot, an underscore or CamelCase), not symbols such as `N` or `p`.
+    looks_like_code = {n for n in names if "." in n or "_" in n or re.search(r"[a-z][A-Z]", n)}
+    external = ("F.", "cv2.", "torch.", "open_clip.", "np.")  # other libraries' names, and file names
+    missing = sorted(
+        n for n in looks_like_code - {"is_grads_batched"}  # a torch.autograd.grad argument
+        if n.split(".")[-1] not in defined and not n.startswith(external) and not n.endswith((".py", ".md", ".txt"))
+    )
+    assert not missing, f"{SPEC.name} names code that does not exist: {missing}"

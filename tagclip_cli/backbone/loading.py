@@ -132,6 +132,11 @@ def load_backbone(
         net = _create(model, pretrained, seed)
         name, weights = model, pretrained
     net = net.float().to(device)
+    if device.type == "cuda" and precision == "fp32":
+        # PyTorch runs cuDNN convolutions (the patch embedding) in TF32 by default; fp32 must mean
+        # fp32: TF32 keeps 10 mantissa bits, too few for CUDA scores to match the CPU's to 1e-4.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     return Backbone(net, _tokenizer_for(net, name), name, weights, device, cache_dir, precision)
 
 
