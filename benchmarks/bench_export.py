@@ -3,7 +3,8 @@
 Writes a masks Parquet (the `tagclip segment --out masks.parquet` schema, row groups of 4,096
 rows) and a tags Parquet of N images, whose masks are the ground-truth label maps of generated
 shapes scenes (tagclip_cli.synthetic, 224x224, a pool of 64 scenes reused), and N empty image
-files for the export to link; the export gets both (--tags --masks), as a user would run it. Then runs the export in a subprocess on the first N/4 and on all N images and
+files for the export to link; the export gets both (--tags --masks), as a user would run it.
+Then runs the export in a subprocess on the first N/4 and on all N images and
 reports each run's wall time, images/s and peak RSS (wait4), and the marginal rate between the
 two runs ((N - N/4) / (t_N - t_N/4): the CLI's start-up, mostly importing torch, cancels out).
 A `tagclip --version` process gives the start-up's own time and RSS. The masks stream a row group
