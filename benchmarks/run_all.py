@@ -1,7 +1,7 @@
 """Run every benchmark script (`make bench`) and end with the three headline ratios.
 
 Runs, in this order, each `benchmarks/bench_*.py` that exists (bench_speed.py, bench_memory.py,
-bench_synthetic.py, and any later bench_*.py), each in its own process with the repository's
+bench_synthetic.py, bench_sources.py, and any later bench_*.py), each in its own process with the repository's
 Python, streaming its output. A script whose --help lists --quick gets --quick unless --full is
 given (scripts without one get the reduced settings in QUICK_ARGS). Missing scripts are skipped
 with a note. On a CPU with native bf16 (AMX or AVX512-BF16) bench_speed.py runs a second time with
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-KNOWN = ("bench_speed.py", "bench_memory.py", "bench_synthetic.py")
+KNOWN = ("bench_speed.py", "bench_memory.py", "bench_synthetic.py", "bench_sources.py")
 # Reduced settings for scripts that have no --quick of their own (keeps `make bench` to a few minutes).
 QUICK_ARGS = {
     "bench_memory.py": ["--images", "800", "--first", "200"],

@@ -319,7 +319,9 @@ def _class_thresholds(path: Path | None, classes, default: float) -> tuple[float
 # Input and job options shared by `annotate` and `segment`.
 IMAGES_ARG = typer.Argument(
     None, help="Folder of images (recursive), a text file of image paths (one per line), one image, or '-' to "
-    "read paths from stdin (e.g. from find). Omit with --manifest."
+    "read paths from stdin (e.g. from find); or WebDataset tar shards: one .tar, a pattern such as "
+    "'data/{00000..00127}.tar', a folder of tars or a text file of tar URLs; or .parquet files with image "
+    "bytes. Local paths or URLs (s3://, gs://, hf://, https://). Omit with --manifest or --images-parquet."
 )
 MANIFEST_OPT = typer.Option(
     None, "--manifest", help="COCO JSON whose 'images' (id, file_name) are the inputs; ids become image_id."
@@ -327,6 +329,18 @@ MANIFEST_OPT = typer.Option(
 IMAGE_ROOT_OPT = typer.Option(
     None, "--image-root", help="Folder the manifest's file_name (or a path list's relative paths) are under; "
     "image ids are relative to it."
+)
+IMAGES_PARQUET_OPT = typer.Option(
+    None, "--images-parquet", help="Parquet file(s) with the image bytes in a column (a file, a glob or a "
+    "{a,b} pattern; img2dataset or Hugging Face datasets output), read one row group at a time."
+)
+IMAGE_COLUMN_OPT = typer.Option(
+    None, "--image-column", help="Parquet column with the image: binary, or a {bytes, path} struct "
+    "(default: 'image', else 'jpg')."
+)
+ID_COLUMN_OPT = typer.Option(
+    None, "--id-column", help="Parquet column giving image ids (default: 'key', else 'path', else the row "
+    "number); ids are '<file name>/<id>'."
 )
 DEVICE_OPT = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto.")
 PRECISION_OPT = typer.Option(
@@ -357,10 +371,17 @@ PART_SIZE_OPT = typer.Option(
 )
 
 
-def _collect_items(images: str | None, manifest: Path | None, image_root: Path | None):
-    from tagclip_cli.data import collect_items
+def _collect_items(images: str | None, manifest: str | None, image_root: str | None,
+                   images_parquet: str | None = None, image_column: str | None = None,
+                   id_column: str | None = None):
+    """The input items (sources.py); manifest and image root stay strings so that URLs survive."""
+    from tagclip_cli.sources import ParquetColumns, collect_items, is_url
 
-    return collect_items(images, manifest, image_root)
+    def local(value: str | None):
+        return Path(value) if value is not None and not is_url(value) else value
+
+    return collect_items(images, local(manifest), local(image_root), images_parquet=images_parquet,
+                         columns=ParquetColumns(image_column, id_column))
 
 
 def _placement(shard: str | None, out: str, overwrite: bool, images: str | None):
@@ -402,8 +423,11 @@ def annotate(
         ..., "--out", "-o", help="Output Parquet file (one row per image), or '-' for JSON Lines on stdout "
         "(scores as {class: score}; no resume)."
     ),
-    manifest: Path = MANIFEST_OPT,
-    image_root: Path = IMAGE_ROOT_OPT,
+    manifest: str = MANIFEST_OPT,
+    image_root: str = IMAGE_ROOT_OPT,
+    images_parquet: str = IMAGES_PARQUET_OPT,
+    image_column: str = IMAGE_COLUMN_OPT,
+    id_column: str = ID_COLUMN_OPT,
     shard: str = SHARD_OPT,
     model: str = MODEL_OPT,
     pretrained: str = PRETRAINED_OPT,
@@ -440,7 +464,7 @@ def annotate(
     placement = _placement(shard, out, overwrite, images)
     setup_logging(quiet or not placement.leader, verbose)
     voc = _load_vocab(vocab, background, no_background)
-    items = _collect_items(images, manifest, image_root)
+    items = _collect_items(images, manifest, image_root, images_parquet, image_column, id_column)
     cfg = TagCLIPConfig(tag_threshold=tag_threshold, reference_compat=reference_compat,
                         use_background=not no_background,
                         class_thresholds=_class_thresholds(thresholds, voc.classes, tag_threshold))
@@ -594,8 +618,11 @@ def segment(
     key_smoothing: bool = typer.Option(False, "--key-smoothing", help="MaskCLIP: smooth with last-layer keys."),
     prompt_denoising: bool = typer.Option(False, "--prompt-denoising",
                                           help="MaskCLIP: drop classes whose best probability is below 0.5."),
-    manifest: Path = MANIFEST_OPT,
-    image_root: Path = IMAGE_ROOT_OPT,
+    manifest: str = MANIFEST_OPT,
+    image_root: str = IMAGE_ROOT_OPT,
+    images_parquet: str = IMAGES_PARQUET_OPT,
+    image_column: str = IMAGE_COLUMN_OPT,
+    id_column: str = ID_COLUMN_OPT,
     shard: str = SHARD_OPT,
     model: str = MODEL_OPT,
     pretrained: str = PRETRAINED_OPT,
@@ -660,7 +687,7 @@ def segment(
                                         prompt_denoising=prompt_denoising, reference_compat=reference_compat,
                                         save_cams=None if save_cams is None else ("grid" if cams_grid else "image"))
     voc = _load_vocab(vocab, background, no_background)
-    items = _collect_items(images, manifest, image_root)
+    items = _collect_items(images, manifest, image_root, images_parquet, image_column, id_column)
     tag_kw = {"reference_compat": reference_compat}
     if tag_threshold is not None:
         tag_kw["tag_threshold"] = tag_threshold

@@ -1,186 +1,48 @@
-"""Image sources and decoding: folders (recursive, deterministic order), and the DataLoader side.
+"""Decoding images and the DataLoader side: bytes -> RGB -> preprocessed pixels, size bucketing.
 
-Every image gets a stable `image_id` (the path relative to the input root, or a manifest id) and a
-global `index` (its position in the deterministic listing), which sharding and resume rely on.
+Listing inputs (folders, path lists, manifests, tar shards, Parquet; local or remote) lives in
+sources.py; its names are importable from here as before. An item's bytes are read through
+`sources.read_bytes` when it lives inside a tar / Parquet file or at a URL.
 """
 
 from __future__ import annotations
 
-import json
+import io
 import logging
 import math
 import os
 import re
 import stat
-import sys
 import warnings
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from tagclip_cli.errors import UsageError
 from tagclip_cli.faults import deferred_signals, ignore_signals_in_worker
+from tagclip_cli.sources import (  # noqa: F401  (listing moved to sources.py; old names kept importable)
+    IMAGE_EXTENSIONS,
+    ImageItem,
+    SourceError,
+    collect_items,
+    is_url,
+    list_folder,
+    read_bytes,
+    read_manifest,
+    read_path_list,
+)
 from tagclip_cli.writers import output_text
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own decompression-bomb limit (2x its warning level)
 
 
 class DecodeError(Exception):
     """An image that cannot be used; the message is the reason stored in the output."""
-
-
-@dataclass(frozen=True)
-class ImageItem:
-    """One input image: global position, stable id, path on disk, and COCO id when known."""
-
-    index: int
-    image_id: str
-    path: str
-    coco_id: int | None = None
-
-
-def list_folder(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[ImageItem]:
-    """All images under root (recursive), sorted by their relative POSIX path."""
-    root = Path(root)
-    if not root.exists():
-        raise UsageError(f"{root}: no such file or directory")
-    if not root.is_dir():
-        raise UsageError(f"{root}: not a directory")
-    exts = tuple(e.lower() for e in extensions)
-    found: list[str] = []
-    linked_dirs: list[str] = []
-
-    def unlisted(exc: OSError) -> None:  # os.walk skips such directories silently otherwise
-        log.warning("cannot list %s (%s); images in it are not included", output_text(str(exc.filename)),
-                    exc.strerror or exc)
-
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unlisted):
-        dirnames.sort()
-        linked_dirs.extend(os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
-        for name in filenames:
-            if name.lower().endswith(exts):
-                rel = Path(dirpath, name).relative_to(root).as_posix()
-                found.append(rel)
-    if linked_dirs:  # not followed (loops, duplicates): say so rather than drop their images silently
-        log.warning("%d symbolic link(s) to directories not followed (e.g. %s); list such images in a "
-                    "text file of paths to include them", len(linked_dirs), output_text(linked_dirs[0]))
-    found.sort()
-    # Undecodable (non-UTF-8) names keep their real path for opening; the id is escaped (output_text).
-    return [ImageItem(i, output_text(rel), str(root / rel)) for i, rel in enumerate(found)]
-
-
-def read_manifest(manifest: str | Path, image_root: str | Path) -> list[ImageItem]:
-    """The images of a COCO-style JSON (`images`: [{id, file_name}, ...]) in the manifest's order.
-
-    image_id is the manifest id as a string and coco_id the id itself; paths are image_root/file_name."""
-    manifest, image_root = Path(manifest), Path(image_root)
-    try:
-        with open(manifest, encoding="utf-8") as fh:
-            doc = json.load(fh)
-    except FileNotFoundError:
-        raise UsageError(f"{manifest}: no such file") from None
-    except OSError as exc:
-        raise UsageError(f"{manifest}: cannot read ({exc.strerror or exc})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{manifest}: not a JSON file ({exc})") from None
-    if not image_root.is_dir():
-        raise UsageError(f"--image-root {image_root}: not a directory")
-    images = doc.get("images") if isinstance(doc, dict) else None
-    if not isinstance(images, list):
-        raise UsageError(f"{manifest}: not a COCO manifest (no 'images' list)")
-    items: list[ImageItem] = []
-    seen: set[int] = set()
-    for pos, image in enumerate(images):
-        try:
-            coco_id, file_name = image["id"], image["file_name"]
-        except (TypeError, KeyError):
-            raise UsageError(f"{manifest}: images[{pos}] has no 'id' and 'file_name'") from None
-        if isinstance(coco_id, bool) or not isinstance(coco_id, int) or not isinstance(file_name, str):
-            raise UsageError(f"{manifest}: images[{pos}] needs an integer 'id' and a string 'file_name'")
-        if coco_id in seen:
-            raise UsageError(f"{manifest}: image id {coco_id} appears twice")
-        seen.add(coco_id)
-        items.append(ImageItem(len(items), str(coco_id), str(image_root / file_name), coco_id))
-    return items
-
-
-def read_path_list(lines: Iterable[str], image_root: str | Path | None = None, source: str = "-") -> list[ImageItem]:
-    """Images named one per line (blank lines ignored), in the given order.
-
-    Without image_root the id and the path are the line as given (relative to the working
-    directory). With image_root, a path inside the root (lexically, e.g. `find ROOT` output) keeps
-    its path and gets the id relative to the root; any other relative path is taken as relative to
-    the root (id = the line). An absolute path outside the root is an error."""
-    root_abs = os.path.abspath(image_root) if image_root is not None else None
-    items: list[ImageItem] = []
-    seen: dict[str, int] = {}
-    for lineno, raw in enumerate(lines, start=1):
-        line = raw.rstrip("\r\n")
-        if not line.strip():
-            continue
-        path, image_id = line, line
-        if root_abs is not None:
-            absolute = os.path.abspath(line)
-            if absolute == root_abs or absolute.startswith(root_abs + os.sep):
-                image_id = Path(os.path.relpath(absolute, root_abs)).as_posix()
-            elif os.path.isabs(line):
-                raise UsageError(f"{source}:{lineno}: {line} is not under --image-root {image_root}")
-            else:
-                image_id = Path(os.path.normpath(line)).as_posix()
-                path = os.path.join(image_root, line)
-        if image_id in seen:
-            raise UsageError(f"{source}:{lineno}: {line} was already listed on line {seen[image_id]}")
-        seen[image_id] = lineno
-        items.append(ImageItem(len(items), image_id, path))
-    return items
-
-
-def collect_items(
-    images: str | None, manifest: str | Path | None = None, image_root: str | Path | None = None,
-    stdin: TextIO | None = None,
-) -> list[ImageItem]:
-    """Resolve the CLI's input: a folder, a text file of paths, one image, `-` (paths on stdin), or
-    a COCO manifest with its image root. Raises UsageError when nothing usable is given."""
-    if manifest is not None:
-        if images is not None:
-            raise UsageError("give either IMAGES or --manifest, not both")
-        if image_root is None:
-            raise UsageError("--manifest needs --image-root (the folder its file_name entries are relative to)")
-        items = read_manifest(manifest, image_root)
-    elif images is None:
-        raise UsageError("no input: give a folder, a text file of paths, '-' for paths on stdin, or --manifest")
-    elif images == "-":
-        stream = stdin if stdin is not None else sys.stdin
-        if stream.isatty():
-            raise UsageError("'-' reads image paths from stdin, but stdin is a terminal; pipe a list in")
-        items = read_path_list(stream, image_root, "<stdin>")
-    elif Path(images).is_dir():
-        if image_root is not None:
-            raise UsageError("--image-root applies to --manifest and path lists, not to a folder")
-        items = list_folder(images)
-    elif Path(images).is_file():
-        if images.lower().endswith(IMAGE_EXTENSIONS):
-            items = read_path_list([images], image_root, images)
-        else:
-            try:
-                with open(images, encoding="utf-8") as fh:
-                    items = read_path_list(fh, image_root, images)
-            except UnicodeDecodeError:
-                raise UsageError(f"{images}: not a text file of image paths") from None
-    else:
-        raise UsageError(f"{images}: no such file or directory")
-    if not items:
-        where = manifest if manifest is not None else ("stdin" if images == "-" else images)
-        raise UsageError(f"{where}: no images found (extensions: {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
-    return items
 
 
 @dataclass(frozen=True)
@@ -211,6 +73,19 @@ class Preprocess:
 
     def load_rgb(self, path: str) -> Image.Image:
         return load_rgb(path, self.max_pixels)
+
+    def load_item(self, item: ImageItem) -> Image.Image:
+        """The item's image as RGB: a local file by path, else its bytes (tar member, Parquet
+        cell, URL) through sources.read_bytes. Raises DecodeError."""
+        if item.shard is None and not is_url(item.path):
+            return load_rgb(item.path, self.max_pixels)
+        try:
+            data = read_bytes(item)
+        except SourceError as exc:
+            raise DecodeError(str(exc)) from None
+        if not data:
+            raise DecodeError("empty file (0 bytes)")
+        return decode_rgb(io.BytesIO(data), item.path, self.max_pixels)
 
     def __call__(self, image: Image.Image) -> Tensor:
         w, h = self.target_size(*image.size)
@@ -277,8 +152,15 @@ def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     than max_pixels pixels are refused before any pixel is decoded (decompression bombs). PIL's
     warnings about damaged metadata are silenced: what matters is reported as the reason.
     Raises DecodeError with a specific reason for anything unusable."""
+    with open_image_file(path) as fh:
+        return decode_rgb(fh, path, max_pixels)
+
+
+def decode_rgb(fh: BinaryIO, path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`load_rgb` on an open binary file (a file on disk, or the bytes of a tar member / Parquet
+    cell); path only names it in debug logs. Raises DecodeError."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
-    with open_image_file(path) as fh, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # incl. DecompressionBombWarning: the check below decides
         try:
             img = Image.open(fh)
@@ -415,7 +297,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> DecodedImage:
         item = self.items[i]
         try:
-            img = self.preprocess.load_rgb(item.path)
+            img = self.preprocess.load_item(item)
             return DecodedImage(
                 item,
                 pixels=self.preprocess(img),

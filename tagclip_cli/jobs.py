@@ -157,6 +157,10 @@ class Placement:
         return self.shard is None
 
     def owns(self, item: ImageItem, window: int) -> bool:
+        """Whether this process does the item: by its tar / Parquet shard when it lives in one (a
+        shard is read by one process only), else by its window of indices."""
+        if item.shard_index is not None:
+            return item.shard_index % self.world == self.rank
         return (item.index // window) % self.world == self.rank
 
     def describe(self) -> str:

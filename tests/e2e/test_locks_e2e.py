@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-N_LONG = 400  # enough for the first run to still be busy when the second one has started up
+N_LONG = 1000  # enough for the first run to still be busy when the second one has started up
 N_SHORT = 40
 
 

@@ -1,0 +1,122 @@
+"""Helpers for tests of tar / Parquet / S3 inputs: write WebDataset shards and Parquet files from
+images, and a real S3 API on loopback (moto's server) for the remote tests.
+
+Imported as `import shard_fixtures` (pytest puts tests/ on sys.path, see bad_images.py)."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import tarfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+SECRET = "tagclip-test-secret-9f3b1c"  # the fake AWS secret: must never appear in any output
+
+
+def encode(arr: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    return buf.getvalue()
+
+
+def noise_images(count: int, seed: int = 0, sizes: Sequence[tuple[int, int]] = ((48, 32), (32, 48), (48, 48))
+                 ) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for w, h in (sizes[i % len(sizes)] for i in range(count))]
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_tar(path: Path, members: Sequence[tuple[str, bytes]]) -> Path:
+    """A tar with the given (name, bytes) members, in order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            add_member(tar, name, data)
+    return path
+
+
+def write_dataset(root: Path, images: Sequence[np.ndarray], shards: int) -> tuple[Path, Path]:
+    """The same images as WebDataset shards (`root/tars/000NN.tar`, members `<key>.png` and
+    `<key>.json`) and as a folder (`root/folder/000NN/<key>.png`), in the same order."""
+    tars, folder = root / "tars", root / "folder"
+    tars.mkdir(parents=True)
+    per = -(-len(images) // shards)
+    for s in range(shards):
+        members = []
+        (folder / f"{s:05d}").mkdir(parents=True)
+        for k, arr in enumerate(images[s * per:(s + 1) * per]):
+            key = f"{s:03d}{k:04d}"
+            data = encode(arr)
+            members += [(f"{key}.png", data), (f"{key}.json", b'{"caption": "noise"}')]
+            (folder / f"{s:05d}" / f"{key}.png").write_bytes(data)
+        write_tar(tars / f"{s:05d}.tar", members)
+    return tars, folder
+
+
+def write_parquet(path: Path, images: Sequence[np.ndarray], row_group_size: int = 4, style: str = "hf") -> Path:
+    """Images as a Parquet file: style "hf" (Hugging Face: `image` {bytes, path} struct, no key) or
+    "img2dataset" (`key` string, `jpg` binary), in row groups of row_group_size."""
+    data = [encode(arr) for arr in images]
+    if style == "hf":
+        image = pa.array([{"bytes": d, "path": f"img{i}.png"} for i, d in enumerate(data)],
+                         pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+        table = pa.table({"image": image, "label": pa.array(list(range(len(data))))})
+    else:
+        table = pa.table({"key": [f"{i:09d}" for i in range(len(data))], "jpg": pa.array(data, pa.binary()),
+                          "caption": ["noise"] * len(data)})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """The usual AWS variables for boto/s3fs: fake credentials and the moto endpoint."""
+    return {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+
+
+@contextmanager
+def moto_s3() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (a free port) for the duration; yields the endpoint URL, with
+    the AWS variables set in this process's environment meanwhile (restored after)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in s3_env(endpoint)}
+    os.environ.update(s3_env(endpoint))
+    try:
+        yield endpoint
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+def s3fs_client():
+    """A fresh s3fs filesystem from the environment (no instance cache: the endpoint changes per test)."""
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True)

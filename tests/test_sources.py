@@ -1,0 +1,279 @@
+"""sources.py: WebDataset tar shards, Parquet with image bytes, remote inputs (a real S3 API on
+loopback: moto's server), bad shards; and reading each item's bytes as data.py decodes them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from shard_fixtures import (
+    encode,
+    moto_s3,
+    noise_images,
+    s3fs_client,
+    write_dataset,
+    write_parquet,
+    write_tar,
+)
+
+from tagclip_cli.data import ImageDataset, Preprocess
+from tagclip_cli.errors import UsageError
+from tagclip_cli.jobs import Placement
+from tagclip_cli.sources import ParquetColumns, collect_items, list_tars
+
+PRE = Preprocess(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def decoded(items):
+    return list(ImageDataset(items, PRE, keep_rgb=True))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """10 images as 3 tar shards and as a folder of the same files."""
+    root = tmp_path_factory.mktemp("wds")
+    images = noise_images(10)
+    tars, folder = write_dataset(root, images, shards=3)
+    return images, tars, folder
+
+
+# ---- tar shards -----------------------------------------------------------------------------------
+
+def test_tar_samples_are_grouped_by_key_and_read_like_the_folder(dataset):
+    images, tars, folder = dataset
+    items = collect_items(str(tars / "{00000..00002}.tar"))
+    assert [it.image_id for it in items][:5] == ["00000/0000000", "00000/0000001", "00000/0000002",
+                                                  "00000/0000003", "00001/0010000"]
+    assert [it.index for it in items] == list(range(10))
+    assert [it.shard_index for it in items] == [0] * 4 + [1] * 4 + [2] * 2
+    assert items[0].path == f"tar://0000000.png::{tars / '00000.tar'}"
+    flat = collect_items(str(folder))
+    for tar_image, file_image, arr in zip(decoded(items), decoded(flat), images, strict=True):
+        assert tar_image.error is None
+        assert np.array_equal(tar_image.rgb, arr)
+        assert tar_image.pixels.equal(file_image.pixels)
+
+
+def test_every_way_of_naming_the_shards_lists_the_same(dataset, tmp_path):
+    _, tars, _ = dataset
+    pattern = collect_items(str(tars / "{00000..00002}.tar"))
+    (tmp_path / "urls.txt").write_text("".join(f"{tars / f'{s:05d}.tar'}\n" for s in range(3)))
+    assert collect_items(str(tars)) == pattern  # a folder of tars
+    assert collect_items(str(tmp_path / "urls.txt")) == pattern  # a text file listing tar URLs
+    assert collect_items(str(tars / "0000*.tar")) == pattern  # a glob
+    single = collect_items(str(tars / "00001.tar"))
+    assert [it.image_id for it in single] == ["00001/0010000", "00001/0010001", "00001/0010002", "00001/0010003"]
+
+
+def test_webdataset_keys_first_image_member_and_other_members_ignored(tmp_path):
+    red, blue = encode(np.full((16, 16, 3), 200, np.uint8)), encode(np.zeros((16, 16, 3), np.uint8))
+    tar = write_tar(tmp_path / "s.tar", [
+        ("sub/a.json", b"{}"), ("sub/a.seg.png", red), ("sub/a.png", blue),  # key sub/a: first image member
+        ("b.txt", b"caption"), ("b.jpg", blue),
+        ("c.json", b"{}"),  # a sample without an image: a failed row saying so
+    ])
+    items = collect_items(str(tar))
+    assert [it.image_id for it in items] == ["s/sub/a", "s/b", "s/c"]
+    out = decoded(items)
+    assert out[0].rgb[0, 0].tolist() == [200, 200, 200]
+    assert out[1].error is None
+    assert out[2].error.startswith("no image in this sample of") and "c.json" in out[2].error
+
+
+def test_duplicated_key_in_a_shard_keeps_both_and_warns(tmp_path, caplog):
+    one, two = encode(np.full((16, 16, 3), 10, np.uint8)), encode(np.full((16, 16, 3), 90, np.uint8))
+    tar = write_tar(tmp_path / "d.tar", [("k.png", one), ("x.png", one), ("k.png", two)])
+    with caplog.at_level(logging.WARNING, logger="tagclip_cli"):
+        items = collect_items(str(tar))
+    assert [it.image_id for it in items] == ["d/k", "d/x", "d/k#2"]
+    assert [im.rgb[0, 0, 0] for im in decoded(items)] == [10, 10, 90]
+    assert "key d/k appears 2 times; kept as d/k#2" in caplog.text
+
+
+def test_truncated_tar_keeps_the_samples_read_and_fails_the_rest_naming_the_shard(tmp_path, caplog):
+    members = [(f"{k:03d}.png", encode(arr)) for k, arr in enumerate(noise_images(6, seed=3))]
+    full = write_tar(tmp_path / "full.tar", members).read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(full[: len(full) // 2])
+    with caplog.at_level(logging.WARNING, logger="tagclip_cli"):
+        items = collect_items(str(cut))
+    out = decoded(items)
+    good = [im for im in out if im.error is None]
+    assert 1 <= len(good) < 6 and [im.item.image_id for im in good] == [f"cut/{k:03d}" for k in range(len(good))]
+    assert out[-1].error is not None and "truncated" in out[-1].error and str(cut) in out[-1].error
+    assert "truncated" in caplog.text and "\n" not in out[-1].error
+
+
+def test_tar_cut_at_a_header_boundary_is_truncated_too(tmp_path):
+    members = [(f"{k:03d}.png", encode(arr)) for k, arr in enumerate(noise_images(3, seed=4))]
+    full = write_tar(tmp_path / "full.tar", members).read_bytes()
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        second = tar.getmembers()[1].offset  # where the second member's header starts
+    (tmp_path / "cut.tar").write_bytes(full[:second])
+    items = collect_items(str(tmp_path / "cut.tar"))
+    out = decoded(items)
+    assert [im.item.image_id for im in out] == ["cut/000", "cut/<unreadable>"]
+    assert out[0].error is None and "truncated tar shard" in out[1].error and "end-of-archive" in out[1].error
+    assert len(collect_items(str(tmp_path / "full.tar"))) == 3  # a whole tar is not
+
+
+def test_a_member_that_is_not_an_image_is_a_failed_row(tmp_path):
+    tar = write_tar(tmp_path / "t.tar", [("a.jpg", b"<html>not found</html>"), ("b.png", encode(noise_images(1)[0]))])
+    out = decoded(collect_items(str(tar)))
+    assert out[0].error == "not an image (the file is HTML/XML text)" and out[1].error is None
+
+
+def test_a_shard_that_vanishes_mid_run_fails_its_rows(dataset, tmp_path):
+    _, tars, _ = dataset
+    copy = tmp_path / "gone.tar"
+    copy.write_bytes((tars / "00000.tar").read_bytes())
+    items = collect_items(str(copy))
+    copy.unlink()
+    out = decoded(items)
+    assert all(im.error and "cannot read tar shard" in im.error and str(copy) in im.error for im in out)
+
+
+def test_nothing_listable_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match=r"cannot read tar shard .*nope-0\.tar.*\(and the 1 other shards\)"):
+        collect_items(str(tmp_path / "nope-{0..1}.tar"))
+    good = write_tar(tmp_path / "ok-0.tar", [("a.png", encode(noise_images(1)[0]))])
+    items = collect_items(str(tmp_path / "ok-{0..1}.tar"))  # one of two exists: a failed row for the other
+    assert [it.image_id for it in items] == ["ok-0/a", "ok-1/<unreadable>"]
+    assert decoded(items)[1].error.startswith("cannot read tar shard") and good.exists()
+
+
+def test_placement_splits_tar_inputs_by_shard(dataset):
+    _, tars, _ = dataset
+    items = collect_items(str(tars))
+    for world in (2, 3):
+        owners = [[r for r in range(world) if Placement(rank=r, world=world).owns(it, 4)] for it in items]
+        assert all(len(o) == 1 for o in owners)
+        by_shard = {}
+        for it, (owner,) in zip(items, owners, strict=True):
+            assert by_shard.setdefault(it.shard_index, owner) == owner  # one shard, one process
+
+
+# ---- Parquet --------------------------------------------------------------------------------------
+
+def test_hugging_face_parquet_in_row_groups(tmp_path):
+    images = noise_images(10, seed=5)
+    path = write_parquet(tmp_path / "train-00000.parquet", images, row_group_size=3, style="hf")
+    items = collect_items(str(path))  # auto-detected from the extension
+    assert [it.image_id for it in items] == [f"train-00000/{i}" for i in range(10)]  # no key column: row number
+    assert [it.locator[1:3] for it in items[2:5]] == [(0, 2), (1, 0), (1, 1)]
+    assert [it.shard_index for it in items] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]  # work split by row group
+    out = decoded(items)
+    assert all(np.array_equal(im.rgb, arr) for im, arr in zip(out, images, strict=True))
+    # the same via --images-parquet with a glob, and an explicit id column
+    again = collect_items(None, images_parquet=str(tmp_path / "*.parquet"), columns=ParquetColumns(id="label"))
+    assert [it.image_id for it in again] == [f"train-00000/{i}" for i in range(10)]
+
+
+def test_img2dataset_parquet_key_and_jpg_columns(tmp_path):
+    images = noise_images(5, seed=6)
+    write_parquet(tmp_path / "00000.parquet", images[:3], style="img2dataset")
+    write_parquet(tmp_path / "00001.parquet", images[3:], style="img2dataset")
+    items = collect_items(None, images_parquet=str(tmp_path / "{00000,00001}.parquet"))
+    assert [it.image_id for it in items] == ["00000/000000000", "00000/000000001", "00000/000000002",
+                                             "00001/000000000", "00001/000000001"]
+    assert [it.shard_index for it in items] == [0, 0, 0, 1, 1]
+    assert all(np.array_equal(im.rgb, arr) for im, arr in zip(decoded(items), images, strict=True))
+    assert collect_items(str(tmp_path)) == items  # a folder of Parquet files
+
+
+def test_parquet_without_the_image_column_names_its_columns(tmp_path):
+    path = tmp_path / "meta.parquet"
+    pq.write_table(pa.table({"url": ["http://x/1.jpg"], "caption": ["a cat"]}), path)
+    with pytest.raises(UsageError, match=r"meta\.parquet: no 'image' or 'jpg' column; its columns are: url, "
+                                         r"caption \(choose with --image-column\)"):
+        collect_items(str(path))
+    with pytest.raises(UsageError, match="no --image-column picture; its columns are: url, caption"):
+        collect_items(None, images_parquet=str(path), columns=ParquetColumns(image="picture"))
+    with pytest.raises(UsageError, match="column 'caption' holds string, not image bytes"):
+        collect_items(None, images_parquet=str(path), columns=ParquetColumns(image="caption"))
+
+
+def test_parquet_null_image_and_duplicate_keys(tmp_path, caplog):
+    data = encode(noise_images(1)[0])
+    pq.write_table(pa.table({"key": ["a", "a", "b"], "jpg": pa.array([data, data, None], pa.binary())}),
+                   tmp_path / "p.parquet")
+    with caplog.at_level(logging.WARNING, logger="tagclip_cli"):
+        items = collect_items(str(tmp_path / "p.parquet"))
+    assert [it.image_id for it in items] == ["p/a", "p/a#2", "p/b"]
+    assert "kept as p/a#2" in caplog.text
+    out = decoded(items)
+    assert out[0].error is None and out[1].error is None and out[2].error.startswith("no image bytes in this row")
+
+
+# ---- remote: a real S3 API on loopback ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3(dataset, tmp_path_factory):
+    """moto's S3 server with a bucket holding the shards, the folder, a Parquet file and a manifest."""
+    images, tars, folder = dataset
+    extra = tmp_path_factory.mktemp("s3data")
+    with moto_s3() as endpoint:
+        fs = s3fs_client()
+        fs.mkdir("bucket")
+        fs.put(str(tars) + "/", "bucket/tars/", recursive=True)
+        fs.put(str(folder) + "/", "bucket/folder/", recursive=True)
+        fs.put(str(write_parquet(extra / "hf.parquet", images, row_group_size=4)), "bucket/pq/hf.parquet")
+        names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+        manifest = {"images": [{"id": i + 1, "file_name": n} for i, n in enumerate(names)]}
+        fs.pipe("bucket/coco.json", json.dumps(manifest).encode())
+        fs.pipe("bucket/list.txt", "".join(f"s3://bucket/folder/{n}\n" for n in names).encode())
+        yield endpoint
+
+
+def test_s3_every_input_kind_reads_the_same_pixels(s3, dataset):
+    images, tars, folder = dataset
+    local = [im.pixels for im in decoded(collect_items(str(folder)))]
+    remote_tars = collect_items("s3://bucket/tars/{00000..00002}.tar")
+    assert [it.image_id for it in remote_tars] == [it.image_id for it in collect_items(str(tars))]
+    kinds = {
+        "tars": remote_tars,
+        "tar folder": collect_items("s3://bucket/tars/"),
+        "folder": collect_items("s3://bucket/folder"),
+        "path list": collect_items("s3://bucket/list.txt"),
+        "manifest": collect_items(None, manifest="s3://bucket/coco.json", image_root="s3://bucket/folder"),
+        "parquet": collect_items(None, images_parquet="s3://bucket/pq/*.parquet"),
+    }
+    assert [it.image_id for it in kinds["folder"]][:2] == ["00000/0000000.png", "00000/0000001.png"]
+    for kind, items in kinds.items():
+        out = decoded(items)
+        assert [im.error for im in out] == [None] * 10, kind
+        assert all(a.equal(b) for a, b in zip((im.pixels for im in out), local, strict=True)), kind
+
+
+def test_s3_missing_bucket_or_key_is_a_usage_error(s3):
+    with pytest.raises(UsageError, match="cannot read tar shard s3://no-such-bucket/0.tar"):
+        collect_items("s3://no-such-bucket/{0..1}.tar")
+    with pytest.raises(UsageError, match="s3://no-such-bucket/images: no such file or directory"):
+        collect_items("s3://no-such-bucket/images")
+    with pytest.raises(UsageError, match=r"s3://bucket/pq/none\.parquet: no such file"):
+        collect_items(None, images_parquet="s3://bucket/pq/none.parquet")
+
+
+def test_s3_shard_deleted_after_listing_fails_its_rows(s3, dataset):
+    _, tars, _ = dataset
+    fs = s3fs_client()
+    fs.put(str(tars / "00002.tar"), "bucket/vanish/00002.tar")
+    items = list_tars(["s3://bucket/vanish/00002.tar"])
+    fs.rm("bucket/vanish/00002.tar")
+    out = decoded(items)
+    assert len(out) == 2 and all("cannot read tar shard s3://bucket/vanish/00002.tar" in im.error for im in out)
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in " ".join(im.error for im in out)
+
+
+def test_unreachable_url_is_a_usage_error_before_any_work():
+    from shard_fixtures import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/shards/{{0..1}}.tar"  # nothing listens there
+    with pytest.raises(UsageError, match=r"cannot read tar shard http://127\.0\.0\.1:\d+/shards/0\.tar"):
+        collect_items(url)
