@@ -23,9 +23,9 @@ count.) Checkpoints (fp16 safetensors + the open_clip JSON config; the recipe in
 metadata) are written every ``--save-every`` steps, so a partial run is usable; ``--stop-at N`` gives
 exactly the step-N checkpoint of the full schedule.
 
-    # the shipped weights (26 minutes on one thread of a loaded 2-core CPU; see the README):
+    # the shipped weights (5.5 minutes on two threads of an idle 2-core CPU; see the README):
     .venv/bin/python benchmarks/train_demo_clip.py --precision bf16 --steps 280 --warmup 30 \
-        --batch-size 32 --stop-at 160 --threads 1 --workers 1 --seed 0 --out runs/shapes-demo
+        --batch-size 32 --threads 2 --workers 1 --seed 0 --out runs/shapes-demo
     cp runs/shapes-demo/shapes-demo.{json,safetensors} tagclip_cli/weights/
 
 ``--precision bf16`` trains in manual mixed precision (for CPUs with AMX / AVX512-BF16, where a
