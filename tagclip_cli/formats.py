@@ -58,13 +58,19 @@ def read_tags_schema(path: str | Path, columns: Sequence[str] = TAG_COLUMNS) -> 
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"{path}: no such tags file")
+    return _parquet_config(path, columns, _NOT_TAGS)
+
+
+def _parquet_config(path: Path, columns: Sequence[str], what: str) -> dict:
+    """The run metadata of one of our Parquet outputs, after checking it is Parquet with `columns`;
+    FormatError naming the file otherwise (`what` says which of our files it is not)."""
     try:
         schema = pq.read_schema(path)
     except (OSError, ValueError, pa.ArrowException) as exc:
-        raise FormatError(f"{path}: {_NOT_TAGS} (not a Parquet file: {exc})") from None
+        raise FormatError(f"{path}: {what} (not a Parquet file: {exc})") from None
     missing = [c for c in columns if c not in schema.names]
     if missing:
-        raise FormatError(f"{path}: {_NOT_TAGS} (missing columns: {', '.join(missing)})")
+        raise FormatError(f"{path}: {what} (missing columns: {', '.join(missing)})")
     try:
         return schema_config(schema)
     except ValueError as exc:
@@ -329,17 +335,7 @@ class MaskFile:
         self.classes = tuple(self.categories.values())
 
     def _parquet_metadata(self) -> dict:
-        try:
-            schema = pq.read_schema(self.path)
-        except (OSError, ValueError, pa.ArrowException) as exc:
-            raise FormatError(f"{self.path}: {_NOT_MASKS} (not a Parquet file: {exc})") from None
-        missing = [c for c in MASK_COLUMNS if c not in schema.names]
-        if missing:
-            raise FormatError(f"{self.path}: {_NOT_MASKS} (missing columns: {', '.join(missing)})")
-        try:
-            return schema_config(schema)
-        except ValueError as exc:
-            raise FormatError(f"{self.path}: its '{_KEY}' metadata is not JSON ({exc})") from None
+        return _parquet_config(self.path, MASK_COLUMNS, _NOT_MASKS)
 
     def _batches(self, columns: Sequence[str], batch_size: int) -> Iterator[list[dict]]:
         try:

@@ -23,6 +23,17 @@ METADATA_KEY = b"tagclip"
 ROW_GROUP_SIZE = 4096
 
 
+# Per-image columns every output table starts with (after the tags Parquet's `index`).
+IMAGE_FIELDS = (
+    ("image_id", pa.string()),
+    ("path", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+)
+
+
 def tags_schema(metadata: dict | None = None) -> pa.Schema:
     """Columns of the tags Parquet. `scores` holds the fused score of every foreground class in
     vocabulary order (names in the metadata's "classes"); failed rows have status "failed", an
@@ -30,12 +41,7 @@ def tags_schema(metadata: dict | None = None) -> pa.Schema:
     schema = pa.schema(
         [
             ("index", pa.int64()),
-            ("image_id", pa.string()),
-            ("path", pa.string()),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-            ("status", pa.string()),
-            ("error", pa.string()),
+            *IMAGE_FIELDS,
             ("tags", pa.list_(pa.string())),
             ("scores", pa.list_(pa.float32())),
         ]
@@ -440,12 +446,7 @@ def masks_schema(metadata: dict | None = None) -> pa.Schema:
     metadata (with "classes") is stored under METADATA_KEY, as in the tags Parquet."""
     schema = pa.schema(
         [
-            ("image_id", pa.string()),
-            ("path", pa.string()),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-            ("status", pa.string()),
-            ("error", pa.string()),
+            *IMAGE_FIELDS,
             ("class_id", pa.int32()),
             ("class_name", pa.string()),
             ("score", pa.float32()),
