@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from tagclip_cli.faults import deferred_signals, ignore_signals_in_worker
+from tagclip_cli.fileio import output_text
 from tagclip_cli.sources import (  # noqa: F401  (listing moved to sources.py; old names kept importable)
     IMAGE_EXTENSIONS,
     ImageItem,
@@ -34,7 +35,6 @@ from tagclip_cli.sources import (  # noqa: F401  (listing moved to sources.py; o
     read_manifest,
     read_path_list,
 )
-from tagclip_cli.writers import output_text
 
 log = logging.getLogger(__name__)
 

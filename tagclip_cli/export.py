@@ -663,7 +663,8 @@ def _write_cvat(inputs: _Inputs, tmp: Path, summary: ExportSummary, progress: Pr
 
 
 def _write_coco(inputs: _Inputs, tmp: Path, summary: ExportSummary, progress: Progress) -> None:
-    from tagclip_cli.writers import coco_categories, json_scalar
+    from tagclip_cli.fileio import json_scalar
+    from tagclip_cli.writers import coco_categories
 
     meta = inputs.masks.metadata if inputs.masks is not None else {}
     info = {"description": "tagclip export coco", "tool": meta.get("tool"), "version": meta.get("tool_version"),

@@ -22,13 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tagclip_cli.errors import FormatError
+from tagclip_cli.fileio import file_sha256
 from tagclip_cli.writers import (
     CAMS_FORMAT,
     CAMS_INDEX,
     METADATA_KEY,
-    file_sha256,
-    json_scalar,
-    read_metadata,
     schema_config,
     voc_palette,
 )
@@ -39,8 +37,8 @@ if TYPE_CHECKING:
 __all__ = [
     "MASK_COLUMNS", "TAG_COLUMNS", "CamFile", "CocoFile", "FileTags", "FormatError", "MaskFile", "MaskImage",
     "MaskIndex", "MaskRegion", "TagsFile", "class_color", "decode_segmentation", "iter_mask_images",
-    "iter_tag_batches", "iter_tag_tables", "json_scalar", "label_map", "load_masks", "open_masks", "read_cam_file",
-    "read_cams_index", "read_coco", "read_metadata", "read_tags", "read_tags_schema", "rle_decode", "tag_classes",
+    "iter_tag_batches", "iter_tag_tables", "label_map", "load_masks", "open_masks", "read_cam_file",
+    "read_cams_index", "read_coco", "read_tags", "read_tags_schema", "rle_decode", "tag_classes",
     "tags_arrow_schema",
 ]  # fmt: skip
 

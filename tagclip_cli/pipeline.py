@@ -1,7 +1,7 @@
 """The annotate and segment pipelines: one runner, two stages.
 
     items -> decode (data.py: DecodedImage) -> mapper (TagCLIP, or CLS-SEG / MaskCLIP: typed results)
-          -> writer (result rows; label PNGs) -> job (jobs.py: parts, resume, shards, merge) -> output
+          -> writer (result rows; label PNGs) -> job (jobs/: parts, resume, shards, merge) -> output
 
 `run_stage` does what both commands share (the process group and device, the model load,
 preprocessing, decoding, out-of-memory retries, progress); a `Stage` says what one command
@@ -30,7 +30,10 @@ from tagclip_cli.data import DecodedImage, ImageItem, Preprocess, iter_records, 
 from tagclip_cli.errors import FormatError, UsageError
 from tagclip_cli.faults import OomSplitter
 from tagclip_cli.formats import FileTags, TagsFile
-from tagclip_cli.jobs import JobSpec, Placement, Summary, output_lock, run_job, session
+from tagclip_cli.jobs.locks import output_lock
+from tagclip_cli.jobs.placement import Placement
+from tagclip_cli.jobs.runner import JobSpec, Summary, run_job
+from tagclip_cli.jobs.session import session
 from tagclip_cli.segment import DENSE_METHODS, SegmentConfig, Segmenter, SegOutput, require_crf
 from tagclip_cli.tagclip import TagCLIPConfig, Tagger
 from tagclip_cli.thresholds import thresholds_record
@@ -96,7 +99,7 @@ class JobOptions:
     part_size: int = 256
     overwrite: bool = False
     fail_fast: bool = False
-    placement: Placement = field(default_factory=Placement)  # torchrun rank / --shard (jobs.py)
+    placement: Placement = field(default_factory=Placement)  # torchrun rank / --shard (jobs/)
 
 
 @dataclass(kw_only=True)
@@ -233,7 +236,7 @@ def tag_rows(results: list[TagResult]) -> list[dict]:
 
 def run_annotate(opts: AnnotateOptions, progress: ProgressFactory | None = None) -> Summary:
     """Tag every item into opts.out (Parquet) or stdout (JSON Lines), resuming an interrupted run of
-    the same config; under torchrun / --shard only this rank's share (jobs.py)."""
+    the same config; under torchrun / --shard only this rank's share (jobs/)."""
 
     def build(backbone: Backbone) -> Stage[TagResult]:
         config = run_config(backbone, opts.vocab, opts.tagclip, opts.max_side)

@@ -10,7 +10,7 @@ Rows (docs/algorithm.md §11 for the settings; every run with `--reference-compa
 
 Each row works in OUT/<row>/ (the image list, the tags / masks / cams, report.json); a row whose
 report.json exists is done and a rerun skips it, and an interrupted annotate / segment resumes
-(jobs.py). The table compares ours with the paper and with the reference repository's own run.
+(jobs/). The table compares ours with the paper and with the reference repository's own run.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def run_row(row: Row, opts: ReproduceOptions) -> RowResult:
 
 def run_reproduce(opts: ReproduceOptions) -> list[RowResult]:
     """Every selected row in ROWS order; writes OUT/results.json."""
-    from tagclip_cli.writers import write_json_atomic
+    from tagclip_cli.fileio import write_json_atomic
 
     unknown = [r for r in opts.rows if r not in ROW_NAMES]
     if unknown:

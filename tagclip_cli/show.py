@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from tagclip_cli.errors import UsageError
+from tagclip_cli.fileio import atomic_path
 from tagclip_cli.formats import TAG_COLUMNS, class_color, iter_tag_batches, label_map, load_masks, read_tags_schema
-from tagclip_cli.writers import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -106,7 +106,7 @@ def format_threshold(value: float) -> str:
 
 def write_threshold_file(path: str | Path, thresholds: Mapping[str, float], header: Sequence[str] = ()) -> None:
     """Write `class<TAB>threshold` lines (vocabulary order as given), atomically, after `#` header lines."""
-    from tagclip_cli.writers import write_bytes_atomic
+    from tagclip_cli.fileio import write_bytes_atomic
 
     lines = [f"# {h}" for h in header] + [f"{name}\t{format_threshold(t)}" for name, t in thresholds.items()]
     write_bytes_atomic(("\n".join(lines) + "\n").encode("utf-8"), path)

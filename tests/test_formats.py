@@ -16,6 +16,7 @@ from PIL import Image
 
 from tagclip_cli.data import ImageItem
 from tagclip_cli.errors import FormatError, UsageError
+from tagclip_cli.fileio import json_scalar
 from tagclip_cli.formats import (
     TAG_COLUMNS,
     TagsFile,
@@ -25,7 +26,6 @@ from tagclip_cli.formats import (
     label_map,
     load_masks,
     read_coco,
-    read_metadata,
     read_tags,
     read_tags_schema,
     rle_decode,
@@ -33,8 +33,8 @@ from tagclip_cli.formats import (
 )
 from tagclip_cli.vocab import parse_vocabulary
 from tagclip_cli.writers import (
-    json_scalar,
     mask_entries,
+    read_metadata,
     rle_encode,
     rows_to_table,
     segment_row,

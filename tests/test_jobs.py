@@ -16,17 +16,11 @@ import torch
 
 from tagclip_cli.data import DecodedImage, ImageItem
 from tagclip_cli.errors import ConfigMismatchError, IncompleteRunError, UsageError
-from tagclip_cli.jobs import (
-    JobSpec,
-    PartStore,
-    Placement,
-    Session,
-    json_row,
-    merge_output,
-    parse_shard,
-    placement_from_env,
-    run_job,
-)
+from tagclip_cli.jobs.parts import PartStore, merge_output
+from tagclip_cli.jobs.placement import Placement, parse_shard, placement_from_env
+from tagclip_cli.jobs.runner import JobSpec, run_job
+from tagclip_cli.jobs.session import Session
+from tagclip_cli.jobs.sinks import json_row
 
 SCHEMA = pa.schema(
     [

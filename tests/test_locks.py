@@ -16,7 +16,8 @@ import time
 import pytest
 
 from tagclip_cli.errors import OutputLockedError, UsageError
-from tagclip_cli.jobs import LOCK_STALE_SECONDS, LockEntry, OutputLock, Placement, read_locks
+from tagclip_cli.jobs.locks import LOCK_STALE_SECONDS, LockEntry, OutputLock, read_locks
+from tagclip_cli.jobs.placement import Placement
 
 
 def entry(first: int, last: int, world: int) -> LockEntry:
