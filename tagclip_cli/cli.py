@@ -650,9 +650,10 @@ def segment(
 ) -> None:
     """Segment every image (CLS-SEG, MaskCLIP, SCLIP, ClearCLIP or NACLIP) into a COCO RLE JSON or a masks
     Parquet, optionally with label PNGs and tags."""
+    from tagclip_cli.cams import require_crf
     from tagclip_cli.fileio import check_output_path
     from tagclip_cli.pipeline import SegmentOptions, run_segment
-    from tagclip_cli.segment import DENSE_METHODS, METHODS, SETTINGS, SegmentConfig, require_crf
+    from tagclip_cli.segment import DENSE_METHODS, METHODS, SETTINGS, SegmentConfig
     from tagclip_cli.tagclip import TagCLIPConfig
 
     if method not in METHODS:

@@ -26,7 +26,8 @@ import torch
 
 from tagclip_cli import __version__
 from tagclip_cli.backbone import Backbone, load_backbone
-from tagclip_cli.data import DecodedImage, ImageItem, Preprocess, iter_records, to_device
+from tagclip_cli.cams import require_crf
+from tagclip_cli.data import DecodedImage, Preprocess, iter_records, to_device
 from tagclip_cli.errors import FormatError, UsageError
 from tagclip_cli.faults import OomSplitter
 from tagclip_cli.formats import FileTags, TagsFile
@@ -34,7 +35,8 @@ from tagclip_cli.jobs.locks import output_lock
 from tagclip_cli.jobs.placement import Placement
 from tagclip_cli.jobs.runner import JobSpec, Summary, run_job
 from tagclip_cli.jobs.session import session
-from tagclip_cli.segment import DENSE_METHODS, SegmentConfig, Segmenter, SegOutput, require_crf
+from tagclip_cli.segment import DENSE_METHODS, SegmentConfig, Segmenter, SegOutput
+from tagclip_cli.sources import ImageItem
 from tagclip_cli.tagclip import TagCLIPConfig, Tagger
 from tagclip_cli.thresholds import thresholds_record
 from tagclip_cli.vocab import Vocabulary
@@ -61,7 +63,7 @@ Result = TypeVar("Result")
 ProgressFactory = Callable[[int], AbstractContextManager[Callable[[int], object]]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelOptions:
     model: str = "ViT-B-16"
     pretrained: str = "openai"
@@ -84,7 +86,7 @@ class ModelOptions:
         )
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class JobOptions:
     """What `annotate` and `segment` share: inputs, output, model, TagCLIP settings and the job settings."""
 
@@ -102,7 +104,7 @@ class JobOptions:
     placement: Placement = field(default_factory=Placement)  # torchrun rank / --shard (jobs/)
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class AnnotateOptions(JobOptions):
     stdout: TextIO | None = None  # where --out - writes (default sys.stdout)
 
@@ -249,7 +251,7 @@ def run_annotate(opts: AnnotateOptions, progress: ProgressFactory | None = None)
 
 # ---- segment --------------------------------------------------------------------------------------
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class SegmentOptions(JobOptions):
     """`tagclip segment`: masks JSON at `out` (+ tags Parquet at tags_out, label PNGs in png_dir).
 

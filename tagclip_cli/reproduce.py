@@ -127,9 +127,9 @@ def image_list(row: Row, opts: ReproduceOptions) -> tuple[Path, list[str]]:
 def _run_model(row: Row, opts: ReproduceOptions, work: Path) -> tuple[Path, int]:
     """annotate (tags.parquet) or segment --save-cams (masks.json, cams/) of a row, and how many
     images failed (they are left out of the metric); resumes an interrupted run."""
-    from tagclip_cli.data import read_path_list
     from tagclip_cli.pipeline import AnnotateOptions, SegmentOptions, run_annotate, run_segment
     from tagclip_cli.segment import SegmentConfig
+    from tagclip_cli.sources import read_path_list
     from tagclip_cli.tagclip import TagCLIPConfig
     from tagclip_cli.vocab import load_vocabulary
 

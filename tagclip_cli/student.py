@@ -309,8 +309,8 @@ def predict_label_pngs(weights: str | Path, images: str | Path, png_dir: str | P
     and write one label PNG per image in `png_dir` (pixel = class index + 1, 0 background; where
     instances overlap the more confident wins) plus `categories.json` with the class names:
     the layout `tagclip evaluate --pred png_dir` reads. Returns the number of images written."""
-    from tagclip_cli.data import IMAGE_EXTENSIONS
     from tagclip_cli.fileio import write_bytes_atomic
+    from tagclip_cli.sources import IMAGE_EXTENSIONS
     from tagclip_cli.writers import label_png_path, write_label_png
 
     offline_ultralytics()

@@ -79,7 +79,7 @@ def write_tags_parquet(path: Path, images: Sequence[tuple[str, str, int, int]], 
                        tags: dict[str, list[str]], failed: Sequence[str] = ()) -> Path:
     """A tags Parquet (`writers.tags_schema`) for (image_id, path, width, height) rows; scores are
     0.8 for a tag and 0.1 otherwise."""
-    from tagclip_cli.data import ImageItem
+    from tagclip_cli.sources import ImageItem
 
     rows = []
     for index, (image_id, image_path, width, height) in enumerate(images):

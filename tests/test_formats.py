@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tagclip_cli.data import ImageItem
 from tagclip_cli.errors import FormatError, UsageError
 from tagclip_cli.fileio import json_scalar
 from tagclip_cli.formats import (
@@ -31,6 +30,7 @@ from tagclip_cli.formats import (
     rle_decode,
     tag_classes,
 )
+from tagclip_cli.sources import ImageItem
 from tagclip_cli.vocab import parse_vocabulary
 from tagclip_cli.writers import (
     mask_entries,

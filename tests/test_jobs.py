@@ -14,13 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tagclip_cli.data import DecodedImage, ImageItem
+from tagclip_cli.data import DecodedImage
 from tagclip_cli.errors import ConfigMismatchError, IncompleteRunError, UsageError
 from tagclip_cli.jobs.parts import PartStore, merge_output
 from tagclip_cli.jobs.placement import Placement, parse_shard, placement_from_env
 from tagclip_cli.jobs.runner import JobSpec, run_job
 from tagclip_cli.jobs.session import Session
 from tagclip_cli.jobs.sinks import json_row
+from tagclip_cli.sources import ImageItem
 
 SCHEMA = pa.schema(
     [
