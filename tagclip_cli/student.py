@@ -161,20 +161,20 @@ def check_same_run(masks: MaskFile, tags: Path) -> None:
     records that file's sha256; a one-pass `segment --tags-out` writes both with the same settings."""
     from tagclip_cli.fileio import file_sha256
 
-    tags_meta = read_tags_schema(tags)
-    tag_classes(tags, tags_meta)  # FormatError when it is not one of our tags files
-    meta = masks.metadata
-    if not meta:
+    tags_record = read_tags_schema(tags)
+    tag_classes(tags, tags_record)  # FormatError when it is not one of our tags files
+    record = masks.record
+    if record.empty:
         raise UsageError(f"{masks.path}: no tagclip run metadata, so it cannot be checked against {tags} "
                          "(leave out --tags to train on the masks alone)")
-    recorded = meta.get("tags_input")
+    recorded = record.tags_input
     if isinstance(recorded, dict) and recorded.get("sha256"):
         if recorded["sha256"] != file_sha256(tags):
             raise UsageError(f"{masks.path}: segmented from another tags file (sha256 "
                              f"{str(recorded['sha256'])[:12]}...), not {tags}: tags and masks are from different runs")
         return
     for key in RUN_KEYS:
-        if meta.get(key) != tags_meta.get(key):
+        if getattr(record, key) != getattr(tags_record, key):
             raise UsageError(f"{masks.path} and {tags}: different '{key}' in their run metadata: "
                              "tags and masks are from different runs")
 

@@ -24,13 +24,13 @@ import numpy as np
 import pyarrow as pa
 
 from tagclip_cli.errors import UsageError
-from tagclip_cli.writers import METADATA_KEY
+from tagclip_cli.record import RecordIO, RunRecord
 
 __all__ = [
     "DEFAULT_MIN_POSITIVES", "CalibrationResult", "ClassCalibration", "ThresholdFileError", "Thresholds",
     "calibrate", "calibrate_class", "candidate_thresholds", "format_threshold", "normalised_scores",
-    "parse_target", "read_threshold_file", "retag_file", "retag_metadata", "retag_table",
-    "thresholds_from_metadata", "thresholds_record", "write_threshold_file",
+    "parse_target", "read_threshold_file", "retag_file", "retag_record", "retag_table",
+    "thresholds_from_record", "thresholds_record", "write_threshold_file",
 ]  # fmt: skip
 
 DEFAULT_MIN_POSITIVES = 5  # fewer positive images than this: a class keeps its default threshold
@@ -112,15 +112,14 @@ def write_threshold_file(path: str | Path, thresholds: Mapping[str, float], head
     write_bytes_atomic(("\n".join(lines) + "\n").encode("utf-8"), path)
 
 
-def thresholds_from_metadata(metadata: Mapping) -> Thresholds:
+def thresholds_from_record(record: RunRecord) -> Thresholds:
     """The thresholds a tags file was made with: its recorded "thresholds", else the TagCLIP
     tag_threshold (0.5 when the file records none, e.g. tags taken from another file)."""
-    recorded = metadata.get("thresholds")
+    recorded = record.thresholds
     if isinstance(recorded, Mapping):
         return Thresholds(float(recorded.get("default", 0.5)), dict(recorded.get("per_class") or {}))
-    tagclip = metadata.get("tagclip")
-    default = tagclip.get("tag_threshold", 0.5) if isinstance(tagclip, Mapping) else 0.5
-    return Thresholds(float(default), {})
+    default = record.tag_threshold
+    return Thresholds(float(0.5 if default is None else default), {})
 
 
 # ---- calibration ----------------------------------------------------------------------------------
@@ -216,16 +215,14 @@ def calibrate_class(norm: np.ndarray, positive: np.ndarray, target: str = "f1", 
 # ---- tagclip retag --------------------------------------------------------------------------------
 
 
-def retag_metadata(metadata: Mapping, classes: Sequence[str], default: float, vector: Sequence[float] | None) -> dict:
-    """The run metadata of a retagged file: the input's, with the tag threshold and per-class
+def retag_record(record: RunRecord, classes: Sequence[str], default: float,
+                 vector: Sequence[float] | None) -> RunRecord:
+    """The run record of a retagged file: the input's, with the tag threshold and per-class
     thresholds it was retagged with, exactly as `annotate` with those options records them."""
-    out = json.loads(json.dumps(metadata))
-    if isinstance(out.get("tagclip"), dict):
-        out["tagclip"]["tag_threshold"] = float(default)
-    out.pop("thresholds", None)
-    if vector is not None:
-        out["thresholds"] = thresholds_record(default, vector, classes)
-    return out
+    changes: dict = {"thresholds": thresholds_record(default, vector, classes) if vector is not None else None}
+    if isinstance(record.tagclip, Mapping):
+        changes["tagclip"] = {**json.loads(json.dumps(record.tagclip)), "tag_threshold": float(default)}
+    return RecordIO.with_changes(record, **changes)
 
 
 def _tag_matrix_of(tags: pa.Array, classes: Sequence[str]) -> np.ndarray:
@@ -301,13 +298,13 @@ def retag_file(src: Path, out: Path, thresholds_file: Path | None, tag_threshold
     from tagclip_cli.formats import iter_tag_tables, read_tags_schema, tag_classes, tags_arrow_schema
     from tagclip_cli.writers import write_parquet_atomic
 
-    metadata = read_tags_schema(src)
-    classes = tag_classes(src, metadata)
-    default = float(tag_threshold) if tag_threshold is not None else thresholds_from_metadata(metadata).default
+    record = read_tags_schema(src)
+    classes = tag_classes(src, record)
+    default = float(tag_threshold) if tag_threshold is not None else thresholds_from_record(record).default
     vector = read_threshold_file(thresholds_file, classes, default).vector(classes) if thresholds_file else None
     schema = tags_arrow_schema(src)
-    schema = schema.with_metadata({**(schema.metadata or {}), METADATA_KEY: json.dumps(
-        retag_metadata(metadata, classes, default, vector), sort_keys=True).encode("utf-8")})
+    schema = schema.with_metadata({**(schema.metadata or {}),
+                                   **RecordIO.metadata(retag_record(record, classes, default, vector))})
     threshold: float | Sequence[float] = vector if vector is not None else default
     changed = 0
     seen = 0
@@ -386,7 +383,7 @@ def calibrate(
     for p, g in enumerate(match.pred_to_gt):
         if g is not None:
             labels[:, p] = labels_gt[:, g]
-    before = list(thresholds_from_metadata(preds.config).vector(preds.classes))
+    before = list(thresholds_from_record(preds.record).vector(preds.classes))
     after = list(before)
     kept: list[str | None] = [None] * f
     norm = normalised_scores(scores)

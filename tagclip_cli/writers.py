@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 
 from tagclip_cli.errors import OutputWriteError, UsageError
 from tagclip_cli.fileio import atomic_path, describe_os_error, json_scalar, output_text, write_json_atomic
+from tagclip_cli.record import RecordIO, RunRecord
 
-METADATA_KEY = b"tagclip"
 ROW_GROUP_SIZE = 4096
 
 
@@ -32,7 +32,7 @@ IMAGE_FIELDS = (
 )
 
 
-def tags_schema(metadata: dict | None = None) -> pa.Schema:
+def tags_schema(record: RunRecord | Mapping | None = None) -> pa.Schema:
     """Columns of the tags Parquet. `scores` holds the fused score of every foreground class in
     vocabulary order (names in the metadata's "classes"); failed rows have status "failed", an
     error and null scores."""
@@ -44,9 +44,7 @@ def tags_schema(metadata: dict | None = None) -> pa.Schema:
             ("scores", pa.list_(pa.float32())),
         ]
     )
-    if metadata is not None:
-        schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode("utf-8")})
-    return schema
+    return with_record(schema, record)
 
 
 def tag_row(item, width, height, error: str | None, tags: Sequence[str] = (), scores=None) -> dict:
@@ -79,17 +77,26 @@ def write_parquet_atomic(tables: Iterable[pa.Table], path: str | Path, schema: p
     return rows
 
 
-def schema_config(schema: pa.Schema) -> dict:
-    """The run metadata stored under METADATA_KEY in a schema ({} when there is none).
-    Raises ValueError when it is not JSON."""
-    raw = (schema.metadata or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
+def with_record(schema: pa.Schema, record: RunRecord | Mapping | None) -> pa.Schema:
+    """The schema holding the run record in its metadata (`RecordIO.metadata`); a plain mapping is
+    taken as a stored record. None: the schema as it is."""
+    if record is None:
+        return schema
+    if not isinstance(record, RunRecord):
+        record = RecordIO.from_dict(record)
+    return schema.with_metadata(RecordIO.metadata(record))
 
 
-def read_metadata(path: str | Path) -> dict:
-    """The run metadata stored in a tags Parquet file (`tagclip_cli.formats` reads it with errors
-    that name the file; this is the writer's own resume check on files it wrote)."""
-    return schema_config(pq.read_schema(path))
+def schema_record(schema: pa.Schema, source: str | Path = "schema") -> RunRecord:
+    """The run record in a schema's metadata (an empty one when there is none). Raises ValueError
+    when it is not JSON."""
+    return RecordIO.from_metadata(schema.metadata, source)
+
+
+def read_record(path: str | Path) -> RunRecord:
+    """The run record of one of our Parquet files (`tagclip_cli.formats` reads it with errors that
+    name the file; this is the writer's own resume check on files it wrote)."""
+    return schema_record(pq.read_schema(path), path)
 
 
 # ---- masks: COCO RLE rows, the COCO JSON and label PNGs (`tagclip segment`) --------------------------
@@ -106,16 +113,14 @@ MASK_TYPE = pa.struct(
 COCO_JSON_FORMAT = "coco-json"  # the job format name of a segment run (jobs.write_final)
 
 
-def segment_schema(metadata: dict | None = None) -> pa.Schema:
+def segment_schema(record: RunRecord | Mapping | None = None) -> pa.Schema:
     """Rows of a segment run: the tags columns (`tags_schema`), then `coco_id` (the manifest's
     image id, null for other inputs) and `masks`: one entry per class present in the label map,
     with category_id = vocabulary index + 1, the COCO RLE `counts` string of the mask at the
     image's size, its area, bbox [x, y, w, h] and score. Failed rows have null masks."""
     fields = list(tags_schema()) + [pa.field("coco_id", pa.int64()), pa.field("masks", pa.list_(MASK_TYPE))]
     schema = pa.schema(fields)
-    if metadata is not None:
-        schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode("utf-8")})
-    return schema
+    return with_record(schema, record)
 
 
 def segment_row(item, width, height, error: str | None, tags: Sequence[str] = (), scores=None,
@@ -272,18 +277,18 @@ def write_coco_json(
       not TagCLIP's image-level score (that is in the tags Parquet and the image's tagclip_tags).
     Memory stays flat: annotations are spooled to a temporary file beside `out` and appended.
     With tags_out, the same pass also writes the tags Parquet (`tags_schema`) there, atomically."""
-    config = schema_config(schema)
-    classes = config.get("classes", [])
+    record = schema_record(schema)
+    classes = record.classes or []
     out = Path(out)
     rows = 0
     ann_id = 0
-    tag_fields = tags_schema(config)
+    tag_fields = tags_schema(record)
     with atomic_path(out) as tmp, _maybe_parquet(tags_out, tag_fields) as tag_writer:
         spool_fd, spool_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".annotations")
         try:
             with open(tmp, "w", encoding="utf-8") as fh, os.fdopen(spool_fd, "w+", encoding="utf-8") as spool:
-                info = {"description": "tagclip segment", "tool": config.get("tool"),
-                        "version": config.get("tool_version"), "tagclip": config}
+                info = {"description": "tagclip segment", "tool": record.tool,
+                        "version": record.tool_version, "tagclip": RecordIO.coco_info(record)}
                 fh.write('{"info": ' + json.dumps(info) + ', "licenses": [], "categories": ')
                 fh.write(json.dumps(coco_categories(classes)))
                 fh.write(', "images": [')
@@ -320,14 +325,14 @@ def write_coco_json(
 MASKS_PARQUET_FORMAT = "masks-parquet"  # `tagclip segment --out masks.parquet` (jobs.write_final)
 
 
-def masks_schema(metadata: dict | None = None) -> pa.Schema:
+def masks_schema(record: RunRecord | Mapping | None = None) -> pa.Schema:
     """Columns of the masks Parquet: one row per (image, class mask), and one row with null
     class_id for an image without masks or a failed image (status "failed", its error).
 
     class_id is the COCO category id of `coco_categories` (vocabulary index + 1), class_name its
     name; score, area, bbox ([x, y, w, h] in pixels, as COCO) and counts (COCO compressed RLE at
     the image's height x width, column-major) are those of the COCO JSON's annotation. The run
-    metadata (with "classes") is stored under METADATA_KEY, as in the tags Parquet."""
+    metadata (with "classes") is stored under `record.METADATA_KEY`, as in the tags Parquet."""
     schema = pa.schema(
         [
             *IMAGE_FIELDS,
@@ -339,9 +344,7 @@ def masks_schema(metadata: dict | None = None) -> pa.Schema:
             ("counts", pa.string()),
         ]
     )
-    if metadata is not None:
-        schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode("utf-8")})
-    return schema
+    return with_record(schema, record)
 
 
 def mask_rows_table(table: pa.Table, classes: Sequence[str], schema: pa.Schema) -> pa.Table:
@@ -391,10 +394,10 @@ def write_masks_parquet(
     `out` (`masks_schema`, row groups of ROW_GROUP_SIZE rows), atomically; returns the number of
     images. One table of rows is in memory at a time. With tags_out, the same pass also writes the
     tags Parquet there, as `write_coco_json` does."""
-    config = schema_config(schema)
-    classes = config.get("classes", [])
-    out_schema = masks_schema(config)
-    tag_fields = tags_schema(config)
+    record = schema_record(schema)
+    classes = record.classes or []
+    out_schema = masks_schema(record)
+    tag_fields = tags_schema(record)
     images = 0
     with atomic_path(out) as tmp, _maybe_parquet(tags_out, tag_fields) as tag_writer:
         with pq.ParquetWriter(tmp, out_schema, compression="zstd") as writer:

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from tagclip_cli.writers import METADATA_KEY, rle_encode, tag_row, tags_schema
+from tagclip_cli.record import METADATA_KEY
+from tagclip_cli.writers import rle_encode, tag_row, tags_schema
 
 MASKS_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("path", pa.string()), ("width", pa.int32()), ("height", pa.int32()),

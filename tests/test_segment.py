@@ -589,6 +589,8 @@ def test_segment_config_reads_back_equal(tiny_backbone, voc):
 
     opts = SegmentOptions(items=[], vocab=voc, out=Path("m.json"), model=ModelOptions(), tagclip=TagCLIPConfig(),
                           segment=SegmentConfig.coco(method="maskclip", key_smoothing=True))
-    config = segment_config(tiny_backbone, opts, None)
+    from tagclip_cli.record import RecordIO
+
+    config = RecordIO.to_dict(segment_config(tiny_backbone, opts, None))
     assert json.loads(json.dumps(config)) == config
     assert config["segment"]["caa_layers"] == [-7, 0] and config["segment"]["box_threshold"] == 0.7

@@ -24,12 +24,13 @@ from tagclip_cli.errors import (
 )
 from tagclip_cli.faults import deferred_signals
 from tagclip_cli.fileio import atomic_path, output_text, write_json_atomic
+from tagclip_cli.record import RecordIO, RunRecord
 from tagclip_cli.sources import ImageItem
 from tagclip_cli.writers import (
     COCO_JSON_FORMAT,
     MASKS_PARQUET_FORMAT,
     ROW_GROUP_SIZE,
-    read_metadata,
+    read_record,
     write_coco_json,
     write_masks_parquet,
     write_parquet_atomic,
@@ -69,7 +70,7 @@ class PartStore:
     def open(
         cls,
         out: Path,
-        config: dict,
+        config: RunRecord,
         items: Sequence[ImageItem],
         job: dict,
         overwrite: bool = False,
@@ -98,18 +99,18 @@ class PartStore:
         store._note_job(job, create)
         return store
 
-    def _check_or_write_config(self, config: dict, create: bool) -> None:
+    def _check_or_write_config(self, config: RunRecord, create: bool) -> None:
         path = self.dir / "config.json"
         if path.exists():
-            previous = json.loads(path.read_text())
-            if previous != config:
-                changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+            previous = RecordIO.read_config(path)
+            if not RecordIO.same(previous, config):
+                changed = RecordIO.differences(previous, config)
                 raise ConfigMismatchError(
                     f"{self.out}: an unfinished run with a different configuration is there "
                     f"(differs in: {', '.join(changed)}); rerun with the same options, or pass --overwrite"
                 )
         elif create:
-            write_json_atomic(config, path)
+            RecordIO.write_config(config, path)
         else:
             raise UsageError(f"{path}: missing (is OUT on a shared filesystem?)")
 
@@ -144,11 +145,11 @@ class PartStore:
         path = self.dir / "job.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def config(self) -> dict:
+    def config(self) -> RunRecord:
         path = self.dir / "config.json"
         if not path.exists():
             raise UsageError(f"{self.dir}: no config.json; not a tagclip work directory")
-        return json.loads(path.read_text())
+        return RecordIO.read_config(path)
 
     def items(self) -> pa.Table:
         path = self.dir / "items.parquet"
@@ -260,13 +261,13 @@ class PartStore:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def finished_output(out: Path, config: dict, items: Sequence[ImageItem]) -> int | None:
+def finished_output(out: Path, config: RunRecord, items: Sequence[ImageItem]) -> int | None:
     """The number of failed rows if `out` is a finished Parquet output of exactly this
     configuration and these items (and no unfinished run is next to it), else None."""
     if not out.is_file() or PartStore(out).dir.exists():
         return None
     try:
-        if read_metadata(out) != json.loads(json.dumps(config)):
+        if not RecordIO.same(read_record(out), config):
             return None
         names = pq.read_schema(out).names
         keys = [c for c in ("index", "image_id", "path") if c in names]
@@ -278,19 +279,17 @@ def finished_output(out: Path, config: dict, items: Sequence[ImageItem]) -> int 
     return sum(1 for status in table.column("status").to_pylist() if status != "ok")
 
 
-def _made_with(out: Path, config: dict) -> str:
+def _made_with(out: Path, config: RunRecord) -> str:
     """How an existing output's configuration compares with this run's, for the refusal message."""
     try:
-        previous = read_metadata(out)
+        previous = read_record(out)
     except Exception:  # not a Parquet file of ours: nothing to compare
         return ""
-    if not previous:
+    if previous.empty:
         return ""
-    config = json.loads(json.dumps(config))  # tuples -> lists, as stored
-    if previous == config:
+    if RecordIO.same(previous, config):
         return " (same configuration: this run is already complete)"
-    changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
-    return f" (made with a different configuration: differs in {', '.join(changed)})"
+    return f" (made with a different configuration: differs in {', '.join(RecordIO.differences(previous, config))})"
 
 
 def describe_item_difference(previous: pa.Table, current: pa.Table) -> str:
@@ -335,8 +334,8 @@ def merge_output(out: Path) -> int:
     parts = store.part_files()
     schema = pq.read_schema(parts[0][2])
     for _, _, path in parts:
-        made_with = read_metadata(path)
-        if made_with and made_with != config:
+        made_with = read_record(path)
+        if not made_with.empty and not RecordIO.same(made_with, config):
             raise ConfigMismatchError(
                 f"{path}: written with a different configuration than {store.dir / 'config.json'}; "
                 "were the shards started with different options? Rerun that shard's work with --overwrite "

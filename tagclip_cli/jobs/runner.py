@@ -18,6 +18,7 @@ from tagclip_cli.jobs.parts import PartStore, finished_output
 from tagclip_cli.jobs.placement import Placement
 from tagclip_cli.jobs.session import Session
 from tagclip_cli.jobs.sinks import JsonLinesSink, PartSink
+from tagclip_cli.record import RunRecord
 from tagclip_cli.sources import ImageItem
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class JobSpec:
 
     items: Sequence[ImageItem]
     out: Path | None
-    config: dict
+    config: RunRecord  # what determines the rows (config.json, the output's metadata)
     schema: pa.Schema
     format: str = "parquet"
     final_options: dict = field(default_factory=dict)  # for the final writer, kept in job.json (tags_out)
@@ -131,7 +132,7 @@ def _stdout_sink(spec: JobSpec, placement: Placement, stdout: TextIO | None) -> 
     if placement.distributed:
         raise UsageError("--out - (JSON Lines on stdout) works in a single process; with torchrun, "
                          "write Parquet and read it afterwards")
-    return JsonLinesSink(stdout or sys.stdout, spec.config.get("classes", ()))
+    return JsonLinesSink(stdout or sys.stdout, spec.config.classes or ())
 
 
 def _already_complete(spec: JobSpec, placement: Placement, failed: int) -> Summary:
