@@ -343,6 +343,31 @@ class CalibrationResult:
     target: str
 
 
+def _calibrated(norm: np.ndarray, labels: np.ndarray, before: list[float], pred_to_gt: Sequence[int | None],
+                positives: list[int], target: str, min_positives: int) -> tuple[list[float], list[str | None]]:
+    """(thresholds after calibration, why each kept class kept its threshold) from the (n, f)
+    normalised scores and labels (1 positive, 0 negative, IGNORE)."""
+    from tagclip_cli.evaluate.metrics import IGNORE
+
+    kind, level = parse_target(target)
+    after = list(before)
+    kept: list[str | None] = [None] * len(before)
+    for p in range(len(before)):
+        if pred_to_gt[p] is None:
+            kept[p] = "not in the ground truth"
+            continue
+        if positives[p] < min_positives:
+            kept[p] = f"{positives[p]} positive image(s) < {min_positives}"
+            continue
+        valid = labels[:, p] != IGNORE
+        result = calibrate_class(norm[valid, p], labels[valid, p] == 1, kind, level)
+        if result.threshold is None:
+            kept[p] = f"{target} not reachable"
+            continue
+        after[p] = result.threshold
+    return after, kept
+
+
 def calibrate(
     gt_name: str,
     root: Path,
@@ -366,7 +391,7 @@ def calibrate(
     from tagclip_cli.evaluate.metrics import IGNORE, tag_prf
     from tagclip_cli.tagclip import tag_matrix
 
-    kind, level = parse_target(target)
+    parse_target(target)  # a bad target fails before the ground truth is read
     gt = load_ground_truth(gt_name, root, split, difficult=difficult, classes_file=classes_file)
     preds = read_tags_parquet(pred)
     match = match_classes(preds.classes, gt.label_classes, synonyms=gt.label_synonyms, one_to_one=True,
@@ -384,23 +409,9 @@ def calibrate(
         if g is not None:
             labels[:, p] = labels_gt[:, g]
     before = list(thresholds_from_record(preds.record).vector(preds.classes))
-    after = list(before)
-    kept: list[str | None] = [None] * f
-    norm = normalised_scores(scores)
     positives = [int((labels[:, p] == 1).sum()) for p in range(f)]
-    for p in range(f):
-        if match.pred_to_gt[p] is None:
-            kept[p] = "not in the ground truth"
-            continue
-        if positives[p] < min_positives:
-            kept[p] = f"{positives[p]} positive image(s) < {min_positives}"
-            continue
-        valid = labels[:, p] != IGNORE
-        result = calibrate_class(norm[valid, p], labels[valid, p] == 1, kind, level)
-        if result.threshold is None:
-            kept[p] = f"{target} not reachable"
-            continue
-        after[p] = result.threshold
+    after, kept = _calibrated(normalised_scores(scores), labels, before, match.pred_to_gt, positives, target,
+                              min_positives)
     tagged_before = np.zeros((n, f), dtype=bool)
     position = {name: i for i, name in enumerate(preds.classes)}
     for r, j in enumerate(rows):

@@ -1,4 +1,4 @@
-"""jobs.py: work split, part files, resume, streaming merge, JSON Lines, with a fake model.
+"""jobs/: work split, part files, resume, streaming merge, JSON Lines, with a fake model.
 
 The fake `process` records which indices shared each forward batch, so the tests can check the
 property the design rests on: batch composition does not depend on the split or on a restart."""

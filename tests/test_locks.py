@@ -1,4 +1,4 @@
-"""jobs.py: one writer per output. The lock files of live, dead and stale runs, and of shards.
+"""jobs/locks.py: one writer per output. The lock files of live, dead and stale runs, and of shards.
 
 Real lock files in a temporary directory, real processes for the pids (a finished subprocess's
 pid is a dead one), real mtimes for the heartbeats."""
