@@ -27,7 +27,7 @@ Adding a method (one new module, nothing else edited):
    and the API then accept it. tests/test_methods.py registers a toy method this way.
 """
 
-from tagclip_cli.methods.base import KINDS, SEGMENT_OPTIONS, SETTINGS, Method, SegOutput, Segments
+from tagclip_cli.methods.base import KINDS, SEGMENT_OPTIONS, SETTINGS, Method, Segments, SegOutput
 from tagclip_cli.methods.registry import (
     ENTRY_POINT_GROUP,
     PLUGIN_ENV,
