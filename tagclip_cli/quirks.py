@@ -11,6 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def _all_or_none(doc: str) -> property:
+    """A quirk's flag: on exactly when reference_compat is."""
+    return property(lambda self: self.reference_compat, doc=doc)
+
+
 @dataclass(frozen=True)
 class Quirks:
     """All four quirks on (reference_compat=True) or all off (the default)."""
@@ -22,22 +27,8 @@ class Quirks:
         """Quirks Q1..Q4 reproduced, as `--reference-compat`."""
         return cls(reference_compat=True)
 
-    @property
-    def q1_fp16_positions(self) -> bool:
-        """Q1: the interpolated positional embedding rounded through fp16."""
-        return self.reference_compat
-
-    @property
-    def q2_clamp_box_ends(self) -> bool:
-        """Q2: a box's right/bottom ends clamped to grid_size - 1 (exclusive)."""
-        return self.reference_compat
-
-    @property
-    def q3_stop_cwr_at_empty_box(self) -> bool:
-        """Q3: CWR stops for the rest of the image at the first empty box."""
-        return self.reference_compat
-
-    @property
-    def q4_caa_float32(self) -> bool:
-        """Q4: CAA's refinement in float32 in the reference's order."""
-        return self.reference_compat
+    # The quirks, each read under its own name (code that branches on one cites it).
+    q1_fp16_positions = _all_or_none("Q1: the interpolated positional embedding rounded through fp16.")
+    q2_clamp_box_ends = _all_or_none("Q2: a box's right/bottom ends clamped to grid_size - 1 (exclusive).")
+    q3_stop_cwr_at_empty_box = _all_or_none("Q3: CWR stops for the rest of the image at the first empty box.")
+    q4_caa_float32 = _all_or_none("Q4: CAA's refinement in float32 in the reference's order.")

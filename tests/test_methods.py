@@ -52,14 +52,17 @@ class BrightSegments:
         return out
 
 
+@dataclass(frozen=True)
 class Bright:
-    name = "toy-bright"
-    kind = "masks"
-    summary = "toy: pixels brighter than a level are the first class"
-    needs_tags = False
-    needs_rgb = True
+    """A method's facts as dataclass fields (any object with the protocol's attributes will do)."""
+
+    name: str = "toy-bright"
+    kind: str = "masks"
+    summary: str = "toy: pixels brighter than a level are the first class"
+    needs_tags: bool = False
+    needs_rgb: bool = True
     options: frozenset[str] = frozenset()
-    settings = ("voc",)
+    settings: tuple[str, ...] = ("voc",)  # no coco values: --setting coco is refused
 
     def config(self, setting: str = "voc", **options) -> BrightConfig:
         return BrightConfig(**options)
@@ -127,7 +130,7 @@ def test_builtin_methods_and_their_facts():
 def test_register_refuses_a_clash_and_a_half_method(toy):
     assert "toy-bright" in methods.names("masks")
     with pytest.raises(ValueError, match="already registered"):
-        methods.register(Bright())
+        methods.register(Bright(summary="another"))
     with pytest.raises(TypeError, match="Method protocol"):
         methods.register(object())  # type: ignore[arg-type]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -89,27 +88,30 @@ class DenseConfig:
     setting: str = "voc"  # the dataset setting it was made for (the run record lists it)
 
 
+@dataclass(frozen=True, eq=False)
 class DenseMethod:
-    """The `Method` of a dense baseline; a subclass sets name, summary, keep_residual (the last
-    block keeps its residual and MLP), published ({setting: DenseSettings}), background_queries and
-    query_tables ({"voc" | "coco": {class: names}}) and defines `attention`."""
+    """The `Method` of a dense baseline, declared by its module: name, summary, attention_for
+    (settings -> the last block's mixing weights, `encoder.LastBlockAttention`), keep_residual (the
+    last block keeps its residual and MLP), published ({setting: DenseSettings}),
+    background_queries and query_tables ({"voc" | "coco": {class: names}}), config_type."""
 
-    kind = "masks"
-    needs_tags = False
-    needs_rgb = True  # resizes the RGB image itself
-    options: frozenset[str] = frozenset()
-    settings = SETTINGS
-    config_type: ClassVar[type[DenseConfig]] = DenseConfig
     name: str
     summary: str
+    attention_for: Callable[[DenseSettings], LastBlockAttention]
     keep_residual: bool
     published: dict[str, DenseSettings]
     background_queries: tuple[str, ...]
     query_tables: dict[str, dict[str, tuple[str, ...]]]
+    config_type: type[DenseConfig] = DenseConfig
+    kind: str = "masks"
+    needs_tags: bool = False
+    needs_rgb: bool = True  # resizes the RGB image itself
+    options: frozenset[str] = frozenset()
+    settings: tuple[str, ...] = SETTINGS
 
     def attention(self, settings: DenseSettings) -> LastBlockAttention:
         """The last block's mixing weights (`encoder.AttentionInputs` -> (B, h, T, T))."""
-        raise NotImplementedError
+        return self.attention_for(settings)
 
     def config(self, setting: str = "voc", **options) -> DenseConfig:
         """The published settings of setting; "cocostuff" has none and takes VOC's."""
