@@ -23,7 +23,6 @@ import os
 import posixpath
 import re
 import sys
-import tarfile
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,13 +31,16 @@ from pathlib import Path
 from typing import TextIO
 
 from tagclip_cli.errors import UsageError
+from tagclip_cli.tarscan import TarSample, scan_tar
 from tagclip_cli.writers import output_text
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 TAR_EXTENSIONS = (".tar",)
+COMPRESSED_TAR_EXTENSIONS = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tar.zstd")
 PARQUET_EXTENSIONS = (".parquet",)
+SHARD_EXTENSIONS = TAR_EXTENSIONS + COMPRESSED_TAR_EXTENSIONS + PARQUET_EXTENSIONS
 LIST_THREADS = 8  # shards listed at once (remote listing waits on the network, not the CPU)
 OPEN_FILES = 4  # tar/Parquet files kept open per process while reading items
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -314,81 +316,12 @@ def _shard_names(urls: Sequence[str], suffixes: Sequence[str]) -> list[str]:
     return names
 
 
-@dataclass(frozen=True)
-class TarSample:
-    """One sample found in a tar: its key and the image member (None: the sample has no image)."""
-
-    key: str
-    member: str | None
-    offset: int = 0
-    size: int = 0
-    error: str | None = None  # why it cannot be read (truncated shard, no image member)
-
-
-def _sample_key(name: str) -> tuple[str, str]:
-    """(key, extension) as WebDataset splits a member name: the key is the path up to the first
-    dot of the base name (`a/b/000012.seg.png` -> `a/b/000012`, `seg.png`)."""
-    folder, base = posixpath.split(name)
-    stem, dot, ext = base.partition(".")
-    return (posixpath.join(folder, stem) if folder else stem), ext if dot else ""
-
-
-def scan_tar(fileobj, size: int | None, shard: str) -> tuple[list[TarSample], str | None]:
-    """The samples of one tar (in file order, grouped by key as WebDataset does), walking the
-    headers only (tarfile seeks over the data). Returns (samples, problem): problem says where a
-    truncated or damaged shard stops; the samples before it are kept."""
-    samples: list[TarSample] = []
-    problem: str | None = None
-    current_key: str | None = None
-    current_names: set[str] = set()
-    image: tuple[str, int, int] | None = None
-    members: list[str] = []
-
-    def close() -> None:
-        if current_key is None:
-            return
-        if image is None:
-            listed = ", ".join(members[:4]) + (", ..." if len(members) > 4 else "")
-            samples.append(TarSample(current_key, None, error=f"no image in this sample of {shard} ({listed})"))
-        else:
-            samples.append(TarSample(current_key, *image))
-
-    try:
-        with tarfile.open(fileobj=fileobj, mode="r:") as tar:
-            while True:
-                info = tar.next()
-                if info is None:
-                    if size is not None and tar.offset >= size:  # no end-of-archive blocks: cut at a header
-                        problem = (f"truncated tar shard {shard}: it ends after {len(samples) + 1} samples "
-                                   "without the end-of-archive marker; later samples are lost")
-                    break
-                if not info.isfile():
-                    continue
-                if size is not None and info.offset_data + info.size > size:
-                    problem = f"truncated tar shard {shard}: {info.name} is cut off at byte {size}"
-                    current_key = None
-                    break
-                key, ext = _sample_key(info.name)
-                if key != current_key or info.name in current_names:  # a new sample (or the same key again)
-                    close()
-                    current_key, current_names, image, members = key, set(), None, []
-                current_names.add(info.name)
-                members.append(info.name)
-                if image is None and ext and ("." + ext.rsplit(".", 1)[-1]).lower() in IMAGE_EXTENSIONS:
-                    image = (info.name, info.offset_data, info.size)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        problem = f"truncated or damaged tar shard {shard} ({_reason(exc)}); samples after {len(samples)} are lost"
-    if problem is None or current_key is not None:
-        close()
-    return samples, problem
-
-
 def _list_one_tar(url: str) -> tuple[list[TarSample], str | None]:
     fs, p = _fs(url)
     try:
         size = fs.size(p)
         with fs.open(p, "rb") as fh:
-            return scan_tar(fh, size, _safe(url))
+            return scan_tar(fh, size, _safe(url), IMAGE_EXTENSIONS)
     except Exception as exc:  # unreachable / vanished / denied: this shard is one failed row
         return [], f"cannot read tar shard {_safe(url)} ({_reason(exc)})"
 
@@ -609,7 +542,17 @@ def _parquet_cell(item: ImageItem) -> bytes:
 
 # ---- the CLI's input ------------------------------------------------------------------------------
 
+def _refuse_compressed(urls: Sequence[str]) -> None:
+    """UsageError naming the first compressed tar among urls: such shards have no random access
+    (every item would be read by decompressing the shard from its start)."""
+    for url in urls:
+        if url.lower().endswith(COMPRESSED_TAR_EXTENSIONS):
+            raise UsageError(f"{_safe(url)}: compressed tar shards are not supported; decompress them to .tar "
+                             "first (gunzip, bunzip2, unxz or unzstd)")
+
+
 def _kind_of(urls: Sequence[str]) -> str | None:
+    _refuse_compressed(urls)
     lowered = [u.lower() for u in urls]
     if lowered and all(u.endswith(TAR_EXTENSIONS) for u in lowered):
         return "tar"
@@ -620,7 +563,8 @@ def _kind_of(urls: Sequence[str]) -> str | None:
 
 def _folder_of_shards(files: list[str]) -> tuple[str, list[str]] | None:
     """A folder without images but with tars (preferred: img2dataset's .parquet beside them holds
-    metadata only) or Parquet files: (kind, sorted files)."""
+    metadata only) or Parquet files: (kind, sorted files). UsageError for a compressed tar among them."""
+    _refuse_compressed(files)
     tars = [f for f in files if f.lower().endswith(TAR_EXTENSIONS)]
     if tars:
         return "tar", tars
@@ -696,10 +640,11 @@ def _collect_images(images: str, image_root: str | Path | None, stdin: TextIO | 
         items = list_folder(images)
         if items:
             return items
-        shards = _folder_of_shards(_local_files(path, TAR_EXTENSIONS + PARQUET_EXTENSIONS, recursive=False))
+        shards = _folder_of_shards(_local_files(path, SHARD_EXTENSIONS, recursive=False))
         return _from_shards(shards[0], [str(path / f) for f in shards[1]], columns) if shards else []
     if path.is_file():
         lower = images.lower()
+        _refuse_compressed([images])
         if lower.endswith(IMAGE_EXTENSIONS):
             return read_path_list([images], image_root, images)
         if lower.endswith(TAR_EXTENSIONS) or lower.endswith(PARQUET_EXTENSIONS):
@@ -727,6 +672,7 @@ def _collect_remote(url: str, image_root: str | Path | None, columns: ParquetCol
     one image, or a text file of paths / shard URLs."""
     fs, p = _fs(url)
     lower = url.lower()
+    _refuse_compressed([url])
     if lower.endswith(TAR_EXTENSIONS) or lower.endswith(PARQUET_EXTENSIONS):
         return _from_shards(_kind_of([lower]), [url], columns)
     if lower.endswith(IMAGE_EXTENSIONS):
@@ -744,7 +690,7 @@ def _collect_remote(url: str, image_root: str | Path | None, columns: ParquetCol
         items = _list_remote_folder(url, IMAGE_EXTENSIONS)
         if items:
             return items
-        shards = _folder_of_shards(_remote_files(url, TAR_EXTENSIONS + PARQUET_EXTENSIONS))
+        shards = _folder_of_shards(_remote_files(url, SHARD_EXTENSIONS))
         return _from_shards(shards[0], shards[1], columns) if shards else []
     try:
         text = _read_text(url)
