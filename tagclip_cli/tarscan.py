@@ -233,6 +233,7 @@ def _step(cursor: _Cursor, pos: int, size: int | None, samples: _Samples, damage
     except tarfile.EOFHeaderError:  # a zero block: the end-of-archive marker
         return _after_end_marker(fileobj, pos, damage)
     except tarfile.EmptyHeaderError:
+        pos = pos if size is None else min(pos, size)  # a cut in the last member's padding
         damage.stop(f"the file ends at byte {pos} without the end-of-archive marker (any members after it are lost)"
                     if pos else "empty file (0 bytes), not a tar", truncated=True)
         return None
@@ -260,7 +261,7 @@ def _cause(fileobj, pos: int, exc: BaseException) -> str:
         head = fileobj.read(8)
         for magic, name in COMPRESSED:
             if head.startswith(magic):
-                return f"{name}-compressed data, not a tar (compressed tar shards are not supported)"
+                return f"{name}-compressed data (compressed tar shards are not supported: decompress it first)"
     text = str(exc) or type(exc).__name__
     return "a header with a bad checksum" if text == "bad checksum" else f"an unreadable header ({text})"
 
@@ -269,7 +270,7 @@ def _resync(fileobj, where: int, start: int, cause: str, damage: _Damage) -> int
     found, _ = next_header(fileobj, start)
     if found is None:
         damage.stop(f"{cause} at byte {where} and no valid header after it (the rest of the file is lost)"
-                    if where else f"not a tar file ({cause} at byte 0, and no valid header in it)")
+                    if where else f"not a tar file ({cause}; no valid header in it)")
         return None
     damage.skipped(where, cause, found)
     return found
@@ -278,14 +279,16 @@ def _resync(fileobj, where: int, start: int, cause: str, damage: _Damage) -> int
 def _cut_member(fileobj, info: tarfile.TarInfo, size: int, samples: _Samples, damage: _Damage) -> int | None:
     """A member whose data runs past the end of the file: its sample fails; a valid header inside
     the claimed data means the size field was damaged (read on from there), else the file is cut."""
-    cause = f"{info.name} declares {info.size} bytes but the file ends at byte {size}"
-    samples.add(info.name, ("error", f"truncated tar shard {samples.shard}: {cause}"))
     found, _ = next_header(fileobj, info.offset_data)
     if found is None:
+        samples.add(info.name, ("error", f"truncated tar shard {samples.shard}: {info.name} is cut off at byte "
+                                         f"{size} (it declares {info.size} bytes)"))
         damage.stop(f"the file ends at byte {size} inside {info.name} (header at byte {info.offset}; any members "
                     "after it are lost)", truncated=True)
         return None
-    damage.skipped(info.offset, f"a member running past the end of the file ({cause})", found)
+    cause = f"{info.name} declares {info.size} bytes, past the end of the file at byte {size}"
+    samples.add(info.name, ("error", f"damaged tar shard {samples.shard}: {cause}"))
+    damage.skipped(info.offset, f"a damaged size field ({cause})", found)
     return found
 
 
