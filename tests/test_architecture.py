@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tagclip_cli"
 # Layers, by module name relative to the package (a package name covers its submodules).
 ALGORITHM = ("tagclip", "segment")
 BACKBONE = ("backbone",)
-DECODING = ("data", "sources")
+DECODING = ("data", "sources", "sourcebase", "shardsources", "tarscan")
 OUR_FILES = ("writers", "formats", "evaluate", "export")
 ORCHESTRATION = ("cli", "pipeline", "jobs", "show", "reproduce")
 

@@ -378,6 +378,54 @@ def test_parquet_null_image_and_duplicate_keys(tmp_path, caplog):
     assert out[0].error is None and out[1].error is None and out[2].error.startswith("no image bytes in this row")
 
 
+def corrupt_chunk(path, group: int, column: int) -> None:
+    """Overwrite the page header of one column chunk of a Parquet file (its footer stays sound)."""
+    chunk = pq.ParquetFile(path).metadata.row_group(group).column(column)
+    data = bytearray(path.read_bytes())
+    data[chunk.data_page_offset:chunk.data_page_offset + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_parquet_row_groups_fail_their_rows_and_the_others_are_read(tmp_path, caplog):
+    images = noise_images(9, seed=9)
+    path = write_parquet(tmp_path / "p.parquet", images, row_group_size=3, style="img2dataset")
+    corrupt_chunk(path, 1, 0)  # the ids of rows 3-5
+    corrupt_chunk(path, 2, 1)  # the images of rows 6-8
+    with caplog.at_level(logging.WARNING, logger="tagclip_cli"):
+        out = decoded(collect_items(str(path)))
+    assert [im.item.image_id for im in out] == [f"p/{i:09d}" for i in range(3)] + [f"p/{i}" for i in range(3, 6)] + [
+        f"p/{i:09d}" for i in range(6, 9)]
+    assert [im.error is None for im in out] == [True] * 3 + [False] * 6
+    assert all(np.array_equal(im.rgb, arr) for im, arr in zip(out[:3], images, strict=False))
+    assert all(im.error.startswith(f"cannot read row group 1 of Parquet file {path} (") for im in out[3:6])
+    assert all(im.error.startswith(f"cannot read Parquet file {path} (") for im in out[6:])
+    assert f"cannot read row group 1 of Parquet file {path}" in caplog.text
+
+
+def test_an_unreadable_parquet_file_among_others_is_one_failed_row(tmp_path, caplog):
+    write_parquet(tmp_path / "a.parquet", noise_images(2, seed=10), style="img2dataset")
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 this is not Parquet")
+    with caplog.at_level(logging.WARNING, logger="tagclip_cli"):
+        items = collect_items(None, images_parquet=str(tmp_path / "{a,b,c}.parquet"))
+    assert [it.image_id for it in items] == ["a/000000000", "a/000000001", "b/<unreadable>", "c/<unreadable>"]
+    assert [it.shard_index for it in items] == [0, 0, 1, 2]
+    out = decoded(items)
+    assert out[2].error.startswith(f"{tmp_path / 'b.parquet'}: cannot read as Parquet (")
+    assert out[3].error == f"{tmp_path / 'c.parquet'}: no such file" and out[3].error in caplog.text
+    with pytest.raises(UsageError, match=r"b\.parquet: cannot read as Parquet .*\(and the 1 other files\)"):
+        collect_items(None, images_parquet=str(tmp_path / "{b,c}.parquet"))
+
+
+def test_a_folder_of_images_says_it_leaves_shards_beside_them_out(dataset, tmp_path, caplog):
+    _, tars, _ = dataset
+    (tmp_path / "x.png").write_bytes(encode(noise_images(1)[0]))
+    (tmp_path / "y.tar").write_bytes((tars / "00000.tar").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="tagclip_cli"):
+        items = collect_items(str(tmp_path))
+    assert [it.image_id for it in items] == ["x.png"]
+    assert f"{tmp_path} holds images and 1 tar / Parquet file(s) (e.g. y.tar); only the images are read" in caplog.text
+
+
 # ---- remote: a real S3 API on loopback ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
