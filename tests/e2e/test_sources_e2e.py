@@ -317,7 +317,13 @@ def test_sigkill_on_damaged_shards_then_resume_gives_the_same_rows(damaged_shard
     assert rerun.returncode == 1 and "Traceback" not in rerun.stderr
     table = pq.read_table(out)
     assert damaged_rows(table) == damaged_rows(reference)
-    assert_same_results(table, reference)
+    ok = [r["status"] == "ok" for r in table.select(["status"]).to_pylist()]
+    assert table.column("index").to_pylist() == reference.column("index").to_pylist()
+    assert table.column("tags").to_pylist() == reference.column("tags").to_pylist()
+    got, want = (np.array([s for s, good in zip(t.column("scores").to_pylist(), ok, strict=True) if good],
+                          dtype=np.float64) for t in (table, reference))
+    assert got.shape == (11, want.shape[1])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)  # failed rows have no scores
 
 
 def test_compressed_shards_are_refused_in_one_line(damaged_shards, tiny_checkpoint, cache, tmp_path):
