@@ -24,14 +24,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from tagclip_cli import __version__
+from tagclip_cli import __version__, defaults
 from tagclip_cli.backbone import Backbone, load_backbone
 from tagclip_cli.data import DecodedImage, ImageItem, Preprocess, iter_records, to_device
 from tagclip_cli.errors import FormatError, UsageError
 from tagclip_cli.faults import OomSplitter
 from tagclip_cli.formats import FileTags, TagsFile
 from tagclip_cli.jobs import JobSpec, Placement, Summary, output_lock, run_job, session
-from tagclip_cli.segment import DENSE_METHODS, SegmentConfig, Segmenter, SegOutput, require_crf
+from tagclip_cli.segment import DENSE_METHODS, SegmentConfig, Segmenter, SegOutput
 from tagclip_cli.tagclip import TagCLIPConfig, Tagger
 from tagclip_cli.thresholds import thresholds_record
 from tagclip_cli.vocab import Vocabulary
@@ -60,13 +60,13 @@ ProgressFactory = Callable[[int], AbstractContextManager[Callable[[int], object]
 
 @dataclass
 class ModelOptions:
-    model: str = "ViT-B-16"
-    pretrained: str = "openai"
+    model: str = defaults.MODEL
+    pretrained: str = defaults.PRETRAINED
     checkpoint: Path | None = None
     device: str = "cpu"  # as asked; the session may pin another (cuda:LOCAL_RANK under torchrun)
     cache_dir: Path | None = None
     model_explicit: bool = False
-    precision: str = "fp32"  # fp32, or bf16 / fp16 autocast on CUDA
+    precision: str = defaults.PRECISION  # fp32, or bf16 / fp16 autocast on CUDA
 
     def load(self, device: str | None = None) -> Backbone:
         """The backbone on `device` (the session's resolved device; default self.device)."""
@@ -90,10 +90,10 @@ class JobOptions:
     out: Path | None  # None: JSON Lines on stdout (annotate only)
     model: ModelOptions
     tagclip: TagCLIPConfig
-    batch_size: int = 8
-    workers: int = 2
-    max_side: int | None = None
-    part_size: int = 256
+    batch_size: int = defaults.BATCH_SIZE
+    workers: int = defaults.WORKERS
+    max_side: int | None = None  # no cap (the commands' default is defaults.MAX_SIDE)
+    part_size: int = defaults.PART_SIZE
     overwrite: bool = False
     fail_fast: bool = False
     placement: Placement = field(default_factory=Placement)  # torchrun rank / --shard (jobs.py)
@@ -388,8 +388,6 @@ def run_segment(opts: SegmentOptions, progress: ProgressFactory | None = None) -
     stream through OUT.parts/ like annotate, so the run resumes and shards), with the tags Parquet
     at opts.tags_out and label PNGs in opts.png_dir if asked. One model load; TagCLIP and CLS-SEG
     share each image's dense forward."""
-    if opts.segment.crf:
-        require_crf()
     tags_file = open_tags_file(opts.tags_in, opts.vocab) if opts.tags_in is not None else None
 
     def build(backbone: Backbone) -> Stage[SegResult]:

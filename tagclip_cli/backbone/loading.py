@@ -216,11 +216,9 @@ def _hub_offline(offline: bool):
 
 def _load_builtin(name: str) -> torch.nn.Module:
     import open_clip
-    from safetensors.torch import load_file
 
     config = WEIGHTS_DIR / f"{name}.json"
     open_clip.add_model_config(config)
-    net = open_clip.create_model(name, pretrained=None, device="cpu")
-    sd = load_file(str(WEIGHTS_DIR / f"{name}.safetensors"), device="cpu")
-    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
-    return net
+    # open_clip loads the weights file itself (strictly): built without weights and loaded here, it
+    # would first warn on the root logger that the model was "initialized randomly"
+    return open_clip.create_model(name, pretrained=str(WEIGHTS_DIR / f"{name}.safetensors"), device="cpu")
