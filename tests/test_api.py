@@ -62,7 +62,8 @@ def test_commands_functions_take_the_commands_defaults():
     assert annotate["pretrained"].default == ModelOptions.pretrained == "openai"
     assert segment["method"].default == "clses" and segment["setting"].default == "voc"
     help_text = CliRunner().invoke(app, ["annotate", "--help"], env={"COLUMNS": "200"}).output
-    assert re.search(r"--batch-size\s+INTEGER RANGE \[x>=1\]\s+Images per forward. \[default: 8\]", help_text)
+    line = next(line for line in help_text.splitlines() if "--batch-size" in line)
+    assert "[default: 8]" in line
 
 
 def test_builtin_model_loads_without_the_random_init_warning(caplog):
