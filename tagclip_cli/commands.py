@@ -73,7 +73,8 @@ def resolve_device(device: str) -> str:
 def vocabulary(spec, background: PathLike | Sequence[str] | None = None,
                no_background: bool = False) -> Vocabulary:
     """A vocabulary: a built-in name ("voc", "coco", "coco-stuff"), a vocabulary file, a list of
-    class names, or a `Vocabulary` as it is. background: a file of background class names, or the
+    class names (each a line of a vocabulary file: "person" or "person = person with clothes"),
+    or a `Vocabulary` as it is. background: a file of background class names, or the
     names, replacing the vocabulary's own; no_background: none at all. Raises VocabularyError
     (a usage error naming the file and line)."""
     from tagclip_cli.vocab import Vocabulary, load_vocabulary, parse_vocabulary
@@ -135,7 +136,7 @@ def job_placement(shard: str | None, out: str, overwrite: bool, images: str | No
 # ---- the jobs -------------------------------------------------------------------------------------
 
 def annotate(
-    images: PathLike | None = None, vocab=None, out: PathLike = "-", *,
+    images: PathLike | None, vocab, out: PathLike, *,
     manifest: PathLike | None = None, image_root: PathLike | None = None, images_parquet: str | None = None,
     image_column: str | None = None, id_column: str | None = None, shard: str | None = None,
     model: str | None = None, pretrained: str = defaults.PRETRAINED, checkpoint: PathLike | None = None,
@@ -148,6 +149,8 @@ def annotate(
 ) -> Summary:
     """`tagclip annotate`: tag every image with TagCLIP into `out`, a tags Parquet (one row per
     image: every class's score, the tags), or "-" for JSON Lines on `stdout` (default sys.stdout).
+    images: a folder, a path list, one image, tar shards, ... as the command's IMAGES (None with
+    manifest= or images_parquet=); vocab: anything `vocabulary` takes.
     An interrupted run of the same settings resumes; under torchrun / with shard="I/N" only this
     process's share. Returns the job's Summary (done, skipped, failed, failures)."""
     from tagclip_cli.pipeline import AnnotateOptions, run_annotate
@@ -173,7 +176,7 @@ def annotate(
 
 
 def segment(
-    images: PathLike | None = None, vocab=None, out: PathLike | None = None, *,
+    images: PathLike | None, vocab, out: PathLike, *,
     tags_in: PathLike | None = None, tags_out: PathLike | None = None, png_dir: PathLike | None = None,
     method: str = defaults.SEGMENT_METHOD, crf: bool = False, setting: str = defaults.SEGMENT_SETTING,
     save_cams: PathLike | None = None, cams_grid: bool = False, key_smoothing: bool = False,
@@ -199,8 +202,6 @@ def segment(
     paths = {name: Path(value) if value is not None else None for name, value in
              (("out", out), ("tags_in", tags_in), ("tags_out", tags_out), ("png_dir", png_dir),
               ("save_cams", save_cams))}
-    if paths["out"] is None:
-        raise UsageError("segment needs --out (a COCO JSON or masks Parquet file)")
     check_segment_options(method, setting, crf, paths, cams_grid, key_smoothing, prompt_denoising, thresholds)
     placement = job_placement(shard, str(out), overwrite, images)
     if crf:
