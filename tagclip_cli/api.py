@@ -122,9 +122,10 @@ class Model:
                 batch_size: int = defaults.BATCH_SIZE, max_side: int = defaults.MAX_SIDE) -> list[ImageMasks]:
         """Segment images: one ImageMasks per image, in order.
 
-        tags: the class names to segment in each image (None: TagCLIP tags them first, in the same
-        dense forward). method: clses (CLS-SEG, the paper's), maskclip, sclip, clearclip or naclip;
-        setting: voc, coco or cocostuff; the other options as `segment`'s."""
+        tags: the class names to segment in each image, one list per image (None: TagCLIP tags
+        them first, in the same dense forward; an empty list: all background). method: clses
+        (CLS-SEG, the paper's), maskclip, sclip, clearclip or naclip; setting: voc, coco or
+        cocostuff; the other options as `segment`'s."""
         voc = vocabulary(vocab, no_background=no_background)
         paths = {"out": None, "tags_in": None if tags is None else "tags", "tags_out": None, "save_cams": None}
         check_segment_options(method, setting, crf, paths, False, key_smoothing, prompt_denoising, None)
@@ -165,9 +166,14 @@ class GivenTags:
             self.entries.append(FileTags([index[name] for name in names], list(names), None))
 
     def lookup(self, item: ImageItem) -> FileTags:
+        """The image's tags; none (the image is all background) stand aside as NO_TAGS."""
         if item.index >= len(self.entries):
-            return FileTags([], [], None, "no tags given for this image")
-        return self.entries[item.index]
+            raise ValueError(f"tags given for {len(self.entries)} images, not for image {item.index}")
+        entry = self.entries[item.index]
+        return entry if entry.tags else FileTags([], [], None, NO_TAGS)
+
+
+NO_TAGS = "no tags given for this image"
 
 
 def _decode(images: Sequence[ImageInput], preprocess: Preprocess, keep_rgb: bool) -> Iterator[DecodedImage]:
@@ -199,6 +205,8 @@ def _image_tags(result: TagResult, voc: Vocabulary) -> ImageTags:
 
 
 def _image_masks(result: SegResult, voc: Vocabulary) -> ImageMasks:
+    if result.error == NO_TAGS:  # nothing to segment: every pixel is background
+        return ImageMasks(np.zeros((result.image.height, result.image.width), np.int32), {}, {}, [], None)
     if result.error is not None:
         return ImageMasks(None, {}, {}, [], None, result.error)
     label_map = result.label_map

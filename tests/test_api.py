@@ -170,7 +170,8 @@ def test_model_segment_with_given_tags_and_a_baseline(scene_dir, model):
     paths = sorted(p for p in scene_dir.iterdir() if p.name != "broken.png")[:2]
     given = model.segment(paths, "shapes", tags=[["circle"], []])
     assert set(given[0].tags) == {"circle"} and given[0].tag_scores is None
-    assert set(given[0].masks) <= {"circle"} and given[1].masks == {}
+    assert set(given[0].masks) <= {"circle"} and given[1].masks == {} and given[1].error is None
+    assert given[1].label_map.shape == (224, 224) and not given[1].label_map.any()
     dense = model.segment([np.asarray(Image.open(p)) for p in paths], "shapes", method="sclip")
     assert all(r.label_map.shape == (224, 224) for r in dense)
     with pytest.raises(UsageError, match="--method must be one of"):
