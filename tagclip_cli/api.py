@@ -32,12 +32,13 @@ from tagclip_cli.commands import (
     tagclip_config,
     vocabulary,
 )
-from tagclip_cli.data import DecodedImage, ImageDataset, ImageItem, Preprocess, bucket_batches, decoded, to_device
+from tagclip_cli.data import DecodedImage, ImageDataset, Preprocess, bucket_batches, decoded, to_device
 from tagclip_cli.faults import OomSplitter
 from tagclip_cli.formats import FileTags
-from tagclip_cli.jobs import WINDOW_BATCHES
+from tagclip_cli.jobs.runner import WINDOW_BATCHES
 from tagclip_cli.pipeline import SegResult, TagResult, segment_images, tag_images
 from tagclip_cli.segment import DENSE_METHODS, Segmenter
+from tagclip_cli.sources import ImageItem
 from tagclip_cli.tagclip import TagCLIPConfig, Tagger
 from tagclip_cli.vocab import Vocabulary
 

@@ -21,7 +21,8 @@ from tagclip_cli import defaults
 from tagclip_cli.errors import TagclipError, UsageError
 
 if TYPE_CHECKING:
-    from tagclip_cli.jobs import Placement, Summary
+    from tagclip_cli.jobs.placement import Placement
+    from tagclip_cli.jobs.runner import Summary
     from tagclip_cli.pipeline import ModelOptions, ProgressFactory
     from tagclip_cli.sources import ImageItem
     from tagclip_cli.vocab import Vocabulary
@@ -120,7 +121,7 @@ def collect_items(images: str | None, manifest: PathLike | None = None, image_ro
 
 def job_placement(shard: str | None, out: str, overwrite: bool, images: str | None) -> Placement:
     """Where this process sits (torchrun env, --shard I/N); refuses combinations that cannot work."""
-    from tagclip_cli.jobs import parse_shard, placement_from_env
+    from tagclip_cli.jobs.placement import parse_shard, placement_from_env
 
     placement = placement_from_env(parse_shard(shard) if shard else None)
     if placement.shard and overwrite:
@@ -153,9 +154,9 @@ def annotate(
     manifest= or images_parquet=); vocab: anything `vocabulary` takes.
     An interrupted run of the same settings resumes; under torchrun / with shard="I/N" only this
     process's share. Returns the job's Summary (done, skipped, failed, failures)."""
+    from tagclip_cli.fileio import check_output_path
     from tagclip_cli.pipeline import AnnotateOptions, run_annotate
     from tagclip_cli.tagclip import TagCLIPConfig
-    from tagclip_cli.writers import check_output_path
 
     placement = job_placement(shard, str(out), overwrite, images)
     voc = vocabulary(vocab, background, no_background)
@@ -196,8 +197,8 @@ def segment(
     refined CAMs (save_cams). tags_in: segment the tags of an earlier annotate run instead of
     running TagCLIP. tag_threshold None: 0.5, or 0.1 with setting="cocostuff". Resumes and shards
     like `annotate`; returns the job's Summary."""
+    from tagclip_cli.fileio import check_output_path
     from tagclip_cli.pipeline import SegmentOptions, run_segment
-    from tagclip_cli.writers import check_output_path
 
     paths = {name: Path(value) if value is not None else None for name, value in
              (("out", out), ("tags_in", tags_in), ("tags_out", tags_out), ("png_dir", png_dir),
@@ -301,6 +302,6 @@ def tagclip_config(setting: str = defaults.SEGMENT_SETTING, reference_compat: bo
 def merge(out: PathLike) -> int:
     """`tagclip merge`: merge the parts of separately run shards (shard="I/N") into `out`, once
     every image has a result; returns the number of rows written."""
-    from tagclip_cli.jobs import merge_output
+    from tagclip_cli.jobs.parts import merge_output
 
     return merge_output(Path(out))

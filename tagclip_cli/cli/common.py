@@ -150,7 +150,7 @@ def finish(summary, out: Path | None, quiet: bool) -> None:
 
 def is_leader() -> bool:
     """Whether this process reports (torchrun's rank 0 of its group, or no torchrun)."""
-    from tagclip_cli.jobs import placement_from_env
+    from tagclip_cli.jobs.placement import placement_from_env
 
     return placement_from_env().leader
 

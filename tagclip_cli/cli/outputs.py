@@ -246,8 +246,8 @@ def retag(
     verbose: bool = VERBOSE_OPT,
 ) -> None:
     """Re-derive the tags of a tags Parquet from its stored scores with new thresholds (no model)."""
+    from tagclip_cli.fileio import check_output_path
     from tagclip_cli.thresholds import retag_file
-    from tagclip_cli.writers import check_output_path
 
     setup_logging(quiet, verbose)
     if thresholds is None and tag_threshold is None:
@@ -289,9 +289,9 @@ def calibrate(
 ) -> None:
     """Pick each class's tag threshold on labelled images; print precision/recall/F1 before and after."""
     from tagclip_cli import evaluate as ev
+    from tagclip_cli.fileio import check_output_path
     from tagclip_cli.thresholds import calibrate as run_calibration
     from tagclip_cli.thresholds import parse_target, write_threshold_file
-    from tagclip_cli.writers import check_output_path
 
     setup_logging(quiet, verbose)
     if gt not in ev.GT_NAMES:

@@ -96,7 +96,7 @@ def annotate(
     options = dict(locals())  # the options, by the names commands.annotate takes
     del options["quiet"], options["verbose"]
     from tagclip_cli import commands
-    from tagclip_cli.jobs import OutputClosed
+    from tagclip_cli.jobs.sinks import OutputClosed
 
     leader = is_leader()
     setup_logging(quiet or not leader, verbose)
@@ -118,7 +118,7 @@ def _stdout_for_results(streaming: bool):
 
     When the reader goes away (`| head`), raise OutputClosed with fd 1 pointed at /dev/null so that
     the interpreter's final flush does not complain."""
-    from tagclip_cli.jobs import OutputClosed
+    from tagclip_cli.jobs.sinks import OutputClosed
 
     if not streaming:
         yield None
