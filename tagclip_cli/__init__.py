@@ -8,7 +8,7 @@ The Python API (docs/api.md)::
     vocab = tc.vocabulary("voc")                          # a name, a file or a list of names
     tags = model.tag(images, vocab)                       # paths, PIL images or arrays
     masks = model.segment(images, vocab)                  # label maps, per-class masks, scores
-    tc.commands.annotate("photos/", "voc", "tags.parquet")   # the commands, with their files
+    tc.annotate("photos/", "voc", "tags.parquet")         # the commands, with their files
 
 Names are imported on first use, so that `import tagclip_cli` (and the command line) stays light.
 """
@@ -19,16 +19,20 @@ import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["ImageMasks", "ImageTags", "Model", "__version__", "commands", "load_model", "vocabulary"]
+__all__ = ["ImageMasks", "ImageTags", "Model", "__version__", "annotate", "commands", "load_model", "merge",
+           "segment", "vocabulary"]
 
-# name -> the module that defines it. The commands' functions are under `commands` (tc.commands.segment)
-# because `tagclip_cli.segment` is a module: a package attribute of that name would be replaced by it.
+# name -> the module that defines it. No module of the package may have one of these names: importing
+# it would replace the package attribute (tests/test_api.py checks).
 _LAZY = {
     "load_model": "tagclip_cli.api",
     "Model": "tagclip_cli.api",
     "ImageTags": "tagclip_cli.api",
     "ImageMasks": "tagclip_cli.api",
     "vocabulary": "tagclip_cli.commands",
+    "annotate": "tagclip_cli.commands",
+    "segment": "tagclip_cli.commands",
+    "merge": "tagclip_cli.commands",
 }
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from tagclip_cli import defaults
+from tagclip_cli import defaults, methods
 from tagclip_cli.backbone import Backbone
 from tagclip_cli.commands import (
     check_segment_options,
@@ -37,7 +37,7 @@ from tagclip_cli.faults import OomSplitter
 from tagclip_cli.formats import FileTags
 from tagclip_cli.jobs.runner import WINDOW_BATCHES
 from tagclip_cli.pipeline import SegResult, TagResult, segment_images, tag_images
-from tagclip_cli.segment import DENSE_METHODS, Segmenter
+from tagclip_cli.quirks import Quirks
 from tagclip_cli.sources import ImageItem
 from tagclip_cli.tagclip import TagCLIPConfig, Tagger
 from tagclip_cli.vocab import Vocabulary
@@ -109,10 +109,9 @@ class Model:
         reference_compat, no_background: as annotate's options; config: a full TagCLIPConfig instead."""
         voc = vocabulary(vocab, no_background=no_background)
         if config is None:
-            config = TagCLIPConfig(tag_threshold=tag_threshold, reference_compat=reference_compat,
-                                   use_background=not no_background,
+            config = TagCLIPConfig(tag_threshold=tag_threshold, use_background=not no_background,
                                    class_thresholds=class_thresholds(thresholds, voc.classes, tag_threshold))
-        tagger = Tagger(self.backbone, voc, config)
+        tagger = Tagger(self.backbone, voc, config, quirks=Quirks(reference_compat))
         results = self._map(images, lambda batch: tag_images(tagger, batch), batch_size, max_side, keep_rgb=False)
         return [_image_tags(result, voc) for result in results]
 
@@ -124,18 +123,20 @@ class Model:
         """Segment images: one ImageMasks per image, in order.
 
         tags: the class names to segment in each image, one list per image (None: TagCLIP tags
-        them first, in the same dense forward; an empty list: all background). method: clses
-        (CLS-SEG, the paper's), maskclip, sclip, clearclip or naclip; setting: voc, coco or
-        cocostuff; the other options as `segment`'s."""
+        them first, in the same dense forward; an empty list: all background). method: a registered mask method
+        (`tagclip_cli.methods.names("masks")`: clses = CLS-SEG, the paper's, maskclip, sclip,
+        clearclip, naclip, and plug-ins); setting: voc, coco or cocostuff; the other options as
+        `segment`'s."""
         voc = vocabulary(vocab, no_background=no_background)
         paths = {"out": None, "tags_in": None if tags is None else "tags", "tags_out": None, "save_cams": None}
         check_segment_options(method, setting, crf, paths, False, key_smoothing, prompt_denoising, None)
-        seg_cfg = segment_config(setting, method, crf, key_smoothing, prompt_denoising, reference_compat)
-        tag_cfg = tagclip_config(setting, reference_compat, tag_threshold, no_background)
-        segmenter = Segmenter(self.backbone, voc, seg_cfg, tag_cfg, run_tagclip=tags is None)
+        seg_cfg = segment_config(setting, method, crf, key_smoothing, prompt_denoising)
+        tag_cfg = tagclip_config(setting, tag_threshold, no_background)
+        segmenter = methods.get(method, "masks").build(self.backbone, voc, seg_cfg, quirks=Quirks(reference_compat),
+                                                       tagclip=tag_cfg, run_tagclip=tags is None)
         given = None if tags is None else GivenTags(voc, tags)
         results = self._map(images, lambda batch: segment_images(segmenter, batch, given), batch_size, max_side,
-                            keep_rgb=crf or method in DENSE_METHODS)
+                            keep_rgb=segmenter.needs_rgb)
         return [_image_masks(result, voc) for result in results]
 
     def _map(self, images: Sequence[ImageInput], mapper: Callable[[list[DecodedImage]], list[TagResult]],

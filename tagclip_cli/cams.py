@@ -32,8 +32,8 @@ class CrfUnavailableError(UsageError):
 
 @dataclass(frozen=True)
 class CamRule:
-    """How cams become labels: the part of `segment.SegmentConfig` that `evaluate --cams` needs
-    (the names are SegmentConfig's, so either can be passed where a rule is expected)."""
+    """How cams become labels: the label rule of CLS-SEG (`methods.clses.ClsSegConfig.rule` holds one)
+    that `evaluate --cams` needs too."""
 
     background_power: float = 1.0  # background score = (1 - max cam) ** power
     label_background: bool = True  # False: no background label (COCO-Stuff)
@@ -214,7 +214,7 @@ def dense_crf(rgb: np.ndarray, probs: np.ndarray, config: CamRule) -> np.ndarray
     rgb: (H, W, 3) uint8 image. probs: (C, H, W) class scores in [0, 1] (here [background; cams],
     not renormalised, as the reference feeds them); unary = -log(clip(p, clip, 1)). Pairwise:
     Gaussian (sxy, compat) and bilateral (sxy, srgb, compat); `crf_iterations` rounds. config: a
-    `CamRule` or a `segment.SegmentConfig` (same field names)."""
+    `CamRule`."""
     dcrf = _densecrf()
     c, h, w = probs.shape
     if rgb.shape != (h, w, 3):

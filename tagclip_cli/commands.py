@@ -156,20 +156,21 @@ def annotate(
     process's share. Returns the job's Summary (done, skipped, failed, failures)."""
     from tagclip_cli.fileio import check_output_path
     from tagclip_cli.pipeline import AnnotateOptions, run_annotate
+    from tagclip_cli.quirks import Quirks
     from tagclip_cli.tagclip import TagCLIPConfig
 
     placement = job_placement(shard, str(out), overwrite, images)
     voc = vocabulary(vocab, background, no_background)
     items = collect_items(images, manifest, image_root, images_parquet, image_column, id_column)
-    cfg = TagCLIPConfig(tag_threshold=tag_threshold, reference_compat=reference_compat,
-                        use_background=not no_background,
+    cfg = TagCLIPConfig(tag_threshold=tag_threshold, use_background=not no_background,
                         class_thresholds=class_thresholds(thresholds, voc.classes, tag_threshold))
     model_opts = model_options(model, pretrained, checkpoint, device, cache_dir, precision)
     out_path = None if str(out) == "-" else Path(out)
     if out_path is not None:
         check_output_path(out_path)  # before the model loads: a bad --out fails in a second
     opts = AnnotateOptions(
-        items=items, vocab=voc, out=out_path, stdout=stdout, model=model_opts, tagclip=cfg, batch_size=batch_size,
+        items=items, vocab=voc, out=out_path, stdout=stdout, model=model_opts, tagclip=cfg,
+        quirks=Quirks(reference_compat), batch_size=batch_size,
         workers=workers, max_side=max_side, overwrite=overwrite, fail_fast=fail_fast, placement=placement,
         part_size=part_size,
     )
@@ -199,6 +200,7 @@ def segment(
     like `annotate`; returns the job's Summary."""
     from tagclip_cli.fileio import check_output_path
     from tagclip_cli.pipeline import SegmentOptions, run_segment
+    from tagclip_cli.quirks import Quirks
 
     paths = {name: Path(value) if value is not None else None for name, value in
              (("out", out), ("tags_in", tags_in), ("tags_out", tags_out), ("png_dir", png_dir),
@@ -214,37 +216,40 @@ def segment(
             check_output_path(path)
     if paths["png_dir"] is not None and paths["png_dir"].exists() and not paths["png_dir"].is_dir():
         raise UsageError(f"--png-dir {png_dir}: exists and is not a directory")
-    seg_cfg = segment_config(setting, method, crf, key_smoothing, prompt_denoising, reference_compat,
+    seg_cfg = segment_config(setting, method, crf, key_smoothing, prompt_denoising,
                              None if save_cams is None else ("grid" if cams_grid else "image"))
     voc = vocabulary(vocab, background, no_background)
     items = collect_items(images, manifest, image_root, images_parquet, image_column, id_column)
-    cfg = tagclip_config(setting, reference_compat, tag_threshold, no_background, thresholds, voc.classes)
+    cfg = tagclip_config(setting, tag_threshold, no_background, thresholds, voc.classes)
     opts = SegmentOptions(
         items=items, vocab=voc, out=paths["out"], model=model_options(model, pretrained, checkpoint, device, cache_dir,
                                                                       precision),
-        tagclip=cfg, segment=seg_cfg, tags_in=paths["tags_in"], tags_out=paths["tags_out"], png_dir=paths["png_dir"],
-        cams_dir=paths["save_cams"], batch_size=batch_size, workers=workers, max_side=max_side, part_size=part_size,
-        overwrite=overwrite, fail_fast=fail_fast, placement=placement,
+        tagclip=cfg, segment=seg_cfg, method=method, quirks=Quirks(reference_compat), tags_in=paths["tags_in"],
+        tags_out=paths["tags_out"], png_dir=paths["png_dir"], cams_dir=paths["save_cams"], batch_size=batch_size,
+        workers=workers, max_side=max_side, part_size=part_size, overwrite=overwrite, fail_fast=fail_fast,
+        placement=placement,
     )
     return run_segment(opts, progress=progress)
 
 
 def check_segment_options(method: str, setting: str, crf: bool, paths: dict[str, Path | None], cams_grid: bool,
                           key_smoothing: bool, prompt_denoising: bool, thresholds: PathLike | None) -> None:
-    """The combinations `segment` refuses, before anything loads (UsageError naming the options)."""
-    from tagclip_cli.segment import DENSE_METHODS, METHODS, SETTINGS
+    """The combinations `segment` refuses, from the registry's facts of the method (tagclip_cli.methods),
+    before anything loads (UsageError naming the options)."""
+    from tagclip_cli import methods
 
-    if method not in METHODS:
-        raise UsageError(f"--method must be one of {', '.join(METHODS)}, not '{method}'")
-    if setting not in SETTINGS:
-        raise UsageError(f"--setting must be one of {', '.join(SETTINGS)}, not '{setting}'")
-    _check_save_cams(paths["save_cams"], cams_grid, method)
-    if crf and method != "clses":
+    if method not in methods.names("masks"):
+        raise UsageError(f"--method must be one of {', '.join(methods.names('masks'))}, not '{method}'")
+    if setting not in methods.SETTINGS:
+        raise UsageError(f"--setting must be one of {', '.join(methods.SETTINGS)}, not '{setting}'")
+    spec = methods.get(method, "masks")
+    _check_save_cams(paths["save_cams"], cams_grid, method, "save_cams" in spec.options)
+    if crf and "crf" not in spec.options:
         raise UsageError(f"--crf refines CLS-SEG cams; it does not apply to --method {method}")
-    if (key_smoothing or prompt_denoising) and method != "maskclip":
+    if (key_smoothing or prompt_denoising) and not {"key_smoothing", "prompt_denoising"} <= spec.options:
         raise UsageError("--key-smoothing and --prompt-denoising are MaskCLIP options (--method maskclip)")
     tags_in, tags_out = paths["tags_in"], paths["tags_out"]
-    if method in DENSE_METHODS and (tags_in is not None or tags_out is not None):
+    if not spec.needs_tags and (tags_in is not None or tags_out is not None):
         raise UsageError(f"--tags and --tags-out are for TagCLIP's tags; --method {method} does not use them")
     if tags_in is not None and tags_out is not None:
         raise UsageError("--tags-out writes the tags of TagCLIP run here; with --tags the tags are already in that "
@@ -257,13 +262,13 @@ def check_segment_options(method: str, setting: str, crf: bool, paths: dict[str,
                          "(use annotate for JSON Lines)")
 
 
-def _check_save_cams(save_cams: Path | None, cams_grid: bool, method: str) -> None:
+def _check_save_cams(save_cams: Path | None, cams_grid: bool, method: str, saves_cams: bool) -> None:
     """--save-cams DIR / --cams-grid: usage errors before anything loads."""
     if cams_grid and save_cams is None:
         raise UsageError("--cams-grid chooses the layout of --save-cams DIR; give --save-cams too")
     if save_cams is None:
         return
-    if method != "clses":
+    if not saves_cams:
         raise UsageError("--save-cams saves CLS-SEG's refined CAMs; it needs --method clses")
     if save_cams.exists() and not save_cams.is_dir():
         raise UsageError(f"--save-cams {save_cams}: exists and is not a directory")
@@ -271,23 +276,21 @@ def _check_save_cams(save_cams: Path | None, cams_grid: bool, method: str) -> No
 
 def segment_config(setting: str = defaults.SEGMENT_SETTING, method: str = defaults.SEGMENT_METHOD,
                    crf: bool = False, key_smoothing: bool = False, prompt_denoising: bool = False,
-                   reference_compat: bool = False, save_cams: str | None = None):
-    """The segmentation settings of `segment`'s flat options (segment.SegmentConfig)."""
-    from tagclip_cli.segment import SegmentConfig
+                   save_cams: str | None = None):
+    """The mask method's frozen config from `segment`'s flat options (the registry's `configure`)."""
+    from tagclip_cli import methods
 
-    return SegmentConfig.for_setting(setting, method=method, crf=crf, key_smoothing=key_smoothing,
-                                     prompt_denoising=prompt_denoising, reference_compat=reference_compat,
-                                     save_cams=save_cams)
+    return methods.configure(method, setting, crf=crf, key_smoothing=key_smoothing,
+                             prompt_denoising=prompt_denoising, save_cams=save_cams)
 
 
-def tagclip_config(setting: str = defaults.SEGMENT_SETTING, reference_compat: bool = False,
-                   tag_threshold: float | None = None, no_background: bool = False,
-                   thresholds: PathLike | None = None, classes: Sequence[str] = ()):
+def tagclip_config(setting: str = defaults.SEGMENT_SETTING, tag_threshold: float | None = None,
+                   no_background: bool = False, thresholds: PathLike | None = None, classes: Sequence[str] = ()):
     """TagCLIP's settings for `segment`: the paper's, or TagCLIP's COCO-Stuff values (layers 1..L-1,
     thresholds 0.1, no background) with setting="cocostuff"; tag_threshold None keeps the setting's."""
     from tagclip_cli.tagclip import TagCLIPConfig
 
-    tag_kw: dict = {"reference_compat": reference_compat}
+    tag_kw: dict = {}
     if tag_threshold is not None:
         tag_kw["tag_threshold"] = tag_threshold
     if setting == "cocostuff":

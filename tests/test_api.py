@@ -32,19 +32,30 @@ def docs_snippet(marker: str) -> str:
 
 
 def test_all_lists_the_api_and_every_name_resolves():
-    assert set(tc.__all__) == {"ImageMasks", "ImageTags", "Model", "__version__", "commands", "load_model",
-                               "vocabulary"}
+    assert set(tc.__all__) == {"ImageMasks", "ImageTags", "Model", "__version__", "annotate", "commands",
+                               "load_model", "merge", "segment", "vocabulary"}
     for name in tc.__all__:
         assert getattr(tc, name) is not None
     assert set(tc.__all__) <= set(dir(tc))
-    assert callable(tc.commands.annotate) and callable(tc.commands.segment) and callable(tc.commands.merge)
+    assert (tc.annotate, tc.segment, tc.merge) == (tc.commands.annotate, tc.commands.segment, tc.commands.merge)
+
+
+def test_no_module_shadows_an_api_name():
+    """Importing tagclip_cli.X sets the package attribute X to the module: an API function named like
+    a module would turn into that module once anything imports it."""
+    package = Path(tc.__file__).parent
+    for name in set(tc.__all__) - {"commands"}:
+        assert not (package / f"{name}.py").exists() and not (package / name).is_dir(), name
+    import tagclip_cli.pipeline  # noqa: F401  (imports most of the package)
+
+    assert tc.segment is tc.commands.segment and callable(tc.annotate)
     with pytest.raises(AttributeError):
         tc.no_such_name  # noqa: B018
 
 
 def test_every_documented_function_has_a_section_in_the_docs():
     text = DOCS.read_text()
-    for name in ("tc.load_model", "tc.vocabulary", "model.tag", "model.segment", "tc.commands"):
+    for name in ("tc.load_model", "tc.vocabulary", "model.tag", "model.segment", "tc.annotate"):
         assert f"## `{name}" in text, name
 
 

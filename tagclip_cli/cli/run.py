@@ -159,10 +159,13 @@ TAGS_OUT_OPT = typer.Option(None, "--tags-out", help="Also write the tags Parque
                             "pass.")
 PNG_DIR_OPT = typer.Option(None, "--png-dir", help="Also write palette label PNGs (0 = background, class = "
                            "vocabulary index + 1) as DIR/<image id>.png.")
+# The choices are the registry's (tagclip_cli.methods), checked when the command runs; the text
+# names the built-ins without importing them (the registry loads torch).
 METHOD_OPT = typer.Option(
     defaults.SEGMENT_METHOD, "--method", help="clses (CLS-SEG: TagCLIP tags -> CLIP-ES, the paper's), maskclip "
     "(baseline: dense logits, argmax), or the dense baselines sclip, clearclip, naclip with their published "
-    "settings (README 'Compare methods').")
+    "settings (README 'Compare methods'); plug-ins add more (TAGCLIP_METHODS=module, or a package's "
+    "'tagclip_cli.methods' entry point).")
 CRF_OPT = typer.Option(False, "--crf", help="Dense CRF on the RGB image (paper's parameters; needs pip install "
                        "'tagclip-cli\\[crf]').")
 SETTING_OPT = typer.Option(
