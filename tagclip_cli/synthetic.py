@@ -330,54 +330,8 @@ def make_caption(objects: tuple[str, ...], stuff: tuple[str, ...], rng: np.rando
 def generate_scene(index: int, seed: int = 0, size: int = DEFAULT_SIZE) -> Scene:
     """Scene ``index`` of the stream ``seed``: the same arguments always give the same scene."""
     rng = np.random.default_rng([seed, index])
-
-    # Background: one stuff class, or an upper and a lower one split by a wavy horizon.
-    if rng.random() < 0.45:
-        stuff = (STUFF_CLASSES[rng.integers(len(STUFF_CLASSES))],)
-        image = _stuff_texture(stuff[0], rng, size)
-        stuff_map = np.full((size, size), STUFF_CLASSES.index(stuff[0]), np.uint8)
-    else:
-        upper = _UPPER_STUFF[rng.integers(len(_UPPER_STUFF))]
-        lower = _LOWER_STUFF[rng.integers(len(_LOWER_STUFF))]
-        stuff = (upper, lower)
-        top, bottom = _stuff_texture(upper, rng, size), _stuff_texture(lower, rng, size)
-        horizon = size * rng.uniform(0.3, 0.7) + 0.04 * size * _smooth_noise(rng, size, 3)[0]
-        below = np.arange(size)[:, None] >= horizon[None, :]
-        image = np.where(below[..., None], bottom, top)
-        stuff_map = np.where(below, STUFF_CLASSES.index(lower), STUFF_CLASSES.index(upper)).astype(np.uint8)
-
-    # Objects: distinct classes with log-uniform sizes, placed back to front (largest first so
-    # that small ones stay visible), rejected if they would be hidden too much.
-    n_objects = int(rng.choice([1, 2, 3, 4], p=[0.2, 0.3, 0.3, 0.2]))
-    classes = rng.choice(len(OBJECT_CLASSES), size=n_objects, replace=False)
-    sides = np.sort(np.exp(rng.uniform(math.log(MIN_SIDE_FRACTION), math.log(MAX_SIDE_FRACTION), n_objects)))
-    sides = sides[::-1] * size
-    label_map = np.zeros((size, size), np.uint8)
-    owner = np.full((size, size), -1, np.int16)
-    placed: list[tuple[int, int]] = []  # (class index, pixel count when drawn)
-    for cls, side in zip(classes, sides, strict=True):
-        name = OBJECT_CLASSES[cls]
-        radius = side / 2
-        for _attempt in range(12):
-            cx = rng.uniform(radius * 0.6, size - radius * 0.6)
-            cy = rng.uniform(radius * 0.6, size - radius * 0.6)
-            mask = _object_mask(name, size, cx, cy, radius, rng.uniform(0, 2 * math.pi))
-            area = int(mask.sum())
-            if area == 0:
-                continue
-            # Would this object hide too much of an earlier one?
-            overlap_ok = all(
-                ((owner == j) & ~mask).sum() >= MIN_VISIBLE_FRACTION * a for j, (_, a) in enumerate(placed)
-            )
-            if overlap_ok:
-                break
-        else:
-            continue  # no room: the scene simply has fewer objects
-        paint = _object_paint(name, rng, size)
-        image = np.where(mask[..., None], paint, image)
-        label_map[mask] = cls + 1
-        owner[mask] = len(placed)
-        placed.append((int(cls), area))
+    image, stuff, stuff_map = _background(rng, size)
+    image, label_map, placed = _place_objects(image, rng, size)
 
     # Global photometric jitter and sensor noise.
     image = image * rng.uniform(0.85, 1.1) + rng.normal(0, 0.015, image.shape).astype(np.float32)
@@ -389,6 +343,73 @@ def generate_scene(index: int, seed: int = 0, size: int = DEFAULT_SIZE) -> Scene
     areas = tuple(a for a, _ in visible)
     caption = make_caption(objects, stuff, rng)
     return Scene(index, image_u8, label_map, objects, areas, stuff, caption, stuff_map=stuff_map)
+
+
+def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, tuple[str, ...], np.ndarray]:
+    """One stuff class, or an upper and a lower one split by a wavy horizon: the (size, size, 3)
+    float image, the stuff names and the (size, size) uint8 stuff map."""
+    if rng.random() < 0.45:
+        stuff = (STUFF_CLASSES[rng.integers(len(STUFF_CLASSES))],)
+        image = _stuff_texture(stuff[0], rng, size)
+        stuff_map = np.full((size, size), STUFF_CLASSES.index(stuff[0]), np.uint8)
+        return image, stuff, stuff_map
+    upper = _UPPER_STUFF[rng.integers(len(_UPPER_STUFF))]
+    lower = _LOWER_STUFF[rng.integers(len(_LOWER_STUFF))]
+    stuff = (upper, lower)
+    top, bottom = _stuff_texture(upper, rng, size), _stuff_texture(lower, rng, size)
+    horizon = size * rng.uniform(0.3, 0.7) + 0.04 * size * _smooth_noise(rng, size, 3)[0]
+    below = np.arange(size)[:, None] >= horizon[None, :]
+    image = np.where(below[..., None], bottom, top)
+    stuff_map = np.where(below, STUFF_CLASSES.index(lower), STUFF_CLASSES.index(upper)).astype(np.uint8)
+    return image, stuff, stuff_map
+
+
+def _place_objects(
+    image: np.ndarray, rng: np.random.Generator, size: int
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """Objects: distinct classes with log-uniform sizes, placed back to front (largest first so
+    that small ones stay visible), rejected if they would be hidden too much. Returns the painted
+    image, the (size, size) label map (class index + 1) and [(class index, pixel count when drawn)]."""
+    n_objects = int(rng.choice([1, 2, 3, 4], p=[0.2, 0.3, 0.3, 0.2]))
+    classes = rng.choice(len(OBJECT_CLASSES), size=n_objects, replace=False)
+    sides = np.sort(np.exp(rng.uniform(math.log(MIN_SIDE_FRACTION), math.log(MAX_SIDE_FRACTION), n_objects)))
+    sides = sides[::-1] * size
+    label_map = np.zeros((size, size), np.uint8)
+    owner = np.full((size, size), -1, np.int16)
+    placed: list[tuple[int, int]] = []  # (class index, pixel count when drawn)
+    for cls, side in zip(classes, sides, strict=True):
+        name = OBJECT_CLASSES[cls]
+        found = _find_spot(name, side / 2, owner, placed, rng, size)
+        if found is None:
+            continue  # no room: the scene simply has fewer objects
+        mask, area = found
+        paint = _object_paint(name, rng, size)
+        image = np.where(mask[..., None], paint, image)
+        label_map[mask] = cls + 1
+        owner[mask] = len(placed)
+        placed.append((int(cls), area))
+    return image, label_map, placed
+
+
+def _find_spot(
+    name: str, radius: float, owner: np.ndarray, placed: list[tuple[int, int]], rng: np.random.Generator, size: int
+) -> tuple[np.ndarray, int] | None:
+    """Up to 12 tries at a place for one object that hides no earlier one too much: its (size, size)
+    bool mask and pixel count, or None when there is no room."""
+    for _attempt in range(12):
+        cx = rng.uniform(radius * 0.6, size - radius * 0.6)
+        cy = rng.uniform(radius * 0.6, size - radius * 0.6)
+        mask = _object_mask(name, size, cx, cy, radius, rng.uniform(0, 2 * math.pi))
+        area = int(mask.sum())
+        if area == 0:
+            continue
+        # Would this object hide too much of an earlier one?
+        overlap_ok = all(
+            ((owner == j) & ~mask).sum() >= MIN_VISIBLE_FRACTION * a for j, (_, a) in enumerate(placed)
+        )
+        if overlap_ok:
+            return mask, area
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
