@@ -233,44 +233,14 @@ def train_student(config: StudentConfig) -> StudentRun:
     mapped, both splits non-empty, --out free) runs before anything is written or trained."""
     from tagclip_cli.export import export_yolo
 
-    if not 0.0 <= config.val_fraction < 1.0:
-        raise UsageError(f"--val-fraction must be in [0, 1), not {config.val_fraction}")
-    for option, value in (("--epochs", config.epochs), ("--imgsz", config.imgsz), ("--batch", config.batch)):
-        if value < 1:
-            raise UsageError(f"{option} must be at least 1, not {value}")
-    if config.workers < 0:
-        raise UsageError(f"--workers must be >= 0, not {config.workers}")
+    _check_options(config)
     model = load_student(config.student)
     task = str(model.task)
     masks = MaskFile(config.masks)
-    if config.tags is not None:
-        check_same_run(masks, config.tags)
-    classes = tag_classes(config.tags, read_tags_schema(config.tags)) if config.tags is not None else masks.classes
-    unknown = [name for name in masks.classes if name not in classes]
-    if unknown:
-        raise UsageError(f"{masks.path}: class '{unknown[0]}' is not in the vocabulary of {config.tags}: "
-                         "the export cannot map it to a YOLO class id")
-    if not classes:
-        raise UsageError(f"{masks.path}: no classes to train on")
-    train, val = split_ids(masks, config.seed, config.val_fraction)
-    if not train:
-        raise UsageError(f"{masks.path}: the training split is empty ({len(val)} images held out by "
-                         f"--val-fraction {config.val_fraction}, no other images without a failure)")
-    if not val:
-        if config.val_fraction > 0:
-            raise UsageError(f"{masks.path}: the validation split is empty ({len(train)} images, "
-                             f"--val-fraction {config.val_fraction}): raise --val-fraction or label more images")
-        val = train  # --val-fraction 0: Ultralytics still validates, on the training images
+    classes, train, val = _classes_and_splits(masks, config)
     _check_out(config.out, config.overwrite)
     out = config.out
-    created = not out.exists()
-    out.mkdir(exist_ok=True)
-    for name in OUTPUTS:  # a previous run's files (only with --overwrite: _check_out)
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+    created = _clear_out(out)
     dataset = out / "dataset"
     try:  # the export checks the rest (every masked image in the tags file, image files found) first
         export_yolo(config.masks, dataset, tags=config.tags, images=config.images, task=task, copy=config.copy)
@@ -290,14 +260,67 @@ def train_student(config: StudentConfig) -> StudentRun:
     run.run_dir = Path(trainer.save_dir)
     run.weights = Path(trainer.best) if Path(trainer.best).is_file() else Path(trainer.last)
     run.metrics = {str(k): float(v) for k, v in (trainer.metrics or {}).items()}
+    _write_summary(run, config, task, classes)
+    return run
+
+
+def _check_options(config: StudentConfig) -> None:
+    """The numeric options in range (one UsageError naming the option)."""
+    if not 0.0 <= config.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction must be in [0, 1), not {config.val_fraction}")
+    for option, value in (("--epochs", config.epochs), ("--imgsz", config.imgsz), ("--batch", config.batch)):
+        if value < 1:
+            raise UsageError(f"{option} must be at least 1, not {value}")
+    if config.workers < 0:
+        raise UsageError(f"--workers must be >= 0, not {config.workers}")
+
+
+def _classes_and_splits(masks: MaskFile, config: StudentConfig) -> tuple[Sequence[str], list[str], list[str]]:
+    """The class list (the tags file's, else the masks file's; every mask class in it) and the
+    seeded train / val image ids, both non-empty (val is train with --val-fraction 0)."""
+    if config.tags is not None:
+        check_same_run(masks, config.tags)
+    classes = tag_classes(config.tags, read_tags_schema(config.tags)) if config.tags is not None else masks.classes
+    unknown = [name for name in masks.classes if name not in classes]
+    if unknown:
+        raise UsageError(f"{masks.path}: class '{unknown[0]}' is not in the vocabulary of {config.tags}: "
+                         "the export cannot map it to a YOLO class id")
+    if not classes:
+        raise UsageError(f"{masks.path}: no classes to train on")
+    train, val = split_ids(masks, config.seed, config.val_fraction)
+    if not train:
+        raise UsageError(f"{masks.path}: the training split is empty ({len(val)} images held out by "
+                         f"--val-fraction {config.val_fraction}, no other images without a failure)")
+    if not val:
+        if config.val_fraction > 0:
+            raise UsageError(f"{masks.path}: the validation split is empty ({len(train)} images, "
+                             f"--val-fraction {config.val_fraction}): raise --val-fraction or label more images")
+        val = train  # --val-fraction 0: Ultralytics still validates, on the training images
+    return classes, train, val
+
+
+def _clear_out(out: Path) -> bool:
+    """Create `out` or remove a previous run's files from it; True if it was created."""
+    created = not out.exists()
+    out.mkdir(exist_ok=True)
+    for name in OUTPUTS:  # a previous run's files (only with --overwrite: _check_out)
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    return created
+
+
+def _write_summary(run: StudentRun, config: StudentConfig, task: str, classes: Sequence[str]) -> None:
+    """`out/student.json`: the config, the split sizes, the run folder, the weights and metrics."""
+    from tagclip_cli.fileio import write_bytes_atomic
+
     summary = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
                "task": task, "classes": list(classes), "train_images": run.train_images,
                "val_images": run.val_images, "held_out": config.val_fraction > 0,
                "run_dir": str(run.run_dir), "weights": str(run.weights), "metrics": run.metrics}
-    from tagclip_cli.fileio import write_bytes_atomic
-
-    write_bytes_atomic((json.dumps(summary, indent=1) + "\n").encode(), out / "student.json")
-    return run
+    write_bytes_atomic((json.dumps(summary, indent=1) + "\n").encode(), run.out / "student.json")
 
 
 # ---- the student's masks, for `tagclip evaluate` ---------------------------------------------------
