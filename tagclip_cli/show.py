@@ -34,7 +34,15 @@ from PIL import Image, ImageDraw, ImageFont
 
 from tagclip_cli.errors import UsageError
 from tagclip_cli.fileio import atomic_path
-from tagclip_cli.formats import TAG_COLUMNS, class_color, iter_tag_batches, label_map, load_masks, read_tags_schema
+from tagclip_cli.formats import (
+    TAG_COLUMNS,
+    MaskIndex,
+    class_color,
+    iter_tag_batches,
+    label_map,
+    load_masks,
+    read_tags_schema,
+)
 
 log = logging.getLogger(__name__)
 
@@ -257,31 +265,48 @@ def render_overlay(
     picture: the RGB image, or None when it cannot be read (a grey placeholder is drawn);
     labels: (H, W) label map at the picture's size, or None. The image part keeps the picture's size
     unless its longer side exceeds max_side; the panel is at least MIN_PANEL_WIDTH wide."""
+    part = _image_part(picture, labels, colors, max_side)
+    if failed:
+        part = _mark_failed(part)
+    return _add_legend(part, lines), part
+
+
+def _image_part(picture: Image.Image | None, labels: np.ndarray | None, colors: np.ndarray,
+                max_side: int) -> Image.Image:
+    """The picture with its masks blended in, fitted to max_side; a grey crossed placeholder when None."""
     if picture is None:
         part = Image.new("RGB", PLACEHOLDER_SIZE, (200, 200, 200))
         d = ImageDraw.Draw(part)
         d.line([(0, 0), (PLACEHOLDER_SIZE[0] - 1, PLACEHOLDER_SIZE[1] - 1)], fill=(150, 150, 150), width=3)
         d.line([(0, PLACEHOLDER_SIZE[1] - 1), (PLACEHOLDER_SIZE[0] - 1, 0)], fill=(150, 150, 150), width=3)
-    else:
-        part = picture
-        if labels is not None and labels.any():
-            part = Image.fromarray(blend_masks(np.asarray(picture.convert("RGB")), labels, colors))
-        size = fit_size(part.width, part.height, max_side)
-        if size != part.size:
-            part = part.resize(size, Image.Resampling.LANCZOS)
-    if failed:
-        part = part.copy()
-        d = ImageDraw.Draw(part)
-        border = max(3, min(part.size) // 60)
-        d.rectangle([0, 0, part.width - 1, part.height - 1], outline=FAILED_RED, width=border)
-        font = _font(max(12, min(48, part.width // 10)))
-        text = "FAILED"
-        box = d.textbbox((0, 0), text, font=font)
-        pad = border + 4
-        d.rectangle([border, border, border + (box[2] - box[0]) + 2 * pad, border + (box[3]) + 2 * pad],
-                    fill=FAILED_RED)
-        d.text((border + pad, border + pad), text, font=font, fill=(255, 255, 255))
+        return part
+    part = picture
+    if labels is not None and labels.any():
+        part = Image.fromarray(blend_masks(np.asarray(picture.convert("RGB")), labels, colors))
+    size = fit_size(part.width, part.height, max_side)
+    if size != part.size:
+        part = part.resize(size, Image.Resampling.LANCZOS)
+    return part
 
+
+def _mark_failed(part: Image.Image) -> Image.Image:
+    """A copy of the image part with a red border and a red "FAILED" label."""
+    part = part.copy()
+    d = ImageDraw.Draw(part)
+    border = max(3, min(part.size) // 60)
+    d.rectangle([0, 0, part.width - 1, part.height - 1], outline=FAILED_RED, width=border)
+    font = _font(max(12, min(48, part.width // 10)))
+    text = "FAILED"
+    box = d.textbbox((0, 0), text, font=font)
+    pad = border + 4
+    d.rectangle([border, border, border + (box[2] - box[0]) + 2 * pad, border + (box[3]) + 2 * pad],
+                fill=FAILED_RED)
+    d.text((border + pad, border + pad), text, font=font, fill=(255, 255, 255))
+    return part
+
+
+def _add_legend(part: Image.Image, lines: Sequence[LegendLine]) -> Image.Image:
+    """The image part above a white legend panel: the lines wrapped to the panel's width, with swatches."""
     panel_width = max(part.width, MIN_PANEL_WIDTH)
     size = max(12, min(28, panel_width // 40))
     font, bold = _font(size), _font(size + 2)
@@ -309,7 +334,7 @@ def render_overlay(
             x += line_h
         draw.text((x, y + (line_h - size) // 2 - 1), text, font=bold if line.bold else font, fill=line.color)
         y += line_h
-    return canvas, part
+    return canvas
 
 
 def thumbnail(part: Image.Image, side: int) -> Image.Image:
@@ -345,27 +370,10 @@ class RenderJob:
 
 def render_job(job: RenderJob) -> dict[str, Any]:
     """Draw and save one overlay and thumbnail; returns the card's data for index.html."""
-    from tagclip_cli.data import DecodeError, load_rgb
-
     row = job.row
-    picture = None
-    read_error = None
-    if job.source is None:
-        read_error = "image file not found"
-    else:
-        try:
-            picture = load_rgb(job.source)
-        except DecodeError as exc:
-            read_error = str(exc)
+    picture, read_error = _read_picture(job.source)
     colors = np.array([(0, 0, 0)] + [class_color(i + 1) for i in range(len(job.names))], dtype=np.uint8)
-    labels = None
-    if picture is not None and job.annotations:
-        h, w = job.mask_size or (picture.height, picture.width)
-        labels = label_map(job.annotations, job.label_of, h, w, f"masks of {row.image_id}", resize=True)
-        if labels.shape != (picture.height, picture.width):
-            labels = np.asarray(
-                Image.fromarray(labels).resize((picture.width, picture.height), Image.Resampling.NEAREST)
-            )
+    labels = _job_labels(job, picture)
     mask_share: dict[int, float] = {}
     if labels is not None:
         counts = np.bincount(labels.ravel(), minlength=len(job.names) + 1)
@@ -374,9 +382,60 @@ def render_job(job: RenderJob) -> dict[str, Any]:
     failed = row.failed or read_error is not None
     error = row.error if row.failed else (f"cannot read image now: {read_error}" if read_error else None)
     position = {name: i + 1 for i, name in enumerate(job.names)}
-    lines = [LegendLine(row.image_id, bold=True)]
     size_text = f"{picture.width}x{picture.height}" if picture is not None else (
         f"{row.width}x{row.height}" if row.width and row.height else "size unknown")
+    lines = _legend_lines(job, size_text, mask_share, position, failed, error)
+
+    overlay, part = render_overlay(picture, labels, colors, lines, failed, job.max_side)
+    overlay_rel, thumb_rel, thumb = _save_overlay(job, overlay, part)
+    card = {
+        "id": row.image_id,
+        "o": overlay_rel,
+        "t": thumb_rel,
+        "tw": thumb.width,
+        "th": thumb.height,
+        "size": size_text,
+        "tags": [[position.get(n, 0) - 1, None if s is None else round(s, 4)] for n, s in row.tags],
+        "masks": sorted(int(lab) - 1 for lab in mask_share),
+        "err": error if failed else None,
+        "read_error": read_error if not row.failed else None,
+    }
+    if row.doubt is not None:  # [class index, margin, threshold] of the closest decision
+        card["doubt"] = [row.doubt[0], round(row.doubt[1], 4), round(row.doubt[2], 4)]
+    return card
+
+
+def _read_picture(source: str | None) -> tuple[Image.Image | None, str | None]:
+    """The RGB image at source, or None and why it cannot be read now."""
+    from tagclip_cli.data import DecodeError, load_rgb
+
+    if source is None:
+        return None, "image file not found"
+    try:
+        return load_rgb(source), None
+    except DecodeError as exc:
+        return None, str(exc)
+
+
+def _job_labels(job: RenderJob, picture: Image.Image | None) -> np.ndarray | None:
+    """The (H, W) label map of the job's masks at the picture's size (None without picture or masks)."""
+    if picture is None or not job.annotations:
+        return None
+    h, w = job.mask_size or (picture.height, picture.width)
+    labels = label_map(job.annotations, job.label_of, h, w, f"masks of {job.row.image_id}", resize=True)
+    if labels.shape != (picture.height, picture.width):
+        labels = np.asarray(
+            Image.fromarray(labels).resize((picture.width, picture.height), Image.Resampling.NEAREST)
+        )
+    return labels
+
+
+def _legend_lines(job: RenderJob, size_text: str, mask_share: dict[int, float], position: dict[str, int],
+                  failed: bool, error: str | None) -> list[LegendLine]:
+    """The legend: the id, the failure or the size, each tag (with its mask share), masks that are
+    not tags, and the closest decision when the rows are in doubt order."""
+    row = job.row
+    lines = [LegendLine(row.image_id, bold=True)]
     if failed:
         lines.append(LegendLine(f"FAILED: {error or 'unknown error'}", color=FAILED_RED, bold=True))
     else:
@@ -400,8 +459,11 @@ def render_job(job: RenderJob) -> dict[str, Any]:
         c, margin, threshold = row.doubt
         lines.append(LegendLine(f"closest decision: {job.names[c]}, {margin:.3f} from its threshold {threshold:.2f}",
                                 color=(90, 90, 90)))
+    return lines
 
-    overlay, part = render_overlay(picture, labels, colors, lines, failed, job.max_side)
+
+def _save_overlay(job: RenderJob, overlay: Image.Image, part: Image.Image) -> tuple[str, str, Image.Image]:
+    """Write overlays/<name>.png and thumbs/<name>.jpg; their relative paths and the thumbnail."""
     out = Path(job.out)
     overlay_rel = f"overlays/{job.name}.png"
     thumb_rel = f"thumbs/{job.name}.jpg"
@@ -412,21 +474,7 @@ def render_job(job: RenderJob) -> dict[str, Any]:
     with atomic_path(out / thumb_rel) as tmp:
         thumb.save(tmp, format="JPEG", quality=85)
         tmp.chmod(PUBLIC_MODE)
-    card = {
-        "id": row.image_id,
-        "o": overlay_rel,
-        "t": thumb_rel,
-        "tw": thumb.width,
-        "th": thumb.height,
-        "size": size_text,
-        "tags": [[position.get(n, 0) - 1, None if s is None else round(s, 4)] for n, s in row.tags],
-        "masks": sorted(int(lab) - 1 for lab in mask_share),
-        "err": error if failed else None,
-        "read_error": read_error if not row.failed else None,
-    }
-    if row.doubt is not None:  # [class index, margin, threshold] of the closest decision
-        card["doubt"] = [row.doubt[0], round(row.doubt[1], 4), round(row.doubt[2], 4)]
-    return card
+    return overlay_rel, thumb_rel, thumb
 
 
 # ---- the whole gallery ----------------------------------------------------------------------------
@@ -490,6 +538,30 @@ def build_gallery(config: ShowConfig, progress: Callable[[int, int], object] | N
         (config.out / sub).mkdir(parents=True, exist_ok=True)
 
     summary = ShowSummary(images=len(rows))
+    jobs = _render_jobs(config, rows, masks, names, label_of, summary)
+    cards = _render_all(jobs, config.workers, progress)
+    for row, card in zip(rows, cards, strict=True):
+        if row.failed:
+            summary.failed_rows += 1
+        elif card["read_error"]:
+            summary.unreadable.append((row.image_id, card["read_error"]))
+        del card["read_error"]
+
+    title = config.title or f"tagclip gallery: {config.tags.name}"
+    page = gallery_html(title, names, cards, config.page_size, sources={
+        "tags": str(config.tags), "masks": str(config.masks) if config.masks else None,
+    })
+    summary.index_html = config.out / "index.html"
+    with atomic_path(summary.index_html) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+        tmp.chmod(PUBLIC_MODE)
+    return summary
+
+
+def _render_jobs(config: ShowConfig, rows: Sequence[TagRow], masks: MaskIndex | None, names: Sequence[str],
+                 label_of: dict[int, int], summary: ShowSummary) -> list[RenderJob]:
+    """One RenderJob per row, with the row's masks (matched by file name); counts the masks file's
+    images that match no row in `summary.unmatched_masks` (and warns)."""
     used_masks: set[int] = set()
     jobs = []
     for row in rows:
@@ -512,10 +584,15 @@ def build_gallery(config: ShowConfig, progress: Callable[[int, int], object] | N
         if summary.unmatched_masks:
             log.warning("%d image(s) in %s match no row of %s (matched by file name)",
                         summary.unmatched_masks, config.masks, config.tags)
+    return jobs
 
+
+def _render_all(jobs: Sequence[RenderJob], workers: int,
+                progress: Callable[[int, int], object] | None) -> list[dict[str, Any]]:
+    """The cards of every job, in order: in a process pool with workers > 1, else here."""
     cards: list[dict[str, Any]] = []
-    if config.workers > 1:
-        with ProcessPoolExecutor(max_workers=config.workers) as pool:
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
             for card in pool.map(render_job, jobs, chunksize=8):
                 cards.append(card)
                 if progress:
@@ -525,22 +602,7 @@ def build_gallery(config: ShowConfig, progress: Callable[[int, int], object] | N
             cards.append(render_job(job))
             if progress:
                 progress(1, len(jobs))
-    for row, card in zip(rows, cards, strict=True):
-        if row.failed:
-            summary.failed_rows += 1
-        elif card["read_error"]:
-            summary.unreadable.append((row.image_id, card["read_error"]))
-        del card["read_error"]
-
-    title = config.title or f"tagclip gallery: {config.tags.name}"
-    page = gallery_html(title, names, cards, config.page_size, sources={
-        "tags": str(config.tags), "masks": str(config.masks) if config.masks else None,
-    })
-    summary.index_html = config.out / "index.html"
-    with atomic_path(summary.index_html) as tmp:
-        tmp.write_text(page, encoding="utf-8")
-        tmp.chmod(PUBLIC_MODE)
-    return summary
+    return cards
 
 
 # ---- index.html -----------------------------------------------------------------------------------
