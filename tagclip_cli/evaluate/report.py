@@ -144,38 +144,14 @@ def evaluate_tags(
         progress(len(eval_images), len(eval_images))
     columns = [(p, g) for p, g in enumerate(match.pred_to_gt) if g is not None]
     gt_cols = [g for _, g in columns]
-    rows = [j for _, j in pairs]
-    scores = preds.scores[np.ix_(rows, [p for p, _ in columns])]
-    labels = labels_all[:, gt_cols]
-    class_of_pred = {preds.classes[p]: k for k, (p, _) in enumerate(columns)}
-    tagged = np.zeros(scores.shape, dtype=bool)
-    for r, j in enumerate(rows):
-        for tag in preds.tags[j]:
-            k = class_of_pred.get(tag)
-            if k is not None:
-                tagged[r, k] = True
+    scores, labels, tagged = _tag_arrays(preds, labels_all, [j for _, j in pairs], columns)
     ap = ap_per_class(scores, labels, config.ap)
     prf = tag_prf(tagged, labels)
     evaluated = ~np.isnan(ap)
     skipped = [gt.label_classes[g] for g, ok in zip(gt_cols, evaluated, strict=True) if not ok]
     if skipped:
         log.warning("%d classes have no positive image and are left out of mAP: %s", len(skipped), ", ".join(skipped))
-    per_class = []
-    for k, g in enumerate(gt_cols):
-        valid = labels[:, k] != IGNORE
-        per_class.append(
-            {
-                "class": gt.label_classes[g],
-                "pred_class": preds.classes[columns[k][0]],
-                "ap": json_scalar(float(ap[k])),
-                "positives": int((labels[:, k] == 1).sum()),
-                "ignored": int((~valid).sum()),
-                "tagged": int(tagged[valid, k].sum()),
-                "precision": json_scalar(float(prf["precision"][k])),
-                "recall": json_scalar(float(prf["recall"][k])),
-                "f1": json_scalar(float(prf["f1"][k])),
-            }
-        )
+    per_class = _tag_per_class(gt, preds, columns, ap, prf, labels, tagged)
     return {
         "task": "classification",
         "images": images,
@@ -188,15 +164,60 @@ def evaluate_tags(
             "tags_per_class_mean": {k: json_scalar(v) for k, v in prf["per_class"].items()},
             "per_class": per_class,
         },
-        "metric_settings": {
-            "ap": config.ap,
-            "ap_definition": AP_DESCRIPTIONS[config.ap],
-            "ties": TIES_RULE,
-            "classes_without_positives": "skipped (not counted in the mean)",
-            "tags": "the `tags` column as written; overall = all (image, class) cells pooled; "
-            "per-class mean = mean precision and recall over classes with a positive, F1 of the means",
-            "failed_rows": "excluded from every metric, counted in images.failed",
-        },
+        "metric_settings": _tag_settings(config.ap),
+    }
+
+
+def _tag_arrays(
+    preds: TagPredictions, labels_all: np.ndarray, rows: list[int], columns: list[tuple[int, int]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, C) scores, labels and tagged (bool) of the evaluated prediction rows, in the matched
+    classes' order; columns are (prediction class, ground-truth class) pairs."""
+    gt_cols = [g for _, g in columns]
+    scores = preds.scores[np.ix_(rows, [p for p, _ in columns])]
+    labels = labels_all[:, gt_cols]
+    class_of_pred = {preds.classes[p]: k for k, (p, _) in enumerate(columns)}
+    tagged = np.zeros(scores.shape, dtype=bool)
+    for r, j in enumerate(rows):
+        for tag in preds.tags[j]:
+            k = class_of_pred.get(tag)
+            if k is not None:
+                tagged[r, k] = True
+    return scores, labels, tagged
+
+
+def _tag_per_class(gt: GroundTruth, preds: TagPredictions, columns: list[tuple[int, int]], ap: np.ndarray,
+                   prf: dict[str, Any], labels: np.ndarray, tagged: np.ndarray) -> list[dict[str, Any]]:
+    """One row per matched class: AP, positives, ignored, tagged, tag precision / recall / F1."""
+    per_class = []
+    for k, (p, g) in enumerate(columns):
+        valid = labels[:, k] != IGNORE
+        per_class.append(
+            {
+                "class": gt.label_classes[g],
+                "pred_class": preds.classes[p],
+                "ap": json_scalar(float(ap[k])),
+                "positives": int((labels[:, k] == 1).sum()),
+                "ignored": int((~valid).sum()),
+                "tagged": int(tagged[valid, k].sum()),
+                "precision": json_scalar(float(prf["precision"][k])),
+                "recall": json_scalar(float(prf["recall"][k])),
+                "f1": json_scalar(float(prf["f1"][k])),
+            }
+        )
+    return per_class
+
+
+def _tag_settings(ap: str) -> dict[str, Any]:
+    """The classification report's `metric_settings`: how each number was computed."""
+    return {
+        "ap": ap,
+        "ap_definition": AP_DESCRIPTIONS[ap],
+        "ties": TIES_RULE,
+        "classes_without_positives": "skipped (not counted in the mean)",
+        "tags": "the `tags` column as written; overall = all (image, class) cells pooled; "
+        "per-class mean = mean precision and recall over classes with a positive, F1 of the means",
+        "failed_rows": "excluded from every metric, counted in images.failed",
     }
 
 
@@ -220,29 +241,10 @@ def evaluate_masks(
         allow_unmatched=config.allow_unmatched,
         what=f"{gt.name} ground truth",
     )
-    void = k
-    # Prediction value -> ground-truth index: 0 is background (void when the dataset has none).
-    lut = np.array(
-        [gt.map_background if gt.map_background is not None else void]
-        + [g if g is not None else void for g in match.pred_to_gt],
-        dtype=np.int32,
-    )
+    lut = _prediction_lut(gt.map_background, match.pred_to_gt, void=k)
     gt_to_pred, extra = match_images(gt.images, [names for names, _ in preds.entries], preds.source)
     images = _image_counts(gt, gt_to_pred, extra, 0, config.require_all)
-    confusions = [ConfusionMatrix(k) for _ in preds.variants]
-    for i, j in sorted(gt_to_pred.items()):
-        image = gt.images[i]
-        gt_map = gt.load_map(image)
-        for confusion, pred_raw in zip(confusions, preds.load_variants(preds.entries[j][1], *gt_map.shape),
-                                       strict=True):
-            if pred_raw.shape != gt_map.shape:
-                raise UsageError(
-                    f"{preds.source}: prediction for '{image.key}' is {pred_raw.shape[1]}x{pred_raw.shape[0]} "
-                    f"but the ground truth is {gt_map.shape[1]}x{gt_map.shape[0]}"
-                )
-            confusion.update(gt_map, lut[pred_raw])
-        if progress:
-            progress(1, len(gt_to_pred))
+    confusions = _confusions(gt, preds, gt_to_pred, lut, k, progress)
     summaries = [c.summary() for c in confusions]
     # A sweep reports every variant and details the best (the first of equals), as eval_cam.py.
     best = max(range(len(summaries)), key=lambda v: (np.nan_to_num(summaries[v]["miou"], nan=-1.0), -v))
@@ -258,22 +260,11 @@ def evaluate_masks(
         }
         for c, name in enumerate(gt.map_classes)
     ]
-    sweep = {}
-    if hasattr(preds, "describe"):  # saved cams (evaluate --cams): the background rule of each variant
-        sweep = {
-            "sweep": [
-                {"bg_threshold": v, "background": preds.describe(v), "mIoU": json_scalar(s["miou"]),
-                 "pixel_accuracy": json_scalar(s["pixel_accuracy"])}
-                for v, s in zip(preds.variants, summaries, strict=True)
-            ],
-            "best": {"bg_threshold": preds.variants[best], "background": preds.describe(preds.variants[best])},
-            "crf": bool(getattr(preds, "crf", False)),
-        }
     return {
         "task": "segmentation",
         "images": images,
         "class_matching": match.to_json(),
-        **sweep,
+        **_sweep_section(preds, summaries, best),
         "metrics": {
             "mIoU": json_scalar(summary["miou"]),
             "pixel_accuracy": json_scalar(summary["pixel_accuracy"]),
@@ -284,14 +275,64 @@ def evaluate_masks(
             "per_class": per_class,
             "confusion": confusion.matrix.tolist(),
         },
-        "metric_settings": {
-            "miou": "one confusion matrix over all evaluated images; IoU = TP / (GT + Pred - TP); "
-            "mean over classes with ground-truth pixels",
-            "ignore": "ground-truth 255 (and COCO crowd-only pixels) ignored",
-            "background_included": gt.map_background is not None,
-            "confusion": "rows = ground truth, columns = prediction, last column = predicted none "
-            "of the classes (counts as a miss)",
-        },
+        "metric_settings": _mask_settings(gt),
+    }
+
+
+def _mask_settings(gt: GroundTruth) -> dict[str, Any]:
+    """The segmentation report's `metric_settings`: how each number was computed."""
+    return {
+        "miou": "one confusion matrix over all evaluated images; IoU = TP / (GT + Pred - TP); "
+        "mean over classes with ground-truth pixels",
+        "ignore": "ground-truth 255 (and COCO crowd-only pixels) ignored",
+        "background_included": gt.map_background is not None,
+        "confusion": "rows = ground truth, columns = prediction, last column = predicted none "
+        "of the classes (counts as a miss)",
+    }
+
+
+def _prediction_lut(background: int | None, pred_to_gt: Sequence[int | None], void: int) -> np.ndarray:
+    """Prediction value -> ground-truth index: 0 is background (void when the dataset has none)."""
+    return np.array(
+        [background if background is not None else void]
+        + [g if g is not None else void for g in pred_to_gt],
+        dtype=np.int32,
+    )
+
+
+def _confusions(gt: GroundTruth, preds: MaskPredictions, gt_to_pred: dict[int, int], lut: np.ndarray, k: int,
+                progress: Progress | None) -> list[ConfusionMatrix]:
+    """One (K classes) confusion matrix per prediction variant, streamed over the matched images;
+    `lut` maps a prediction value to a ground-truth index (K is void)."""
+    confusions = [ConfusionMatrix(k) for _ in preds.variants]
+    for i, j in sorted(gt_to_pred.items()):
+        image = gt.images[i]
+        gt_map = gt.load_map(image)
+        for confusion, pred_raw in zip(confusions, preds.load_variants(preds.entries[j][1], *gt_map.shape),
+                                       strict=True):
+            if pred_raw.shape != gt_map.shape:
+                raise UsageError(
+                    f"{preds.source}: prediction for '{image.key}' is {pred_raw.shape[1]}x{pred_raw.shape[0]} "
+                    f"but the ground truth is {gt_map.shape[1]}x{gt_map.shape[0]}"
+                )
+            confusion.update(gt_map, lut[pred_raw])
+        if progress:
+            progress(1, len(gt_to_pred))
+    return confusions
+
+
+def _sweep_section(preds: MaskPredictions, summaries: list[dict[str, Any]], best: int) -> dict[str, Any]:
+    """With saved cams (evaluate --cams): each variant's background rule and scores, and the best one."""
+    if not hasattr(preds, "describe"):
+        return {}
+    return {
+        "sweep": [
+            {"bg_threshold": v, "background": preds.describe(v), "mIoU": json_scalar(s["miou"]),
+             "pixel_accuracy": json_scalar(s["pixel_accuracy"])}
+            for v, s in zip(preds.variants, summaries, strict=True)
+        ],
+        "best": {"bg_threshold": preds.variants[best], "background": preds.describe(preds.variants[best])},
+        "crf": bool(getattr(preds, "crf", False)),
     }
 
 
