@@ -16,14 +16,8 @@ from pycocotools import mask as mask_utils
 
 from tagclip_cli.errors import UsageError
 from tagclip_cli.formats import class_color, label_map, load_masks, read_tags_schema
-from tagclip_cli.show import (
-    MIN_PANEL_WIDTH,
-    ShowConfig,
-    blend_masks,
-    build_gallery,
-    fit_size,
-    safe_name,
-)
+from tagclip_cli.show import ShowConfig, build_gallery, safe_name
+from tagclip_cli.showdraw import MIN_PANEL_WIDTH, blend_masks, fit_size
 from tagclip_cli.writers import tags_schema, write_parquet_atomic
 
 # ---- fixtures -------------------------------------------------------------------------------------

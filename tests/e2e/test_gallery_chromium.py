@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from tagclip_cli.show import MIN_PANEL_WIDTH, PLACEHOLDER_SIZE
+from tagclip_cli.showdraw import MIN_PANEL_WIDTH, PLACEHOLDER_SIZE
 from tagclip_cli.writers import tags_schema, write_parquet_atomic
 
 CHROMIUM_FLAGS = (
