@@ -123,7 +123,9 @@ def crop_pixels(rgb: np.ndarray, size: int, mean: tuple[float, ...], std: tuple[
 
 # ---- the fit: per-patch confidence and the bank -----------------------------------------------------
 
-def patch_confidence(features: Tensor, text: Tensor, scale: float, floor: float = 1e-10) -> tuple[Tensor, Tensor, Tensor]:
+def patch_confidence(
+    features: Tensor, text: Tensor, scale: float, floor: float = 1e-10
+) -> tuple[Tensor, Tensor, Tensor]:
     """For L2-normalised patch features (N, D) and class prompts (C, D): probabilities
     p = softmax(scale f t^T) (N, C), their entropies -sum p log(max(p, floor)) (N,) and the
     argmax class of f t^T (N,) long."""

@@ -151,7 +151,8 @@ def test_discriminant_separates_gaussian_classes():
     centres = 3 * torch.randn(3, 8, generator=g, dtype=torch.float64)
     groups = torch.arange(3).repeat_interleave(40)
     x = centres[groups] + torch.randn(120, 8, generator=g, dtype=torch.float64)
-    weight, bias = piaa.discriminant(x, groups, torch.ones(120, dtype=torch.float64), torch.zeros(3, 8, dtype=torch.float64))
+    ones, no_text = torch.ones(120, dtype=torch.float64), torch.zeros(3, 8, dtype=torch.float64)
+    weight, bias = piaa.discriminant(x, groups, ones, no_text)
     held = centres[groups] + torch.randn(120, 8, generator=g, dtype=torch.float64)
     assert ((held @ weight + bias).argmax(dim=1) == groups).float().mean() > 0.95
 
