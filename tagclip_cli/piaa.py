@@ -33,7 +33,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from tagclip_cli.backbone import Backbone
 from tagclip_cli.errors import UsageError
+from tagclip_cli.tagclip import tags_from_scores
+from tagclip_cli.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +273,13 @@ class PiaaModel:
     weight: Tensor
     bias: Tensor
 
+    def state(self) -> dict[str, Tensor]:
+        return {"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor]) -> PiaaModel:
+        return cls(state["weight"].float(), state["bias"].float())
+
 
 def fit(bank: PatchBank, text: Tensor, config: PiaaConfig, drop_singletons: bool = False) -> PiaaModel:
     """The discriminant of a filled bank, refined once (steps 3-4 of the module docstring); text
@@ -310,3 +320,53 @@ def piaa_scores(image_embeddings: Tensor, patch_features: Tensor, text: Tensor, 
     best = tempered_softmax(logits, config.patch_temperature).amax(dim=1)
     patch = (best * config.patch_scale).softmax(dim=-1)
     return config.image_weight * image + (1 - config.image_weight) * patch
+
+
+# ---- batching -------------------------------------------------------------------------------------
+
+class Piaa:
+    """PIAA on one backbone and vocabulary: the class prompts, the patch features of crops, filling a
+    bank, fitting and scoring. builtin: the name of a built-in vocabulary (voc, coco) for the
+    authors' prompt names; drop_singletons: quirk Q5 (docs/algorithm.md §10)."""
+
+    def __init__(self, backbone: Backbone, vocab: Vocabulary, config: PiaaConfig, builtin: str | None = None,
+                 drop_singletons: bool = False) -> None:
+        self.backbone, self.vocab, self.config = backbone, vocab, config
+        self.drop_singletons = drop_singletons
+        names = prompt_names(vocab.classes, builtin)
+        self.text = backbone.text_classifier(names, PIAA_TEMPLATES).float()
+
+    def crop(self, rgb: np.ndarray) -> Tensor:
+        """`crop_pixels` of one (H, W, 3) uint8 image with the model's constants: (3, S, S)."""
+        return crop_pixels(rgb, self.config.input_size, self.backbone.mean, self.backbone.std)
+
+    @torch.inference_mode()
+    def patch_features(self, crops: Tensor) -> Tensor:
+        """The dense variant's projected patch tokens (B, P, D) of crops (B, 3, S, S)."""
+        return self.backbone.dense_method_forward(crops.to(self.backbone.device), self.config.dense)
+
+    def offer(self, bank: PatchBank, crops: Tensor, indices: Tensor) -> None:
+        """Offer the patches of crops (B, 3, S, S) of collection items indices (B,) long to bank."""
+        features = self.patch_features(crops)
+        patches = features.shape[1]
+        keys = indices.long()[:, None].cpu() * patches + torch.arange(patches)
+        offer_patches(bank, features.cpu(), self.text.cpu(), self.config, keys)
+
+    def new_bank(self) -> PatchBank:
+        return PatchBank.empty(self.config.bank_size, self.backbone.embed_dim)
+
+    def fit(self, bank: PatchBank) -> PiaaModel:
+        return fit(bank, self.text.cpu(), self.config, self.drop_singletons)
+
+    @torch.inference_mode()
+    def score(self, crops: Tensor, model: PiaaModel) -> Tensor:
+        """Final scores (B, C) on the CPU of crops (B, 3, S, S)."""
+        crops = crops.to(self.backbone.device)
+        cls = self.backbone.encode_image(crops)
+        return piaa_scores(cls.cpu(), self.patch_features(crops).cpu(), self.text.cpu(), model, self.config)
+
+    def tags(self, scores: Tensor) -> list[list[int]]:
+        """Each row's tags (docs/algorithm.md §13: §6's rule on the final scores (B, C))."""
+        threshold = (torch.tensor(self.config.class_thresholds) if self.config.class_thresholds is not None
+                     else self.config.tag_threshold)
+        return [tags_from_scores(row, threshold) for row in scores]

@@ -276,3 +276,60 @@ def test_fit_keeps_the_first_discriminant_when_the_refinement_keeps_under_two_pa
     assert (bank.features @ w1 + b1).argmax(1).tolist() == [0, 0] and not keep.any()
     model = piaa.fit(bank, text, piaa.PiaaConfig(refine_temperature=0.01))
     assert torch.equal(model.weight, w1) and torch.equal(model.bias, b1) and "unrefined" in caplog.text
+
+
+# ---- the runner on the shipped demo model -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from tagclip_cli import synthetic
+    from tagclip_cli.backbone import load_backbone
+    from tagclip_cli.vocab import load_vocabulary
+
+    torch.set_num_threads(1)
+    bb = load_backbone(model="shapes-demo", device="cpu", cache_dir=tmp_path_factory.mktemp("cache"))
+    vocab = load_vocabulary("shapes")
+    scenes = [synthetic.generate_scene(i, seed=3000) for i in range(40)]
+    runner = piaa.Piaa(bb, vocab, piaa.PiaaConfig(bank_size=64))
+    crops = torch.stack([runner.crop(s.image) for s in scenes])
+    return runner, scenes, crops
+
+
+def test_banks_of_parts_merge_into_the_single_fit(demo):
+    runner, _, crops = demo
+    batches = [torch.arange(i, i + 4) for i in range(0, 12, 4)]
+    single = runner.new_bank()
+    parts = [runner.new_bank(), runner.new_bank()]
+    for n, idx in enumerate(batches):
+        runner.offer(single, crops[idx], idx)
+        runner.offer(parts[n % 2], crops[idx], idx)
+    parts[1].merge(parts[0])
+    for name in ("features", "entropy", "weight", "label", "key"):
+        assert torch.equal(getattr(parts[1], name), getattr(single, name))
+    a, b = runner.fit(single), runner.fit(parts[1])
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    again = piaa.PiaaModel.from_state(a.state())
+    assert torch.equal(again.weight, a.weight)
+
+
+def test_piaa_tags_the_demo_scenes(demo):
+    from tagclip_cli.evaluate.metrics import ap_per_class
+
+    runner, scenes, crops = demo
+    bank = runner.new_bank()
+    for i in range(0, len(scenes), 8):
+        runner.offer(bank, crops[i:i + 8], torch.arange(i, min(i + 8, len(scenes))))
+    model = runner.fit(bank)
+    scores = torch.cat([runner.score(crops[i:i + 8], model) for i in range(0, len(scenes), 8)])
+    classes = runner.vocab.classes
+    labels = np.array([[name in s.objects for name in classes] for s in scenes])
+    assert scores.shape == (len(scenes), len(classes))
+    assert torch.allclose(scores.sum(dim=1), torch.ones(len(scenes)), atol=1e-5)
+    present = labels.any(axis=0)
+    mean_ap = float(np.nanmean(ap_per_class(scores.numpy()[:, present], labels[:, present])))
+    chance = float(labels[:, present].mean())
+    assert mean_ap > 0.5 > chance + 0.2, (mean_ap, chance)
+    tags = runner.tags(scores)
+    assert all(len(t) >= 1 for t in tags)
+    hits = sum(scenes[i].objects[0] in [classes[c] for c in tags[i]] for i in range(len(scenes)))
+    assert hits >= len(scenes) // 2
