@@ -35,6 +35,9 @@ from torch import Tensor
 
 from tagclip_cli.backbone import Backbone
 from tagclip_cli.errors import UsageError
+from tagclip_cli.methods.dense import DenseMethod, dense_tokens
+from tagclip_cli.methods.registry import get as get_method
+from tagclip_cli.quirks import Quirks
 from tagclip_cli.tagclip import tags_from_scores
 from tagclip_cli.vocab import Vocabulary
 
@@ -327,14 +330,19 @@ def piaa_scores(image_embeddings: Tensor, patch_features: Tensor, text: Tensor, 
 class Piaa:
     """PIAA on one backbone and vocabulary: the class prompts, the patch features of crops, filling a
     bank, fitting and scoring. builtin: the name of a built-in vocabulary (voc, coco) for the
-    authors' prompt names; drop_singletons: quirk Q5 (docs/algorithm.md §10)."""
+    authors' prompt names; quirks: `Quirks.reference()` reproduces quirk Q5 (docs/algorithm.md §10).
+    The dense variant's last-block attention takes its published VOC settings (only NACLIP's
+    neighbourhood width is read, the same in every setting)."""
 
     def __init__(self, backbone: Backbone, vocab: Vocabulary, config: PiaaConfig, builtin: str | None = None,
-                 drop_singletons: bool = False) -> None:
+                 quirks: Quirks | None = None) -> None:
         self.backbone, self.vocab, self.config = backbone, vocab, config
-        self.drop_singletons = drop_singletons
-        names = prompt_names(vocab.classes, builtin)
-        self.text = backbone.text_classifier(names, PIAA_TEMPLATES).float()
+        self.drop_singletons = (quirks or Quirks()).q5_drop_singleton_groups
+        dense = get_method(config.dense, "masks")
+        if not isinstance(dense, DenseMethod):
+            raise UsageError(f"PIAA: --dense must be a dense variant (sclip, clearclip, naclip), not '{config.dense}'")
+        self.dense = dense
+        self.text = backbone.text_classifier(prompt_names(vocab.classes, builtin), PIAA_TEMPLATES).float()
 
     def crop(self, rgb: np.ndarray) -> Tensor:
         """`crop_pixels` of one (H, W, 3) uint8 image with the model's constants: (3, S, S)."""
@@ -343,7 +351,7 @@ class Piaa:
     @torch.inference_mode()
     def patch_features(self, crops: Tensor) -> Tensor:
         """The dense variant's projected patch tokens (B, P, D) of crops (B, 3, S, S)."""
-        return self.backbone.dense_method_forward(crops.to(self.backbone.device), self.config.dense)
+        return dense_tokens(self.backbone, crops.to(self.backbone.device), self.dense, self.dense.published["voc"])
 
     def offer(self, bank: PatchBank, crops: Tensor, indices: Tensor) -> None:
         """Offer the patches of crops (B, 3, S, S) of collection items indices (B,) long to bank."""

@@ -312,6 +312,16 @@ def test_banks_of_parts_merge_into_the_single_fit(demo):
     assert torch.equal(again.weight, a.weight)
 
 
+def test_runner_reads_quirk_q5_and_refuses_a_non_dense_variant(demo):
+    from tagclip_cli.quirks import Quirks
+
+    runner, _, _ = demo
+    compat = piaa.Piaa(runner.backbone, runner.vocab, runner.config, quirks=Quirks.reference())
+    assert compat.drop_singletons and not runner.drop_singletons
+    with pytest.raises(UsageError, match="dense variant"):
+        piaa.Piaa(runner.backbone, runner.vocab, piaa.PiaaConfig(dense="maskclip"))
+
+
 def test_piaa_tags_the_demo_scenes(demo):
     from tagclip_cli.evaluate.metrics import ap_per_class
 
