@@ -289,6 +289,9 @@ def test_gallery_loads_offline_with_one_card_per_image(browser, gallery):
     assert page.evaluate("document.body.dataset.ready") == "1"
     assert page.evaluate("document.getElementById('count').textContent") == f"{len(rows)} of {len(rows)} images"
     assert page.evaluate("document.querySelector('.page-label').textContent") == "page 1 of 2"
+    # the page buttons as the browser renders them: arrows, not the escape sequences' text
+    buttons = page.evaluate("Array.from(document.querySelectorAll('#pager-top button')).map(b => b.innerText)")
+    assert buttons == ["\u2190 prev", "next \u2192"]
 
     seen = []
     for page_number in (1, 2):
