@@ -36,19 +36,15 @@ from torch import Tensor
 
 from tagclip_cli.backbone import Backbone, DenseOutput, imagenet_templates
 
-# The label rule and the CRF live in cams.py (shared with `evaluate --cams`); importable from here.
-from tagclip_cli.cams import (  # noqa: F401
+# The label rule and the CRF live in cams.py (shared with `evaluate --cams`).
+from tagclip_cli.cams import (
     CAM_EPS,
     CAM_LAYOUTS,
-    ROW_CHUNK_PIXELS,
     CamRule,
-    CrfUnavailableError,
     _mean_by_label,
     _row_bands,
-    crf_available,
     crf_label_map,
     crf_label_map_upsampled,
-    dense_crf,
     label_map_from_cams,
     label_map_from_upsampled,
     normalise_cam,

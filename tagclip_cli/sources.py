@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TextIO
 
 from tagclip_cli.errors import UsageError
-from tagclip_cli.writers import output_text
+from tagclip_cli.fileio import output_text
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,19 @@ import torch.nn.functional as F
 from conftest import sample_photos  # noqa: E402
 from PIL import Image
 
-from tagclip_cli.data import ImageItem, Preprocess
+from tagclip_cli.cams import (
+    CAM_EPS,
+    CrfUnavailableError,
+    crf_label_map,
+    label_map_from_cams,
+    normalise_cam,
+    require_crf,
+    resize_bilinear,
+)
+from tagclip_cli.data import Preprocess
 from tagclip_cli.errors import UsageError
 from tagclip_cli.formats import TagsFile, rle_decode
 from tagclip_cli.segment import (
-    CAM_EPS,
-    CrfUnavailableError,
     SegmentConfig,
     Segmenter,
     caa_affinity,
@@ -33,16 +40,12 @@ from tagclip_cli.segment import (
     caa_transition,
     cam_box_mask,
     cam_box_masks,
-    crf_label_map,
     grad_cams,
-    label_map_from_cams,
     label_map_from_scores,
     maskclip_scores,
-    normalise_cam,
-    require_crf,
-    resize_bilinear,
     sinkhorn,
 )
+from tagclip_cli.sources import ImageItem
 from tagclip_cli.vocab import load_vocabulary
 from tagclip_cli.writers import (
     label_png_path,
@@ -219,7 +222,7 @@ def test_label_map_rule_foreground_iff_best_cam_above_half():
 
 
 def test_label_map_bands_equal_one_pass(monkeypatch):
-    import tagclip_cli.segment as seg
+    import tagclip_cli.cams as seg
 
     cams = torch.rand(3, 6, 9, generator=torch.Generator().manual_seed(2))
     whole, whole_scores = label_map_from_cams(cams, [1, 2, 3], (61, 83))
@@ -586,6 +589,8 @@ def test_segment_config_reads_back_equal(tiny_backbone, voc):
 
     opts = SegmentOptions(items=[], vocab=voc, out=Path("m.json"), model=ModelOptions(), tagclip=TagCLIPConfig(),
                           segment=SegmentConfig.coco(method="maskclip", key_smoothing=True))
-    config = segment_config(tiny_backbone, opts, None)
+    from tagclip_cli.record import RecordIO
+
+    config = RecordIO.to_dict(segment_config(tiny_backbone, opts, None))
     assert json.loads(json.dumps(config)) == config
     assert config["segment"]["caa_layers"] == [-7, 0] and config["segment"]["box_threshold"] == 0.7

@@ -24,7 +24,7 @@ from shard_fixtures import (
 
 from tagclip_cli.data import ImageDataset, Preprocess
 from tagclip_cli.errors import UsageError
-from tagclip_cli.jobs import Placement
+from tagclip_cli.jobs.placement import Placement
 from tagclip_cli.sources import ParquetColumns, collect_items, list_tars
 
 PRE = Preprocess(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
