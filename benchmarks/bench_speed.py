@@ -15,7 +15,7 @@ rotating order (the machine is shared and noisy: the ratios are the figure):
   masks (`Backbone.masked_cls_forward`, which is already fused). No attention maps, no DMAR, no box
   search, no crop resizing, no fusion. (open_clip's own blocks are slower than this on CPU:
   with a per-crop mask nn.MultiheadAttention leaves its fast path, so they would flatter us.)
-- segment (ours): `Segmenter.segment` (CLS-SEG: TagCLIP, then batched Grad-CAMs of all tags on the
+- segment (ours): `ClsSegSegments.segment` (CLS-SEG: TagCLIP, then batched Grad-CAMs of all tags on the
   same dense forward, CAA, label maps at the original size);
 - segment (naive): the naive TagCLIP time of the same images plus a naive CLIP-ES pass (its own
   dense forward, one last-block backward and one affinity computation per tag), as the reference
@@ -36,7 +36,7 @@ template per class (text encoding is timed separately and reported as per-run se
 On a GPU (or with --batch-sizes) it sweeps instead: no naive loop; for each precision of
 --precision (comma-separated) and each batch size of --batch-sizes, `rounds` batches of one image
 size each are timed (after one warm-up batch) through annotate (`Tagger.tag`), segment
-(`Segmenter.segment`) and their parts: the dense forward with attention maps
+(`ClsSegSegments.segment`) and their parts: the dense forward with attention maps
 (`Backbone.dense_forward`), the same forward fused and without maps (so the maps' cost is the
 difference), and the batched CWR crop forward (`Backbone.masked_cls_forward`). Printed per
 configuration: images/s, peak GPU memory (torch.cuda.max_memory_allocated) and each part's share
@@ -201,10 +201,10 @@ def make_segmenter(bb: Backbone, vocab, tagger: Tagger, skip: bool):
     if skip:
         return None
     try:
-        from tagclip_cli.segment import Segmenter
+        from tagclip_cli.methods.clses import ClsSegSegments
     except ImportError:
         return None
-    segmenter = Segmenter(bb, vocab, run_tagclip=False)
+    segmenter = ClsSegSegments(bb, vocab, run_tagclip=False)
     segmenter.tagger = tagger  # TagCLIP runs inside segment(), on the same dense forward
     return segmenter
 
@@ -416,7 +416,7 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
     encoder_ratio = ours.seconds / enc.seconds
     seg_speedup = float("nan") if segmenter is None else seg_naive.seconds / seg_ours.seconds
     if segmenter is None:
-        print("segment: not measured (tagclip_cli.segment not available, or --no-segment)")
+        print("segment: not measured (tagclip_cli.methods.clses not available, or --no-segment)")
     result = {
         "model": args.model,
         "images": count,

@@ -153,16 +153,17 @@ def run_segmentation(bb, vocab, scenes, images, batch_size) -> dict[str, float]:
     """mIoU (%, 13 classes: background + 12 objects) of CLS-SEG from TagCLIP's tags, of CLS-SEG from
     the ground-truth tags (an oracle for the tagging step), and of MaskCLIP."""
     try:
-        from tagclip_cli.segment import SegmentConfig, Segmenter
+        from tagclip_cli.methods.clses import ClsSegSegments
+        from tagclip_cli.methods.maskclip import MaskClipSegments
     except ImportError:
-        log.warning("tagclip_cli.segment not available: segmentation rows skipped")
+        log.warning("tagclip_cli.methods not available: segmentation rows skipped")
         return {}
     k = vocab.num_classes + 1
     truth_tags = [[OBJECT_CLASSES.index(o) for o in s.objects] for s in scenes]
     runs = {
-        "CLS-SEG (TagCLIP tags)": (Segmenter(bb, vocab, SegmentConfig()), False),
-        "CLS-SEG (ground-truth tags)": (Segmenter(bb, vocab, SegmentConfig(), run_tagclip=False), True),
-        "MaskCLIP": (Segmenter(bb, vocab, SegmentConfig(method="maskclip"), run_tagclip=False), None),
+        "CLS-SEG (TagCLIP tags)": (ClsSegSegments(bb, vocab), False),
+        "CLS-SEG (ground-truth tags)": (ClsSegSegments(bb, vocab, run_tagclip=False), True),
+        "MaskCLIP": (MaskClipSegments(bb, vocab, run_tagclip=False), None),
     }
     out = {}
     for name, (segmenter, oracle) in runs.items():

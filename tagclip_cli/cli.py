@@ -350,6 +350,12 @@ PRECISION_OPT = typer.Option(
 BACKGROUND_OPT = typer.Option(
     None, "--background", help="File of background class names (replaces the vocabulary's)."
 )
+# The choices are the registry's (tagclip_cli.methods), checked when the command runs; the text
+# names the built-ins without importing them (the registry loads torch).
+METHOD_HELP = ("clses (CLS-SEG: TagCLIP tags -> CLIP-ES, the paper's), maskclip (baseline: dense logits, argmax), or "
+               "the dense baselines sclip, clearclip, naclip with their published settings (README 'Compare "
+               "methods'); plug-ins add more (TAGCLIP_METHODS=module, or a package's 'tagclip_cli.methods' entry "
+               "point).")
 REFERENCE_COMPAT_OPT = typer.Option(
     False, "--reference-compat",
     help="Reproduce the reference implementation's quirks exactly (to match published numbers).",
@@ -459,14 +465,14 @@ def annotate(
     from tagclip_cli.fileio import check_output_path
     from tagclip_cli.jobs.sinks import OutputClosed
     from tagclip_cli.pipeline import AnnotateOptions, run_annotate
+    from tagclip_cli.quirks import Quirks
     from tagclip_cli.tagclip import TagCLIPConfig
 
     placement = _placement(shard, out, overwrite, images)
     setup_logging(quiet or not placement.leader, verbose)
     voc = _load_vocab(vocab, background, no_background)
     items = _collect_items(images, manifest, image_root, images_parquet, image_column, id_column)
-    cfg = TagCLIPConfig(tag_threshold=tag_threshold, reference_compat=reference_compat,
-                        use_background=not no_background,
+    cfg = TagCLIPConfig(tag_threshold=tag_threshold, use_background=not no_background,
                         class_thresholds=_class_thresholds(thresholds, voc.classes, tag_threshold))
     model_opts = _model_options(model, pretrained, checkpoint, device, cache_dir, precision)
     out_path = None if out == "-" else Path(out)
@@ -477,8 +483,8 @@ def annotate(
             opts = AnnotateOptions(
                 items=items, vocab=voc, out=out_path, stdout=stdout,
                 model=model_opts,
-                tagclip=cfg, batch_size=batch_size, workers=workers, max_side=max_side,
-                overwrite=overwrite, fail_fast=fail_fast, placement=placement, part_size=part_size,
+                tagclip=cfg, quirks=Quirks(reference_compat), batch_size=batch_size, workers=workers,
+                max_side=max_side, overwrite=overwrite, fail_fast=fail_fast, placement=placement, part_size=part_size,
             )
             summary = run_annotate(opts, progress=_progress(quiet))
     except OutputClosed:
@@ -602,9 +608,7 @@ def segment(
                                   "from the same pass."),
     png_dir: Path = typer.Option(None, "--png-dir", help="Also write palette label PNGs (0 = background, "
                                  "class = vocabulary index + 1) as DIR/<image id>.png."),
-    method: str = typer.Option("clses", "--method", help="clses (CLS-SEG: TagCLIP tags -> CLIP-ES, the paper's), "
-                               "maskclip (baseline: dense logits, argmax), or the dense baselines sclip, clearclip, "
-                               "naclip with their published settings (README 'Compare methods')."),
+    method: str = typer.Option("clses", "--method", help=METHOD_HELP),
     crf: bool = typer.Option(False, "--crf", help="Dense CRF on the RGB image (paper's parameters; "
                              "needs pip install 'tagclip-cli\\[crf]')."),
     setting: str = typer.Option("voc", "--setting", help="CAA layers and box threshold: voc (layers L-7..L-1, "
@@ -650,23 +654,15 @@ def segment(
 ) -> None:
     """Segment every image (CLS-SEG, MaskCLIP, SCLIP, ClearCLIP or NACLIP) into a COCO RLE JSON or a masks
     Parquet, optionally with label PNGs and tags."""
+    from tagclip_cli import methods
     from tagclip_cli.cams import require_crf
     from tagclip_cli.fileio import check_output_path
     from tagclip_cli.pipeline import SegmentOptions, run_segment
-    from tagclip_cli.segment import DENSE_METHODS, METHODS, SETTINGS, SegmentConfig
+    from tagclip_cli.quirks import Quirks
     from tagclip_cli.tagclip import TagCLIPConfig
 
-    if method not in METHODS:
-        raise fail(f"--method must be one of {', '.join(METHODS)}, not '{method}'")
-    if setting not in SETTINGS:
-        raise fail(f"--setting must be one of {', '.join(SETTINGS)}, not '{setting}'")
-    _check_save_cams(save_cams, cams_grid, method)
-    if crf and method != "clses":
-        raise fail(f"--crf refines CLS-SEG cams; it does not apply to --method {method}")
-    if (key_smoothing or prompt_denoising) and method != "maskclip":
-        raise fail("--key-smoothing and --prompt-denoising are MaskCLIP options (--method maskclip)")
-    if method in DENSE_METHODS and (tags_in is not None or tags_out is not None):
-        raise fail(f"--tags and --tags-out are for TagCLIP's tags; --method {method} does not use them")
+    _check_method(method, setting, crf, key_smoothing or prompt_denoising, tags_in is not None or tags_out is not None,
+                  save_cams, cams_grid)
     if tags_in is not None and tags_out is not None:
         raise fail("--tags-out writes the tags of TagCLIP run here; with --tags the tags are already in that file")
     if thresholds is not None and tags_in is not None:
@@ -684,12 +680,12 @@ def segment(
             check_output_path(path)
     if png_dir is not None and png_dir.exists() and not png_dir.is_dir():
         raise fail(f"--png-dir {png_dir}: exists and is not a directory")
-    seg_cfg = SegmentConfig.for_setting(setting, method=method, crf=crf, key_smoothing=key_smoothing,
-                                        prompt_denoising=prompt_denoising, reference_compat=reference_compat,
-                                        save_cams=None if save_cams is None else ("grid" if cams_grid else "image"))
+    seg_cfg = methods.configure(method, setting, crf=crf, key_smoothing=key_smoothing,
+                                prompt_denoising=prompt_denoising,
+                                save_cams=None if save_cams is None else ("grid" if cams_grid else "image"))
     voc = _load_vocab(vocab, background, no_background)
     items = _collect_items(images, manifest, image_root, images_parquet, image_column, id_column)
-    tag_kw = {"reference_compat": reference_compat}
+    tag_kw = {}
     if tag_threshold is not None:
         tag_kw["tag_threshold"] = tag_threshold
     if setting == "cocostuff":  # TagCLIP's COCO-Stuff values (layers 1..L-1, thresholds 0.1, no background)
@@ -700,7 +696,8 @@ def segment(
         cfg = dataclasses.replace(cfg, class_thresholds=_class_thresholds(thresholds, voc.classes, cfg.tag_threshold))
     model_opts = _model_options(model, pretrained, checkpoint, device, cache_dir, precision)
     opts = SegmentOptions(
-        items=items, vocab=voc, out=out, model=model_opts, tagclip=cfg, segment=seg_cfg,
+        items=items, vocab=voc, out=out, model=model_opts, tagclip=cfg, segment=seg_cfg, method=method,
+        quirks=Quirks(reference_compat),
         tags_in=tags_in, tags_out=tags_out, png_dir=png_dir, cams_dir=save_cams, batch_size=batch_size, workers=workers,
         max_side=max_side, part_size=part_size, overwrite=overwrite, fail_fast=fail_fast, placement=placement,
     )
@@ -710,13 +707,33 @@ def segment(
         raise typer.Exit(1)  # the output has failed rows, whichever run met them
 
 
-def _check_save_cams(save_cams: Path | None, cams_grid: bool, method: str) -> None:
+def _check_method(method: str, setting: str, crf: bool, maskclip_options: bool, tags_files: bool,
+                  save_cams: Path | None, cams_grid: bool) -> None:
+    """segment --method / --setting and the options a method may not take (the registry's facts):
+    usage errors before anything loads."""
+    from tagclip_cli import methods
+
+    if method not in methods.names("masks"):
+        raise fail(f"--method must be one of {', '.join(methods.names('masks'))}, not '{method}'")
+    if setting not in methods.SETTINGS:
+        raise fail(f"--setting must be one of {', '.join(methods.SETTINGS)}, not '{setting}'")
+    spec = methods.get(method, "masks")
+    _check_save_cams(save_cams, cams_grid, method, "save_cams" in spec.options)
+    if crf and "crf" not in spec.options:
+        raise fail(f"--crf refines CLS-SEG cams; it does not apply to --method {method}")
+    if maskclip_options and not {"key_smoothing", "prompt_denoising"} <= spec.options:
+        raise fail("--key-smoothing and --prompt-denoising are MaskCLIP options (--method maskclip)")
+    if not spec.needs_tags and tags_files:
+        raise fail(f"--tags and --tags-out are for TagCLIP's tags; --method {method} does not use them")
+
+
+def _check_save_cams(save_cams: Path | None, cams_grid: bool, method: str, saves_cams: bool) -> None:
     """--save-cams DIR / --cams-grid: usage errors before anything loads."""
     if cams_grid and save_cams is None:
         raise fail("--cams-grid chooses the layout of --save-cams DIR; give --save-cams too")
     if save_cams is None:
         return
-    if method != "clses":
+    if not saves_cams:
         raise fail("--save-cams saves CLS-SEG's refined CAMs; it needs --method clses")
     if save_cams.exists() and not save_cams.is_dir():
         raise fail(f"--save-cams {save_cams}: exists and is not a directory")

@@ -18,14 +18,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Generic, TextIO, TypeVar
+from typing import Any, Generic, TextIO, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from tagclip_cli.backbone import Backbone, load_backbone
-from tagclip_cli.cams import require_crf
 from tagclip_cli.data import DecodedImage, Preprocess, iter_records, to_device
 from tagclip_cli.errors import FormatError, UsageError
 from tagclip_cli.faults import OomSplitter
@@ -34,8 +33,10 @@ from tagclip_cli.jobs.locks import output_lock
 from tagclip_cli.jobs.placement import Placement
 from tagclip_cli.jobs.runner import JobSpec, Summary, run_job
 from tagclip_cli.jobs.session import session
+from tagclip_cli.methods import Segments, SegOutput
+from tagclip_cli.methods import get as get_method
+from tagclip_cli.quirks import Quirks
 from tagclip_cli.record import RunRecord
-from tagclip_cli.segment import DENSE_METHODS, SegmentConfig, Segmenter, SegOutput
 from tagclip_cli.sources import ImageItem
 from tagclip_cli.tagclip import TagCLIPConfig, Tagger
 from tagclip_cli.thresholds import thresholds_record
@@ -95,6 +96,7 @@ class JobOptions:
     out: Path | None  # None: JSON Lines on stdout (annotate only)
     model: ModelOptions
     tagclip: TagCLIPConfig
+    quirks: Quirks = Quirks()  # Q1..Q4 (docs/algorithm.md §10), read by every method
     batch_size: int = 8
     workers: int = 2
     max_side: int | None = None
@@ -109,12 +111,14 @@ class AnnotateOptions(JobOptions):
     stdout: TextIO | None = None  # where --out - writes (default sys.stdout)
 
 
-def run_config(backbone: Backbone, vocab: Vocabulary, cfg: TagCLIPConfig, max_side: int | None) -> RunRecord:
+def run_config(
+    backbone: Backbone, vocab: Vocabulary, cfg: TagCLIPConfig, max_side: int | None, quirks: Quirks = Quirks()
+) -> RunRecord:
     """Everything that determines the output; stored in the Parquet metadata and checked on resume.
 
     Per-class thresholds (cfg.class_thresholds) are recorded as "thresholds" (`thresholds_record`),
     and only when set, so that a run without them has the metadata it always had."""
-    tagclip = asdict(cfg)
+    tagclip = get_method("tagclip").record(cfg, quirks)
     class_thresholds = tagclip.pop("class_thresholds")
     return RunRecord(
         model=backbone.identity(),
@@ -238,8 +242,8 @@ def run_annotate(opts: AnnotateOptions, progress: ProgressFactory | None = None)
     the same config; under torchrun / --shard only this rank's share (jobs/)."""
 
     def build(backbone: Backbone) -> Stage[TagResult]:
-        config = run_config(backbone, opts.vocab, opts.tagclip, opts.max_side)
-        tagger = Tagger(backbone, opts.vocab, opts.tagclip)
+        config = run_config(backbone, opts.vocab, opts.tagclip, opts.max_side, opts.quirks)
+        tagger = Tagger(backbone, opts.vocab, opts.tagclip, quirks=opts.quirks)
         return Stage(config=config, schema=tags_schema(config), mapper=lambda batch: tag_images(tagger, batch),
                      writer=tag_rows)
 
@@ -252,10 +256,13 @@ def run_annotate(opts: AnnotateOptions, progress: ProgressFactory | None = None)
 class SegmentOptions(JobOptions):
     """`tagclip segment`: masks JSON at `out` (+ tags Parquet at tags_out, label PNGs in png_dir).
 
-    tags_in: a tags Parquet whose tags are segmented instead of running TagCLIP in this pass."""
+    method: a registered mask method's name (`methods.names("masks")`), segment its config
+    (`methods.configure`). tags_in: a tags Parquet whose tags are segmented instead of running
+    TagCLIP in this pass."""
 
     out: Path
-    segment: SegmentConfig
+    segment: Any
+    method: str = "clses"
     tags_in: Path | None = None
     tags_out: Path | None = None
     png_dir: Path | None = None
@@ -275,9 +282,9 @@ class SegResult(TagResult):
 
 
 def segment_images(
-    segmenter: Segmenter, images: list[DecodedImage], tags_file: TagsFile | None = None
+    segmenter: Segments, images: list[DecodedImage], tags_file: TagsFile | None = None
 ) -> list[SegResult]:
-    """The segment mapper: CLS-SEG (or MaskCLIP) on a same-size batch. Failed decodes, and images
+    """The segment mapper: the mask method on a same-size batch. Failed decodes, and images
     without usable tags in the tags file, become failed results. With the CRF each image needs its
     RGB pixels (decoded with keep_rgb). Writes nothing."""
     from_file: dict[int, FileTags] = {}
@@ -310,7 +317,7 @@ def segment_images(
             tags_here = [names[t] for t in out.tag_output.tags]
             results.append(SegResult(image, tags_here, out.tag_output.scores.cpu(), None, out.label_map,
                                      out.mask_scores, out.saved_cams, tuple(out.tags)))
-        elif tags_file is None:  # a dense baseline: no TagCLIP, the classes present are the tags
+        elif tags_file is None:  # a method without TagCLIP: the classes present are the tags
             results.append(SegResult(image, [names[t] for t in out.tags], None, None, out.label_map,
                                      out.mask_scores))
         else:
@@ -344,16 +351,15 @@ def segment_config(
     backbone: Backbone, opts: SegmentOptions, tags_file: TagsFile | None
 ) -> RunRecord:
     """run_config plus the segmentation settings and, with --tags, the tags file's identity."""
-    config = run_config(backbone, opts.vocab, opts.tagclip, opts.max_side)
-    segment = json.loads(json.dumps(asdict(opts.segment)))  # as config.json reads back (lists)
-    if segment["dense"] is None:
-        del segment["dense"]  # clses / maskclip: no dense settings in the record (record version 1)
-    ran_tagclip = segment.get("dense") is None and tags_file is None  # not a dense baseline, no --tags
+    method = get_method(opts.method, "masks")
+    config = run_config(backbone, opts.vocab, opts.tagclip, opts.max_side, opts.quirks)
+    segment = json.loads(json.dumps(method.record(opts.segment, opts.quirks)))  # as config.json reads back
+    ran_tagclip = method.needs_tags and tags_file is None  # methods without tags, or --tags: TagCLIP did not run
     return replace(config, segment=segment, tagclip=config.tagclip if ran_tagclip else None,
                    tags_input=tags_file.identity() if tags_file is not None else None)
 
 
-def cams_index(config: RunRecord, seg: SegmentConfig) -> dict:
+def cams_index(config: RunRecord, seg: Any) -> dict:
     """DIR/cams.json of --save-cams: what every .npz in DIR means (format in writers.write_cam_file)
     and the label rule that made the run's masks from them (`cams.CamRule`)."""
     return {
@@ -364,7 +370,7 @@ def cams_index(config: RunRecord, seg: SegmentConfig) -> dict:
         "classes": config.classes,
         "vocabulary": config.vocabulary,
         "model": config.model,
-        "rule": asdict(seg.cam_rule()),
+        "rule": asdict(seg.rule),
     }
 
 
@@ -387,13 +393,13 @@ def run_segment(opts: SegmentOptions, progress: ProgressFactory | None = None) -
     stream through OUT.parts/ like annotate, so the run resumes and shards), with the tags Parquet
     at opts.tags_out and label PNGs in opts.png_dir if asked. One model load; TagCLIP and CLS-SEG
     share each image's dense forward."""
-    if opts.segment.crf:
-        require_crf()
+    method = get_method(opts.method, "masks")
     tags_file = open_tags_file(opts.tags_in, opts.vocab) if opts.tags_in is not None else None
 
     def build(backbone: Backbone) -> Stage[SegResult]:
         config = segment_config(backbone, opts, tags_file)
-        segmenter = Segmenter(backbone, opts.vocab, opts.segment, opts.tagclip, run_tagclip=tags_file is None)
+        segmenter = method.build(backbone, opts.vocab, opts.segment, quirks=opts.quirks, tagclip=opts.tagclip,
+                                 run_tagclip=tags_file is None)
         final = {"tags_out": str(Path(opts.tags_out).resolve())} if opts.tags_out is not None else {}
         if opts.cams_dir is not None:
             write_cams_index(opts.cams_dir, cams_index(config, opts.segment), overwrite=opts.overwrite)
@@ -401,7 +407,7 @@ def run_segment(opts: SegmentOptions, progress: ProgressFactory | None = None) -
             config=config, schema=segment_schema(config), format=masks_format(opts.out), final_options=final,
             mapper=lambda batch: segment_images(segmenter, batch, tags_file),
             writer=lambda results: segment_rows(results, opts.png_dir, opts.cams_dir),
-            needs_rgb=opts.segment.crf or opts.segment.method in DENSE_METHODS,  # dense baselines resize it themselves
+            needs_rgb=segmenter.needs_rgb,
         )
 
     return run_stage(opts, build, progress)

@@ -127,8 +127,9 @@ def image_list(row: Row, opts: ReproduceOptions) -> tuple[Path, list[str]]:
 def _run_model(row: Row, opts: ReproduceOptions, work: Path) -> tuple[Path, int]:
     """annotate (tags.parquet) or segment --save-cams (masks.json, cams/) of a row, and how many
     images failed (they are left out of the metric); resumes an interrupted run."""
+    from tagclip_cli.methods import configure
     from tagclip_cli.pipeline import AnnotateOptions, SegmentOptions, run_annotate, run_segment
-    from tagclip_cli.segment import SegmentConfig
+    from tagclip_cli.quirks import Quirks
     from tagclip_cli.sources import read_path_list
     from tagclip_cli.tagclip import TagCLIPConfig
     from tagclip_cli.vocab import load_vocabulary
@@ -139,15 +140,14 @@ def _run_model(row: Row, opts: ReproduceOptions, work: Path) -> tuple[Path, int]
     items = read_path_list(names, image_root, str(work / "images.txt"))
     vocab = load_vocabulary(row.vocab)
     common = {"items": items, "vocab": vocab, "model": opts.model, "batch_size": opts.batch_size,
-              "workers": opts.workers}
+              "workers": opts.workers, "quirks": Quirks.reference()}
     if row.setting is None:
         out = work / "tags.parquet"
-        summary = run_annotate(AnnotateOptions(out=out, tagclip=TagCLIPConfig(reference_compat=True), **common),
+        summary = run_annotate(AnnotateOptions(out=out, tagclip=TagCLIPConfig(), **common),
                                opts.progress)
         return out, summary.failed + summary.failed_before
-    tagclip = (TagCLIPConfig.coco_stuff(reference_compat=True) if row.setting == "cocostuff"
-               else TagCLIPConfig(reference_compat=True))
-    seg = SegmentConfig.for_setting(row.setting, reference_compat=True, save_cams="image")
+    tagclip = TagCLIPConfig.coco_stuff() if row.setting == "cocostuff" else TagCLIPConfig()
+    seg = configure("clses", row.setting, save_cams="image")
     out = work / "masks.json"
     summary = run_segment(SegmentOptions(out=out, tagclip=tagclip, segment=seg, cams_dir=work / "cams", **common),
                           opts.progress)

@@ -4,7 +4,7 @@ Pure tensor functions (shapes in the docstrings; N patches on a (gh, gw) grid, C
 foreground + background, L layers) plus a small `Tagger` that batches them over images.
 Implements docs/algorithm.md §2 (coarse classification), §3 (DMAR), §4 (local scores), §5 (CWR),
 §6 (fusion and tags) and TagCLIP's 85-template prompt ensemble (§7); the dense features (§1) come
-from the backbone. `reference_compat` reproduces quirks Q1-Q3 (docs/algorithm.md §10).
+from the backbone. The run's `Quirks` (given to `Tagger`) reproduce quirks Q1-Q3 (docs/algorithm.md §10).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from tagclip_cli.backbone import Backbone, DenseOutput, imagenet_templates
 from tagclip_cli.errors import UsageError
+from tagclip_cli.quirks import Quirks
 from tagclip_cli.vocab import Vocabulary
 
 # The five scene templates MaskCLIP and TagCLIP add to CLIP's 80 ImageNet templates (docs/algorithm.md §7).
@@ -70,7 +71,6 @@ class TagCLIPConfig:
     use_cwr: bool = True  # ablation switch: False = local scores only
     use_background: bool = True
     cwr_mask_value: float = -1000.0
-    reference_compat: bool = False  # reproduce quirks Q1-Q3 (docs/algorithm.md §10)
 
     def layers_for(self, num_layers: int) -> tuple[int, int]:
         """DMAR's refinement layer range (1-based, inclusive) for a model with num_layers blocks."""
@@ -334,12 +334,15 @@ class Tagger:
         vocab: Vocabulary,
         config: TagCLIPConfig | None = None,
         text: Tensor | None = None,
+        quirks: Quirks | None = None,
     ) -> None:
         """text: a precomputed (C, D) classifier of `class_names` (default: the 85-template
-        ensemble, from the backbone's text cache)."""
+        ensemble, from the backbone's text cache). quirks: Q1-Q3 (docs/algorithm.md §10) are read
+        from it (default: all fixed)."""
         self.backbone = backbone
         self.vocab = vocab
         self.config = config or TagCLIPConfig()
+        self.quirks = quirks or Quirks()
         names = vocab.all_names if self.config.use_background else vocab.classes
         self.class_names: tuple[str, ...] = names
         if text is None:
@@ -358,7 +361,8 @@ class Tagger:
         masked forward. keep_dense keeps each image's DenseOutput (with pre-last-block tokens)."""
         outputs: list[TagOutput | None] = [None] * len(images)
         pending: list[tuple[int, CwrBox]] = []
-        per_image = dense_per_image(self.backbone, images, self.config.reference_compat, keep_pre_last=keep_dense)
+        q1 = self.quirks.q1_fp16_positions  # quirk Q1 (docs/algorithm.md §10) in the dense forward
+        per_image = dense_per_image(self.backbone, images, q1, keep_pre_last=keep_dense)
         for i, one in per_image:
             outputs[i] = self._local(one, keep_dense)
             pending.extend((i, box) for box in outputs[i].boxes)
@@ -372,7 +376,7 @@ class Tagger:
         attn_refined = None
         if cfg.use_dmar:
             attn_refined = refined_attention(dense.attn[:, 1:, 1:], self.layers, cfg.vote_k)
-            p_refined = dmar(p_coarse, attn_refined, dense.grid, cfg.reference_compat)
+            p_refined = dmar(p_coarse, attn_refined, dense.grid, self.quirks.q2_clamp_box_ends)
         else:
             p_refined = p_coarse
         p_local = p_refined[:, :nf].amax(dim=0)
@@ -381,9 +385,10 @@ class Tagger:
         if cfg.use_cwr:
             candidates = cwr_candidates(p_refined, p_local, cfg.cwr_threshold).tolist()
             for cls in candidates:
-                box = cwr_box(p_refined[:, cls], dense.grid, cls, cfg.cwr_patch_threshold, cfg.reference_compat)
+                q2 = self.quirks.q2_clamp_box_ends  # quirk Q2 (docs/algorithm.md §10)
+                box = cwr_box(p_refined[:, cls], dense.grid, cls, cfg.cwr_patch_threshold, q2)
                 if box.empty:
-                    if cfg.reference_compat:  # quirk Q3 (docs/algorithm.md §10)
+                    if self.quirks.q3_stop_cwr_at_empty_box:  # quirk Q3 (docs/algorithm.md §10)
                         break  # the reference stops CWR for the whole image at the first empty box
                     continue
                 boxes.append(box)

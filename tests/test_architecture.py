@@ -14,9 +14,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tagclip_cli"
 ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
 
 # Layers, by module name relative to the package (a package name covers its submodules).
-ALGORITHM = ("tagclip", "segment")
+ALGORITHM = ("tagclip", "methods", "quirks")
 BACKBONE = ("backbone",)
-DECODING = ("data", "sources")
+DECODING = ("data", "sources", "sourcebase", "shardsources", "tarscan")
 OUR_FILES = ("writers", "formats", "evaluate", "export")
 ORCHESTRATION = ("cli", "pipeline", "jobs", "show", "reproduce")
 

@@ -22,7 +22,7 @@ from tagclip_cli.cams import (
 )
 from tagclip_cli.errors import UsageError
 from tagclip_cli.formats import FormatError, read_cam_file, read_cams_index
-from tagclip_cli.segment import SegmentConfig, Segmenter
+from tagclip_cli.methods.clses import ClsSegConfig, ClsSegSegments
 from tagclip_cli.tagclip import TagCLIPConfig
 from tagclip_cli.vocab import load_vocabulary
 from tagclip_cli.writers import cam_file_path, write_cam_file, write_cams_index
@@ -97,8 +97,8 @@ def test_crf_without_background_label_gives_every_pixel_a_tag():
 
 
 def test_cam_rule_is_segment_configs_label_rule():
-    assert SegmentConfig().cam_rule() == CamRule()  # one set of paper values (CRF parameters included)
-    stuff = SegmentConfig.coco_stuff(save_cams="grid").cam_rule()
+    assert ClsSegConfig().rule == CamRule()  # one set of paper values (CRF parameters included)
+    stuff = ClsSegConfig.coco_stuff(save_cams="grid").rule
     assert stuff == dataclasses.replace(CamRule(), label_background=False)
 
 
@@ -163,20 +163,20 @@ def test_coco_stuff_vocabulary_is_the_171_classes_in_reference_order(tmp_path: P
 
 
 def test_coco_stuff_settings():
-    seg = SegmentConfig.for_setting("cocostuff")
+    seg = ClsSegConfig.for_setting("cocostuff")
     assert (seg.caa_layers, seg.box_threshold) == ((-7, 0), 0.7)
-    assert seg.label_background is False and seg.cam_background == ("background",)
+    assert seg.rule.label_background is False and seg.cam_background == ("background",)
     tag = TagCLIPConfig.coco_stuff()
     assert (tag.refine_layers, tag.cwr_threshold, tag.tag_threshold, tag.use_background) == ((1, -1), 0.1, 0.1, False)
     with pytest.raises(UsageError, match="voc, coco, cocostuff"):
-        SegmentConfig.for_setting("ade")
+        ClsSegConfig.for_setting("ade")
     with pytest.raises(UsageError, match="save_cams"):
-        SegmentConfig(save_cams="full")
+        ClsSegConfig(save_cams="full")
 
 
 def test_segmenter_coco_stuff_labels_every_pixel_and_saves_what_it_labelled(tiny_backbone):
     voc = load_vocabulary("coco-stuff")
-    seg = Segmenter(tiny_backbone, voc, SegmentConfig.coco_stuff(save_cams="image"), TagCLIPConfig.coco_stuff())
+    seg = ClsSegSegments(tiny_backbone, voc, ClsSegConfig.coco_stuff(save_cams="image"), TagCLIPConfig.coco_stuff())
     assert seg.num_background == 1 and seg.text.shape[0] == 172  # Grad-CAM against "background" alone
     gen = torch.Generator().manual_seed(0)
     image = torch.randn(3, 48, 64, generator=gen)

@@ -5,6 +5,7 @@ window averaging and the per-pixel post-processing pixel by pixel."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -15,18 +16,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tagclip_cli.backbone import Backbone
-from tagclip_cli.backbone.encoder import (
-    dense_last_block,
-    dense_method_forward,
-    neighbourhood_prior,
-    positional_embedding_bicubic,
-)
+from tagclip_cli.backbone.encoder import custom_last_block, custom_last_block_forward, positional_embedding_bicubic
 from tagclip_cli.errors import UsageError
-from tagclip_cli.segment import (
-    DENSE_METHODS,
+from tagclip_cli.methods import configure, get
+from tagclip_cli.methods.dense import (
+    DenseConfig,
     DenseSettings,
-    SegmentConfig,
-    Segmenter,
     centre_padding,
     dense_label_map,
     dense_logits,
@@ -34,6 +29,8 @@ from tagclip_cli.segment import (
     keep_ratio_size,
     slide_windows,
 )
+from tagclip_cli.methods.naclip import neighbourhood_prior
+from tagclip_cli.quirks import Quirks
 from tagclip_cli.vocab import load_vocabulary, parse_vocabulary
 
 
@@ -45,6 +42,23 @@ def two_head_clip(seed: int = 0, layers: int = 3, image: int = 64):
     vision = open_clip.model.CLIPVisionCfg(layers=layers, width=64, head_width=32, patch_size=16, image_size=image)
     text = open_clip.model.CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)
     return open_clip.model.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text, quick_gelu=True).eval()
+
+
+DENSE_METHODS = ("sclip", "clearclip", "naclip")
+
+
+def dense_last_block(block, x, method: str, grid, gaussian_std: float = 5.0):
+    """The registered method's last block (its attention and residual rule) on tokens x (B, T, W)."""
+    found = get(method)
+    settings = dataclasses.replace(found.published["voc"], gaussian_std=gaussian_std)
+    return custom_last_block(block, x, found.attention(settings), grid, found.keep_residual)
+
+
+def dense_method_forward(visual, images, method: str, gaussian_std: float = 5.0):
+    """The registered method's projected patch tokens (B, N, D) through the backbone's custom forward."""
+    found = get(method)
+    settings = dataclasses.replace(found.published["voc"], gaussian_std=gaussian_std)
+    return custom_last_block_forward(visual, images, found.attention(settings), found.keep_residual).tokens
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +245,7 @@ def test_window_average_equals_windows_one_by_one(model, pad):
     text = F.normalize(torch.randn(5, 32), dim=-1)
     settings = DenseSettings(short_side=72, crop=48, stride=24, logit_scale=50, prob_threshold=0.1, pad_crops=pad)
     with torch.no_grad():
-        ours = dense_logits(backbone, pixels, text, "sclip", settings, chunk=2)
+        ours = dense_logits(backbone, pixels, text, get("sclip"), settings, chunk=2)
         total = torch.zeros(5, 72, 100)
         count = torch.zeros(72, 100)
         for y1, y2, x1, x2 in slide_windows(72, 100, 48, 24):
@@ -250,7 +264,7 @@ def test_window_average_equals_windows_one_by_one(model, pad):
 
 @pytest.mark.parametrize("method", DENSE_METHODS)
 def test_a_sliver_thinner_than_a_patch_still_segments(tiny_backbone, method):
-    seg = Segmenter(tiny_backbone, load_vocabulary("voc"), SegmentConfig(method=method))
+    seg = get(method).build(tiny_backbone, load_vocabulary("voc"), configure(method), quirks=Quirks())
     rgb = np.full((6, 2000, 3), 128, dtype=np.uint8)  # resized to 6 x 2048: thinner than one patch
     (out,) = seg.segment([torch.zeros(3, 16, 2000)], [(6, 2000)], rgb=lambda i: rgb)
     assert out.label_map.shape == (6, 2000)
@@ -315,12 +329,12 @@ def test_own_vocabulary_queries_are_its_names():
 
 
 def test_published_settings_and_bad_values():
-    assert SegmentConfig(method="sclip").dense == DenseSettings.published("sclip", "voc")
-    assert SegmentConfig.for_setting("coco", method="naclip").dense.crop == 224
-    assert SegmentConfig.for_setting("voc", method="naclip").dense.crop == 0
+    assert configure("sclip").settings == DenseSettings.published("sclip", "voc")
+    assert configure("naclip", "coco").settings.crop == 224
+    assert configure("naclip", "voc").settings.crop == 0
     voc = DenseSettings.published("clearclip", "voc")
     assert (voc.short_side, voc.crop, voc.stride, voc.logit_scale, voc.prob_threshold) == (448, 448, 224, 50, 0.5)
-    assert SegmentConfig().dense is None
+    assert not isinstance(configure("clses"), DenseConfig)
     with pytest.raises(UsageError):
         DenseSettings(short_side=0, crop=0, stride=0, logit_scale=1, prob_threshold=0)
     with pytest.raises(UsageError):
@@ -330,7 +344,7 @@ def test_published_settings_and_bad_values():
 @pytest.mark.parametrize("method", DENSE_METHODS)
 def test_segmenter_runs_the_published_pipeline(tiny_backbone, method):
     voc = load_vocabulary("voc")
-    seg = Segmenter(tiny_backbone, voc, SegmentConfig(method=method))
+    seg = get(method).build(tiny_backbone, voc, configure(method), quirks=Quirks())
     assert seg.tagger is None  # no TagCLIP pass
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (75, 100, 3), dtype=np.uint8)

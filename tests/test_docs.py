@@ -19,7 +19,7 @@ BRANCHING_FILES = sorted((ROOT / "tagclip_cli").rglob("*.py")) + [ROOT / "benchm
 # "docs/algorithm.md §3", "docs/algorithm.md §2-§6", "docs/algorithm.md §8, §9"
 SECTION_CITATION = re.compile(r"docs/algorithm\.md((?:\s*[-,–]?\s*§\d+)+)")
 QUIRK = re.compile(r"\bQ\d+\b")
-FLAG = re.compile(r"^(reference_compat|fp16_round\w*)$")
+FLAG = re.compile(r"^(reference_compat|fp16_round\w*|q\d_\w+)$")  # q1_fp16_positions: quirks.Quirks
 
 
 def spec_headings() -> set[str]:

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from tagclip_cli.data import Preprocess
-from tagclip_cli.segment import Segmenter
+from tagclip_cli.methods.clses import ClsSegSegments
+from tagclip_cli.quirks import Quirks
 from tagclip_cli.tagclip import SCENE_TEMPLATES, TagCLIPConfig, Tagger
 from tagclip_cli.vocab import load_vocabulary
 
@@ -47,7 +48,7 @@ def test_text_classifier_equals_class_by_class_encoding(tiny_backbone, voc):
 
 @pytest.mark.parametrize("reference_compat", [False, True])
 def test_tagclip_scores_equal_naive(tiny_backbone, voc, photos, reference_compat):
-    tagger = Tagger(tiny_backbone, voc, TagCLIPConfig(reference_compat=reference_compat))
+    tagger = Tagger(tiny_backbone, voc, TagCLIPConfig(), quirks=Quirks(reference_compat))
     # the classifier itself is compared above; here both use the same one
     naive = NaiveTagCLIP(
         tiny_backbone, voc.classes, voc.background, (), text=tagger.text, reference_compat=reference_compat
@@ -68,7 +69,7 @@ def test_tagclip_scores_equal_naive(tiny_backbone, voc, photos, reference_compat
 def test_clses_cams_and_label_maps_equal_naive(tiny_backbone, voc, photos):
     """CLS-SEG with default settings: TagCLIP's tags, batched Grad-CAMs (one backward for all tags)
     and CAA equal the per-tag-backward loop."""
-    segmenter = Segmenter(tiny_backbone, voc)
+    segmenter = ClsSegSegments(tiny_backbone, voc)
     naive_tags = NaiveTagCLIP(tiny_backbone, voc.classes, voc.background, (), text=segmenter.tagger.text)
     naive = NaiveClsSeg(naive_tags, segmenter.text)
     sizes = [(h, w) for w, h in SIZES]

@@ -14,6 +14,7 @@ from PIL import Image
 
 from tagclip_cli.data import ImageDataset, Preprocess
 from tagclip_cli.formats import rle_decode
+from tagclip_cli.methods.clses import ClsSegConfig, ClsSegSegments
 from tagclip_cli.pipeline import (
     ModelOptions,
     SegmentOptions,
@@ -22,7 +23,6 @@ from tagclip_cli.pipeline import (
     segment_images,
     segment_rows,
 )
-from tagclip_cli.segment import SegmentConfig, Segmenter
 from tagclip_cli.sources import list_folder
 from tagclip_cli.tagclip import TagCLIPConfig
 from tagclip_cli.vocab import load_vocabulary
@@ -46,7 +46,7 @@ def photo_dir(tmp_path_factory):
 
 
 def test_segment_mapper_writes_nothing_and_the_writer_makes_rows_and_pngs(tiny_backbone, voc, photo_dir, tmp_path):
-    seg = Segmenter(tiny_backbone, voc)
+    seg = ClsSegSegments(tiny_backbone, voc)
     pre = Preprocess(tiny_backbone.patch_size, tiny_backbone.mean, tiny_backbone.std)
     decoded = ImageDataset(list_folder(photo_dir), pre)
     records = [decoded[i] for i in range(len(decoded))]
@@ -81,7 +81,7 @@ def test_run_segment_leaves_its_options_as_they_were(tiny_checkpoint, cache_dir,
     opts = SegmentOptions(
         items=list_folder(images), vocab=voc, out=tmp_path / "masks.json", png_dir=tmp_path / "png",
         model=ModelOptions(checkpoint=tiny_checkpoint, cache_dir=cache_dir), tagclip=TagCLIPConfig(use_cwr=False),
-        segment=SegmentConfig(), batch_size=2, workers=0,
+        segment=ClsSegConfig(), batch_size=2, workers=0,
     )
     before = copy.deepcopy(opts)
     summary = run_segment(opts)

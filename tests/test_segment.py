@@ -1,7 +1,8 @@
-"""CLS-SEG and MaskCLIP (tagclip_cli/segment.py) and the mask writers: hand-computed small tensors for
-every step, the batched Grad-CAM against a tag-by-tag loop, COCO RLE round trips, the dense CRF on
-an image where it must change the mask. (tests/test_naive_parity.py compares the Segmenter with the
-naive per-tag implementation in benchmarks/naive.py.)"""
+"""CLS-SEG and MaskCLIP (tagclip_cli/methods/clses.py, maskclip.py) and the mask writers:
+hand-computed small tensors for every step, the batched Grad-CAM against a tag-by-tag loop, COCO
+RLE round trips, the dense CRF on an image where it must change the mask.
+(tests/test_naive_parity.py compares CLS-SEG with the naive per-tag implementation in
+benchmarks/naive.py.)"""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from PIL import Image
 
 from tagclip_cli.cams import (
     CAM_EPS,
+    CamRule,
     CrfUnavailableError,
     crf_label_map,
     label_map_from_cams,
@@ -31,9 +33,10 @@ from tagclip_cli.cams import (
 from tagclip_cli.data import Preprocess
 from tagclip_cli.errors import UsageError
 from tagclip_cli.formats import TagsFile, rle_decode
-from tagclip_cli.segment import (
-    SegmentConfig,
-    Segmenter,
+from tagclip_cli.methods import configure
+from tagclip_cli.methods.clses import (
+    ClsSegConfig,
+    ClsSegSegments,
     caa_affinity,
     caa_refine,
     caa_refine_squared,
@@ -41,10 +44,10 @@ from tagclip_cli.segment import (
     cam_box_mask,
     cam_box_masks,
     grad_cams,
-    label_map_from_scores,
-    maskclip_scores,
     sinkhorn,
 )
+from tagclip_cli.methods.maskclip import MaskClipSegments, label_map_from_scores, maskclip_scores
+from tagclip_cli.quirks import Quirks
 from tagclip_cli.sources import ImageItem
 from tagclip_cli.vocab import load_vocabulary
 from tagclip_cli.writers import (
@@ -67,18 +70,18 @@ from tagclip_cli.writers import (
     [(12, "voc", (5, 11)), (12, "coco", (5, 12)), (6, "voc", (1, 5)), (6, "coco", (1, 6)), (24, "voc", (17, 23))],
 )
 def test_caa_layers_follow_the_reference_and_clamp(layers, setting, expected):
-    assert SegmentConfig.for_setting(setting).layers_for(layers) == expected
+    assert ClsSegConfig.for_setting(setting).layers_for(layers) == expected
 
 
 def test_settings_and_bad_values():
-    assert SegmentConfig().box_threshold == 0.4
-    assert SegmentConfig.coco().box_threshold == 0.7
+    assert ClsSegConfig().box_threshold == 0.4
+    assert ClsSegConfig.coco().box_threshold == 0.7
     with pytest.raises(UsageError, match="method"):
-        SegmentConfig(method="grabcut")
+        configure("grabcut")
     with pytest.raises(UsageError, match="setting"):
-        SegmentConfig.for_setting("ade")
+        ClsSegConfig.for_setting("ade")
     with pytest.raises(UsageError, match="outside"):
-        SegmentConfig(caa_layers=(3, 20)).layers_for(12)
+        ClsSegConfig(caa_layers=(3, 20)).layers_for(12)
 
 
 # ---- normalisation, Sinkhorn, CAA -----------------------------------------------------------------
@@ -152,17 +155,17 @@ def test_reference_order_refinement_is_float32_and_agrees_with_float64():
 def test_reference_compat_refines_in_float32_and_default_in_float64(tiny_backbone, voc, photos):
     tags = [0, 5]
     for compat in (False, True):
-        seg = Segmenter(tiny_backbone, voc, SegmentConfig(reference_compat=compat), run_tagclip=False)
+        seg = ClsSegSegments(tiny_backbone, voc, quirks=Quirks(compat), run_tagclip=False)
         dense = seg._dense(photos[:1])[0]
         raw, refined = seg.seg_cams(dense, tags)
         flat = raw.reshape(len(tags), -1)
         boxes = cam_box_masks(flat, dense.grid, seg.config.box_threshold, compat)
         affinity = caa_affinity(dense.attn, seg.layers)
         t64 = caa_transition(affinity.double(), seg.config.sinkhorn_rounds)
-        in64 = normalise_cam(caa_refine(flat.double(), t64, boxes, 2), seg.config.cam_eps).float()
+        in64 = normalise_cam(caa_refine(flat.double(), t64, boxes, 2), seg.config.rule.cam_eps).float()
         if compat:
             t = caa_transition(affinity.float(), seg.config.sinkhorn_rounds)
-            expected = normalise_cam(caa_refine_squared(flat.float(), t, boxes), seg.config.cam_eps)
+            expected = normalise_cam(caa_refine_squared(flat.float(), t, boxes), seg.config.rule.cam_eps)
             assert not torch.equal(expected, in64)  # float32 rounding shows ...
             assert (expected - in64).abs().max() < 1e-3  # ... but it is rounding only
         else:
@@ -276,7 +279,7 @@ def test_crf_snaps_a_leaking_mask_to_the_colour_edge():
     cam = torch.zeros(1, h, w)
     cam[0, 8:32, 6:40] = 0.8  # the cam leaks 10 columns into the blue half
     plain, _ = label_map_from_cams(cam, [5], (h, w))
-    crf, scores = crf_label_map(rgb, cam, [5], SegmentConfig(crf=True))
+    crf, scores = crf_label_map(rgb, cam, [5], CamRule())
     assert (plain[:, 30:40] == 5).sum() == 24 * 10
     assert (crf[:, 30:] == 5).sum() == 0  # the leak is gone
     assert np.array_equal(crf[:, :30], plain[:, :30])  # the red part is kept
@@ -308,7 +311,7 @@ def photos(tiny_backbone):
 
 @pytest.fixture(scope="module")
 def segmenter(tiny_backbone, voc):
-    return Segmenter(tiny_backbone, voc)
+    return ClsSegSegments(tiny_backbone, voc)
 
 
 def _cam_one_tag(backbone, pre_last, text, k):
@@ -349,7 +352,7 @@ def test_grad_cams_work_inside_inference_mode(tiny_backbone, segmenter, photos):
 
 
 def test_segment_shares_one_dense_forward_and_tags_input_gives_the_same_masks(tiny_backbone, voc, photos, monkeypatch):
-    seg = Segmenter(tiny_backbone, voc)
+    seg = ClsSegSegments(tiny_backbone, voc)
     calls = []
     original = tiny_backbone.dense_forward
 
@@ -363,7 +366,7 @@ def test_segment_shares_one_dense_forward_and_tags_input_gives_the_same_masks(ti
     assert sum(calls) == len(photos)  # TagCLIP's dense forward is the only one
     tags = [out.tag_output.tags for out in first]
     calls.clear()
-    again = Segmenter(tiny_backbone, voc, run_tagclip=False).segment(photos, sizes, tags=tags)
+    again = ClsSegSegments(tiny_backbone, voc, run_tagclip=False).segment(photos, sizes, tags=tags)
     assert sum(calls) == len(photos)
     for a, b, size, image_tags in zip(first, again, sizes, tags, strict=True):
         assert a.label_map.shape == size and a.label_map.dtype == np.int32
@@ -374,7 +377,7 @@ def test_segment_shares_one_dense_forward_and_tags_input_gives_the_same_masks(ti
 
 
 def test_maskclip_segmenter_uses_the_value_path_logits(tiny_backbone, voc, photos):
-    seg = Segmenter(tiny_backbone, voc, SegmentConfig(method="maskclip"))
+    seg = MaskClipSegments(tiny_backbone, voc)
     size = tuple(photos[0].shape[-2:])  # label map at the model's input size: 16 pixels per patch
     out = seg.segment(photos[:1], [size])[0]
     dense = out.tag_output.dense
@@ -529,12 +532,12 @@ def test_segmenter_refuses_crf_without_the_extra(tiny_backbone, voc, monkeypatch
     monkeypatch.setitem(sys.modules, "pydensecrf", None)
     monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
     with pytest.raises(CrfUnavailableError):
-        Segmenter(tiny_backbone, voc, SegmentConfig(crf=True))
+        ClsSegSegments(tiny_backbone, voc, ClsSegConfig(crf=True))
 
 
 def test_crf_segmenter_needs_rgb_and_uses_it(tiny_backbone, voc, photos):
     import pydensecrf.densecrf  # noqa: F401  (the crf extra is part of .[dev]: a missing one fails here)
-    seg = Segmenter(tiny_backbone, voc, SegmentConfig(crf=True))
+    seg = ClsSegSegments(tiny_backbone, voc, ClsSegConfig(crf=True))
     size = tuple(photos[0].shape[-2:])
     rgb = np.asarray(Image.fromarray(list(sample_photos().values())[0]).resize((size[1], size[0])))
     out = seg.segment(photos[:1], [size], tags=[[14]], rgb=lambda i: rgb)[0]
@@ -588,7 +591,7 @@ def test_segment_config_reads_back_equal(tiny_backbone, voc):
     from tagclip_cli.tagclip import TagCLIPConfig
 
     opts = SegmentOptions(items=[], vocab=voc, out=Path("m.json"), model=ModelOptions(), tagclip=TagCLIPConfig(),
-                          segment=SegmentConfig.coco(method="maskclip", key_smoothing=True))
+                          segment=configure("maskclip", "coco", key_smoothing=True), method="maskclip")
     from tagclip_cli.record import RecordIO
 
     config = RecordIO.to_dict(segment_config(tiny_backbone, opts, None))

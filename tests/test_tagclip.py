@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tagclip_cli.errors import UsageError
+from tagclip_cli.quirks import Quirks
 from tagclip_cli.tagclip import (
     CwrBox,
     TagCLIPConfig,
@@ -256,7 +257,7 @@ def test_reference_compat_stops_cwr_at_first_empty_box(tiny_backbone, monkeypatc
     assert len(fixed.candidates) >= 2
     assert len(fixed.boxes) == len(fixed.candidates) - 1  # only the empty one skipped
     calls.clear()
-    compat = Tagger(tiny_backbone, VOCAB, TagCLIPConfig(cwr_threshold=0.0, reference_compat=True)).tag(img)[0]
+    compat = Tagger(tiny_backbone, VOCAB, TagCLIPConfig(cwr_threshold=0.0), quirks=Quirks.reference()).tag(img)[0]
     assert compat.boxes == []  # stopped at the first (empty) box
     assert torch.equal(compat.scores, compat.p_local)
 

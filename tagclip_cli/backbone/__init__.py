@@ -8,10 +8,11 @@
   templates come from the method that uses them.
 - `encoder`: the encoder surgeries of docs/algorithm.md §0, §1, §5 and §8: the dense forward whose
   last block runs on the value path (eq. 6-8), the attention maps, the masked class-token forward
-  of CWR, and the last block with an ln_1 leaf for Grad-CAM.
+  of CWR, the last block with an ln_1 leaf for Grad-CAM, and a last block whose attention a method
+  replaces (`Backbone.custom_last_block_forward`, with earlier blocks' q, k and tokens on request).
 """
 
-from tagclip_cli.backbone.encoder import DenseOutput, fused_attention
+from tagclip_cli.backbone.encoder import AttentionInputs, CustomOutput, DenseOutput, LayerCapture, fused_attention
 from tagclip_cli.backbone.loading import WEIGHTS_DIR, builtin_models, load_backbone, read_state_dict
 from tagclip_cli.backbone.model import PRECISIONS, Backbone, check_precision, default_cache_dir
 from tagclip_cli.backbone.text import TEXT_CACHE_VERSION, imagenet_templates
@@ -20,13 +21,16 @@ __all__ = [
     "PRECISIONS",
     "TEXT_CACHE_VERSION",
     "WEIGHTS_DIR",
+    "AttentionInputs",
     "Backbone",
+    "CustomOutput",
     "DenseOutput",
     "builtin_models",
     "check_precision",
     "default_cache_dir",
     "fused_attention",
     "imagenet_templates",
+    "LayerCapture",
     "load_backbone",
     "read_state_dict",
 ]

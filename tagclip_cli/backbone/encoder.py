@@ -1,8 +1,8 @@
 """The encoder surgeries on an open_clip ViT image tower (`visual`): docs/algorithm.md §0 (the
 positional embedding at any grid, quirk Q1), §1 (dense features: the value-path last block, eq. 6-8,
 and the attention maps of every layer), §5 (CWR's masked class-token forward), §8 (the last
-block with its ln_1 output as an autograd leaf, for Grad-CAM) and §12 (the dense baselines' last
-block).
+block with its ln_1 output as an autograd leaf, for Grad-CAM) and a last block whose attention a
+method replaces (§12's dense baselines; the encoder knows no method).
 
 Plain functions of open_clip modules and tensors; `Backbone` wraps them with its buffers and
 precision. Every block of a ViT is
@@ -16,8 +16,8 @@ and the surgeries differ only in the attention branch:
   mixing), while the map returned is still the ordinary softmax;
 - `fused_attention`: `scaled_dot_product_attention` without a map (CWR), optionally for the
   first few queries only;
-- `dense_attention`: the last-block attention of the dense baselines SCLIP, ClearCLIP and NACLIP
-  (docs/algorithm.md §12), q-q / k-k similarities in place of q-k.
+- `custom_attention`: mixing weights given by a method (e.g. q-q / k-k similarities in place of
+  q-k), optionally from earlier blocks' q and k (`custom_last_block_forward(capture=...)`).
 
 Shapes: B images, T = 1 + N tokens (class token first), W width, h heads of d = W / h, D the
 projected dimension, L blocks.
@@ -26,6 +26,7 @@ projected dimension, L blocks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -296,78 +297,89 @@ def value_path_block(
     return residual_block(block, x, out), attn
 
 
-# ---- the dense baselines' last block (docs/algorithm.md §12) ----------------------------------------
+# ---- a changed last-block attention (the training-free segmenters of docs/algorithm.md §12) --------
 
-DENSE_ATTENTION = ("sclip", "clearclip", "naclip")
+@dataclass
+class LayerCapture:
+    """What a custom forward keeps of an earlier block on request: q and k (B, h, T, d) of its
+    attention (from its ln_1 output), x (B, T, W) the tokens leaving it."""
 
-
-def neighbourhood_prior(grid: tuple[int, int], std: float, device: torch.device | None = None) -> Tensor:
-    """NACLIP's additive attention bias (1+N, 1+N) fp32 on a (gh, gw) grid: between patches i and j,
-    exp(-|p_i - p_j|^2 / (2 std^2)) with p the (row, column) grid position; 0 in the class token's
-    row and column."""
-    rows = torch.arange(grid[0], dtype=torch.float32, device=device)
-    cols = torch.arange(grid[1], dtype=torch.float32, device=device)
-    pos = torch.cartesian_prod(rows, cols)  # (N, 2), row-major like the patch tokens
-    dist2 = (pos[:, None, :] - pos[None, :, :]).square().sum(dim=-1)
-    out = torch.zeros(1 + pos.shape[0], 1 + pos.shape[0], device=device)
-    out[1:, 1:] = torch.exp(-dist2 / (2 * std**2))
-    return out
+    q: Tensor
+    k: Tensor
+    x: Tensor
 
 
-def dense_attention(block: torch.nn.Module, y: Tensor, method: str, grid: tuple[int, int],
-                    gaussian_std: float = 5.0) -> Tensor:
-    """The attention branch of a dense baseline's last block on ln_1 output y (B, T, W), T = 1 + N
-    tokens of a (gh, gw) grid: out_proj of P @ v per head, (B, T, W), where with s = d^-0.5
+@dataclass
+class AttentionInputs:
+    """What a replacement last-block attention sees: its own per-head q and k (B, h, T, d), cast to
+    float32 at least (float64 stays float64), the (gh, gw) patch grid of the T = 1 + N tokens, and
+    the captured earlier blocks by 0-based index (`LayerCapture`)."""
 
-    - sclip: P = softmax(s q q^T) + softmax(s k k^T) (SCLIP's correlative self-attention; the
-      rows sum to 2);
-    - clearclip: P = softmax(s q q^T);
-    - naclip: P = softmax(s k k^T + prior), `neighbourhood_prior` with std gaussian_std.
+    q: Tensor
+    k: Tensor
+    grid: tuple[int, int]
+    layers: dict[int, LayerCapture]
 
-    The scores and softmax are fp32 (as `softmax_attention`; float64 inputs stay float64), the
-    product with v in v's dtype."""
-    if method not in DENSE_ATTENTION:
-        raise ValueError(f"unknown dense attention '{method}' (choose from {', '.join(DENSE_ATTENTION)})")
+
+# attention(inputs) -> per-head mixing weights P (B, h, T, T) in the inputs' dtype; the block's
+# branch output is then out_proj of P @ v.
+LastBlockAttention = Callable[[AttentionInputs], Tensor]
+
+
+@dataclass
+class CustomOutput:
+    """Result of `custom_last_block_forward`: tokens (B, N, D) fp32, the projected patch tokens;
+    layers: the captured earlier blocks (`LayerCapture`) by 0-based index."""
+
+    tokens: Tensor
+    layers: dict[int, LayerCapture]
+
+
+def custom_attention(block: torch.nn.Module, y: Tensor, attention: LastBlockAttention, grid: tuple[int, int],
+                     layers: dict[int, LayerCapture] | None = None) -> Tensor:
+    """The attention branch of block on ln_1 output y (B, T, W) with the mixing weights of
+    `attention`: out_proj of P @ v per head, (B, T, W). P is computed without autocast from q and k
+    in float32 at least; the product with v is in v's dtype."""
     mha: torch.nn.MultiheadAttention = block.attn
     q, k, v = split_qkv(mha, y)
-    scale = q.shape[-1] ** -0.5
     work = torch.promote_types(q.dtype, torch.float32)  # fp32 at least (float64 stays float64)
     with torch.autocast(y.device.type, enabled=False):
-        q, k = q.to(work), k.to(work)
-        if method in ("sclip", "clearclip"):
-            probs = (scale * q @ q.transpose(-1, -2)).softmax(dim=-1)
-        if method == "sclip":
-            probs = probs + (scale * k @ k.transpose(-1, -2)).softmax(dim=-1)
-        elif method == "naclip":
-            prior = neighbourhood_prior(grid, gaussian_std, y.device).to(work)
-            probs = (scale * k @ k.transpose(-1, -2) + prior).softmax(dim=-1)
+        probs = attention(AttentionInputs(q.to(work), k.to(work), grid, layers or {}))
     return merge_heads(mha, probs.to(v.dtype) @ v)
 
 
-def dense_last_block(block: torch.nn.Module, x: Tensor, method: str, grid: tuple[int, int],
-                     gaussian_std: float = 5.0) -> Tensor:
-    """A dense baseline's last block on tokens x (B, T, W) -> (B, T, W) (docs/algorithm.md §12):
-    SCLIP keeps the residual and the MLP around its attention (`residual_block`); ClearCLIP and
-    NACLIP return the attention branch alone (no residual, no MLP; no layer scale either, as the
-    authors, which changes nothing on OpenAI weights, whose layer scales are identities)."""
-    out = dense_attention(block, block.ln_1(x), method, grid, gaussian_std)
-    return residual_block(block, x, out) if method == "sclip" else out
+def custom_last_block(block: torch.nn.Module, x: Tensor, attention: LastBlockAttention, grid: tuple[int, int],
+                      keep_residual: bool, layers: dict[int, LayerCapture] | None = None) -> Tensor:
+    """A last block with its attention replaced (`custom_attention`) on tokens x (B, T, W) ->
+    (B, T, W): keep_residual keeps the residual and the MLP around it (`residual_block`); otherwise
+    the attention branch alone is returned (no residual, no MLP, no layer scale)."""
+    out = custom_attention(block, block.ln_1(x), attention, grid, layers)
+    return residual_block(block, x, out) if keep_residual else out
 
 
-def dense_method_forward(visual: torch.nn.Module, pixels: Tensor, method: str, gaussian_std: float = 5.0) -> Tensor:
-    """Projected patch tokens (B, N, D) fp32 of a dense baseline (docs/algorithm.md §12) for
-    normalised images (B, 3, H, W): the bicubic positional embedding, blocks 1..L-1 as usual (fused
-    attention: no map is needed), block L as `dense_last_block`, then ln_post and proj. Sizes that
-    are not multiples of the patch size lose the remainder in the patch convolution, as the
-    authors' forward does."""
+def custom_last_block_forward(
+    visual: torch.nn.Module, pixels: Tensor, attention: LastBlockAttention, keep_residual: bool,
+    bicubic_pos: bool = True, capture: Sequence[int] = (),
+) -> CustomOutput:
+    """Projected patch tokens (B, N, D) fp32 of normalised images (B, 3, H, W) whose last block runs
+    `custom_last_block`: blocks 1..L-1 as usual (fused attention: no map is needed), then ln_post
+    and proj. bicubic_pos: the positional embedding of `positional_embedding_bicubic` (else
+    `positional_embedding`). capture: 0-based indices of earlier blocks whose q, k and output
+    tokens are kept (`LayerCapture`) and handed to `attention`. Sizes that are not multiples of the
+    patch size lose the remainder in the patch convolution."""
     p = patch_size(visual)
     grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
     blocks = visual.transformer.resblocks
-    x = embed(visual, pixels, bicubic_pos=True)
-    for block in blocks[:-1]:
-        x = residual_block(block, x, fused_attention(block.attn, block.ln_1(x), None))
-    x = dense_last_block(blocks[-1], x, method, grid, gaussian_std)
-    return project_tokens(visual, x[:, 1:]).float()
+    x = embed(visual, pixels, bicubic_pos=bicubic_pos)
+    layers: dict[int, LayerCapture] = {}
+    for i, block in enumerate(blocks[:-1]):
+        y = block.ln_1(x)
+        x = residual_block(block, x, fused_attention(block.attn, y, None))
+        if i in capture:
+            q, k, _ = split_qkv(block.attn, y)
+            layers[i] = LayerCapture(q, k, x)
+    x = custom_last_block(blocks[-1], x, attention, grid, keep_residual, layers)
+    return CustomOutput(project_tokens(visual, x[:, 1:]).float(), layers)
 
 
 def block_forward_ln1_leaf(block: torch.nn.Module, x: Tensor, workspace: Workspace) -> tuple[Tensor, Tensor, Tensor]:

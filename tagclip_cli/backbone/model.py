@@ -185,12 +185,16 @@ class Backbone:
         with self.autocast():
             return encoder.dense_forward(self.visual, pixels, self._workspace, fp16_round_pos, keep_pre_last)
 
-    def dense_method_forward(self, pixels: Tensor, method: str, gaussian_std: float = 5.0) -> Tensor:
-        """Projected patch tokens (B, N, D) fp32 of a dense baseline, sclip, clearclip or naclip
-        (docs/algorithm.md §12), for normalised images (B, 3, H, W); see
-        `encoder.dense_method_forward`."""
+    def custom_last_block_forward(
+        self, pixels: Tensor, attention: encoder.LastBlockAttention, keep_residual: bool, bicubic_pos: bool = True,
+        capture: Sequence[int] = (),
+    ) -> encoder.CustomOutput:
+        """Projected patch tokens (B, N, D) fp32 of normalised images (B, 3, H, W) whose last block's
+        attention is replaced by a method's `attention` (given `encoder.AttentionInputs`: q, k, the
+        grid and the earlier blocks named in capture); see `encoder.custom_last_block_forward`."""
         with self.autocast():
-            return encoder.dense_method_forward(self.visual, pixels, method, gaussian_std)
+            return encoder.custom_last_block_forward(self.visual, pixels, attention, keep_residual, bicubic_pos,
+                                                     capture)
 
     def masked_cls_forward(
         self, crops: Tensor, patch_masks: Tensor, mask_value: float = -1000.0, chunk_size: int = 32
