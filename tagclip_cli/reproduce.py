@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tagclip_cli import defaults
 from tagclip_cli.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,8 @@ class ReproduceOptions:
     model: Any  # pipeline.ModelOptions
     rows: tuple[str, ...] = ROW_NAMES
     cocostuff_split: Path | None = None  # e.g. the reference's imageset/cocostuff/val.txt (4,172 images)
-    batch_size: int = 8
-    workers: int = 2
+    batch_size: int = defaults.BATCH_SIZE
+    workers: int = defaults.WORKERS
     progress: Callable | None = None  # pipeline.ProgressFactory
 
 

@@ -158,3 +158,18 @@ def test_first_run_then_calibrate_and_retag_as_documented(tmp_path):
     assert (tmp_path / "thresholds.tsv").read_text().strip()
     relabelled = pq.read_table(tmp_path / "relabelled.parquet").to_pylist()
     assert [r["scores"] for r in relabelled] == [r["scores"] for r in labels]  # retag keeps every score
+
+
+@pytest.mark.slow
+def test_python_api_snippet_runs_as_written(tmp_path):
+    """README's "From Python" block: tag and segment two scenes, then a whole annotate job."""
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    env = {**os.environ, "TAGCLIP_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", snippet(README, "python-api")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout.strip().splitlines()[-2:]
+    assert [line.split(" ", 1)[0] for line in printed] == [f"examples/shapes/images/00000{i}.png" for i in (0, 1)]
+    labels = pq.read_table(tmp_path / "labels.parquet").to_pylist()
+    assert len(labels) == len(list((ROOT / "examples" / "shapes" / "images").iterdir()))
+    assert printed[0].split(" ", 1)[1] == str(labels[0]["tags"])  # the API's tags are the job's
