@@ -11,6 +11,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ def snippet(page: Path, marker: str, lang: str = "python") -> str:
     found = re.search(rf"<!-- snippet: {re.escape(marker)} -->\s*```{lang}\n(.*?)^\s*```", page.read_text(),
                       re.S | re.M)
     assert found, f"{page.name} has no {lang} snippet {marker!r}"
-    return "\n".join(line.strip() for line in found.group(1).splitlines())
+    return textwrap.dedent(found.group(1)).strip("\n")
 
 
 def command_line(page: Path, start: str) -> str:
