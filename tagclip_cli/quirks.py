@@ -1,8 +1,9 @@
 """The reference implementation's quirks (docs/algorithm.md §10) as one object that every method reads.
 
-`Quirks()` fixes all four (the default); `Quirks.reference()` (CLI `--reference-compat`) reproduces
-all four, so that a caller cannot get some of them without the others (Q1 lives in the dense
-forward that TagCLIP and CLS-SEG share, Q2 in the boxes of DMAR, CWR and CAA, Q3 in CWR, Q4 in CAA).
+`Quirks()` fixes all five (the default); `Quirks.reference()` (CLI `--reference-compat`) reproduces
+all five, so that a caller cannot get some of them without the others (Q1 lives in the dense
+forward that TagCLIP and CLS-SEG share, Q2 in the boxes of DMAR, CWR and CAA, Q3 in CWR, Q4 in CAA,
+Q5 in PIAA's refinement).
 Code that branches on one reads its property, named after the quirk, and cites it.
 """
 
@@ -18,13 +19,13 @@ def _all_or_none(doc: str) -> property:
 
 @dataclass(frozen=True)
 class Quirks:
-    """All four quirks on (reference_compat=True) or all off (the default)."""
+    """All five quirks on (reference_compat=True) or all off (the default)."""
 
     reference_compat: bool = False
 
     @classmethod
     def reference(cls) -> Quirks:
-        """Quirks Q1..Q4 reproduced, as `--reference-compat`."""
+        """Quirks Q1..Q5 reproduced, as `--reference-compat`."""
         return cls(reference_compat=True)
 
     # The quirks, each read under its own name (code that branches on one cites it).
@@ -32,3 +33,4 @@ class Quirks:
     q2_clamp_box_ends = _all_or_none("Q2: a box's right/bottom ends clamped to grid_size - 1 (exclusive).")
     q3_stop_cwr_at_empty_box = _all_or_none("Q3: CWR stops for the rest of the image at the first empty box.")
     q4_caa_float32 = _all_or_none("Q4: CAA's refinement in float32 in the reference's order.")
+    q5_drop_singleton_groups = _all_or_none("Q5: PIAA's refinement drops a group of one patch (its std is NaN).")

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tagclip_cli"
 ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
 
 # Layers, by module name relative to the package (a package name covers its submodules).
-ALGORITHM = ("tagclip", "methods", "quirks")
+ALGORITHM = ("tagclip", "methods", "quirks", "piaa")
 BACKBONE = ("backbone",)
 DECODING = ("data", "sources", "sourcebase", "shardsources", "tarscan")
 OUR_FILES = ("writers", "formats", "evaluate", "export")
