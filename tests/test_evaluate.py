@@ -20,6 +20,7 @@ from sklearn.metrics import average_precision_score
 from tagclip_cli import evaluate as ev
 from tagclip_cli.errors import UsageError
 from tagclip_cli.evaluate import IGNORE
+from tagclip_cli.formats import decode_segmentation
 from tagclip_cli.sources import ImageItem
 from tagclip_cli.writers import rows_to_table, tag_row, tags_schema, write_parquet_atomic
 
@@ -457,7 +458,7 @@ def test_coco_object_overlap_and_crowd_rules(coco_root: Path):
     expected[1:3, 1:3] = 3  # the smaller dog is on top
     np.testing.assert_array_equal(m1, expected)
     m2 = gt.load_map(gt.images[1])
-    airplane = ev.decode_segmentation([[4.0, 0.0, 6.0, 0.0, 6.0, 2.0, 4.0, 2.0]], 6, 8, "x")
+    airplane = decode_segmentation([[4.0, 0.0, 6.0, 0.0, 6.0, 2.0, 4.0, 2.0]], 6, 8, "x")
     expected = np.zeros((6, 8), dtype=int)
     expected[:, 4:8] = IGNORE  # crowd region ignored ...
     expected[airplane] = 2  # ... except where a non-crowd instance covers it
