@@ -8,6 +8,7 @@ Rows (multi-label mAP over the 12 object classes, non-interpolated AP averaged o
       85-template classifier (the paper's CLIP baseline)
   (b) coarse patch scores only          (c) coarse + DMAR
   (d) coarse + CWR                      (e) full TagCLIP (DMAR + CWR)
+plus tag precision / recall / F1 and the number of scenes whose tag set is exactly right.
 "all" is mAP over every test image; "non-salient" scores each class only on the images where it is
 absent or present but not the largest object (images where it is the salient object are left
 out), i.e. how well the small/occluded objects are found. Segmentation rows (CLS-SEG, MaskCLIP)
@@ -245,18 +246,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Synthetic shapes test set: {count} scenes (stream {args.seed}), {int(truth.sum())} objects, "
           f"{n_small} of them non-salient; model {bb.name}")  # fmt: skip
     print()
-    print("| method | mAP all | mAP non-salient | tag P / R / F1 | time (s) |")
-    print("|---|---:|---:|---:|---:|")
+    print("| method | mAP all | mAP non-salient | tag P / R / F1 | exact tag sets | time (s) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, scores, tags, seconds in rows:
         m_all, ap_all = mean_ap(scores, truth)
         m_small, _ = mean_ap(scores, truth, non_salient_valid)
         if tags is None:  # the class-token baseline: the same tag rule as TagCLIP
             tags = [set(tags_from_scores(torch.from_numpy(s), 0.5)) for s in scores]
         p, r, f1 = tag_f1(tags, truth_sets)
-        print(f"| {name} | {m_all:.1f} | {m_small:.1f} | {p:.0f} / {r:.0f} / {f1:.0f} | {seconds:.0f} |")
+        exact = sum(t == g for t, g in zip(tags, truth_sets, strict=True))
+        print(f"| {name} | {m_all:.1f} | {m_small:.1f} | {p:.0f} / {r:.0f} / {f1:.0f} | {exact} | {seconds:.0f} |")
         results["rows"][name] = {
             "map": m_all, "map_non_salient": m_small, "tag_precision": p, "tag_recall": r, "tag_f1": f1,
-            "per_class_ap": dict(zip(OBJECT_CLASSES, ap_all.tolist(), strict=True)),
+            "exact_tag_sets": exact, "per_class_ap": dict(zip(OBJECT_CLASSES, ap_all.tolist(), strict=True)),
         }  # fmt: skip
     seg = run_segmentation(bb, vocab, scenes, images, args.batch_size)
     if seg:

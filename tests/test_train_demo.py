@@ -141,3 +141,87 @@ def test_attention_loss_rewards_attention_within_a_label() -> None:
     spread = train.attention_loss(uniform, targets, slice(0, 1), 3.0)
     assert spread > good
     assert train.attention_loss(across, targets, slice(0, 1), 3.0) > spread
+
+
+def test_training_forward_pools_the_projected_patch_tokens_open_clip_gives() -> None:
+    """The pooled loss trains the image feature CLS-SEG's Grad-CAM scores: the mean of the ordinary
+    last block's projected patch tokens (the tokens open_clip's VisionTransformer returns, projected)."""
+    import open_clip
+
+    from tagclip_cli.backbone import Backbone
+
+    train = _load("train_demo_clip")
+    torch.manual_seed(1)
+    model = open_clip.CLIP(**TINY)
+    bb = Backbone(model=model, tokenizer=None, name="tiny", weights="test", device=torch.device("cpu"), cache_dir=None)
+    model.requires_grad_(True)  # as training does: Backbone freezes its model
+    images = torch.randn(3, 3, 32, 32)
+    out = train.training_forward(bb, images)
+    model.visual.output_tokens = True
+    with torch.no_grad():
+        pooled, tokens = model.visual(images)
+        assert torch.allclose(out.cls, pooled, atol=1e-5)
+        # open_clip returns the patch tokens after ln_post, before the projection.
+        assert torch.allclose(out.pooled, (tokens @ model.visual.proj).mean(dim=1), atol=1e-5)
+
+
+def test_caption_classes_name_only_what_the_caption_says() -> None:
+    from tagclip_cli.synthetic import OBJECT_CLASSES, generate_scene
+
+    train = _load("train_demo_clip")
+    names = train.TARGET_CLASSES
+    two = train.caption_classes("a ring next to a star.")
+    assert two[names.index("ring")] == pytest.approx(0.5) and two[names.index("star")] == pytest.approx(0.5)
+    assert two.sum() == pytest.approx(1.0)
+    stuff = train.caption_classes("a photo of the sky.")
+    assert stuff[names.index("sky")] == 1.0 and stuff.sum() == 1.0
+    assert train.caption_classes("a picture").sum() == 0
+    for i in range(40):
+        scene = generate_scene(i, seed=7)
+        named = train.caption_classes(scene.caption)
+        objects = [names[c] for c in np.nonzero(named[: len(OBJECT_CLASSES)])[0]]
+        assert set(objects) <= set(scene.objects[:2]), scene.caption
+        assert named.sum() == pytest.approx(1.0), scene.caption
+
+
+def test_image_shares_lift_small_objects_and_sum_to_one() -> None:
+    train = _load("train_demo_clip")
+    targets = torch.zeros(1, 100, 4)
+    targets[0, :1, 0] = 1  # 1% of the image
+    targets[0, 1:25, 1] = 1  # 24%
+    targets[0, 25:, 2] = 1  # 75%; class 3 absent
+    shares = train.image_shares(targets)[0]
+    assert float(shares.sum()) == pytest.approx(1.0)
+    assert float(shares[3]) == 0.0
+    assert 0 < shares[0] < shares[1] < shares[2]
+    assert float(shares[0] / shares[2]) == pytest.approx((0.01 / 0.75) ** 0.5)
+
+
+def test_soft_cross_entropy_skips_rows_without_a_target() -> None:
+    train = _load("train_demo_clip")
+    text = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    target = torch.zeros(2, 5)
+    target[0, 3] = 1
+    right = train.soft_cross_entropy(text[3:4].repeat(2, 1), text, target, torch.tensor(100.0))
+    wrong = train.soft_cross_entropy(text[1:2].repeat(2, 1), text, target, torch.tensor(100.0))
+    assert float(right) < 1e-3 < float(wrong)
+    assert float(train.soft_cross_entropy(text[:2], text, torch.zeros(2, 5), torch.tensor(1.0))) == 0.0
+
+
+def test_init_loads_a_saved_checkpoint(tmp_path, monkeypatch) -> None:
+    import open_clip
+
+    train = _load("train_demo_clip")
+    monkeypatch.setattr(train, "MODEL_CONFIG", TINY)
+    torch.manual_seed(2)
+    saved = open_clip.CLIP(**TINY)
+    train.save_checkpoint(saved, tmp_path, 3)
+    fresh = open_clip.CLIP(**TINY)
+    digest = train.load_init(fresh, tmp_path / "shapes-demo.safetensors")
+    assert len(digest) == 64
+    for (name, a), b in zip(saved.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a.half().float(), b), name
+    other = open_clip.CLIP(**{**TINY, "vision_cfg": {**TINY["vision_cfg"], "layers": 1}})
+    train.save_checkpoint(other, tmp_path / "other", 1)
+    with pytest.raises(SystemExit, match="not a shapes-demo checkpoint"):
+        train.load_init(fresh, tmp_path / "other" / "shapes-demo.safetensors")
