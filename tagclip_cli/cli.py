@@ -619,6 +619,8 @@ def segment(
                                    "cams, tags) as DIR/<image id>.npz, for `evaluate --cams DIR --bg-threshold`."),
     cams_grid: bool = typer.Option(False, "--cams-grid", help="--save-cams on the patch grid instead of at the "
                                    "image size (about 256x smaller files)."),
+    rcs: bool = typer.Option(False, "--rcs", help="sclip / clearclip / naclip: add ResCLIP's RCS and SFR to the "
+                             "last block, with ResCLIP's published settings (naclip --rcs = --method resclip)."),
     key_smoothing: bool = typer.Option(False, "--key-smoothing", help="MaskCLIP: smooth with last-layer keys."),
     prompt_denoising: bool = typer.Option(False, "--prompt-denoising",
                                           help="MaskCLIP: drop classes whose best probability is below 0.5."),
@@ -691,7 +693,7 @@ def segment(
     if png_dir is not None and png_dir.exists() and not png_dir.is_dir():
         raise fail(f"--png-dir {png_dir}: exists and is not a directory")
     seg_cfg = methods.configure(method, setting, crf=crf, key_smoothing=key_smoothing,
-                                prompt_denoising=prompt_denoising,
+                                prompt_denoising=prompt_denoising, rcs=rcs,
                                 save_cams=None if save_cams is None else ("grid" if cams_grid else "image"))
     voc = _load_vocab(vocab, background, no_background)
     items = _collect_items(images, manifest, image_root, images_parquet, image_column, id_column)
@@ -747,7 +749,8 @@ def reproduce(
                                    "(or the label PNGs themselves)."),
     cocostuff_split: Path = typer.Option(None, "--cocostuff-split", help="COCO-Stuff image list (default: every "
                                          "label PNG); the reference uses its imageset/cocostuff/val.txt."),
-    rows: str = typer.Option(None, "--rows", help="Only these rows (comma-separated names; default all eight)."),
+    rows: str = typer.Option(None, "--rows", help="Only these rows (comma-separated names; default the paper's "
+                             "eight; the ResCLIP and SC-CLIP rows, e.g. voc2012-miou-resclip, only when named)."),
     model: str = MODEL_OPT,
     pretrained: str = PRETRAINED_OPT,
     device: str = DEVICE_OPT,
@@ -759,14 +762,14 @@ def reproduce(
 ) -> None:
     """The paper's eight numbers (VOC07 / COCO14 mAP; VOC12, COCO-Object, COCO-Stuff-27 mIoU with and without CRF)
     with --reference-compat, in one resumable run, and a table of ours vs published."""
-    from tagclip_cli.reproduce import ROW_NAMES, ReproduceOptions, render_results, run_reproduce
+    from tagclip_cli.reproduce import PAPER_ROWS, ReproduceOptions, render_results, run_reproduce
 
     setup_logging(quiet, verbose)
     roots = {name: path for name, path in (("voc2007", voc2007), ("voc2012", voc2012), ("coco2014", coco2014),
                                             ("coco2017", coco2017), ("cocostuff", cocostuff)) if path is not None}
     if cocostuff_split is not None and not cocostuff_split.is_file():
         raise fail(f"--cocostuff-split {cocostuff_split}: file not found")
-    chosen = ROW_NAMES if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip())
+    chosen = PAPER_ROWS if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip())
     opts = ReproduceOptions(
         out=out, roots=roots, model=_model_options(model, pretrained, checkpoint, device, cache_dir),
         rows=chosen, cocostuff_split=cocostuff_split, batch_size=batch_size, workers=workers,

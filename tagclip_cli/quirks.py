@@ -41,3 +41,23 @@ class Quirks:
     def q4_caa_float32(self) -> bool:
         """Q4: CAA's refinement in float32 in the reference's order."""
         return self.reference_compat
+
+    @property
+    def q5_sfr_float16(self) -> bool:
+        """Q5: ResCLIP's SFR matrix rounded through fp16."""
+        return self.reference_compat
+
+    @property
+    def q6_sfr_partial_paths(self) -> bool:
+        """Q6: ResCLIP's same-label path check samples only the first steps / max_steps of a line."""
+        return self.reference_compat
+
+    @property
+    def q7_resclip_switches_on(self) -> bool:
+        """Q7: ResCLIP's RCS and SFR switches cannot be turned off."""
+        return self.reference_compat
+
+    @property
+    def q8_scclip_outlier_rows(self) -> bool:
+        """Q8: SC-CLIP's outlier positions computed with the grid's height as its row length."""
+        return self.reference_compat
