@@ -48,7 +48,7 @@ def backbone(model):
     import open_clip
 
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
-    return Backbone(model, tokenizer, torch.device("cpu"), "fp32", "test")
+    return Backbone(model, tokenizer, "two-head", "random", torch.device("cpu"), None)
 
 
 # ---- naive pieces -------------------------------------------------------------------------------
