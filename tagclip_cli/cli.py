@@ -663,18 +663,8 @@ def segment(
     from tagclip_cli.tagclip import TagCLIPConfig
     from tagclip_cli.writers import check_output_path
 
-    if method not in methods.names("masks"):
-        raise fail(f"--method must be one of {', '.join(methods.names('masks'))}, not '{method}'")
-    if setting not in methods.SETTINGS:
-        raise fail(f"--setting must be one of {', '.join(methods.SETTINGS)}, not '{setting}'")
-    spec = methods.get(method, "masks")
-    _check_save_cams(save_cams, cams_grid, method, "save_cams" in spec.options)
-    if crf and "crf" not in spec.options:
-        raise fail(f"--crf refines CLS-SEG cams; it does not apply to --method {method}")
-    if (key_smoothing or prompt_denoising) and not {"key_smoothing", "prompt_denoising"} <= spec.options:
-        raise fail("--key-smoothing and --prompt-denoising are MaskCLIP options (--method maskclip)")
-    if not spec.needs_tags and (tags_in is not None or tags_out is not None):
-        raise fail(f"--tags and --tags-out are for TagCLIP's tags; --method {method} does not use them")
+    _check_method(method, setting, crf, key_smoothing or prompt_denoising, tags_in is not None or tags_out is not None,
+                  save_cams, cams_grid)
     if tags_in is not None and tags_out is not None:
         raise fail("--tags-out writes the tags of TagCLIP run here; with --tags the tags are already in that file")
     if thresholds is not None and tags_in is not None:
@@ -717,6 +707,26 @@ def segment(
     _report(summary, out, quiet)
     if (summary.failed or summary.failed_before) and summary.leader:
         raise typer.Exit(1)  # the output has failed rows, whichever run met them
+
+
+def _check_method(method: str, setting: str, crf: bool, maskclip_options: bool, tags_files: bool,
+                  save_cams: Path | None, cams_grid: bool) -> None:
+    """segment --method / --setting and the options a method may not take (the registry's facts):
+    usage errors before anything loads."""
+    from tagclip_cli import methods
+
+    if method not in methods.names("masks"):
+        raise fail(f"--method must be one of {', '.join(methods.names('masks'))}, not '{method}'")
+    if setting not in methods.SETTINGS:
+        raise fail(f"--setting must be one of {', '.join(methods.SETTINGS)}, not '{setting}'")
+    spec = methods.get(method, "masks")
+    _check_save_cams(save_cams, cams_grid, method, "save_cams" in spec.options)
+    if crf and "crf" not in spec.options:
+        raise fail(f"--crf refines CLS-SEG cams; it does not apply to --method {method}")
+    if maskclip_options and not {"key_smoothing", "prompt_denoising"} <= spec.options:
+        raise fail("--key-smoothing and --prompt-denoising are MaskCLIP options (--method maskclip)")
+    if not spec.needs_tags and tags_files:
+        raise fail(f"--tags and --tags-out are for TagCLIP's tags; --method {method} does not use them")
 
 
 def _check_save_cams(save_cams: Path | None, cams_grid: bool, method: str, saves_cams: bool) -> None:

@@ -1,5 +1,5 @@
 """The text side of CLIP: prompt embeddings and the prompt-ensemble classifier with its on-disk cache
-(docs/algorithm.md §7). The templates are the methods' (tagclip.py, segment.py); the backbone only
+(docs/algorithm.md §7). The templates are the methods' (tagclip.py, methods/); the backbone only
 offers CLIP's own 80 ImageNet templates, as open_clip ships them."""
 
 from __future__ import annotations

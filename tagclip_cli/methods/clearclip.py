@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from tagclip_cli.backbone.encoder import AttentionInputs, LastBlockAttention
+from tagclip_cli.backbone.encoder import AttentionInputs
 from tagclip_cli.methods.dense import COCO_RENAMES, VOC_RENAMES, DenseConfig, DenseMethod, DenseSettings
 from tagclip_cli.methods.registry import register
 
@@ -25,23 +25,17 @@ class ClearclipConfig(DenseConfig):
     """ClearCLIP's settings (`DenseConfig`)."""
 
 
-class Clearclip(DenseMethod):
-    name = "clearclip"
-    summary = "ClearCLIP: q-q attention, no residual or MLP in the last block, published settings"
-    keep_residual = False
-    config_type = ClearclipConfig
-    # From the authors' VOC21 and COCO-Object configs (ViT-B/16).
-    published = {
-        "voc": DenseSettings(short_side=448, crop=448, stride=224, logit_scale=50, prob_threshold=0.5,
-                             pad_crops=True),
-        "coco": DenseSettings(short_side=448, crop=448, stride=224, logit_scale=50, prob_threshold=0.4,
-                              pad_crops=True),
-    }
-    background_queries = ("background",)
-    query_tables = {"voc": CLEARCLIP_VOC_QUERIES, "coco": CLEARCLIP_COCO_QUERIES}
+# From the authors' VOC21 and COCO-Object configs (ViT-B/16).
+CLEARCLIP_PUBLISHED = {
+    "voc": DenseSettings(short_side=448, crop=448, stride=224, logit_scale=50, prob_threshold=0.5,
+                         pad_crops=True),
+    "coco": DenseSettings(short_side=448, crop=448, stride=224, logit_scale=50, prob_threshold=0.4,
+                          pad_crops=True),
+}
 
-    def attention(self, settings: DenseSettings) -> LastBlockAttention:
-        return clearclip_attention
-
-
-CLEARCLIP = register(Clearclip())
+CLEARCLIP = register(DenseMethod(
+    name="clearclip", summary="ClearCLIP: q-q attention, no residual or MLP in the last block, published settings",
+    attention_for=lambda settings: clearclip_attention, keep_residual=False, published=CLEARCLIP_PUBLISHED,
+    background_queries=("background",), query_tables={"voc": CLEARCLIP_VOC_QUERIES, "coco": CLEARCLIP_COCO_QUERIES},
+    config_type=ClearclipConfig,
+))

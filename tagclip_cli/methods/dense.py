@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -89,32 +88,35 @@ class DenseConfig:
     setting: str = "voc"  # the dataset setting it was made for (the run record lists it)
 
 
+@dataclass(frozen=True, eq=False)
 class DenseMethod:
-    """The `Method` of a dense baseline; a subclass sets name, summary, keep_residual (the last
-    block keeps its residual and MLP), published ({setting: DenseSettings}), background_queries and
-    query_tables ({"voc" | "coco": {class: names}}) and defines `attention`."""
+    """The `Method` of a dense baseline, declared by its module: name, summary, attention_for
+    (settings -> the last block's mixing weights, `encoder.LastBlockAttention`), keep_residual (the
+    last block keeps its residual and MLP), published ({setting: DenseSettings}),
+    background_queries and query_tables ({"voc" | "coco": {class: names}}), config_type."""
 
-    kind = "masks"
-    needs_tags = False
-    needs_rgb = True  # resizes the RGB image itself
-    options: frozenset[str] = frozenset({"rcs"})  # --rcs: ResCLIP on this method (methods/resclip.py)
-    settings = SETTINGS
-    config_type: ClassVar[type[DenseConfig]] = DenseConfig
     name: str
     summary: str
+    attention_for: Callable[[DenseSettings], LastBlockAttention]
     keep_residual: bool
     published: dict[str, DenseSettings]
     background_queries: tuple[str, ...]
     query_tables: dict[str, dict[str, tuple[str, ...]]]
+    config_type: type[DenseConfig] = DenseConfig
+    kind: str = "masks"
+    needs_tags: bool = False
+    needs_rgb: bool = True  # resizes the RGB image itself
+    options: frozenset[str] = frozenset({"rcs"})  # --rcs: ResCLIP on this method (methods/resclip.py)
+    settings: tuple[str, ...] = SETTINGS
 
     def attention(self, settings: DenseSettings) -> LastBlockAttention:
         """The last block's mixing weights (`encoder.AttentionInputs` -> (B, h, T, T))."""
-        raise NotImplementedError
+        return self.attention_for(settings)
 
     def window_tokens(self, backbone: Backbone, crops: Tensor, text: Tensor, settings: DenseSettings) -> Tensor:
         """Projected patch tokens (B, N, D) fp32 of windows crops (B, 3, H, W) (`dense_tokens`; a
         method that needs more than a changed last-block attention, e.g. the queries' text (Q, D),
-        overrides it)."""
+        has its own, as ResCLIP and SC-CLIP)."""
         return dense_tokens(backbone, crops, self, settings)
 
     def config(self, setting: str = "voc", rcs: bool = False, **options) -> DenseConfig:
@@ -143,10 +145,10 @@ class DenseMethod:
         return legacy_record(self.name, quirks, setting=config.setting, dense=asdict(config.settings))
 
 
-def _resclip() -> DenseMethod:
+def _resclip():
     from tagclip_cli.methods.registry import get
 
-    return get("resclip")  # type: ignore[return-value]
+    return get("resclip")
 
 
 # ---- pure functions -------------------------------------------------------------------------------

@@ -42,21 +42,16 @@ class NaclipConfig(DenseConfig):
     """NACLIP's settings (`DenseConfig`; gaussian_std is the prior's width)."""
 
 
-class Naclip(DenseMethod):
-    name = "naclip"
-    summary = "NACLIP: k-k attention with a neighbourhood prior, no residual or MLP, published settings"
-    keep_residual = False
-    config_type = NaclipConfig
-    # From the authors' VOC21 and COCO-Object configs (ViT-B/16; the class's 224 / 112 windows).
-    published = {
-        "voc": DenseSettings(short_side=336, crop=0, stride=0, logit_scale=40, prob_threshold=0.1),
-        "coco": DenseSettings(short_side=336, crop=224, stride=112, logit_scale=40, prob_threshold=0.1),
-    }
-    background_queries = SCENE_BACKGROUND
-    query_tables = {"voc": SCLIP_VOC_QUERIES, "coco": SCLIP_COCO_QUERIES}
+# From the authors' VOC21 and COCO-Object configs (ViT-B/16; the class's 224 / 112 windows).
+NACLIP_PUBLISHED = {
+    "voc": DenseSettings(short_side=336, crop=0, stride=0, logit_scale=40, prob_threshold=0.1),
+    "coco": DenseSettings(short_side=336, crop=224, stride=112, logit_scale=40, prob_threshold=0.1),
+}
 
-    def attention(self, settings: DenseSettings) -> LastBlockAttention:
-        return naclip_attention(settings.gaussian_std)
-
-
-NACLIP = register(Naclip())
+NACLIP = register(DenseMethod(
+    name="naclip", summary="NACLIP: k-k attention with a neighbourhood prior, no residual or MLP, published settings",
+    attention_for=lambda settings: naclip_attention(settings.gaussian_std), keep_residual=False,
+    published=NACLIP_PUBLISHED,
+    background_queries=SCENE_BACKGROUND, query_tables={"voc": SCLIP_VOC_QUERIES, "coco": SCLIP_COCO_QUERIES},
+    config_type=NaclipConfig,
+))

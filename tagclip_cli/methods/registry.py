@@ -4,7 +4,8 @@ Plug-ins are found, once, on the first look-up: every entry point of the group
 `tagclip_cli.methods` (an installed package's `[project.entry-points."tagclip_cli.methods"]`) and
 every module named in the environment variable `TAGCLIP_METHODS` (comma-separated, e.g.
 `TAGCLIP_METHODS=my_package.my_method tagclip segment ...`). Loading one imports it; a module
-registers its methods with `register`, an entry point may also name a `Method` object itself.
+registers its methods with `register`; an entry point, or a `module:attribute` in the variable,
+may also name a `Method` object itself, which is then registered.
 """
 
 from __future__ import annotations
@@ -58,9 +59,18 @@ def unregister(name: str) -> None:
     _methods.pop(name, None)
 
 
+def _import_target(target: str) -> Any:
+    """`module` or `module:attribute` (the entry-point syntax)."""
+    module, _, attribute = target.partition(":")
+    obj = importlib.import_module(module)
+    for name in filter(None, attribute.split(".")):
+        obj = getattr(obj, name)
+    return obj
+
+
 def _load_plugin(target: str | Any, source: str) -> None:
     try:
-        obj = importlib.import_module(target) if isinstance(target, str) else target.load()
+        obj = _import_target(target) if isinstance(target, str) else target.load()
     except Exception as exc:  # a broken plug-in must not break the built-in methods
         log.warning("cannot load method plug-in %s (%s): %s", target if isinstance(target, str) else target.value,
                     source, exc)

@@ -36,7 +36,7 @@ from tagclip_cli.backbone import Backbone
 from tagclip_cli.backbone.encoder import AttentionInputs, LastBlockAttention
 from tagclip_cli.errors import UsageError
 from tagclip_cli.methods.base import SETTINGS
-from tagclip_cli.methods.dense import DenseMethod, DenseSegments, DenseSettings
+from tagclip_cli.methods.dense import DenseSegments, DenseSettings
 from tagclip_cli.methods.naclip import neighbourhood_prior
 from tagclip_cli.methods.registry import get, register
 from tagclip_cli.methods.sclip import SCENE_BACKGROUND, SCLIP_COCO_QUERIES, SCLIP_VOC_QUERIES
@@ -334,18 +334,17 @@ class _ResClipRun:
         return backbone.custom_last_block(out.layers[last - 1].x, second, keep_residual, grid, out.layers)
 
 
-class ResClip(DenseMethod):
+class ResClip:
     """ResCLIP: `config(setting, base=...)` gives the authors' settings on a base (naclip by default)."""
 
     name = "resclip"
+    kind = "masks"
+    needs_tags = False
+    needs_rgb = True  # resizes the RGB image itself
     options: frozenset[str] = frozenset()
     summary = ("ResCLIP on NACLIP: RCS (middle layers' q-k attention) and SFR (feedback of a first pass), "
                "published settings")
-    keep_residual = False
     settings = (*SETTINGS, "voc20")
-    published = RESCLIP_DENSE
-    background_queries = SCENE_BACKGROUND
-    query_tables = {"voc": SCLIP_VOC_QUERIES, "coco": SCLIP_COCO_QUERIES}
 
     def config(self, setting: str = "voc", base: str = "naclip", **options) -> ResClipConfig:
         """The authors' settings for setting ("cocostuff" has none and takes VOC's)."""

@@ -29,7 +29,8 @@ from torch import Tensor
 from tagclip_cli.backbone import Backbone
 from tagclip_cli.backbone.encoder import AttentionInputs, LastBlockAttention
 from tagclip_cli.errors import UsageError
-from tagclip_cli.methods.dense import DenseMethod, DenseSegments, DenseSettings
+from tagclip_cli.methods.base import SETTINGS
+from tagclip_cli.methods.dense import DenseSegments, DenseSettings
 from tagclip_cli.methods.registry import register
 from tagclip_cli.methods.sclip import SCENE_BACKGROUND, SCLIP_COCO_QUERIES, SCLIP_VOC_QUERIES
 from tagclip_cli.quirks import Quirks
@@ -212,15 +213,14 @@ class _ScClipRun:
         return scclip_tokens(backbone, crops, self.config.scclip, self.quirks.q8_scclip_outlier_rows)
 
 
-class ScClip(DenseMethod):
+class ScClip:
     name = "scclip"
+    kind = "masks"
+    needs_tags = False
+    needs_rgb = True  # resizes the RGB image itself
     options: frozenset[str] = frozenset()
+    settings = SETTINGS
     summary = "SC-CLIP: outliers replaced, similarity-guided last block and multi-level fusion, published settings"
-    keep_residual = False
-    published = SCCLIP_DENSE
-    background_queries = SCENE_BACKGROUND
-    query_tables = {"voc": SCLIP_VOC_QUERIES, "coco": SCLIP_COCO_QUERIES}
-
     def config(self, setting: str = "voc", **options) -> ScClipConfig:
         """The authors' settings for setting ("cocostuff" has none and takes VOC's)."""
         if setting not in self.settings:

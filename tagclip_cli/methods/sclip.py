@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from tagclip_cli.backbone.encoder import AttentionInputs, LastBlockAttention
+from tagclip_cli.backbone.encoder import AttentionInputs
 from tagclip_cli.methods.dense import COCO_RENAMES, VOC_RENAMES, DenseConfig, DenseMethod, DenseSettings
 from tagclip_cli.methods.registry import register
 
@@ -37,22 +37,16 @@ class SclipConfig(DenseConfig):
     """SCLIP's settings (`DenseConfig`)."""
 
 
-class Sclip(DenseMethod):
-    name = "sclip"
-    summary = "SCLIP: correlative self-attention in the last block, published settings"
-    keep_residual = True
-    config_type = SclipConfig
-    # From the authors' VOC21 and COCO-Object configs (ViT-B/16; the class's 224 / 112 windows).
-    published = {
-        "voc": DenseSettings(short_side=336, crop=224, stride=112, logit_scale=65, prob_threshold=0.1,
-                             area_threshold=0.1),
-        "coco": DenseSettings(short_side=336, crop=224, stride=112, logit_scale=50, prob_threshold=0.1),
-    }
-    background_queries = SCENE_BACKGROUND
-    query_tables = {"voc": SCLIP_VOC_QUERIES, "coco": SCLIP_COCO_QUERIES}
+# From the authors' VOC21 and COCO-Object configs (ViT-B/16; the class's 224 / 112 windows).
+SCLIP_PUBLISHED = {
+    "voc": DenseSettings(short_side=336, crop=224, stride=112, logit_scale=65, prob_threshold=0.1,
+                         area_threshold=0.1),
+    "coco": DenseSettings(short_side=336, crop=224, stride=112, logit_scale=50, prob_threshold=0.1),
+}
 
-    def attention(self, settings: DenseSettings) -> LastBlockAttention:
-        return sclip_attention
-
-
-SCLIP = register(Sclip())
+SCLIP = register(DenseMethod(
+    name="sclip", summary="SCLIP: correlative self-attention in the last block, published settings",
+    attention_for=lambda settings: sclip_attention, keep_residual=True, published=SCLIP_PUBLISHED,
+    background_queries=SCENE_BACKGROUND, query_tables={"voc": SCLIP_VOC_QUERIES, "coco": SCLIP_COCO_QUERIES},
+    config_type=SclipConfig,
+))

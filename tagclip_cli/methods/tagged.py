@@ -33,12 +33,8 @@ class TaggedSegments:
         self.tagger = Tagger(backbone, vocab, self.tagclip, quirks=quirks) if run_tagclip else None
 
     def segment(
-        self,
-        images: Sequence[Tensor],
-        sizes: Sequence[tuple[int, int]],
-        tags: Sequence[Sequence[int]] | None = None,
-        rgb: Callable[[int], np.ndarray] | None = None,
-        keep_cams: bool = False,
+        self, images: Sequence[Tensor], sizes: Sequence[tuple[int, int]], tags: Sequence[Sequence[int]] | None = None,
+        rgb: Callable[[int], np.ndarray] | None = None, keep_cams: bool = False,
     ) -> list[SegOutput]:
         """Segment normalised images (each (3, H', W'), multiples of the patch size).
 
