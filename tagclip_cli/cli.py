@@ -353,8 +353,8 @@ BACKGROUND_OPT = typer.Option(
 # The choices are the registry's (tagclip_cli.methods), checked when the command runs; the text
 # names the built-ins without importing them (the registry loads torch).
 METHOD_HELP = ("clses (CLS-SEG: TagCLIP tags -> CLIP-ES, the paper's), maskclip (baseline: dense logits, argmax), or "
-               "the dense baselines sclip, clearclip, naclip with their published settings (README 'Compare "
-               "methods'); plug-ins add more (TAGCLIP_METHODS=module, or a package's 'tagclip_cli.methods' entry "
+               "the dense baselines sclip, clearclip, naclip, resclip (ResCLIP on NACLIP) and scclip (SC-CLIP) "
+               "with their published settings (README 'Compare methods'); plug-ins add more (TAGCLIP_METHODS=module, or a package's 'tagclip_cli.methods' entry "
                "point).")
 REFERENCE_COMPAT_OPT = typer.Option(
     False, "--reference-compat",
