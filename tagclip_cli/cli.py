@@ -354,7 +354,8 @@ BACKGROUND_OPT = typer.Option(
 # names the built-ins without importing them (the registry loads torch).
 METHOD_HELP = ("clses (CLS-SEG: TagCLIP tags -> CLIP-ES, the paper's), maskclip (baseline: dense logits, argmax), or "
                "the dense baselines sclip, clearclip, naclip, resclip (ResCLIP on NACLIP) and scclip (SC-CLIP) "
-               "with their published settings (README 'Compare methods'); plug-ins add more (TAGCLIP_METHODS=module, or a package's 'tagclip_cli.methods' entry "
+               "with their published settings (README 'Compare methods'); plug-ins add more "
+               "(TAGCLIP_METHODS=module, or a package's 'tagclip_cli.methods' entry "
                "point).")
 REFERENCE_COMPAT_OPT = typer.Option(
     False, "--reference-compat",
