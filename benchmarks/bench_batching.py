@@ -21,8 +21,9 @@ import time
 import torch
 
 from tagclip_cli.backbone import load_backbone
-from tagclip_cli.data import DecodedImage, ImageItem, bucket_batches
-from tagclip_cli.jobs import WINDOW_BATCHES
+from tagclip_cli.data import DecodedImage, bucket_batches
+from tagclip_cli.jobs.runner import WINDOW_BATCHES
+from tagclip_cli.sources import ImageItem
 
 # Shares of the most common PASCAL VOC image sizes (width x height), then rounded up to the patch.
 VOC_SIZES = [((500, 375), 0.50), ((375, 500), 0.20), ((500, 333), 0.12), ((333, 500), 0.05),

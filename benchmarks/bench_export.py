@@ -67,7 +67,8 @@ SCHEMA = pa.schema([
 
 def write_inputs(root: Path, count: int, classes: list[str], scenes: list[list[dict]]) -> tuple[Path, Path, Path]:
     """(masks Parquet, tags Parquet, image folder) of `count` images."""
-    from tagclip_cli.writers import METADATA_KEY, tags_schema
+    from tagclip_cli.record import METADATA_KEY
+    from tagclip_cli.writers import tags_schema
 
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)

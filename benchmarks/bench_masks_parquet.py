@@ -32,8 +32,8 @@ def make_parts(out: Path, n: int) -> None:
     import numpy as np
     import pyarrow as pa
 
-    from tagclip_cli.data import ImageItem
-    from tagclip_cli.jobs import PartStore
+    from tagclip_cli.jobs.parts import PartStore
+    from tagclip_cli.sources import ImageItem
     from tagclip_cli.writers import mask_entries, segment_row, segment_schema
 
     config = {"tool": "tagclip-cli", "classes": CLASSES}
@@ -64,7 +64,7 @@ def merge(out: Path, n: int) -> dict:
 
     import pyarrow.parquet as pq
 
-    from tagclip_cli.jobs import PartStore
+    from tagclip_cli.jobs.parts import PartStore
     from tagclip_cli.writers import segment_schema
 
     store = PartStore(out)

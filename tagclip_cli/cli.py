@@ -393,7 +393,7 @@ def _collect_items(images: str | None, manifest: str | None, image_root: str | N
 
 def _placement(shard: str | None, out: str, overwrite: bool, images: str | None):
     """Where this process sits (torchrun env, --shard); refuses combinations that cannot work."""
-    from tagclip_cli.jobs import parse_shard, placement_from_env
+    from tagclip_cli.jobs.placement import parse_shard, placement_from_env
 
     placement = placement_from_env(parse_shard(shard) if shard else None)
     if placement.shard and overwrite:
@@ -463,11 +463,11 @@ def annotate(
     verbose: bool = VERBOSE_OPT,
 ) -> None:
     """Tag every image with TagCLIP: the fused score of every class and the predicted tags, to Parquet."""
-    from tagclip_cli.jobs import OutputClosed
+    from tagclip_cli.fileio import check_output_path
+    from tagclip_cli.jobs.sinks import OutputClosed
     from tagclip_cli.pipeline import AnnotateOptions, run_annotate
     from tagclip_cli.quirks import Quirks
     from tagclip_cli.tagclip import TagCLIPConfig
-    from tagclip_cli.writers import check_output_path
 
     placement = _placement(shard, out, overwrite, images)
     setup_logging(quiet or not placement.leader, verbose)
@@ -505,7 +505,7 @@ def _stdout_for_results(streaming: bool):
 
     When the reader goes away (`| head`), raise OutputClosed with fd 1 pointed at /dev/null so that
     the interpreter's final flush does not complain."""
-    from tagclip_cli.jobs import OutputClosed
+    from tagclip_cli.jobs.sinks import OutputClosed
 
     if not streaming:
         yield None
@@ -531,7 +531,7 @@ def merge(
     verbose: bool = VERBOSE_OPT,
 ) -> None:
     """Merge the parts of separately run shards (--shard I/N) into OUT, once every image has a result."""
-    from tagclip_cli.jobs import merge_output
+    from tagclip_cli.jobs.parts import merge_output
 
     setup_logging(quiet, verbose)
     rows = merge_output(out)
@@ -659,10 +659,10 @@ def segment(
     Parquet, optionally with label PNGs and tags."""
     from tagclip_cli import methods
     from tagclip_cli.cams import require_crf
+    from tagclip_cli.fileio import check_output_path
     from tagclip_cli.pipeline import SegmentOptions, run_segment
     from tagclip_cli.quirks import Quirks
     from tagclip_cli.tagclip import TagCLIPConfig
-    from tagclip_cli.writers import check_output_path
 
     _check_method(method, setting, crf, key_smoothing or prompt_denoising, tags_in is not None or tags_out is not None,
                   save_cams, cams_grid)
@@ -919,8 +919,8 @@ def retag(
     verbose: bool = VERBOSE_OPT,
 ) -> None:
     """Re-derive the tags of a tags Parquet from its stored scores with new thresholds (no model)."""
+    from tagclip_cli.fileio import check_output_path
     from tagclip_cli.thresholds import retag_file
-    from tagclip_cli.writers import check_output_path
 
     setup_logging(quiet, verbose)
     if thresholds is None and tag_threshold is None:
@@ -956,9 +956,9 @@ def calibrate(
 ) -> None:
     """Pick each class's tag threshold on labelled images; print precision/recall/F1 before and after."""
     from tagclip_cli import evaluate as ev
+    from tagclip_cli.fileio import check_output_path
     from tagclip_cli.thresholds import calibrate as run_calibration
     from tagclip_cli.thresholds import parse_target, write_threshold_file
-    from tagclip_cli.writers import check_output_path
 
     setup_logging(quiet, verbose)
     if gt not in ev.GT_NAMES:

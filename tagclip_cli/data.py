@@ -1,7 +1,7 @@
 """Decoding images and the DataLoader side: bytes -> RGB -> preprocessed pixels, size bucketing.
 
-Listing inputs (folders, path lists, manifests, tar shards, Parquet; local or remote) lives in
-sources.py; its names are importable from here as before. An item's bytes are read through
+Listing inputs (folders, path lists, manifests, tar shards, Parquet; local or remote) is
+sources.py (`ImageItem` lives there). An item's bytes are read through
 `sources.read_bytes` when it lives inside a tar / Parquet file or at a URL.
 """
 
@@ -23,18 +23,8 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from tagclip_cli.faults import deferred_signals, ignore_signals_in_worker
-from tagclip_cli.sources import (  # noqa: F401  (listing moved to sources.py; old names kept importable)
-    IMAGE_EXTENSIONS,
-    ImageItem,
-    SourceError,
-    collect_items,
-    is_url,
-    list_folder,
-    read_bytes,
-    read_manifest,
-    read_path_list,
-)
-from tagclip_cli.writers import output_text
+from tagclip_cli.fileio import output_text
+from tagclip_cli.sources import ImageItem, SourceError, is_url, read_bytes
 
 log = logging.getLogger(__name__)
 

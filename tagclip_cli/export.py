@@ -50,6 +50,7 @@ from tagclip_cli.formats import (
     read_tags_schema,
     tag_classes,
 )
+from tagclip_cli.record import TOOL, RecordIO, RunRecord
 
 FORMATS = ("yolo", "voc", "labelstudio", "cvat", "coco")
 YOLO_TASKS = ("detect", "segment")
@@ -123,8 +124,8 @@ class _TagIndex:
     def __init__(self, path: Path, with_scores: bool) -> None:
         self.path = path
         self.columns = (*self.COLUMNS, "scores") if with_scores else self.COLUMNS
-        self.metadata = read_tags_schema(path, self.columns)
-        self.classes = tag_classes(path, self.metadata)
+        self.record = read_tags_schema(path, self.columns)
+        self.classes = tag_classes(path, self.record)
         self.indexed = False  # True once the fallback index is built
         self._table: Any = None
         self._row: dict[str, int] = {}
@@ -528,12 +529,16 @@ def _write_voc(inputs: _Inputs, tmp: Path, summary: ExportSummary, progress: Pro
 
 
 def _model_version(inputs: _Inputs) -> str:
-    meta = (inputs.masks.metadata if inputs.masks is not None else None) or \
-        (inputs.tags.metadata if inputs.tags is not None else {})
-    tool = meta.get("tool") or "tagclip-cli"
-    version = meta.get("tool_version") or ""
-    method = (meta.get("segment") or {}).get("method") if isinstance(meta.get("segment"), dict) else None
-    return " ".join(str(p) for p in (tool, version, method) if p)
+    record = _run_record(inputs)
+    return " ".join(str(p) for p in (record.tool or TOOL, record.tool_version or "", record.method) if p)
+
+
+def _run_record(inputs: _Inputs) -> RunRecord:
+    """The run record of the masks file, else of the tags file (empty when neither has one)."""
+    for source in (inputs.masks, inputs.tags):
+        if source is not None and not source.record.empty:
+            return source.record
+    return RecordIO.from_dict({})
 
 
 def _hex(rgb: Sequence[int]) -> str:
@@ -663,11 +668,12 @@ def _write_cvat(inputs: _Inputs, tmp: Path, summary: ExportSummary, progress: Pr
 
 
 def _write_coco(inputs: _Inputs, tmp: Path, summary: ExportSummary, progress: Progress) -> None:
-    from tagclip_cli.writers import coco_categories, json_scalar
+    from tagclip_cli.fileio import json_scalar
+    from tagclip_cli.writers import coco_categories
 
-    meta = inputs.masks.metadata if inputs.masks is not None else {}
-    info = {"description": "tagclip export coco", "tool": meta.get("tool"), "version": meta.get("tool_version"),
-            "tagclip": meta}
+    record = inputs.masks.record if inputs.masks is not None else RecordIO.from_dict({})
+    info = {"description": "tagclip export coco", "tool": record.tool, "version": record.tool_version,
+            "tagclip": RecordIO.coco_info(record)}
     spool_path = tmp / "annotations.json.spool"
     ann_id = 0
     with open(tmp / "annotations.json", "w", encoding="utf-8") as fh, \

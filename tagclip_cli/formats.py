@@ -4,7 +4,7 @@ segmentations (RLE or polygons) as masks and label maps, and the colours of labe
 The one place that opens these files, for `tagclip segment --tags`, `tagclip evaluate` and
 `tagclip show`. Every problem with a file raises `FormatError` (a UsageError, exit code 2) whose
 one-line message names the file and what is wrong with it; callers may add their flag's name.
-Writing is `tagclip_cli.writers`; this module depends on it (the metadata key, the palette),
+Writing is `tagclip_cli.writers`; this module depends on it (the palette) and on `record`,
 never the other way round.
 """
 
@@ -22,14 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tagclip_cli.errors import FormatError
+from tagclip_cli.fileio import file_sha256
+from tagclip_cli.record import METADATA_KEY, RecordIO, RunRecord
 from tagclip_cli.writers import (
     CAMS_FORMAT,
     CAMS_INDEX,
-    METADATA_KEY,
-    file_sha256,
-    json_scalar,
-    read_metadata,
-    schema_config,
+    schema_record,
     voc_palette,
 )
 
@@ -39,8 +37,8 @@ if TYPE_CHECKING:
 __all__ = [
     "MASK_COLUMNS", "TAG_COLUMNS", "CamFile", "CocoFile", "FileTags", "FormatError", "MaskFile", "MaskImage",
     "MaskIndex", "MaskRegion", "TagsFile", "class_color", "decode_segmentation", "iter_mask_images",
-    "iter_tag_batches", "iter_tag_tables", "json_scalar", "label_map", "load_masks", "open_masks", "read_cam_file",
-    "read_cams_index", "read_coco", "read_metadata", "read_tags", "read_tags_schema", "rle_decode", "tag_classes",
+    "iter_tag_batches", "iter_tag_tables", "label_map", "load_masks", "open_masks", "read_cam_file",
+    "read_cams_index", "read_coco", "read_tags", "read_tags_schema", "rle_decode", "tag_classes",
     "tags_arrow_schema",
 ]  # fmt: skip
 
@@ -52,8 +50,8 @@ _NOT_TAGS = "not a tags Parquet written by tagclip annotate"
 # ---- the tags Parquet -----------------------------------------------------------------------------
 
 
-def read_tags_schema(path: str | Path, columns: Sequence[str] = TAG_COLUMNS) -> dict:
-    """The run metadata of a tags Parquet ({} when it has none), after checking that the file is a
+def read_tags_schema(path: str | Path, columns: Sequence[str] = TAG_COLUMNS) -> RunRecord:
+    """The run record of a tags Parquet (empty when it has none), after checking that the file is a
     Parquet file with `columns`. Raises FormatError naming the file."""
     path = Path(path)
     if not path.is_file():
@@ -61,8 +59,8 @@ def read_tags_schema(path: str | Path, columns: Sequence[str] = TAG_COLUMNS) -> 
     return _parquet_config(path, columns, _NOT_TAGS)
 
 
-def _parquet_config(path: Path, columns: Sequence[str], what: str) -> dict:
-    """The run metadata of one of our Parquet outputs, after checking it is Parquet with `columns`;
+def _parquet_config(path: Path, columns: Sequence[str], what: str) -> RunRecord:
+    """The run record of one of our Parquet outputs, after checking it is Parquet with `columns`;
     FormatError naming the file otherwise (`what` says which of our files it is not)."""
     try:
         schema = pq.read_schema(path)
@@ -72,29 +70,29 @@ def _parquet_config(path: Path, columns: Sequence[str], what: str) -> dict:
     if missing:
         raise FormatError(f"{path}: {what} (missing columns: {', '.join(missing)})")
     try:
-        return schema_config(schema)
+        return schema_record(schema, path)
     except ValueError as exc:
         raise FormatError(f"{path}: its '{_KEY}' metadata is not JSON ({exc})") from None
 
 
-def tag_classes(path: str | Path, metadata: Mapping[str, Any]) -> tuple[str, ...]:
-    """The vocabulary (`classes`) of a tags file's metadata; FormatError when it has none."""
-    if not metadata:
+def tag_classes(path: str | Path, record: RunRecord) -> tuple[str, ...]:
+    """The vocabulary (`classes`) of a tags file's run record; FormatError when it has none."""
+    if not RecordIO.to_dict(record):
         raise FormatError(f"{path}: no '{_KEY}' metadata (not written by `tagclip annotate`)")
-    classes = metadata.get("classes")
+    classes = record.classes
     if not isinstance(classes, list):
         raise FormatError(f"{path}: the '{_KEY}' metadata has no valid 'classes' list")
     return tuple(str(c) for c in classes)
 
 
-def read_tags(path: str | Path, columns: Sequence[str] = TAG_COLUMNS) -> tuple[pa.Table, dict]:
-    """(table of `columns`, run metadata) of a tags Parquet. Raises FormatError naming the file."""
-    metadata = read_tags_schema(path, columns)
+def read_tags(path: str | Path, columns: Sequence[str] = TAG_COLUMNS) -> tuple[pa.Table, RunRecord]:
+    """(table of `columns`, run record) of a tags Parquet. Raises FormatError naming the file."""
+    record = read_tags_schema(path, columns)
     try:
         table = pq.read_table(path, columns=list(columns))
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise FormatError(f"{path}: cannot read tags ({exc})") from None
-    return table, metadata
+    return table, record
 
 
 def iter_tag_batches(
@@ -145,8 +143,8 @@ class TagsFile:
 
     def __init__(self, path: str | Path, vocab: Vocabulary) -> None:
         self.path = Path(path)
-        self.table, self.metadata = read_tags(self.path, self.COLUMNS)
-        classes = self.metadata.get("classes")
+        self.table, self.record = read_tags(self.path, self.COLUMNS)
+        classes = self.record.classes
         if classes is not None and list(classes) != list(vocab.classes):
             raise FormatError(
                 f"{self.path}: made with other classes ({len(classes)}: {', '.join(classes[:4])}, ...) "
@@ -182,7 +180,7 @@ class TagsFile:
 
     def identity(self) -> dict:
         """What the segment output depends on: the file's content hash and the run that made it."""
-        return {"sha256": file_sha256(self.path), "made_with": self.metadata.get("tagclip")}
+        return {"sha256": file_sha256(self.path), "made_with": self.record.tagclip}
 
 
 # ---- COCO JSON (our masks file, and COCO instances ground truth) ----------------------------------
@@ -325,16 +323,16 @@ class MaskFile:
         self.kind = "parquet" if self.path.suffix.lower() in (".parquet", ".pq") else "json"
         self._coco: CocoFile | None = None
         if self.kind == "parquet":
-            self.metadata = self._parquet_metadata()
-            self.categories = {i + 1: name for i, name in enumerate(tag_classes(self.path, self.metadata))}
+            self.record = self._parquet_record()
+            self.categories = {i + 1: name for i, name in enumerate(tag_classes(self.path, self.record))}
         else:
             self._coco = read_coco(self.path, "masks file")
-            meta = self._coco.info.get("tagclip")
-            self.metadata = meta if isinstance(meta, dict) else {}
+            stored = self._coco.info.get(_KEY)
+            self.record = RecordIO.from_dict(stored if isinstance(stored, dict) else {}, self.path)
             self.categories = {int(c["id"]): str(c["name"]) for c in self._coco.categories}
         self.classes = tuple(self.categories.values())
 
-    def _parquet_metadata(self) -> dict:
+    def _parquet_record(self) -> RunRecord:
         return _parquet_config(self.path, MASK_COLUMNS, _NOT_MASKS)
 
     def _batches(self, columns: Sequence[str], batch_size: int) -> Iterator[list[dict]]:

@@ -1,7 +1,7 @@
 """The annotate and segment pipelines: one runner, two stages.
 
     items -> decode (data.py: DecodedImage) -> mapper (TagCLIP, or CLS-SEG / MaskCLIP: typed results)
-          -> writer (result rows; label PNGs) -> job (jobs.py: parts, resume, shards, merge) -> output
+          -> writer (result rows; label PNGs) -> job (jobs/: parts, resume, shards, merge) -> output
 
 `run_stage` does what both commands share (the process group and device, the model load,
 preprocessing, decoding, out-of-memory retries, progress); a `Stage` says what one command
@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, TextIO, TypeVar
 
@@ -24,16 +24,20 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from tagclip_cli import __version__
 from tagclip_cli.backbone import Backbone, load_backbone
-from tagclip_cli.data import DecodedImage, ImageItem, Preprocess, iter_records, to_device
+from tagclip_cli.data import DecodedImage, Preprocess, iter_records, to_device
 from tagclip_cli.errors import FormatError, UsageError
 from tagclip_cli.faults import OomSplitter
 from tagclip_cli.formats import FileTags, TagsFile
-from tagclip_cli.jobs import JobSpec, Placement, Summary, output_lock, run_job, session
+from tagclip_cli.jobs.locks import output_lock
+from tagclip_cli.jobs.placement import Placement
+from tagclip_cli.jobs.runner import JobSpec, Summary, run_job
+from tagclip_cli.jobs.session import session
 from tagclip_cli.methods import Segments, SegOutput
 from tagclip_cli.methods import get as get_method
 from tagclip_cli.quirks import Quirks
+from tagclip_cli.record import RunRecord
+from tagclip_cli.sources import ImageItem
 from tagclip_cli.tagclip import TagCLIPConfig, Tagger
 from tagclip_cli.thresholds import thresholds_record
 from tagclip_cli.vocab import Vocabulary
@@ -60,7 +64,7 @@ Result = TypeVar("Result")
 ProgressFactory = Callable[[int], AbstractContextManager[Callable[[int], object]]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelOptions:
     model: str = "ViT-B-16"
     pretrained: str = "openai"
@@ -83,7 +87,7 @@ class ModelOptions:
         )
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class JobOptions:
     """What `annotate` and `segment` share: inputs, output, model, TagCLIP settings and the job settings."""
 
@@ -99,38 +103,35 @@ class JobOptions:
     part_size: int = 256
     overwrite: bool = False
     fail_fast: bool = False
-    placement: Placement = field(default_factory=Placement)  # torchrun rank / --shard (jobs.py)
+    placement: Placement = field(default_factory=Placement)  # torchrun rank / --shard (jobs/)
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class AnnotateOptions(JobOptions):
     stdout: TextIO | None = None  # where --out - writes (default sys.stdout)
 
 
 def run_config(
     backbone: Backbone, vocab: Vocabulary, cfg: TagCLIPConfig, max_side: int | None, quirks: Quirks = Quirks()
-) -> dict:
+) -> RunRecord:
     """Everything that determines the output; stored in the Parquet metadata and checked on resume.
 
     Per-class thresholds (cfg.class_thresholds) are recorded as "thresholds" (`thresholds_record`),
     and only when set, so that a run without them has the metadata it always had."""
     tagclip = get_method("tagclip").record(cfg, quirks)
     class_thresholds = tagclip.pop("class_thresholds")
-    config = {
-        "tool": "tagclip-cli",
-        "tool_version": __version__,
-        "model": backbone.identity(),
-        "precision": backbone.precision,
-        "classes": list(vocab.classes),
-        "seg_names": list(vocab.seg_names),
-        "background": list(vocab.background) if cfg.use_background else [],
-        "vocabulary": vocab.source,
-        "tagclip": tagclip,
-        "max_side": max_side,
-    }
-    if class_thresholds is not None:
-        config["thresholds"] = thresholds_record(cfg.tag_threshold, class_thresholds, vocab.classes)
-    return config
+    return RunRecord(
+        model=backbone.identity(),
+        precision=backbone.precision,
+        classes=list(vocab.classes),
+        seg_names=list(vocab.seg_names),
+        background=list(vocab.background) if cfg.use_background else [],
+        vocabulary=vocab.source,
+        tagclip=tagclip,
+        max_side=max_side,
+        thresholds=None if class_thresholds is None else
+        thresholds_record(cfg.tag_threshold, class_thresholds, vocab.classes),
+    )
 
 
 # ---- the runner -----------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ class Stage(Generic[Result]):
     touching the model). writer: results -> output rows, writing any side files (label PNGs).
     needs_rgb: decoding keeps each image's RGB pixels for the mapper (the dense CRF)."""
 
-    config: dict
+    config: RunRecord
     schema: pa.Schema
     mapper: Callable[[list[DecodedImage]], list[Result]]
     writer: Callable[[list[Result]], list[dict]]
@@ -238,7 +239,7 @@ def tag_rows(results: list[TagResult]) -> list[dict]:
 
 def run_annotate(opts: AnnotateOptions, progress: ProgressFactory | None = None) -> Summary:
     """Tag every item into opts.out (Parquet) or stdout (JSON Lines), resuming an interrupted run of
-    the same config; under torchrun / --shard only this rank's share (jobs.py)."""
+    the same config; under torchrun / --shard only this rank's share (jobs/)."""
 
     def build(backbone: Backbone) -> Stage[TagResult]:
         config = run_config(backbone, opts.vocab, opts.tagclip, opts.max_side, opts.quirks)
@@ -251,7 +252,7 @@ def run_annotate(opts: AnnotateOptions, progress: ProgressFactory | None = None)
 
 # ---- segment --------------------------------------------------------------------------------------
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class SegmentOptions(JobOptions):
     """`tagclip segment`: masks JSON at `out` (+ tags Parquet at tags_out, label PNGs in png_dir).
 
@@ -348,20 +349,17 @@ def segment_rows(results: list[SegResult], png_dir: Path | None = None, cams_dir
 
 def segment_config(
     backbone: Backbone, opts: SegmentOptions, tags_file: TagsFile | None
-) -> dict:
+) -> RunRecord:
     """run_config plus the segmentation settings and, with --tags, the tags file's identity."""
     method = get_method(opts.method, "masks")
     config = run_config(backbone, opts.vocab, opts.tagclip, opts.max_side, opts.quirks)
-    config["segment"] = json.loads(json.dumps(method.record(opts.segment, opts.quirks)))  # as config.json reads back
-    if not method.needs_tags:
-        config["tagclip"] = None  # methods without tags do not run TagCLIP
-    if tags_file is not None:
-        config["tagclip"] = None  # TagCLIP did not run here: the tags come from the file
-        config["tags_input"] = tags_file.identity()
-    return config
+    segment = json.loads(json.dumps(method.record(opts.segment, opts.quirks)))  # as config.json reads back
+    ran_tagclip = method.needs_tags and tags_file is None  # methods without tags, or --tags: TagCLIP did not run
+    return replace(config, segment=segment, tagclip=config.tagclip if ran_tagclip else None,
+                   tags_input=tags_file.identity() if tags_file is not None else None)
 
 
-def cams_index(config: dict, seg: Any) -> dict:
+def cams_index(config: RunRecord, seg: Any) -> dict:
     """DIR/cams.json of --save-cams: what every .npz in DIR means (format in writers.write_cam_file)
     and the label rule that made the run's masks from them (`cams.CamRule`)."""
     return {
@@ -369,9 +367,9 @@ def cams_index(config: dict, seg: Any) -> dict:
         "version": 1,
         "layout": seg.save_cams,
         "dtype": "float16",
-        "classes": config["classes"],
-        "vocabulary": config["vocabulary"],
-        "model": config["model"],
+        "classes": config.classes,
+        "vocabulary": config.vocabulary,
+        "model": config.model,
         "rule": asdict(seg.rule),
     }
 

@@ -12,7 +12,7 @@ Rows (docs/algorithm.md §11 for the settings; every run with `--reference-compa
 
 Each row works in OUT/<row>/ (the image list, the tags / masks / cams, report.json); a row whose
 report.json exists is done and a rerun skips it, and an interrupted annotate / segment resumes
-(jobs.py). The table compares ours with the paper and with the reference repository's own run.
+(jobs/). The table compares ours with the paper and with the reference repository's own run.
 """
 
 from __future__ import annotations
@@ -152,10 +152,10 @@ def image_list(row: Row, opts: ReproduceOptions) -> tuple[Path, list[str]]:
 def _run_model(row: Row, opts: ReproduceOptions, work: Path) -> tuple[Path, int]:
     """annotate (tags.parquet) or segment --save-cams (masks.json, cams/) of a row, and how many
     images failed (they are left out of the metric); resumes an interrupted run."""
-    from tagclip_cli.data import read_path_list
     from tagclip_cli.methods import configure
     from tagclip_cli.pipeline import AnnotateOptions, SegmentOptions, run_annotate, run_segment
     from tagclip_cli.quirks import Quirks
+    from tagclip_cli.sources import read_path_list
     from tagclip_cli.tagclip import TagCLIPConfig
     from tagclip_cli.vocab import load_vocabulary
 
@@ -219,7 +219,7 @@ def run_row(row: Row, opts: ReproduceOptions) -> RowResult:
 
 def run_reproduce(opts: ReproduceOptions) -> list[RowResult]:
     """Every selected row in ROWS order; writes OUT/results.json."""
-    from tagclip_cli.writers import write_json_atomic
+    from tagclip_cli.fileio import write_json_atomic
 
     unknown = [r for r in opts.rows if r not in ROW_NAMES]
     if unknown:

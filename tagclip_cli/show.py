@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from tagclip_cli.errors import UsageError
+from tagclip_cli.fileio import atomic_path
 from tagclip_cli.formats import TAG_COLUMNS, class_color, iter_tag_batches, label_map, load_masks, read_tags_schema
-from tagclip_cli.writers import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -452,10 +452,9 @@ def _rows_to_show(config: ShowConfig, classes: Sequence[str]) -> list[TagRow]:
         if config.failed_first or config.max_margin is not None or config.thresholds is not None:
             raise UsageError("--failed-first, --max-margin and --thresholds order by doubt: add --sort doubt")
         return list(iter_tag_rows(config.tags, classes, config.limit))
-    from tagclip_cli.thresholds import read_threshold_file, thresholds_from_metadata
+    from tagclip_cli.thresholds import read_threshold_file, thresholds_from_record
 
-    metadata = read_tags_schema(config.tags)
-    recorded = thresholds_from_metadata(metadata)
+    recorded = thresholds_from_record(read_tags_schema(config.tags))
     chosen = read_threshold_file(config.thresholds, classes, recorded.default) if config.thresholds else recorded
     vector = np.asarray(chosen.vector(classes), dtype=np.float32)
     only = None
@@ -475,7 +474,7 @@ def build_gallery(config: ShowConfig, progress: Callable[[int, int], object] | N
         raise UsageError(f"{config.images}: not a directory (--images)")
     if config.out.exists() and not config.out.is_dir():
         raise UsageError(f"{config.out}: exists and is not a directory (--out)")
-    classes = [str(c) for c in read_tags_schema(config.tags).get("classes", [])]
+    classes = [str(c) for c in read_tags_schema(config.tags).classes or []]
     masks = load_masks(config.masks) if config.masks else None
     names = list(classes)
     if masks is not None:

@@ -159,22 +159,22 @@ def is_val(image_id: str, seed: int, val_fraction: float) -> bool:
 def check_same_run(masks: MaskFile, tags: Path) -> None:
     """UsageError unless the masks were made from `tags`: a masks file segmented with `--tags`
     records that file's sha256; a one-pass `segment --tags-out` writes both with the same settings."""
-    from tagclip_cli.writers import file_sha256
+    from tagclip_cli.fileio import file_sha256
 
-    tags_meta = read_tags_schema(tags)
-    tag_classes(tags, tags_meta)  # FormatError when it is not one of our tags files
-    meta = masks.metadata
-    if not meta:
+    tags_record = read_tags_schema(tags)
+    tag_classes(tags, tags_record)  # FormatError when it is not one of our tags files
+    record = masks.record
+    if record.empty:
         raise UsageError(f"{masks.path}: no tagclip run metadata, so it cannot be checked against {tags} "
                          "(leave out --tags to train on the masks alone)")
-    recorded = meta.get("tags_input")
+    recorded = record.tags_input
     if isinstance(recorded, dict) and recorded.get("sha256"):
         if recorded["sha256"] != file_sha256(tags):
             raise UsageError(f"{masks.path}: segmented from another tags file (sha256 "
                              f"{str(recorded['sha256'])[:12]}...), not {tags}: tags and masks are from different runs")
         return
     for key in RUN_KEYS:
-        if meta.get(key) != tags_meta.get(key):
+        if getattr(record, key) != getattr(tags_record, key):
             raise UsageError(f"{masks.path} and {tags}: different '{key}' in their run metadata: "
                              "tags and masks are from different runs")
 
@@ -208,7 +208,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def _write_split(out: Path, dataset: Path, classes: Sequence[str], train: Iterable[str], val: Iterable[str]) -> Path:
     """train.txt / val.txt (absolute image paths, the list form Ultralytics reads) and data.yaml."""
     from tagclip_cli.export import yolo_name
-    from tagclip_cli.writers import write_bytes_atomic
+    from tagclip_cli.fileio import write_bytes_atomic
 
     for name, ids in (("train", train), ("val", val)):
         # absolute but not resolved: the images are links, and Ultralytics finds a label by
@@ -294,7 +294,7 @@ def train_student(config: StudentConfig) -> StudentRun:
                "task": task, "classes": list(classes), "train_images": run.train_images,
                "val_images": run.val_images, "held_out": config.val_fraction > 0,
                "run_dir": str(run.run_dir), "weights": str(run.weights), "metrics": run.metrics}
-    from tagclip_cli.writers import write_bytes_atomic
+    from tagclip_cli.fileio import write_bytes_atomic
 
     write_bytes_atomic((json.dumps(summary, indent=1) + "\n").encode(), out / "student.json")
     return run
@@ -309,8 +309,9 @@ def predict_label_pngs(weights: str | Path, images: str | Path, png_dir: str | P
     and write one label PNG per image in `png_dir` (pixel = class index + 1, 0 background; where
     instances overlap the more confident wins) plus `categories.json` with the class names:
     the layout `tagclip evaluate --pred png_dir` reads. Returns the number of images written."""
-    from tagclip_cli.data import IMAGE_EXTENSIONS
-    from tagclip_cli.writers import label_png_path, write_bytes_atomic, write_label_png
+    from tagclip_cli.fileio import write_bytes_atomic
+    from tagclip_cli.sources import IMAGE_EXTENSIONS
+    from tagclip_cli.writers import label_png_path, write_label_png
 
     offline_ultralytics()
     weights, images, png_dir = Path(weights), Path(images), Path(png_dir)

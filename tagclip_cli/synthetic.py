@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from tagclip_cli.writers import write_bytes_atomic
+from tagclip_cli.fileio import write_bytes_atomic
 
 OBJECT_CLASSES: tuple[str, ...] = (
     "circle",

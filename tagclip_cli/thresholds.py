@@ -24,13 +24,13 @@ import numpy as np
 import pyarrow as pa
 
 from tagclip_cli.errors import UsageError
-from tagclip_cli.writers import METADATA_KEY
+from tagclip_cli.record import RecordIO, RunRecord
 
 __all__ = [
     "DEFAULT_MIN_POSITIVES", "CalibrationResult", "ClassCalibration", "ThresholdFileError", "Thresholds",
     "calibrate", "calibrate_class", "candidate_thresholds", "format_threshold", "normalised_scores",
-    "parse_target", "read_threshold_file", "retag_file", "retag_metadata", "retag_table",
-    "thresholds_from_metadata", "thresholds_record", "write_threshold_file",
+    "parse_target", "read_threshold_file", "retag_file", "retag_record", "retag_table",
+    "thresholds_from_record", "thresholds_record", "write_threshold_file",
 ]  # fmt: skip
 
 DEFAULT_MIN_POSITIVES = 5  # fewer positive images than this: a class keeps its default threshold
@@ -106,21 +106,20 @@ def format_threshold(value: float) -> str:
 
 def write_threshold_file(path: str | Path, thresholds: Mapping[str, float], header: Sequence[str] = ()) -> None:
     """Write `class<TAB>threshold` lines (vocabulary order as given), atomically, after `#` header lines."""
-    from tagclip_cli.writers import write_bytes_atomic
+    from tagclip_cli.fileio import write_bytes_atomic
 
     lines = [f"# {h}" for h in header] + [f"{name}\t{format_threshold(t)}" for name, t in thresholds.items()]
     write_bytes_atomic(("\n".join(lines) + "\n").encode("utf-8"), path)
 
 
-def thresholds_from_metadata(metadata: Mapping) -> Thresholds:
+def thresholds_from_record(record: RunRecord) -> Thresholds:
     """The thresholds a tags file was made with: its recorded "thresholds", else the TagCLIP
     tag_threshold (0.5 when the file records none, e.g. tags taken from another file)."""
-    recorded = metadata.get("thresholds")
+    recorded = record.thresholds
     if isinstance(recorded, Mapping):
         return Thresholds(float(recorded.get("default", 0.5)), dict(recorded.get("per_class") or {}))
-    tagclip = metadata.get("tagclip")
-    default = tagclip.get("tag_threshold", 0.5) if isinstance(tagclip, Mapping) else 0.5
-    return Thresholds(float(default), {})
+    default = record.tag_threshold
+    return Thresholds(float(0.5 if default is None else default), {})
 
 
 # ---- calibration ----------------------------------------------------------------------------------
@@ -216,16 +215,14 @@ def calibrate_class(norm: np.ndarray, positive: np.ndarray, target: str = "f1", 
 # ---- tagclip retag --------------------------------------------------------------------------------
 
 
-def retag_metadata(metadata: Mapping, classes: Sequence[str], default: float, vector: Sequence[float] | None) -> dict:
-    """The run metadata of a retagged file: the input's, with the tag threshold and per-class
+def retag_record(record: RunRecord, classes: Sequence[str], default: float,
+                 vector: Sequence[float] | None) -> RunRecord:
+    """The run record of a retagged file: the input's, with the tag threshold and per-class
     thresholds it was retagged with, exactly as `annotate` with those options records them."""
-    out = json.loads(json.dumps(metadata))
-    if isinstance(out.get("tagclip"), dict):
-        out["tagclip"]["tag_threshold"] = float(default)
-    out.pop("thresholds", None)
-    if vector is not None:
-        out["thresholds"] = thresholds_record(default, vector, classes)
-    return out
+    changes: dict = {"thresholds": thresholds_record(default, vector, classes) if vector is not None else None}
+    if isinstance(record.tagclip, Mapping):
+        changes["tagclip"] = {**json.loads(json.dumps(record.tagclip)), "tag_threshold": float(default)}
+    return RecordIO.with_changes(record, **changes)
 
 
 def _tag_matrix_of(tags: pa.Array, classes: Sequence[str]) -> np.ndarray:
@@ -301,13 +298,13 @@ def retag_file(src: Path, out: Path, thresholds_file: Path | None, tag_threshold
     from tagclip_cli.formats import iter_tag_tables, read_tags_schema, tag_classes, tags_arrow_schema
     from tagclip_cli.writers import write_parquet_atomic
 
-    metadata = read_tags_schema(src)
-    classes = tag_classes(src, metadata)
-    default = float(tag_threshold) if tag_threshold is not None else thresholds_from_metadata(metadata).default
+    record = read_tags_schema(src)
+    classes = tag_classes(src, record)
+    default = float(tag_threshold) if tag_threshold is not None else thresholds_from_record(record).default
     vector = read_threshold_file(thresholds_file, classes, default).vector(classes) if thresholds_file else None
     schema = tags_arrow_schema(src)
-    schema = schema.with_metadata({**(schema.metadata or {}), METADATA_KEY: json.dumps(
-        retag_metadata(metadata, classes, default, vector), sort_keys=True).encode("utf-8")})
+    schema = schema.with_metadata({**(schema.metadata or {}),
+                                   **RecordIO.metadata(retag_record(record, classes, default, vector))})
     threshold: float | Sequence[float] = vector if vector is not None else default
     changed = 0
     seen = 0
@@ -346,6 +343,31 @@ class CalibrationResult:
     target: str
 
 
+def _calibrated(norm: np.ndarray, labels: np.ndarray, before: list[float], pred_to_gt: Sequence[int | None],
+                positives: list[int], target: str, min_positives: int) -> tuple[list[float], list[str | None]]:
+    """(thresholds after calibration, why each kept class kept its threshold) from the (n, f)
+    normalised scores and labels (1 positive, 0 negative, IGNORE)."""
+    from tagclip_cli.evaluate.metrics import IGNORE
+
+    kind, level = parse_target(target)
+    after = list(before)
+    kept: list[str | None] = [None] * len(before)
+    for p in range(len(before)):
+        if pred_to_gt[p] is None:
+            kept[p] = "not in the ground truth"
+            continue
+        if positives[p] < min_positives:
+            kept[p] = f"{positives[p]} positive image(s) < {min_positives}"
+            continue
+        valid = labels[:, p] != IGNORE
+        result = calibrate_class(norm[valid, p], labels[valid, p] == 1, kind, level)
+        if result.threshold is None:
+            kept[p] = f"{target} not reachable"
+            continue
+        after[p] = result.threshold
+    return after, kept
+
+
 def calibrate(
     gt_name: str,
     root: Path,
@@ -369,7 +391,7 @@ def calibrate(
     from tagclip_cli.evaluate.metrics import IGNORE, tag_prf
     from tagclip_cli.tagclip import tag_matrix
 
-    kind, level = parse_target(target)
+    parse_target(target)  # a bad target fails before the ground truth is read
     gt = load_ground_truth(gt_name, root, split, difficult=difficult, classes_file=classes_file)
     preds = read_tags_parquet(pred)
     match = match_classes(preds.classes, gt.label_classes, synonyms=gt.label_synonyms, one_to_one=True,
@@ -386,24 +408,10 @@ def calibrate(
     for p, g in enumerate(match.pred_to_gt):
         if g is not None:
             labels[:, p] = labels_gt[:, g]
-    before = list(thresholds_from_metadata(preds.config).vector(preds.classes))
-    after = list(before)
-    kept: list[str | None] = [None] * f
-    norm = normalised_scores(scores)
+    before = list(thresholds_from_record(preds.record).vector(preds.classes))
     positives = [int((labels[:, p] == 1).sum()) for p in range(f)]
-    for p in range(f):
-        if match.pred_to_gt[p] is None:
-            kept[p] = "not in the ground truth"
-            continue
-        if positives[p] < min_positives:
-            kept[p] = f"{positives[p]} positive image(s) < {min_positives}"
-            continue
-        valid = labels[:, p] != IGNORE
-        result = calibrate_class(norm[valid, p], labels[valid, p] == 1, kind, level)
-        if result.threshold is None:
-            kept[p] = f"{target} not reachable"
-            continue
-        after[p] = result.threshold
+    after, kept = _calibrated(normalised_scores(scores), labels, before, match.pred_to_gt, positives, target,
+                              min_positives)
     tagged_before = np.zeros((n, f), dtype=bool)
     position = {name: i for i, name in enumerate(preds.classes)}
     for r, j in enumerate(rows):

@@ -1,15 +1,12 @@
 """Output files: tags Parquet (one row per image, every class's score, run metadata), the COCO
-masks JSON, label PNGs, and atomic writes. Reading them back is `tagclip_cli.formats`."""
+masks JSON, label PNGs. Atomic writes are `tagclip_cli.fileio`; reading back is `tagclip_cli.formats`."""
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
-import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,8 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tagclip_cli.errors import OutputWriteError, UsageError
+from tagclip_cli.fileio import atomic_path, describe_os_error, json_scalar, output_text, write_json_atomic
+from tagclip_cli.record import RecordIO, RunRecord
 
-METADATA_KEY = b"tagclip"
 ROW_GROUP_SIZE = 4096
 
 
@@ -34,7 +32,7 @@ IMAGE_FIELDS = (
 )
 
 
-def tags_schema(metadata: dict | None = None) -> pa.Schema:
+def tags_schema(record: RunRecord | Mapping | None = None) -> pa.Schema:
     """Columns of the tags Parquet. `scores` holds the fused score of every foreground class in
     vocabulary order (names in the metadata's "classes"); failed rows have status "failed", an
     error and null scores."""
@@ -46,22 +44,7 @@ def tags_schema(metadata: dict | None = None) -> pa.Schema:
             ("scores", pa.list_(pa.float32())),
         ]
     )
-    if metadata is not None:
-        schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode("utf-8")})
-    return schema
-
-
-def output_text(text: str) -> str:
-    """`text` made safe for UTF-8 outputs (Parquet, JSON, the terminal).
-
-    On Linux a file name is bytes; Python represents bytes that are not UTF-8 as lone surrogates
-    (surrogateescape), which no UTF-8 writer accepts. Those bytes become backslash escapes here:
-    the Latin-1 name b"caf\\xe9.png" is written as the 11 characters `caf\\xe9.png`. Valid text
-    is returned unchanged."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate that is not an escaped byte (e.g. from JSON "\ud800")
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return with_record(schema, record)
 
 
 def tag_row(item, width, height, error: str | None, tags: Sequence[str] = (), scores=None) -> dict:
@@ -83,64 +66,6 @@ def rows_to_table(rows: Sequence[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=schema)
 
 
-@contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise OutputWriteError(f"cannot write {path} ({describe_os_error(exc)})") from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        # mkstemp creates 0600; outputs get the usual permissions (0666 minus the umask)
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:  # disk full, quota, I/O error: one line for the user, no half file left
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputWriteError(f"cannot write {path} ({describe_os_error(exc)})") from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def describe_os_error(exc: OSError) -> str:
-    """A short reason for a failed write. pyarrow's errors carry the errno only in their text."""
-    text = str(exc)
-    if exc.errno == errno.ENOSPC or "No space left on device" in text:
-        return "no space left on device"
-    if exc.errno == errno.EDQUOT or "Disk quota exceeded" in text:
-        return "disk quota exceeded"
-    if exc.errno == errno.EROFS or "Read-only file system" in text:
-        return "read-only file system"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    return exc.strerror or text
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_parquet_atomic(tables: Iterable[pa.Table], path: str | Path, schema: pa.Schema) -> int:
     """Stream tables into one Parquet file, atomically. Returns the number of rows."""
     rows = 0
@@ -152,60 +77,26 @@ def write_parquet_atomic(tables: Iterable[pa.Table], path: str | Path, schema: p
     return rows
 
 
-def check_output_path(out: str | Path) -> None:
-    """Refuse, before any work, an output that cannot be written: a missing or non-directory
-    parent, a directory in place of the file, a parent where no file can be created (permissions,
-    read-only or full file system). A probe file is created and removed; nothing is left behind.
-    Raises UsageError."""
-    out = Path(out)
-    parent = out.parent
-    if not parent.exists():
-        raise UsageError(f"{parent}: output directory does not exist")
-    if not parent.is_dir():
-        raise UsageError(f"{parent}: not a directory (in --out {out})")
-    if out.is_dir():
-        raise UsageError(f"{out}: is a directory; --out needs a file name, e.g. {out / 'labels.parquet'}")
-    try:
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".probe")
-    except OSError as exc:
-        raise UsageError(f"{parent}: cannot create files in the output directory ({describe_os_error(exc)})") from None
-    os.close(fd)
-    os.unlink(probe)
+def with_record(schema: pa.Schema, record: RunRecord | Mapping | None) -> pa.Schema:
+    """The schema holding the run record in its metadata (`RecordIO.metadata`); a plain mapping is
+    taken as a stored record. None: the schema as it is."""
+    if record is None:
+        return schema
+    if not isinstance(record, RunRecord):
+        record = RecordIO.from_dict(record)
+    return schema.with_metadata(RecordIO.metadata(record))
 
 
-def write_json_atomic(obj: object, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh)
+def schema_record(schema: pa.Schema, source: str | Path = "schema") -> RunRecord:
+    """The run record in a schema's metadata (an empty one when there is none). Raises ValueError
+    when it is not JSON."""
+    return RecordIO.from_metadata(schema.metadata, source)
 
 
-def write_bytes_atomic(data: bytes, path: str | Path) -> None:
-    """Write `data` to `path` atomically (temp file, fsync, rename, directory fsync)."""
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(data)
-
-
-def schema_config(schema: pa.Schema) -> dict:
-    """The run metadata stored under METADATA_KEY in a schema ({} when there is none).
-    Raises ValueError when it is not JSON."""
-    raw = (schema.metadata or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
-
-
-def read_metadata(path: str | Path) -> dict:
-    """The run metadata stored in a tags Parquet file (`tagclip_cli.formats` reads it with errors
-    that name the file; this is the writer's own resume check on files it wrote)."""
-    return schema_config(pq.read_schema(path))
-
-
-def json_scalar(value: object) -> object:
-    """A value made fit for strict JSON: NaN and +-inf become None, numpy scalars Python numbers,
-    anything else is returned unchanged."""
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, float | np.floating):
-        return float(value) if math.isfinite(value) else None
-    return value
+def read_record(path: str | Path) -> RunRecord:
+    """The run record of one of our Parquet files (`tagclip_cli.formats` reads it with errors that
+    name the file; this is the writer's own resume check on files it wrote)."""
+    return schema_record(pq.read_schema(path), path)
 
 
 # ---- masks: COCO RLE rows, the COCO JSON and label PNGs (`tagclip segment`) --------------------------
@@ -222,16 +113,14 @@ MASK_TYPE = pa.struct(
 COCO_JSON_FORMAT = "coco-json"  # the job format name of a segment run (jobs.write_final)
 
 
-def segment_schema(metadata: dict | None = None) -> pa.Schema:
+def segment_schema(record: RunRecord | Mapping | None = None) -> pa.Schema:
     """Rows of a segment run: the tags columns (`tags_schema`), then `coco_id` (the manifest's
     image id, null for other inputs) and `masks`: one entry per class present in the label map,
     with category_id = vocabulary index + 1, the COCO RLE `counts` string of the mask at the
     image's size, its area, bbox [x, y, w, h] and score. Failed rows have null masks."""
     fields = list(tags_schema()) + [pa.field("coco_id", pa.int64()), pa.field("masks", pa.list_(MASK_TYPE))]
     schema = pa.schema(fields)
-    if metadata is not None:
-        schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode("utf-8")})
-    return schema
+    return with_record(schema, record)
 
 
 def segment_row(item, width, height, error: str | None, tags: Sequence[str] = (), scores=None,
@@ -388,18 +277,18 @@ def write_coco_json(
       not TagCLIP's image-level score (that is in the tags Parquet and the image's tagclip_tags).
     Memory stays flat: annotations are spooled to a temporary file beside `out` and appended.
     With tags_out, the same pass also writes the tags Parquet (`tags_schema`) there, atomically."""
-    config = schema_config(schema)
-    classes = config.get("classes", [])
+    record = schema_record(schema)
+    classes = record.classes or []
     out = Path(out)
     rows = 0
     ann_id = 0
-    tag_fields = tags_schema(config)
+    tag_fields = tags_schema(record)
     with atomic_path(out) as tmp, _maybe_parquet(tags_out, tag_fields) as tag_writer:
         spool_fd, spool_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".annotations")
         try:
             with open(tmp, "w", encoding="utf-8") as fh, os.fdopen(spool_fd, "w+", encoding="utf-8") as spool:
-                info = {"description": "tagclip segment", "tool": config.get("tool"),
-                        "version": config.get("tool_version"), "tagclip": config}
+                info = {"description": "tagclip segment", "tool": record.tool,
+                        "version": record.tool_version, "tagclip": RecordIO.coco_info(record)}
                 fh.write('{"info": ' + json.dumps(info) + ', "licenses": [], "categories": ')
                 fh.write(json.dumps(coco_categories(classes)))
                 fh.write(', "images": [')
@@ -436,14 +325,14 @@ def write_coco_json(
 MASKS_PARQUET_FORMAT = "masks-parquet"  # `tagclip segment --out masks.parquet` (jobs.write_final)
 
 
-def masks_schema(metadata: dict | None = None) -> pa.Schema:
+def masks_schema(record: RunRecord | Mapping | None = None) -> pa.Schema:
     """Columns of the masks Parquet: one row per (image, class mask), and one row with null
     class_id for an image without masks or a failed image (status "failed", its error).
 
     class_id is the COCO category id of `coco_categories` (vocabulary index + 1), class_name its
     name; score, area, bbox ([x, y, w, h] in pixels, as COCO) and counts (COCO compressed RLE at
     the image's height x width, column-major) are those of the COCO JSON's annotation. The run
-    metadata (with "classes") is stored under METADATA_KEY, as in the tags Parquet."""
+    metadata (with "classes") is stored under `record.METADATA_KEY`, as in the tags Parquet."""
     schema = pa.schema(
         [
             *IMAGE_FIELDS,
@@ -455,9 +344,7 @@ def masks_schema(metadata: dict | None = None) -> pa.Schema:
             ("counts", pa.string()),
         ]
     )
-    if metadata is not None:
-        schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode("utf-8")})
-    return schema
+    return with_record(schema, record)
 
 
 def mask_rows_table(table: pa.Table, classes: Sequence[str], schema: pa.Schema) -> pa.Table:
@@ -507,10 +394,10 @@ def write_masks_parquet(
     `out` (`masks_schema`, row groups of ROW_GROUP_SIZE rows), atomically; returns the number of
     images. One table of rows is in memory at a time. With tags_out, the same pass also writes the
     tags Parquet there, as `write_coco_json` does."""
-    config = schema_config(schema)
-    classes = config.get("classes", [])
-    out_schema = masks_schema(config)
-    tag_fields = tags_schema(config)
+    record = schema_record(schema)
+    classes = record.classes or []
+    out_schema = masks_schema(record)
+    tag_fields = tags_schema(record)
     images = 0
     with atomic_path(out) as tmp, _maybe_parquet(tags_out, tag_fields) as tag_writer:
         with pq.ParquetWriter(tmp, out_schema, compression="zstd") as writer:
@@ -532,24 +419,3 @@ def _maybe_parquet(path: str | Path | None, schema: pa.Schema):
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         yield writer
 
-
-def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
-    """Content hash of a checkpoint, memoised by (path, size, mtime) in the cache dir."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    memo_key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
-    memo = Path(cache_dir) / "hashes" / memo_key if cache_dir else None
-    if memo is not None and memo.exists():
-        return memo.read_text().strip()
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    value = digest.hexdigest()
-    if memo is not None:
-        try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            memo.write_text(value)
-        except OSError:
-            pass
-    return value

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from tagclip_cli.writers import METADATA_KEY, rle_encode, tag_row, tags_schema
+from tagclip_cli.record import METADATA_KEY
+from tagclip_cli.writers import rle_encode, tag_row, tags_schema
 
 MASKS_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("path", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
@@ -79,7 +80,7 @@ def write_tags_parquet(path: Path, images: Sequence[tuple[str, str, int, int]], 
                        tags: dict[str, list[str]], failed: Sequence[str] = ()) -> Path:
     """A tags Parquet (`writers.tags_schema`) for (image_id, path, width, height) rows; scores are
     0.8 for a tag and 0.1 otherwise."""
-    from tagclip_cli.data import ImageItem
+    from tagclip_cli.sources import ImageItem
 
     rows = []
     for index, (image_id, image_path, width, height) in enumerate(images):

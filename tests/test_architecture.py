@@ -1,19 +1,22 @@
 """The layering rules of docs/architecture.md, checked on every import in tagclip_cli/ (function-level
-imports included), so a shortcut across a layer fails the suite instead of drifting in."""
+imports included), so a shortcut across a layer fails the suite instead of drifting in: the "may import"
+table of the doc (each module's imports of ours within its row), and the forbidden lines below."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tagclip_cli"
+ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
 
 # Layers, by module name relative to the package (a package name covers its submodules).
 ALGORITHM = ("tagclip", "methods", "quirks")
 BACKBONE = ("backbone",)
-DECODING = ("data", "sources")
+DECODING = ("data", "sources", "sourcebase", "shardsources", "tarscan")
 OUR_FILES = ("writers", "formats", "evaluate", "export")
 ORCHESTRATION = ("cli", "pipeline", "jobs", "show", "reproduce")
 
@@ -55,9 +58,17 @@ def imported_modules(path: Path) -> set[str]:
                     found.add(f"{base}.{node.module}")
                 else:  # from . import x: each name is a module
                     found.update(f"{base}.{alias.name}" for alias in node.names)
+            elif node.module == "tagclip_cli":  # from tagclip_cli import errors: the module errors
+                found.update(_package_member(alias.name) for alias in node.names)
             else:
                 found.add(node.module or "")
     return found
+
+
+def _package_member(name: str) -> str:
+    """`from tagclip_cli import name`: the submodule `name` when there is one, else the package."""
+    is_module = (PACKAGE / f"{name}.py").exists() or (PACKAGE / name / "__init__.py").exists()
+    return f"tagclip_cli.{name}" if is_module else "tagclip_cli"
 
 
 def in_group(name: str, group: tuple[str, ...]) -> bool:
@@ -110,3 +121,56 @@ def test_checker_sees_function_level_and_relative_imports(tmp_path):
         assert imported_modules(mod) == {"tagclip_cli.writers", "tagclip_cli.cli"}
     finally:
         PACKAGE = saved
+
+
+# ---- the "may import" table of docs/architecture.md ---------------------------------------------
+
+def may_import_table(text: str) -> dict[str, set[str] | None]:
+    """module -> the modules of ours it may import (None: anything), from the table's rows.
+
+    A row's module is its first cell (`cli.py`, `backbone/`); the allowed names are those in
+    backticks in the last cell before its first ";" (after it come the bans, in words)."""
+    table: dict[str, set[str] | None] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        module = cells[0].strip("`").removesuffix(".py").removesuffix("/")
+        allowed = cells[2].split(";")[0]
+        table[module] = None if allowed == "anything" else set(re.findall(r"`([a-z_]+)`", allowed))
+    return table
+
+
+TABLE = may_import_table(ARCHITECTURE.read_text(encoding="utf-8"))
+
+
+def test_table_has_a_row_for_every_module_and_no_other():
+    modules = {module_name(p).split(".")[0] for p in SOURCES} - {""}
+    assert set(TABLE) == modules
+    for allowed in TABLE.values():
+        assert allowed is None or allowed <= modules, allowed - modules
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_are_within_the_table_row(path):
+    me = module_name(path).split(".")[0]
+    if not me:  # the package's __init__: the public surface, above every layer
+        return
+    allowed = TABLE[me]
+    if allowed is None:
+        return
+    outside = sorted(
+        target for target in imported_modules(path)
+        if target.startswith("tagclip_cli.") and local(target).split(".")[0] not in allowed | {me}
+    )
+    assert not outside, f"{me} may import {sorted(allowed)} (docs/architecture.md), not {outside}"
+
+
+def test_table_parser_reads_rows_and_bans():
+    text = (
+        "| module | owns | may import (ours) |\n|---|---|---|\n"
+        "| `cli.py` | commands | anything |\n"
+        "| `data.py` | decoding | `sources`, `fileio` (text escaping); never `backbone` |\n"
+        "| `errors.py` | exceptions | nothing |\n"
+    )
+    assert may_import_table(text) == {"cli": None, "data": {"sources", "fileio"}, "errors": set()}

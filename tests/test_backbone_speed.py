@@ -184,7 +184,8 @@ def test_cli_bf16_on_cpu_annotates_and_segments_close_to_fp32(photo_dir, tiny_ch
     from typer.testing import CliRunner
 
     from tagclip_cli.cli import app
-    from tagclip_cli.writers import read_metadata
+    from tagclip_cli.record import RecordIO
+    from tagclip_cli.writers import read_record
 
     def run(command: str, precision: str, out: Path) -> None:
         result = CliRunner().invoke(app, [command, str(photo_dir), "--vocab", "voc", "--out", str(out),
@@ -196,7 +197,7 @@ def test_cli_bf16_on_cpu_annotates_and_segments_close_to_fp32(photo_dir, tiny_ch
     for precision in ("fp32", "bf16"):
         out = tmp_path / f"{precision}.parquet"
         run("annotate", precision, out)
-        assert json.dumps(read_metadata(out)).count(f'"precision": "{precision}"') == 1
+        assert json.dumps(RecordIO.to_dict(read_record(out))).count(f'"precision": "{precision}"') == 1
         table = pq.read_table(out).to_pydict()
         scores[precision] = np.array(table["scores"], dtype=np.float64)
         assert set(table["status"]) == {"ok"}

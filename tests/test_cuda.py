@@ -280,7 +280,7 @@ print("nccl ok", torch.cuda.nccl.version())
 @pytest.mark.cuda
 def test_nccl_process_group_under_torchrun(tmp_path, cache):
     """With one process jobs.session does not join a group (nothing to share), so the NCCL backend
-    it uses for several ranks is checked here directly, with the collectives jobs.py calls."""
+    it uses for several ranks is checked here directly, with the collectives jobs/session.py calls."""
     script = tmp_path / "nccl_check.py"
     script.write_text(NCCL_SCRIPT)
     proc = run_tagclip(str(script), cache=cache,

@@ -11,20 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tagclip_cli.data import (
-    DecodedImage,
-    ImageDataset,
-    ImageItem,
-    Preprocess,
-    bucket_batches,
-    collect_items,
-    iter_records,
-    list_folder,
-    load_rgb,
-    read_manifest,
-    read_path_list,
-)
+from tagclip_cli.data import DecodedImage, ImageDataset, Preprocess, bucket_batches, iter_records, load_rgb
 from tagclip_cli.errors import UsageError
+from tagclip_cli.sources import ImageItem, collect_items, list_folder, read_manifest, read_path_list
 
 
 def touch_images(root, names):

@@ -18,9 +18,9 @@ from pycocotools import mask as mask_utils
 from sklearn.metrics import average_precision_score
 
 from tagclip_cli import evaluate as ev
-from tagclip_cli.data import ImageItem
 from tagclip_cli.errors import UsageError
 from tagclip_cli.evaluate import IGNORE
+from tagclip_cli.sources import ImageItem
 from tagclip_cli.writers import rows_to_table, tag_row, tags_schema, write_parquet_atomic
 
 # pycocotools' decode trips a numpy 2 deprecation warning that is not ours to fix.

@@ -33,9 +33,9 @@ from mask_files import (
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from tagclip_cli.data import ImageItem
 from tagclip_cli.export import ExportConfig, export, export_yolo, labelstudio_config
 from tagclip_cli.formats import MaskFile, iter_mask_images
+from tagclip_cli.sources import ImageItem
 from tagclip_cli.writers import mask_entries, rows_to_table, segment_row, segment_schema, voc_palette, write_coco_json
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tagclip_cli.data import ImageItem
 from tagclip_cli.errors import FormatError, UsageError
+from tagclip_cli.fileio import json_scalar
 from tagclip_cli.formats import (
     TAG_COLUMNS,
     TagsFile,
@@ -25,16 +25,17 @@ from tagclip_cli.formats import (
     label_map,
     load_masks,
     read_coco,
-    read_metadata,
     read_tags,
     read_tags_schema,
     rle_decode,
     tag_classes,
 )
+from tagclip_cli.record import RecordIO
+from tagclip_cli.sources import ImageItem
 from tagclip_cli.vocab import parse_vocabulary
 from tagclip_cli.writers import (
-    json_scalar,
     mask_entries,
+    read_record,
     rle_encode,
     rows_to_table,
     segment_row,
@@ -75,10 +76,10 @@ def one_line_naming(exc: pytest.ExceptionInfo, path: Path) -> None:
 
 def test_tags_round_trip_with_metadata(tmp_path):
     path = write_tags(tmp_path / "tags.parquet")
-    assert read_tags_schema(path) == CONFIG == read_metadata(path)
+    assert RecordIO.to_dict(read_tags_schema(path)) == CONFIG == RecordIO.to_dict(read_record(path))
     assert tag_classes(path, read_tags_schema(path)) == tuple(CLASSES)
     table, metadata = read_tags(path, ("image_id", "status", "scores"))
-    assert metadata == CONFIG and table.column_names == ["image_id", "status", "scores"]
+    assert RecordIO.to_dict(metadata) == CONFIG and table.column_names == ["image_id", "status", "scores"]
     assert table.column("image_id").to_pylist() == ["a.jpg", "sub/b.jpg", "c.jpg"]
     rows = [row for batch in iter_tag_batches(path, TAG_COLUMNS, batch_size=2) for row in batch]
     assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
@@ -115,9 +116,9 @@ def test_bad_tags_files_name_the_file(tmp_path):
     with pytest.raises(FormatError, match="missing columns: index, path") as exc:
         read_tags_schema(other)
     one_line_naming(exc, other)
-    assert read_tags_schema(other, ["image_id"]) == {}
+    assert RecordIO.to_dict(read_tags_schema(other, ["image_id"])) == {}
     with pytest.raises(FormatError, match="no 'tagclip' metadata") as exc:
-        tag_classes(other, {})
+        tag_classes(other, RecordIO.from_dict({}))
     one_line_naming(exc, other)
     bad_meta = tmp_path / "bad_meta.parquet"
     pq.write_table(pa.table({"image_id": ["a"]}).replace_schema_metadata({b"tagclip": b"{not json"}), bad_meta)
@@ -144,7 +145,7 @@ def test_segment_outputs_round_trip(tmp_path):
     masks_path, tags_path = tmp_path / "masks.json", tmp_path / "tags.parquet"
     write_coco_json([rows_to_table(rows, schema)], masks_path, schema, tags_out=tags_path)
 
-    assert read_tags_schema(tags_path) == CONFIG
+    assert RecordIO.to_dict(read_tags_schema(tags_path)) == CONFIG
     for row, expected in zip(rows[:2], maps, strict=True):
         rebuilt = np.zeros_like(expected)
         for mask in row["masks"]:

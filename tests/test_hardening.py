@@ -18,8 +18,10 @@ from bad_images import NON_UTF8_ID, NON_UTF8_NAME, exif_rotated_jpeg, gradient, 
 from PIL import Image, ImageFile
 
 from tagclip_cli import data
-from tagclip_cli.data import DecodedImage, DecodeError, ImageDataset, ImageItem, Preprocess, list_folder, load_rgb
-from tagclip_cli.writers import output_text, tag_row, tags_schema
+from tagclip_cli.data import DecodedImage, DecodeError, ImageDataset, Preprocess, load_rgb
+from tagclip_cli.fileio import output_text
+from tagclip_cli.sources import ImageItem, list_folder
+from tagclip_cli.writers import tag_row, tags_schema
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -443,8 +445,8 @@ def test_disk_full_keeps_earlier_parts_and_resumes_to_the_clean_result(
 ):
     import pyarrow.parquet as pq
 
-    from tagclip_cli import jobs
     from tagclip_cli.errors import OutputWriteError
+    from tagclip_cli.jobs import parts as jobs
 
     expected = clean_rows
 

@@ -1,4 +1,4 @@
-"""jobs.py: work split, part files, resume, streaming merge, JSON Lines, with a fake model.
+"""jobs/: work split, part files, resume, streaming merge, JSON Lines, with a fake model.
 
 The fake `process` records which indices shared each forward batch, so the tests can check the
 property the design rests on: batch composition does not depend on the split or on a restart."""
@@ -14,19 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tagclip_cli.data import DecodedImage, ImageItem
+from tagclip_cli.data import DecodedImage
 from tagclip_cli.errors import ConfigMismatchError, IncompleteRunError, UsageError
-from tagclip_cli.jobs import (
-    JobSpec,
-    PartStore,
-    Placement,
-    Session,
-    json_row,
-    merge_output,
-    parse_shard,
-    placement_from_env,
-    run_job,
-)
+from tagclip_cli.jobs.parts import PartStore, merge_output
+from tagclip_cli.jobs.placement import Placement, parse_shard, placement_from_env
+from tagclip_cli.jobs.runner import JobSpec, run_job
+from tagclip_cli.jobs.session import Session
+from tagclip_cli.jobs.sinks import json_row
+from tagclip_cli.record import RecordIO
+from tagclip_cli.sources import ImageItem
 
 SCHEMA = pa.schema(
     [
@@ -37,7 +33,7 @@ SCHEMA = pa.schema(
         ("batch", pa.list_(pa.int64())),
     ]
 ).with_metadata({b"tagclip": json.dumps({"model": "fake"}, sort_keys=True).encode()})
-CONFIG = {"model": "fake"}
+CONFIG = RecordIO.from_dict({"model": "fake"})
 
 
 def make_items(n: int) -> list[ImageItem]:
@@ -173,13 +169,13 @@ def test_config_and_input_mismatch_refuse_unless_overwrite(tmp_path):
     job = {"format": "parquet", "batch_size": 2, "window": 8}
     PartStore.open(out, CONFIG, items, job)
     with pytest.raises(ConfigMismatchError, match="differs in: model"):
-        PartStore.open(out, {"model": "other"}, items, job)
+        PartStore.open(out, RecordIO.from_dict({"model": "other"}), items, job)
     renamed = items[:4] + [ImageItem(4, "other.jpg", "/data/other.jpg")] + items[5:]
     with pytest.raises(ConfigMismatchError, match="image #4: image_id 'img004.jpg', now 'other.jpg'"):
         PartStore.open(out, CONFIG, renamed, job)
     with pytest.raises(ConfigMismatchError, match="10 images, now 9"):
         PartStore.open(out, CONFIG, items[:9], job)
-    PartStore.open(out, {"model": "other"}, renamed, job, overwrite=True)
+    PartStore.open(out, RecordIO.from_dict({"model": "other"}), renamed, job, overwrite=True)
     assert json.loads((tmp_path / "out.parquet.parts" / "config.json").read_text()) == {"model": "other"}
 
 
@@ -197,7 +193,8 @@ def test_rerunning_a_finished_output_is_a_no_op_and_other_runs_are_refused(tmp_p
     with pytest.raises(ConfigMismatchError, match="output exists"):
         run(make_items(11), out)  # other images: refused, not silently kept
     with pytest.raises(ConfigMismatchError, match="output exists"):
-        other = JobSpec(items=make_items(12), out=out, config={"model": "other"}, schema=SCHEMA, batch_size=2)
+        other = JobSpec(items=make_items(12), out=out, config=RecordIO.from_dict({"model": "other"}), schema=SCHEMA,
+                        batch_size=2)
         run_job(other, Session(Placement(), "cpu"), fake_records, fake_process)
     redo = run(make_items(12), out, overwrite=True)
     assert (redo.done, redo.failed) == (11, 1)

@@ -1,4 +1,4 @@
-"""jobs.py: one writer per output. The lock files of live, dead and stale runs, and of shards.
+"""jobs/locks.py: one writer per output. The lock files of live, dead and stale runs, and of shards.
 
 Real lock files in a temporary directory, real processes for the pids (a finished subprocess's
 pid is a dead one), real mtimes for the heartbeats."""
@@ -16,7 +16,8 @@ import time
 import pytest
 
 from tagclip_cli.errors import OutputLockedError, UsageError
-from tagclip_cli.jobs import LOCK_STALE_SECONDS, LockEntry, OutputLock, Placement, read_locks
+from tagclip_cli.jobs.locks import LOCK_STALE_SECONDS, LockEntry, OutputLock, read_locks
+from tagclip_cli.jobs.placement import Placement
 
 
 def entry(first: int, last: int, world: int) -> LockEntry:

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from tagclip_cli.cli import app
 from tagclip_cli.formats import rle_decode
+from tagclip_cli.record import METADATA_KEY
 from tagclip_cli.writers import (
-    METADATA_KEY,
     coco_categories,
     masks_schema,
     segment_schema,

@@ -151,8 +151,8 @@ def cli_args(images: Path, out: Path, tiny_checkpoint: Path, cache_dir: Path, *e
 
 def test_toy_method_from_the_cli_and_the_api(toy, images, tmp_path, tiny_checkpoint, cache_dir):
     from tagclip_cli.cli import app
-    from tagclip_cli.data import list_folder
     from tagclip_cli.pipeline import ModelOptions, SegmentOptions, run_segment
+    from tagclip_cli.sources import list_folder
     from tagclip_cli.tagclip import TagCLIPConfig
     from tagclip_cli.vocab import load_vocabulary
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import sample_photos
 from PIL import Image
 
-from tagclip_cli.data import ImageDataset, Preprocess, list_folder
+from tagclip_cli.data import ImageDataset, Preprocess
 from tagclip_cli.formats import rle_decode
 from tagclip_cli.methods.clses import ClsSegConfig, ClsSegSegments
 from tagclip_cli.pipeline import (
@@ -23,6 +23,7 @@ from tagclip_cli.pipeline import (
     segment_images,
     segment_rows,
 )
+from tagclip_cli.sources import list_folder
 from tagclip_cli.tagclip import TagCLIPConfig
 from tagclip_cli.vocab import load_vocabulary
 from tagclip_cli.writers import segment_schema

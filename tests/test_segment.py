@@ -30,7 +30,7 @@ from tagclip_cli.cams import (
     require_crf,
     resize_bilinear,
 )
-from tagclip_cli.data import ImageItem, Preprocess
+from tagclip_cli.data import Preprocess
 from tagclip_cli.errors import UsageError
 from tagclip_cli.formats import TagsFile, rle_decode
 from tagclip_cli.methods import configure
@@ -48,6 +48,7 @@ from tagclip_cli.methods.clses import (
 )
 from tagclip_cli.methods.maskclip import MaskClipSegments, label_map_from_scores, maskclip_scores
 from tagclip_cli.quirks import Quirks
+from tagclip_cli.sources import ImageItem
 from tagclip_cli.vocab import load_vocabulary
 from tagclip_cli.writers import (
     label_png_path,
@@ -591,6 +592,8 @@ def test_segment_config_reads_back_equal(tiny_backbone, voc):
 
     opts = SegmentOptions(items=[], vocab=voc, out=Path("m.json"), model=ModelOptions(), tagclip=TagCLIPConfig(),
                           segment=configure("maskclip", "coco", key_smoothing=True), method="maskclip")
-    config = segment_config(tiny_backbone, opts, None)
+    from tagclip_cli.record import RecordIO
+
+    config = RecordIO.to_dict(segment_config(tiny_backbone, opts, None))
     assert json.loads(json.dumps(config)) == config
     assert config["segment"]["caa_layers"] == [-7, 0] and config["segment"]["box_threshold"] == 0.7

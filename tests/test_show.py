@@ -220,7 +220,7 @@ def test_load_masks_matches_by_tagclip_id_file_name_and_unique_basename(tmp_path
 
 def read_tag_classes(path: Path) -> list[str]:
     """The classes `tagclip show` reads from a tags file's metadata."""
-    return read_tags_schema(path).get("classes", [])
+    return read_tags_schema(path).classes or []
 
 
 def test_read_tag_classes_and_bad_tag_files(tmp_path):

@@ -13,10 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from shard_fixtures import (
+    add_member,
     encode,
+    link_member,
     moto_s3,
     noise_images,
+    rewrite_header,
     s3fs_client,
+    tar_layout,
     write_dataset,
     write_parquet,
     write_tar,
@@ -24,7 +28,7 @@ from shard_fixtures import (
 
 from tagclip_cli.data import ImageDataset, Preprocess
 from tagclip_cli.errors import UsageError
-from tagclip_cli.jobs import Placement
+from tagclip_cli.jobs.placement import Placement
 from tagclip_cli.sources import ParquetColumns, collect_items, list_tars
 
 PRE = Preprocess(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -159,6 +163,169 @@ def test_placement_splits_tar_inputs_by_shard(dataset):
             assert by_shard.setdefault(it.shard_index, owner) == owner  # one shard, one process
 
 
+# ---- damaged tar shards: every sample a row, damage stepped over and reported --------------------
+
+@pytest.fixture(scope="module")
+def nine(tmp_path_factory):
+    """A sound tar of 9 samples (`00K.png` + `00K.json`): its bytes, its layout, the images."""
+    root = tmp_path_factory.mktemp("nine")
+    images = noise_images(9, seed=7)
+    members = []
+    for k, arr in enumerate(images):
+        members += [(f"{k:03d}.png", encode(arr)), (f"{k:03d}.json", b'{"k": %d}' % k)]
+    path = write_tar(root / "nine.tar", members)
+    return path.read_bytes(), tar_layout(path), images
+
+
+def damaged(tmp_path, name: str, data: bytes, caplog):
+    """(ok ids, {failed id: reason}, pixels by id) of a damaged shard, and the warning text."""
+    (tmp_path / name).write_bytes(data)
+    with caplog.at_level(logging.WARNING, logger="tagclip_cli"):
+        out = decoded(collect_items(str(tmp_path / name)))
+    ok = [im.item.image_id for im in out if im.error is None]
+    failed = {im.item.image_id: im.error for im in out if im.error is not None}
+    assert all("\n" not in e for e in failed.values())
+    return ok, failed, {im.item.image_id: im.rgb for im in out if im.error is None}
+
+
+def header(layout, name: str) -> int:
+    return next(h for n, h, _ in layout if n == name)
+
+
+def test_cut_in_the_data_after_a_complete_image_keeps_that_sample(nine, tmp_path, caplog):
+    data, layout, images = nine
+    json1 = next(d for n, _, d in layout if n == "001.json")
+    ok, failed, pixels = damaged(tmp_path, "cut.tar", data[:json1 + 3], caplog)  # inside 001.json's data
+    assert ok == ["cut/000", "cut/001"] and np.array_equal(pixels["cut/001"], images[1])
+    assert list(failed) == ["cut/<unreadable>"]
+    assert failed["cut/<unreadable>"] == (f"truncated tar shard {tmp_path / 'cut.tar'}: the file ends at byte "
+                                          f"{json1 + 3} inside 001.json (header at byte {header(layout, '001.json')};"
+                                          " any members after it are lost)")
+    assert failed["cut/<unreadable>"] in caplog.text
+
+
+def test_cut_in_an_image_fails_that_sample_and_the_rest_of_the_shard(nine, tmp_path, caplog):
+    data, layout, _ = nine
+    png2 = next(d for n, _, d in layout if n == "002.png")
+    ok, failed, _ = damaged(tmp_path, "cut.tar", data[:png2 + 100], caplog)
+    assert ok == ["cut/000", "cut/001"] and list(failed) == ["cut/002", "cut/<unreadable>"]
+    assert failed["cut/002"].startswith(f"truncated tar shard {tmp_path / 'cut.tar'}: 002.png is cut off at byte "
+                                        f"{png2 + 100} (it declares ")
+    assert "inside 002.png" in failed["cut/<unreadable>"]
+
+
+def test_cut_inside_a_header_or_in_the_last_padding(nine, tmp_path, caplog):
+    data, layout, _ = nine
+    at = header(layout, "003.png")
+    ok, failed, _ = damaged(tmp_path, "cut.tar", data[:at + 100], caplog)
+    assert ok == ["cut/000", "cut/001", "cut/002"] and list(failed) == ["cut/<unreadable>"]
+    assert f"the file ends inside a header at byte {at}" in failed["cut/<unreadable>"]
+    ok, failed, _ = damaged(tmp_path, "pad.tar", data[:at - 10], caplog)  # 002.json's data whole, padding cut
+    assert ok == ["pad/000", "pad/001", "pad/002"]
+    assert f"the file ends at byte {at - 10} without the end-of-archive marker" in failed["pad/<unreadable>"]
+
+
+@pytest.mark.parametrize("size", [8 << 30, -5], ids=["8GiB", "negative"])
+def test_a_damaged_size_field_loses_one_member_and_the_scan_reads_on(nine, tmp_path, caplog, size):
+    data, layout, images = nine
+    at = header(layout, "004.png")
+    ok, failed, pixels = damaged(tmp_path, "bad.tar", rewrite_header(data, at, size=size), caplog)  # base-256 field
+    assert ok == [f"bad/{k:03d}" for k in range(9) if k != 4]
+    assert all(np.array_equal(pixels[f"bad/{k:03d}"], images[k]) for k in range(9) if k != 4)
+    after = header(layout, "004.json")
+    shard_line = failed.pop("bad/<unreadable>")
+    assert shard_line.startswith(f"damaged tar shard {tmp_path / 'bad.tar'}: ")
+    assert f"at byte {at} (members lost up to the next valid header, at byte {after})" in shard_line
+    if size > 0:  # the header verifies: its sample fails naming the size
+        assert failed == {"bad/004": f"damaged tar shard {tmp_path / 'bad.tar'}: 004.png declares {8 << 30} bytes, "
+                                     f"past the end of the file at byte {len(data)}"}
+    else:  # the header is unusable: its sample is what follows it (004.json), without an image
+        assert "a header declaring a negative size (-5)" in shard_line
+        assert failed == {"bad/004": f"no image in this sample of {tmp_path / 'bad.tar'} (004.json)"}
+    assert shard_line in caplog.text
+
+
+def test_a_bad_checksum_mid_shard_is_stepped_over_and_reported(nine, tmp_path, caplog):
+    data, layout, _ = nine
+    blob = rewrite_header(rewrite_header(data, header(layout, "003.png"), checksum=False),
+                          header(layout, "006.json"), checksum=False)
+    ok, failed, _ = damaged(tmp_path, "sum.tar", blob, caplog)
+    assert ok == [f"sum/{k:03d}" for k in range(9) if k != 3]  # 006 lost only its json
+    assert failed["sum/003"] == f"no image in this sample of {tmp_path / 'sum.tar'} (003.json)"
+    assert failed["sum/<unreadable>"] == (
+        f"damaged tar shard {tmp_path / 'sum.tar'}: a header with a bad checksum at byte {header(layout, '003.png')} "
+        f"(members lost up to the next valid header, at byte {header(layout, '003.json')}); a header with a bad "
+        f"checksum at byte {header(layout, '006.json')} (members lost up to the next valid header, at byte "
+        f"{header(layout, '007.png')})")
+    assert len(failed) == 2
+
+
+def test_concatenated_tars_are_read_whole_without_a_failed_row(nine, tmp_path, caplog):
+    data, _, _ = nine
+    ok, failed, _ = damaged(tmp_path, "twice.tar", data + data, caplog)
+    assert len(ok) == 18 and not failed
+
+
+def test_a_file_that_is_no_tar_is_a_usage_error_saying_so(nine, tmp_path):
+    import gzip
+
+    data, _, _ = nine
+    (tmp_path / "gz.tar").write_bytes(gzip.compress(data))
+    with pytest.raises(UsageError, match=r"gz\.tar: not a tar file \(gzip-compressed data \(compressed tar shards "
+                                         r"are not supported"):
+        collect_items(str(tmp_path / "gz.tar"))
+    (tmp_path / "empty.tar").write_bytes(b"")
+    with pytest.raises(UsageError, match=r"empty\.tar: empty file \(0 bytes\), not a tar"):
+        collect_items(str(tmp_path / "empty.tar"))
+
+
+def test_links_are_read_from_their_target_inside_the_shard_and_never_outside(tmp_path):
+    a, b = noise_images(2, seed=8)
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(encode(b))  # a readable image the links must not reach
+    with tarfile.open(tmp_path / "links.tar", "w") as tar:
+        add_member(tar, "img/a.png", encode(a))
+        link_member(tar, "img/hard.png", "img/a.png", hard=True)
+        link_member(tar, "img/sym.png", "a.png", hard=False)  # relative to its folder
+        link_member(tar, "img/chain.png", "sym.png", hard=False)
+        link_member(tar, "img/ahead.png", "later.png", hard=False)  # target further on
+        add_member(tar, "img/later.png", encode(b))
+        link_member(tar, "abs.png", str(outside), hard=False)
+        link_member(tar, "up.png", "../outside.png", hard=False)
+        link_member(tar, "hardabs.png", str(outside), hard=True)
+        link_member(tar, "dangling.png", "img/none.png", hard=False)
+        link_member(tar, "loop1.png", "loop2.png", hard=False)
+        link_member(tar, "loop2.png", "loop1.png", hard=False)
+    out = {im.item.image_id: im for im in decoded(collect_items(str(tmp_path / "links.tar")))}
+    for name in ("hard", "sym", "chain", "a"):
+        assert out[f"links/img/{name}"].error is None and np.array_equal(out[f"links/img/{name}"].rgb, a), name
+    assert np.array_equal(out["links/img/ahead"].rgb, b)
+    shard = tmp_path / "links.tar"
+    assert out["links/abs"].error == f"abs.png is a symbolic link to {outside}, outside the tar shard (not read)"
+    assert out["links/up"].error == "up.png is a symbolic link to ../outside.png, outside the tar shard (not read)"
+    assert out["links/hardabs"].error == f"hardabs.png is a hard link to {outside}, outside the tar shard (not read)"
+    assert out["links/dangling"].error == f"link dangling.png -> img/none.png: no such regular member in {shard}"
+    assert out["links/loop1"].error == f"link loop1.png -> loop2.png: a chain of links too long in {shard}"
+    assert len(out) == 12
+
+
+def test_compressed_shards_are_refused_at_listing_naming_the_shard(dataset, tmp_path):
+    import gzip
+
+    _, tars, _ = dataset
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.tar").write_bytes((tars / "00000.tar").read_bytes())
+    (folder / "b.tar.gz").write_bytes(gzip.compress((tars / "00001.tar").read_bytes()))
+    (tmp_path / "c.tgz").write_bytes((folder / "b.tar.gz").read_bytes())
+    (tmp_path / "urls.txt").write_text(f"{folder / 'a.tar'}\n{folder / 'b.tar.gz'}\n")
+    refused = "compressed tar shards are not supported; decompress them to .tar first"
+    for given, named in ((folder, "b.tar.gz"), (folder / "b.tar.gz", "b.tar.gz"), (tmp_path / "c.tgz", "c.tgz"),
+                         (tmp_path / "urls.txt", "b.tar.gz"), (folder / "*", "b.tar.gz")):
+        with pytest.raises(UsageError, match=f"{named}: {refused}"):
+            collect_items(str(given))
+
+
 # ---- Parquet --------------------------------------------------------------------------------------
 
 def test_hugging_face_parquet_in_row_groups(tmp_path):
@@ -209,6 +376,54 @@ def test_parquet_null_image_and_duplicate_keys(tmp_path, caplog):
     assert "kept as p/a#2" in caplog.text
     out = decoded(items)
     assert out[0].error is None and out[1].error is None and out[2].error.startswith("no image bytes in this row")
+
+
+def corrupt_chunk(path, group: int, column: int) -> None:
+    """Overwrite the page header of one column chunk of a Parquet file (its footer stays sound)."""
+    chunk = pq.ParquetFile(path).metadata.row_group(group).column(column)
+    data = bytearray(path.read_bytes())
+    data[chunk.data_page_offset:chunk.data_page_offset + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_parquet_row_groups_fail_their_rows_and_the_others_are_read(tmp_path, caplog):
+    images = noise_images(9, seed=9)
+    path = write_parquet(tmp_path / "p.parquet", images, row_group_size=3, style="img2dataset")
+    corrupt_chunk(path, 1, 0)  # the ids of rows 3-5
+    corrupt_chunk(path, 2, 1)  # the images of rows 6-8
+    with caplog.at_level(logging.WARNING, logger="tagclip_cli"):
+        out = decoded(collect_items(str(path)))
+    assert [im.item.image_id for im in out] == [f"p/{i:09d}" for i in range(3)] + [f"p/{i}" for i in range(3, 6)] + [
+        f"p/{i:09d}" for i in range(6, 9)]
+    assert [im.error is None for im in out] == [True] * 3 + [False] * 6
+    assert all(np.array_equal(im.rgb, arr) for im, arr in zip(out[:3], images, strict=False))
+    assert all(im.error.startswith(f"cannot read row group 1 of Parquet file {path} (") for im in out[3:6])
+    assert all(im.error.startswith(f"cannot read Parquet file {path} (") for im in out[6:])
+    assert f"cannot read row group 1 of Parquet file {path}" in caplog.text
+
+
+def test_an_unreadable_parquet_file_among_others_is_one_failed_row(tmp_path, caplog):
+    write_parquet(tmp_path / "a.parquet", noise_images(2, seed=10), style="img2dataset")
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 this is not Parquet")
+    with caplog.at_level(logging.WARNING, logger="tagclip_cli"):
+        items = collect_items(None, images_parquet=str(tmp_path / "{a,b,c}.parquet"))
+    assert [it.image_id for it in items] == ["a/000000000", "a/000000001", "b/<unreadable>", "c/<unreadable>"]
+    assert [it.shard_index for it in items] == [0, 0, 1, 2]
+    out = decoded(items)
+    assert out[2].error.startswith(f"{tmp_path / 'b.parquet'}: cannot read as Parquet (")
+    assert out[3].error == f"{tmp_path / 'c.parquet'}: no such file" and out[3].error in caplog.text
+    with pytest.raises(UsageError, match=r"b\.parquet: cannot read as Parquet .*\(and the 1 other files\)"):
+        collect_items(None, images_parquet=str(tmp_path / "{b,c}.parquet"))
+
+
+def test_a_folder_of_images_says_it_leaves_shards_beside_them_out(dataset, tmp_path, caplog):
+    _, tars, _ = dataset
+    (tmp_path / "x.png").write_bytes(encode(noise_images(1)[0]))
+    (tmp_path / "y.tar").write_bytes((tars / "00000.tar").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="tagclip_cli"):
+        items = collect_items(str(tmp_path))
+    assert [it.image_id for it in items] == ["x.png"]
+    assert f"{tmp_path} holds images and 1 tar / Parquet file(s) (e.g. y.tar); only the images are read" in caplog.text
 
 
 # ---- remote: a real S3 API on loopback ------------------------------------------------------------

@@ -15,6 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tagclip_cli.cli import app
+from tagclip_cli.record import METADATA_KEY
 from tagclip_cli.tagclip import minmax, tag_matrix, tags_from_scores
 from tagclip_cli.thresholds import (
     ThresholdFileError,
@@ -24,7 +25,7 @@ from tagclip_cli.thresholds import (
     parse_target,
     read_threshold_file,
 )
-from tagclip_cli.writers import METADATA_KEY, tags_schema
+from tagclip_cli.writers import tags_schema
 
 CLASSES = ("cat", "dog", "potted plant")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from tagclip_cli.writers import atomic_path
+from tagclip_cli.fileio import atomic_path
 
 
 def test_atomic_output_gets_umask_permissions(tmp_path):

@@ -17,9 +17,6 @@ from tagclip_cli.backbone.loading import WEIGHTS_DIR, builtin_models, load_backb
 from tagclip_cli.backbone.model import PRECISIONS, Backbone, check_precision, default_cache_dir
 from tagclip_cli.backbone.text import TEXT_CACHE_VERSION, imagenet_templates
 
-# file_sha256 lives in tagclip_cli.writers; importable from here for existing callers.
-from tagclip_cli.writers import file_sha256
-
 __all__ = [
     "PRECISIONS",
     "TEXT_CACHE_VERSION",
@@ -31,7 +28,6 @@ __all__ = [
     "builtin_models",
     "check_precision",
     "default_cache_dir",
-    "file_sha256",
     "fused_attention",
     "imagenet_templates",
     "LayerCapture",

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from tagclip_cli.backbone.model import Backbone, check_precision, default_cache_dir
 from tagclip_cli.errors import ModelLoadError
-from tagclip_cli.writers import file_sha256
+from tagclip_cli.fileio import file_sha256
 
 log = logging.getLogger(__name__)
 

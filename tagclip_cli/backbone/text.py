@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tagclip_cli.errors import OutputWriteError
-from tagclip_cli.writers import atomic_path
+from tagclip_cli.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -106,7 +106,6 @@ from tagclip_cli.evaluate.report import (
     render_report,
     write_report,
 )
-from tagclip_cli.formats import decode_segmentation
 
 __all__ = [
     "ALIAS_GROUPS", "AP_DESCRIPTIONS", "AP_VARIANTS", "COCOSTUFF_COARSE_NAMES", "COCOSTUFF_FINE_NAMES",
@@ -114,7 +113,7 @@ __all__ = [
     "REGISTRY", "VOC_CLASSES", "ClassMatch", "CocoInstances", "CocoMaskPredictions", "ConfusionMatrix",
     "Dataset", "EvaluateConfig", "GroundTruth", "GtImage", "ImageIndex", "LabelMapDir", "MaskPredictions",
     "PngMaskPredictions", "Progress", "TagPredictions", "VocClassification", "ap_per_class", "apply_split",
-    "average_precision", "cocostuff27", "decode_segmentation", "evaluate", "evaluate_masks", "evaluate_tags",
+    "average_precision", "cocostuff27", "evaluate", "evaluate_masks", "evaluate_tags",
     "folder_ground_truth", "load_ground_truth", "match_classes", "match_images", "name_key",
     "open_mask_predictions", "parse_voc_xml", "prediction_kind", "rasterise_instances", "read_label_png",
     "read_split", "read_tags_parquet", "render_report", "tag_prf", "voc2012_segmentation", "write_report",

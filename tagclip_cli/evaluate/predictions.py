@@ -14,6 +14,7 @@ import numpy as np
 from tagclip_cli.errors import UsageError
 from tagclip_cli.evaluate.ground_truth import read_label_png
 from tagclip_cli.formats import label_map, read_coco, read_tags, tag_classes
+from tagclip_cli.record import RunRecord
 
 
 def _load_json(path: Path, what: str) -> Any:
@@ -38,7 +39,7 @@ class TagPredictions:
     ok: np.ndarray  # (M,) bool
     scores: np.ndarray  # (M, F) float32, NaN rows where not ok
     tags: list[list[str]]
-    config: dict[str, Any] = field(default_factory=dict)
+    record: RunRecord = field(default_factory=RunRecord)  # the run record of the tags file
 
 
 TAGS_COLUMNS = ("image_id", "path", "status", "tags", "scores")
@@ -46,8 +47,8 @@ TAGS_COLUMNS = ("image_id", "path", "status", "tags", "scores")
 
 def read_tags_parquet(path: Path) -> TagPredictions:
     """Read and validate a tags Parquet (columns and metadata as written by `tagclip annotate`)."""
-    table, config = read_tags(path, TAGS_COLUMNS)
-    classes = tag_classes(path, config)
+    table, record = read_tags(path, TAGS_COLUMNS)
+    classes = tag_classes(path, record)
     data = table.to_pydict()
     status = data["status"]
     ok = np.array([s == "ok" for s in status], dtype=bool)
@@ -77,7 +78,7 @@ def read_tags_parquet(path: Path) -> TagPredictions:
         ok=ok,
         scores=scores,
         tags=tags,
-        config=config,
+        record=record,
     )
 
 

@@ -26,7 +26,7 @@ from tagclip_cli.evaluate.predictions import (
     prediction_kind,
     read_tags_parquet,
 )
-from tagclip_cli.writers import atomic_path, json_scalar
+from tagclip_cli.fileio import atomic_path, json_scalar
 
 log = logging.getLogger(__name__)
 

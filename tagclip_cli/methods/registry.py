@@ -96,7 +96,9 @@ def load_methods() -> None:
 def names(kind: str | None = None) -> tuple[str, ...]:
     """The registered methods' names (of one kind: "tags" or "masks"), built-ins first."""
     load_methods()
-    return tuple(name for name, m in _methods.items() if kind is None or m.kind == kind)
+    builtin = [module.rsplit(".", 1)[1] for module in BUILTIN_MODULES]  # a built-in's module is its name
+    order = sorted(_methods, key=lambda name: builtin.index(name) if name in builtin else len(builtin))
+    return tuple(name for name in order if kind is None or _methods[name].kind == kind)
 
 
 def get(name: str, kind: str | None = None) -> Method:

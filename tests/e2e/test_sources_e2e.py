@@ -8,13 +8,28 @@ import json
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from shard_fixtures import SECRET, moto_s3, noise_images, s3_env, s3fs_client, write_dataset, write_parquet
+from shard_fixtures import (
+    SECRET,
+    add_member,
+    encode,
+    link_member,
+    moto_s3,
+    noise_images,
+    rewrite_header,
+    s3_env,
+    s3fs_client,
+    tar_layout,
+    write_dataset,
+    write_parquet,
+    write_tar,
+)
 
 N_IMAGES = 26
 SHARDS = 4
@@ -212,3 +227,115 @@ def test_s3_run_matches_local_and_never_shows_the_secret(data, tiny_checkpoint, 
                                                                                      .decode())):
         assert SECRET not in text
     assert SECRET.encode() not in out.read_bytes()
+
+
+# ---- damaged shards: every sample a row, exit 1, no traceback, resume gives the same rows -------------
+
+@pytest.fixture(scope="module")
+def damaged_shards(tmp_path_factory):
+    """A folder of four damaged shards of 4 samples each (`<k>.png` + `<k>.json`): 0 cut inside the
+    json of sample 1, 1 a bad header checksum at sample 1's image, 2 an 8 GiB size at sample 2's
+    image, 3 links (sample 1 a hard link to sample 0's image, sample 2 a symbolic link outside)."""
+    root = tmp_path_factory.mktemp("damaged")
+    images = noise_images(16, seed=12, sizes=((64, 48), (48, 64)))
+    outside = tmp_path_factory.mktemp("elsewhere") / "outside.png"
+    outside.write_bytes(encode(images[0]))
+    for s in range(3):
+        members = []
+        for k in range(4):
+            members += [(f"{k}.png", encode(images[s * 4 + k])), (f"{k}.json", b'{"caption": "noise damaged"}')]
+        path = write_tar(root / f"{s:05d}.tar", members)
+        data, layout = path.read_bytes(), {name: (h, d) for name, h, d in tar_layout(path)}
+        if s == 0:
+            data = data[:layout["1.json"][1] + 5]
+        elif s == 1:
+            data = rewrite_header(data, layout["1.png"][0], checksum=False)
+        else:
+            data = rewrite_header(data, layout["2.png"][0], size=8 << 30)
+        path.write_bytes(data)
+    with tarfile.open(root / "00003.tar", "w") as tar:
+        add_member(tar, "0.png", encode(images[12]))
+        link_member(tar, "1.png", "0.png", hard=True)
+        link_member(tar, "2.png", str(outside), hard=False)
+        add_member(tar, "3.png", encode(images[15]))
+    return root
+
+
+def damaged_rows(table) -> dict[str, tuple[str, str | None]]:
+    return {r["image_id"]: (r["status"], r["error"]) for r in table.select(["image_id", "status", "error"]).to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def damaged_run(damaged_shards, tiny_checkpoint, cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("damaged_run") / "d.parquet"
+    proc = tagclip(*args_for(str(damaged_shards), out, tiny_checkpoint), cache=cache)
+    return proc, pq.read_table(out)
+
+
+def test_damaged_shards_give_a_row_per_sample_and_exit_1(damaged_shards, damaged_run):
+    proc, table = damaged_run
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    rows = damaged_rows(table)
+    ok = sorted(i for i, (status, _) in rows.items() if status == "ok")
+    assert ok == ["00000/0", "00000/1", "00001/0", "00001/2", "00001/3", "00002/0", "00002/1", "00002/3",
+                  "00003/0", "00003/1", "00003/3"]
+    failed = {i: e for i, (status, e) in rows.items() if status == "failed"}
+    root = damaged_shards
+    assert failed["00000/<unreadable>"].startswith(f"truncated tar shard {root / '00000.tar'}: the file ends at byte ")
+    assert failed["00001/1"] == f"no image in this sample of {root / '00001.tar'} (1.json)"
+    assert failed["00001/<unreadable>"].startswith(f"damaged tar shard {root / '00001.tar'}: a header with a bad "
+                                                   "checksum at byte ")
+    assert failed["00002/2"].startswith(f"damaged tar shard {root / '00002.tar'}: 2.png declares 8589934592 bytes")
+    assert "at byte" in failed["00002/<unreadable>"]
+    assert failed["00003/2"].startswith("2.png is a symbolic link to /") and failed["00003/2"].endswith(
+        "outside.png, outside the tar shard (not read)")
+    assert len(failed) == 6
+    for shard in ("00000", "00001", "00002"):  # each shard's damage is a warning too
+        assert f"WARNING  {'truncated' if shard == '00000' else 'damaged'} tar shard" in proc.stderr
+        assert f"{shard}.tar" in proc.stderr
+    assert "11 done, 0 skipped (already done), 6 failed" in proc.stderr
+
+
+def test_sigkill_on_damaged_shards_then_resume_gives_the_same_rows(damaged_shards, damaged_run, tiny_checkpoint,
+                                                                  cache, tmp_path):
+    _, reference = damaged_run
+    out, parts = tmp_path / "killed.parquet", tmp_path / "killed.parquet.parts"
+    args = args_for(str(damaged_shards), out, tiny_checkpoint, "--part-size", "3")
+    proc = subprocess.Popen([sys.executable, "-m", "tagclip_cli", *args], env=env_for(cache),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(parts.glob("part-*.parquet")):
+            assert proc.poll() is None, "the run ended before writing a part"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    rerun = tagclip(*args, cache=cache)
+    assert rerun.returncode == 1 and "Traceback" not in rerun.stderr
+    table = pq.read_table(out)
+    assert damaged_rows(table) == damaged_rows(reference)
+    ok = [r["status"] == "ok" for r in table.select(["status"]).to_pylist()]
+    assert table.column("index").to_pylist() == reference.column("index").to_pylist()
+    assert table.column("tags").to_pylist() == reference.column("tags").to_pylist()
+    got, want = (np.array([s for s, good in zip(t.column("scores").to_pylist(), ok, strict=True) if good],
+                          dtype=np.float64) for t in (table, reference))
+    assert got.shape == (11, want.shape[1])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)  # failed rows have no scores
+
+
+def test_compressed_shards_are_refused_in_one_line(damaged_shards, tiny_checkpoint, cache, tmp_path):
+    import gzip
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.tar").write_bytes((damaged_shards / "00003.tar").read_bytes())
+    (folder / "b.tar.gz").write_bytes(gzip.compress((damaged_shards / "00003.tar").read_bytes()))
+    for given in (folder, folder / "b.tar.gz"):
+        proc = tagclip(*args_for(str(given), tmp_path / "x.parquet", tiny_checkpoint), cache=cache)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip() == (f"error: {folder / 'b.tar.gz'}: compressed tar shards are not supported; "
+                                       "decompress them to .tar first (gunzip, bunzip2, unxz or unzstd)")
+    assert not (tmp_path / "x.parquet").exists()

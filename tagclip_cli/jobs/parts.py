@@ -1,0 +1,347 @@
+"""The work directory OUT.parts/ (config.json, items.parquet, job.json, atomic part files), the
+checks that let a run resume, the streaming merge and the final writers (`tagclip merge`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tagclip_cli.errors import (
+    ConfigMismatchError,
+    IncompleteRunError,
+    OutputWriteError,
+    UsageError,
+)
+from tagclip_cli.faults import deferred_signals
+from tagclip_cli.fileio import atomic_path, output_text, write_json_atomic
+from tagclip_cli.record import RecordIO, RunRecord
+from tagclip_cli.sources import ImageItem
+from tagclip_cli.writers import (
+    COCO_JSON_FORMAT,
+    MASKS_PARQUET_FORMAT,
+    ROW_GROUP_SIZE,
+    read_record,
+    write_coco_json,
+    write_masks_parquet,
+    write_parquet_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+
+PART_NAME = re.compile(r"part-(\d+)-(\d+)\.parquet$")
+
+
+# ---- the work directory ---------------------------------------------------------------------------
+
+def parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def items_table(items: Sequence[ImageItem]) -> pa.Table:
+    return pa.table(
+        {
+            "index": pa.array([it.index for it in items], pa.int64()),
+            "image_id": pa.array([output_text(it.image_id) for it in items], pa.string()),
+            "path": pa.array([output_text(it.path) for it in items], pa.string()),
+            "coco_id": pa.array([it.coco_id for it in items], pa.int64()),
+        }
+    )
+
+
+class PartStore:
+    """The work directory of one output: configuration, input list and atomic part files."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self.dir = parts_dir(self.out)
+
+    @classmethod
+    def open(
+        cls,
+        out: Path,
+        config: RunRecord,
+        items: Sequence[ImageItem],
+        job: dict,
+        overwrite: bool = False,
+        create: bool = True,
+    ) -> PartStore:
+        """Create or reopen the work directory for this config and input list (or refuse).
+
+        create=False (torchrun ranks other than 0) only checks what rank 0 created."""
+        store = cls(out)
+        if not store.out.parent.is_dir():
+            raise UsageError(f"{store.out.parent}: output directory does not exist")
+        if create:
+            if overwrite:
+                shutil.rmtree(store.dir, ignore_errors=True)
+            elif store.out.exists() and not store.dir.exists():
+                raise ConfigMismatchError(f"{store.out}: output exists{_made_with(store.out, config)}; "
+                                          "pass --overwrite to replace it")
+            try:
+                store.dir.mkdir(exist_ok=True)
+            except OSError as exc:
+                raise UsageError(f"{store.dir}: cannot create the work directory ({exc.strerror or exc})") from exc
+        elif not store.dir.is_dir():
+            raise UsageError(f"{store.dir}: the work directory is not visible here (is OUT on a shared filesystem?)")
+        store._check_or_write_config(config, create)
+        store._check_or_write_items(items, create)
+        store._note_job(job, create)
+        return store
+
+    def _check_or_write_config(self, config: RunRecord, create: bool) -> None:
+        path = self.dir / "config.json"
+        if path.exists():
+            previous = RecordIO.read_config(path)
+            if not RecordIO.same(previous, config):
+                changed = RecordIO.differences(previous, config)
+                raise ConfigMismatchError(
+                    f"{self.out}: an unfinished run with a different configuration is there "
+                    f"(differs in: {', '.join(changed)}); rerun with the same options, or pass --overwrite"
+                )
+        elif create:
+            RecordIO.write_config(config, path)
+        else:
+            raise UsageError(f"{path}: missing (is OUT on a shared filesystem?)")
+
+    def _check_or_write_items(self, items: Sequence[ImageItem], create: bool) -> None:
+        path = self.dir / "items.parquet"
+        current = items_table(items)
+        if path.exists():
+            previous = pq.read_table(path)
+            if not previous.equals(current):
+                raise ConfigMismatchError(f"{self.out}: {describe_item_difference(previous, current)}; rerun "
+                                          "with the same inputs, or pass --overwrite")
+        elif create:
+            with atomic_path(path) as tmp:
+                pq.write_table(current, tmp, compression="zstd")
+        else:
+            raise UsageError(f"{path}: missing (is OUT on a shared filesystem?)")
+
+    def _note_job(self, job: dict, create: bool) -> None:
+        path = self.dir / "job.json"
+        if path.exists():
+            previous = json.loads(path.read_text())
+            if previous.get("window") != job.get("window"):
+                log.warning(
+                    "resuming with a different --batch-size (%s, was %s): rows computed now come from "
+                    "differently composed batches and can differ from the earlier ones in the last float bit",
+                    job.get("batch_size"), previous.get("batch_size"))
+        elif create:
+            write_json_atomic(job, path)
+
+    # ---- reading ----
+    def job(self) -> dict:
+        path = self.dir / "job.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def config(self) -> RunRecord:
+        path = self.dir / "config.json"
+        if not path.exists():
+            raise UsageError(f"{self.dir}: no config.json; not a tagclip work directory")
+        return RecordIO.read_config(path)
+
+    def items(self) -> pa.Table:
+        path = self.dir / "items.parquet"
+        if not path.exists():
+            raise UsageError(f"{self.dir}: no items.parquet; not a tagclip work directory")
+        return pq.read_table(path)
+
+    def part_files(self) -> list[tuple[int, int, Path]]:
+        """(first index, last index, path) of every complete part, by first index."""
+        found = []
+        for path in self.dir.glob("part-*.parquet"):
+            match = PART_NAME.fullmatch(path.name)
+            if match:
+                found.append((int(match[1]), int(match[2]), path))
+        return sorted(found)
+
+    def done_mask(self, total: int) -> np.ndarray:
+        """(total,) bool: which indices already have a row (one bit per image, not a set of rows)."""
+        mask = np.zeros(total, dtype=bool)
+        for _, _, path in self.part_files():
+            indices = pq.read_table(path, columns=["index"]).column("index").to_numpy()
+            mask[indices[indices < total]] = True
+        return mask
+
+    def remaining(self, items: Sequence[ImageItem], total: int) -> list[ImageItem]:
+        """The items (of an input list of `total`) that have no row yet, in their order."""
+        done = self.done_mask(total)
+        return [it for it in items if not done[it.index]]
+
+    def failed_indices(self) -> np.ndarray:
+        """Indices of the rows already in parts whose status is "failed" (for the exit code of a
+        resumed run: the output has them even though this run did not meet them)."""
+        found = [np.zeros(0, dtype=np.int64)]
+        for _, _, path in self.part_files():
+            table = pq.read_table(path, columns=["index", "status"])
+            failed = pc.equal(table.column("status"), "failed").to_numpy(zero_copy_only=False)
+            found.append(table.column("index").to_numpy()[failed])
+        return np.concatenate(found)
+
+    # ---- writing ----
+    def write_part(self, table: pa.Table) -> Path:
+        table = table.sort_by("index")
+        indices = table.column("index")
+        lo, hi = pc.min(indices).as_py(), pc.max(indices).as_py()
+        path = self.dir / f"part-{lo:012d}-{hi:012d}.parquet"
+        try:
+            with deferred_signals(), atomic_path(path) as tmp:  # a Ctrl-C lets this part finish first
+                pq.write_table(table, tmp, compression="zstd")
+        except OutputWriteError as exc:
+            raise OutputWriteError(
+                f"{exc}; the {len(self.part_files())} parts written before are intact in {self.dir}: "
+                "free some space and rerun the same command to resume") from exc
+        return path
+
+    def missing(self, total: int, wait_seconds: float = 0.0) -> np.ndarray:
+        """Indices without a row. Polls for up to wait_seconds: another node's parts can show up late
+        on a network filesystem."""
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            missing = np.flatnonzero(~self.done_mask(total))
+            if not len(missing) or time.monotonic() >= deadline:
+                return missing
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+    def iter_merged(self, schema: pa.Schema, total: int, chunk: int = ROW_GROUP_SIZE) -> Iterator[pa.Table]:
+        """The rows of all parts in index order, one row per index, `chunk` indices at a time.
+
+        Only the parts overlapping the current chunk are in memory."""
+        parts = self.part_files()
+        active: list[tuple[int, pa.Table]] = []
+        next_part = 0
+        for start in range(0, total, chunk):
+            end = start + chunk
+            while next_part < len(parts) and parts[next_part][0] < end:
+                lo, hi, path = parts[next_part]
+                active.append((hi, pq.read_table(path).cast(schema)))
+                next_part += 1
+            pieces = []
+            for _, table in active:
+                idx = table.column("index")
+                pieces.append(table.filter(pc.and_(pc.greater_equal(idx, start), pc.less(idx, end))))
+            merged = pa.concat_tables(pieces).sort_by("index") if pieces else schema.empty_table()
+            indices = merged.column("index").to_numpy()
+            if len(indices) > 1 and (indices[1:] == indices[:-1]).any():
+                merged = merged.filter(pa.array(np.r_[True, indices[1:] != indices[:-1]]))
+            active = [(hi, table) for hi, table in active if hi >= end]
+            if merged.num_rows:
+                yield merged
+
+    def merge(self, schema: pa.Schema, total: int, fmt: str = "parquet", wait_seconds: float = 0.0,
+              options: dict | None = None) -> int:
+        """Write the final output from the parts (refusing if any index has no row). Returns rows."""
+        missing = self.missing(total, wait_seconds)
+        if len(missing):
+            raise IncompleteRunError(self.describe_missing(missing, total))
+        try:
+            return write_final(fmt, self.iter_merged(schema, total), self.out, schema, options)
+        except OutputWriteError as exc:
+            raise OutputWriteError(f"{exc}; all results are intact in {self.dir}: free some space and "
+                                   f"rerun the same command (or `tagclip merge {self.out}`)") from exc
+
+    def describe_missing(self, missing: np.ndarray, total: int) -> str:
+        ids = self.items().column("image_id").take(pa.array(missing[:3])).to_pylist()
+        examples = ", ".join(f"#{i} {image_id}" for i, image_id in zip(missing[:3].tolist(), ids, strict=True))
+        return (f"{self.out}: {len(missing)} of {total} images have no result yet (e.g. {examples}); "
+                "finish the remaining shards (rerun a shard's command to resume it), then merge again")
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def finished_output(out: Path, config: RunRecord, items: Sequence[ImageItem]) -> int | None:
+    """The number of failed rows if `out` is a finished Parquet output of exactly this
+    configuration and these items (and no unfinished run is next to it), else None."""
+    if not out.is_file() or PartStore(out).dir.exists():
+        return None
+    try:
+        if not RecordIO.same(read_record(out), config):
+            return None
+        names = pq.read_schema(out).names
+        keys = [c for c in ("index", "image_id", "path") if c in names]
+        table = pq.read_table(out, columns=[*keys, "status"])
+    except Exception:  # not a Parquet file of ours, or unreadable: the usual refusal explains
+        return None
+    if keys[:2] != ["index", "image_id"] or not table.select(keys).equals(items_table(items).select(keys)):
+        return None
+    return sum(1 for status in table.column("status").to_pylist() if status != "ok")
+
+
+def _made_with(out: Path, config: RunRecord) -> str:
+    """How an existing output's configuration compares with this run's, for the refusal message."""
+    try:
+        previous = read_record(out)
+    except Exception:  # not a Parquet file of ours: nothing to compare
+        return ""
+    if previous.empty:
+        return ""
+    if RecordIO.same(previous, config):
+        return " (same configuration: this run is already complete)"
+    return f" (made with a different configuration: differs in {', '.join(RecordIO.differences(previous, config))})"
+
+
+def describe_item_difference(previous: pa.Table, current: pa.Table) -> str:
+    if previous.num_rows != current.num_rows:
+        return (f"the unfinished run there has a different input list ({previous.num_rows} images, "
+                f"now {current.num_rows})")
+    for name in ("image_id", "path", "coco_id"):
+        a, b = previous.column(name), current.column(name)
+        if not a.equals(b):
+            differs = pc.invert(pc.fill_null(pc.equal(a, b), False))
+            first = int(np.flatnonzero(differs.to_numpy(zero_copy_only=False))[0])
+            return (f"the unfinished run there has a different input list (image #{first}: "
+                    f"{name} {a[first].as_py()!r}, now {b[first].as_py()!r})")
+    return "the unfinished run there has a different input list"
+
+
+def write_final(fmt: str, tables: Iterable[pa.Table], out: Path, schema: pa.Schema, options: dict | None = None) -> int:
+    """Write the merged rows (tables in index order) as the final output; returns the row count.
+
+    The format name is stored in job.json so that `tagclip merge` writes what the run would have."""
+    if fmt == "parquet":
+        return write_parquet_atomic(tables, out, schema)
+    if fmt == COCO_JSON_FORMAT:  # `tagclip segment`: masks JSON (+ the tags Parquet with tags_out)
+        return write_coco_json(tables, out, schema, tags_out=(options or {}).get("tags_out"))
+    if fmt == MASKS_PARQUET_FORMAT:  # `tagclip segment --out masks.parquet`: one row per (image, mask)
+        return write_masks_parquet(tables, out, schema, tags_out=(options or {}).get("tags_out"))
+    raise UsageError(f"unknown output format '{fmt}' in the work directory of {out}")
+
+
+def merge_output(out: Path) -> int:
+    """`tagclip merge OUT`: check that every input has a row in OUT.parts/, write OUT, remove the parts."""
+    store = PartStore(out)
+    if not store.dir.is_dir():
+        if store.out.exists():
+            raise UsageError(f"{store.out}: already merged (no {store.dir.name} work directory)")
+        raise UsageError(f"{store.dir}: no such work directory; nothing to merge")
+    config = store.config()
+    total = store.items().num_rows
+    missing = store.missing(total)
+    if len(missing):
+        raise IncompleteRunError(store.describe_missing(missing, total))
+    parts = store.part_files()
+    schema = pq.read_schema(parts[0][2])
+    for _, _, path in parts:
+        made_with = read_record(path)
+        if not made_with.empty and not RecordIO.same(made_with, config):
+            raise ConfigMismatchError(
+                f"{path}: written with a different configuration than {store.dir / 'config.json'}; "
+                "were the shards started with different options? Rerun that shard's work with --overwrite "
+                "in a fresh output")
+    job = store.job()
+    rows = write_final(job.get("format", "parquet"), store.iter_merged(schema, total), store.out, schema,
+                       job.get("final_options"))
+    store.cleanup()
+    return rows

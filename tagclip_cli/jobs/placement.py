@@ -1,0 +1,89 @@
+"""Which share of the work this process does: `--shard I/N` and torchrun ranks (RANK, WORLD_SIZE,
+LOCAL_RANK) -> a `Placement`; windows of indices, or whole tar / Parquet shards, are dealt by rank."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from tagclip_cli.errors import UsageError
+from tagclip_cli.sources import ImageItem
+
+# ---- work split ----------------------------------------------------------------------------------
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`I/N` (0 <= I < N) -> (I, N)."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match:
+        raise UsageError(f"--shard {text}: expected I/N, e.g. 0/4 for the first of four shards")
+    index, count = int(match[1]), int(match[2])
+    if count < 1 or index >= count:
+        raise UsageError(f"--shard {text}: I must be in 0..N-1 (shards are numbered from 0)")
+    return index, count
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which part of the work this process does.
+
+    rank/world: the global split (windows with w % world == rank). Under torchrun, group_rank /
+    group_size are RANK / WORLD_SIZE; with --shard I/N as well, the shard is split again across the
+    group (rank = I * group_size + group_rank, world = N * group_size)."""
+
+    rank: int = 0
+    world: int = 1
+    group_rank: int = 0
+    group_size: int = 1
+    local_rank: int = 0
+    shard: tuple[int, int] | None = None
+
+    @property
+    def leader(self) -> bool:
+        return self.group_rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.group_size > 1
+
+    @property
+    def merges(self) -> bool:
+        """Whether this run writes the final output (a shard leaves it to `tagclip merge`)."""
+        return self.shard is None
+
+    def owns(self, item: ImageItem, window: int) -> bool:
+        """Whether this process does the item: by its tar / Parquet shard when it lives in one (a
+        shard is read by one process only), else by its window of indices."""
+        if item.shard_index is not None:
+            return item.shard_index % self.world == self.rank
+        return (item.index // window) % self.world == self.rank
+
+    def describe(self) -> str:
+        parts = []
+        if self.shard:
+            parts.append(f"shard {self.shard[0]}/{self.shard[1]}")
+        if self.distributed:
+            parts.append(f"rank {self.group_rank}/{self.group_size}")
+        return ", ".join(parts) or "single process"
+
+
+def placement_from_env(shard: tuple[int, int] | None = None, env: dict[str, str] | None = None) -> Placement:
+    """The placement of this process from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK) and --shard."""
+    env = os.environ if env is None else env
+    try:
+        group_size = int(env.get("WORLD_SIZE", "1"))
+        group_rank = int(env.get("RANK", "0"))
+        local_rank = int(env.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
+    if not 0 <= group_rank < max(group_size, 1):
+        raise UsageError(f"RANK={group_rank} is outside WORLD_SIZE={group_size}")
+    index, count = shard if shard else (0, 1)
+    return Placement(
+        rank=index * group_size + group_rank,
+        world=count * group_size,
+        group_rank=group_rank,
+        group_size=group_size,
+        local_rank=local_rank,
+        shard=shard,
+    )

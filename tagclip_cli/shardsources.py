@@ -1,0 +1,336 @@
+"""WebDataset tar shards and Parquet files with image bytes: listing their samples / rows into
+`ImageItem`s, and reading one item's bytes (in DataLoader workers).
+
+Items stay random-access: an image inside a tar or Parquet file carries its `shard` (that file's URL
+or path) and a `locator` (where in it), so any process can read any item without reading the ones
+before it. braceexpand expands shard patterns (`data/{00000..00127}.tar`); tar headers are walked by
+tarscan.py (damage stepped over and reported, links read inside the shard); Parquet is read with
+pyarrow, one row group at a time. A shard that cannot be read, or what a damaged one loses, is a
+failed item naming the shard, never a silent gap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from tagclip_cli.errors import UsageError
+from tagclip_cli.fileio import output_text
+from tagclip_cli.sourcebase import (
+    IMAGE_EXTENSIONS,
+    PARQUET_EXTENSIONS,
+    TAR_EXTENSIONS,
+    ImageItem,
+    SourceError,
+    is_url,
+)
+from tagclip_cli.sourcebase import io_reason as _reason
+from tagclip_cli.sourcebase import safe_url as _safe
+from tagclip_cli.sourcebase import url_fs as _fs
+from tagclip_cli.tarscan import TarSample, scan_tar
+
+log = logging.getLogger(__name__)
+
+LIST_THREADS = 8  # shards listed at once (remote listing waits on the network, not the CPU)
+OPEN_FILES = 4  # tar/Parquet files kept open per process while reading items
+
+
+# ---- WebDataset tar shards ------------------------------------------------------------------------
+
+def expand_urls(pattern: str) -> list[str]:
+    """A shard pattern as a list: brace ranges and alternatives (`{00000..00127}`, `{a,b}`) via
+    braceexpand, then glob characters (`*`, `?`) via fsspec. A name without either is itself."""
+    if "{" in pattern and "}" in pattern:
+        from braceexpand import braceexpand
+
+        urls = list(braceexpand(pattern))
+    else:
+        urls = [pattern]
+    out: list[str] = []
+    for url in urls:
+        local_exists = not is_url(url) and os.path.exists(url)
+        if not local_exists and any(c in url for c in "*?"):
+            fs, p = _fs(url)
+            try:
+                matches = sorted(fs.glob(p))
+            except Exception as exc:
+                raise UsageError(f"{_safe(url)}: cannot list ({_reason(exc)})") from None
+            protocol = url.split("://", 1)[0] if is_url(url) else None
+            out.extend(f"{protocol}://{m}" if protocol else m for m in matches)
+        else:
+            out.append(url)
+    return out
+
+
+def _shard_names(urls: Sequence[str], suffixes: Sequence[str]) -> list[str]:
+    """Short unique names of shard files: the path after the shards' common folder, without the
+    extension (`data/00003.tar` -> `00003`); these prefix the image ids."""
+    folders = [posixpath.dirname(u.replace(os.sep, "/")) for u in urls]
+    common = posixpath.commonpath(folders) if all(folders) and len({u.split("://")[0] for u in urls}) == 1 else ""
+    names = []
+    for url in urls:
+        rel = url.replace(os.sep, "/")
+        if common and rel.startswith(common + "/"):
+            rel = rel[len(common) + 1:]
+        else:
+            rel = posixpath.basename(rel)
+        for suffix in suffixes:
+            if rel.lower().endswith(suffix):
+                rel = rel[: -len(suffix)]
+                break
+        names.append(rel)
+    return names
+
+
+def _list_one_tar(url: str) -> tuple[list[TarSample], str | None]:
+    fs, p = _fs(url)
+    try:
+        size = fs.size(p)
+        with fs.open(p, "rb") as fh:
+            return scan_tar(fh, size, _safe(url), IMAGE_EXTENSIONS)
+    except Exception as exc:  # unreachable / vanished / denied: this shard is one failed row
+        return [], f"cannot read tar shard {_safe(url)} ({_reason(exc)})"
+
+
+def list_tars(urls: Sequence[str], first_index: int = 0) -> list[ImageItem]:
+    """The samples of every tar shard, shard by shard in the given order: image_id
+    `<shard name>/<key>`. Shards are listed in parallel threads (remote listing waits on the
+    network). A shard that cannot be read, or the lost rest of a truncated one, is one failed item
+    naming the shard; UsageError if no shard could be read at all."""
+    names = _shard_names(urls, TAR_EXTENSIONS)
+    with ThreadPoolExecutor(max_workers=min(LIST_THREADS, max(1, len(urls)))) as pool:
+        listings = list(pool.map(_list_one_tar, urls))
+    if all(not samples and problem for samples, problem in listings):
+        raise UsageError(listings[0][1] + (f" (and the {len(urls) - 1} other shards)" if len(urls) > 1 else ""))
+    items: list[ImageItem] = []
+    for shard_index, (url, name, (samples, problem)) in enumerate(zip(urls, names, listings, strict=True)):
+        seen: dict[str, int] = {}
+        for sample in samples:
+            image_id = _unique_id(f"{name}/{sample.key}", seen, url)
+            if sample.error is not None:
+                locator: tuple = ("error", sample.error)
+                path = f"{url}#{sample.key}"
+            else:
+                locator = ("tar", sample.offset, sample.size)
+                path = f"tar://{sample.member}::{url}"
+            items.append(ImageItem(first_index + len(items), output_text(image_id), output_text(path),
+                                   shard=url, shard_index=shard_index, locator=locator))
+        if problem is not None:
+            log.warning("%s", problem)
+            items.append(ImageItem(first_index + len(items), output_text(f"{name}/<unreadable>"), output_text(url),
+                                   shard=url, shard_index=shard_index, locator=("error", problem)))
+    return items
+
+
+def _unique_id(image_id: str, seen: dict[str, int], where: str) -> str:
+    """image_id, or `image_id#2`, `#3`, ... when it was seen before in this shard (warned)."""
+    count = seen.get(image_id, 0) + 1
+    seen[image_id] = count
+    if count == 1:
+        return image_id
+    log.warning("%s: key %s appears %d times; kept as %s#%d", _safe(where), image_id, count, image_id, count)
+    return f"{image_id}#{count}"
+
+
+# ---- Parquet with image bytes ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ParquetColumns:
+    """The columns asked for (None: the defaults: image, then jpg; key, path, then the row number)."""
+
+    image: str | None = None
+    id: str | None = None
+
+
+def _pick_image_column(schema, wanted: str | None, url: str) -> str:
+    import pyarrow as pa
+
+    names = schema.names
+    candidates = [wanted] if wanted else ["image", "jpg"]
+    for name in candidates:
+        if name not in names:
+            continue
+        typ = schema.field(name).type
+        if pa.types.is_struct(typ) and typ.get_field_index("bytes") >= 0:
+            return name
+        if pa.types.is_binary(typ) or pa.types.is_large_binary(typ):
+            return name
+        raise UsageError(f"{_safe(url)}: column '{name}' holds {typ}, not image bytes "
+                         "(binary, or a struct with a 'bytes' field)")
+    asked = f"--image-column {wanted}" if wanted else "'image' or 'jpg' column"
+    raise UsageError(f"{_safe(url)}: no {asked}; its columns are: {', '.join(names)} (choose with --image-column)")
+
+
+def _pick_id_column(schema, wanted: str | None, url: str) -> str | None:
+    names = schema.names
+    if wanted:
+        if wanted not in names:
+            raise UsageError(f"{_safe(url)}: no --id-column {wanted}; its columns are: {', '.join(names)}")
+        return wanted
+    for name in ("key", "path"):
+        if name in names:
+            return name
+    return None
+
+
+def list_parquet(urls: Sequence[str], columns: ParquetColumns = ParquetColumns(), first_index: int = 0
+                 ) -> list[ImageItem]:
+    """One item per row of every Parquet file, file by file: image_id `<file name>/<id>` (the id
+    column's value, or the row number). Only the footer and the id column are read here, one row
+    group at a time. A file that cannot be read (gone, not Parquet) is one failed item naming it, a
+    row group whose ids cannot be read a failed item per row, each warned; UsageError if no file
+    can be read, or for a missing image column (naming the columns)."""
+    names = _shard_names(urls, PARQUET_EXTENSIONS)
+    items: list[ImageItem] = []
+    groups, problems = 0, []  # row groups so far: the unit of work (one file can be a whole data set)
+    for url, name in zip(urls, names, strict=True):
+        try:
+            groups = _list_one_parquet(url, name, columns, items, first_index, groups)
+        except UsageError:
+            raise
+        except FileNotFoundError:
+            problems.append(f"{_safe(url)}: no such file")
+        except Exception as exc:  # unreachable, denied, not Parquet
+            problems.append(f"{_safe(url)}: cannot read as Parquet ({_reason(exc)})")
+        else:
+            continue
+        log.warning("%s", problems[-1])
+        items.append(ImageItem(first_index + len(items), output_text(f"{name}/<unreadable>"), output_text(url),
+                               shard=url, shard_index=groups, locator=("error", problems[-1])))
+        groups += 1
+    if problems and len(problems) == len(urls):
+        raise UsageError(problems[0] + (f" (and the {len(urls) - 1} other files)" if len(urls) > 1 else ""))
+    return items
+
+
+def _list_one_parquet(url: str, name: str, columns: ParquetColumns, items: list[ImageItem], first_index: int,
+                      groups: int) -> int:
+    """Append the rows of one Parquet file to items; returns the row groups counted so far."""
+    import pyarrow.parquet as pq
+
+    fs, p = _fs(url)
+    with fs.open(p, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        image_col = _pick_image_column(pf.schema_arrow, columns.image, url)
+        id_col = _pick_id_column(pf.schema_arrow, columns.id, url)
+        seen: dict[str, int] = {}
+        row = 0
+        for group in range(pf.metadata.num_row_groups):
+            count = pf.metadata.row_group(group).num_rows
+            locator: tuple = ("parquet", group, 0, image_col)
+            try:
+                ids = pf.read_row_group(group, columns=[id_col]).column(0).to_pylist() if id_col else None
+            except Exception as exc:  # a damaged row group: its rows fail, the others are read
+                locator = ("error", f"cannot read row group {group} of Parquet file {_safe(url)} ({_reason(exc)})")
+                log.warning("%s", locator[1])
+                ids = None
+            if ids is not None and len(ids) != count:
+                ids = None
+            for in_group in range(count):
+                value = ids[in_group] if ids is not None else None
+                image_id = _unique_id(f"{name}/{row if value is None else value}", seen, url)
+                items.append(ImageItem(first_index + len(items), output_text(image_id),
+                                       output_text(f"{url}#row={row}"), shard=url, shard_index=groups + group,
+                                       locator=locator if locator[0] == "error" else
+                                       ("parquet", group, in_group, image_col)))
+                row += 1
+        return groups + pf.metadata.num_row_groups
+
+
+# ---- reading one item's bytes (in DataLoader workers) ---------------------------------------------
+
+class _OpenFiles:
+    """A few open shard files per process (least recently used closed first), and for Parquet the
+    image column of the last row group read: items come in order, so most reads hit the cache."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.files: OrderedDict[str, object] = OrderedDict()
+        self.group: tuple[str, int, str] | None = None
+        self.group_values: list | None = None
+
+    def get(self, url: str):
+        if self.pid != os.getpid():  # forked into a DataLoader worker: the parent's handles are not ours
+            self.__init__()
+        fh = self.files.pop(url, None)
+        if fh is None:
+            fs, p = _fs(url)
+            fh = fs.open(p, "rb")
+            while len(self.files) >= OPEN_FILES:
+                self.files.popitem(last=False)[1].close()
+        self.files[url] = fh
+        return fh
+
+    def drop(self, url: str) -> None:
+        fh = self.files.pop(url, None)
+        if fh is not None:
+            try:
+                fh.close()
+            except Exception:  # already broken: nothing to release
+                pass
+        if self.group and self.group[0] == url:
+            self.group, self.group_values = None, None
+
+
+_OPEN = _OpenFiles()
+
+
+def read_bytes(item: ImageItem) -> bytes:
+    """The encoded image of an item: the file itself, a tar member, or a Parquet cell. Raises
+    SourceError (message = the failed row's reason) or FileNotFoundError for a plain file."""
+    kind = item.locator[0] if item.locator else None
+    if kind == "error":
+        raise SourceError(item.locator[1])
+    if kind == "tar":
+        _, offset, size = item.locator
+        try:
+            fh = _OPEN.get(item.shard)
+            fh.seek(offset)
+            data = fh.read(size)
+        except Exception as exc:  # the shard vanished or the network failed mid-run
+            _OPEN.drop(item.shard)
+            raise SourceError(f"cannot read tar shard {_safe(item.shard)} ({_reason(exc)})") from None
+        if len(data) != size:
+            _OPEN.drop(item.shard)
+            raise SourceError(f"truncated tar shard {_safe(item.shard)} (member cut off after {len(data)} of "
+                              f"{size} bytes)")
+        return data
+    if kind == "parquet":
+        return _parquet_cell(item)
+    fs, p = _fs(item.path)  # a plain file by URL
+    try:
+        with fs.open(p, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise SourceError("not found (removed after the input was listed?)") from None
+    except Exception as exc:
+        raise SourceError(f"cannot read {_safe(item.path)} ({_reason(exc)})") from None
+
+
+def _parquet_cell(item: ImageItem) -> bytes:
+    import pyarrow.parquet as pq
+
+    _, group, row, column = item.locator
+    wanted = (item.shard, group, column)
+    if _OPEN.pid != os.getpid() or _OPEN.group != wanted:
+        try:
+            fh = _OPEN.get(item.shard)
+            table = pq.ParquetFile(fh).read_row_group(group, columns=[column])
+        except Exception as exc:
+            _OPEN.drop(item.shard)
+            raise SourceError(f"cannot read Parquet file {_safe(item.shard)} ({_reason(exc)})") from None
+        values = table.column(0).combine_chunks()
+        if hasattr(values.type, "get_field_index") and values.type.get_field_index("bytes") >= 0:
+            values = values.field("bytes")
+        _OPEN.group, _OPEN.group_values = wanted, values.to_pylist()
+    if row >= len(_OPEN.group_values):
+        raise SourceError(f"row {row} of row group {group} is gone from {_safe(item.shard)} (changed since listed?)")
+    data = _OPEN.group_values[row]
+    if not data:
+        raise SourceError(f"no image bytes in this row of {_safe(item.shard)}")
+    return data

@@ -1,0 +1,145 @@
+"""The run record (tagclip_cli/record.py): typed, versioned, written and read by RecordIO.
+
+The outputs under tests/fixtures/v0.1.0 were written by main 083e69e (tagclip-cli 0.1.0; make.sh
+there says how): they read back to the same bytes, and their unfinished runs resume to the very
+output an uninterrupted 0.1.0 run wrote. A record of a newer tagclip-cli is refused in one line
+naming its version."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from tagclip_cli.cli import app
+from tagclip_cli.errors import FormatError
+from tagclip_cli.formats import MaskFile, TagsFile, read_tags_schema
+from tagclip_cli.jobs.parts import PartStore
+from tagclip_cli.record import (
+    KEYS,
+    METADATA_KEY,
+    RECORD_VERSION,
+    RecordIO,
+    RecordVersionError,
+    RunRecord,
+    record_version,
+)
+from tagclip_cli.vocab import parse_vocabulary
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "v0.1.0"
+VOCAB = "examples/shapes/classes.txt"
+# The options make.sh ran 0.1.0 with (inputs relative to the repository root, as recorded).
+OPTIONS = ["--vocab", VOCAB, "--model", "shapes-demo", "--device", "cpu", "--workers", "0", "--batch-size", "1"]
+
+
+def test_new_record_is_todays_dict_in_order():
+    record = RunRecord(model={"model": "m"}, precision="fp32", classes=["a"], seg_names=["a"], background=[],
+                       vocabulary="v.txt", tagclip={"tag_threshold": 0.5}, max_side=1024)
+    stored = RecordIO.to_dict(record)
+    assert list(stored) == ["tool", "tool_version", "model", "precision", "classes", "seg_names", "background",
+                            "vocabulary", "tagclip", "max_side"]
+    assert stored["tool"] == "tagclip-cli" and record.version == RECORD_VERSION
+    dense = RecordIO.with_changes(record, tagclip=None, segment={"method": "sclip"}, tags_input={"sha256": "x"})
+    assert list(RecordIO.to_dict(dense))[-3:] == ["max_side", "segment", "tags_input"]
+    assert RecordIO.to_dict(dense)["tagclip"] is None and dense.method == "sclip" and record.method is None
+
+
+def test_a_stored_record_reads_back_to_the_same_json():
+    """Keys in their stored order, absent keys absent, unknown keys kept: writing it again changes nothing."""
+    stored = {"model": "fake", "zeta": [1, 2], "classes": ["a", "b"], "tool": "tagclip-cli"}
+    record = RecordIO.from_dict(stored, "x")
+    assert (record.model, record.classes, record.precision) == ("fake", ["a", "b"], None)
+    assert record.extra == {"zeta": [1, 2]}
+    assert json.dumps(RecordIO.to_dict(record)) == json.dumps(stored)
+    assert record.version is None  # no tool_version: read as it is
+    assert RecordIO.from_dict({}).empty and not record.empty
+    assert RecordIO.differences(record, RecordIO.from_dict({**stored, "classes": ["a"]})) == ["classes"]
+
+
+def test_record_versions_follow_the_tool_version():
+    assert record_version("0.1.0") == 1
+    assert record_version("test") is None and record_version(None) is None
+    assert record_version("99.0.0") is None  # newer than this tagclip-cli
+    with pytest.raises(RecordVersionError, match=r"^x: written by tagclip-cli 99\.0\.0, newer than this") as info:
+        RecordIO.from_dict({"tool": "tagclip-cli", "tool_version": "99.0.0", "classes": []}, "x")
+    assert "\n" not in str(info.value) and info.value.exit_code == 2
+    with pytest.raises(FormatError, match="not a JSON object"):
+        RecordIO.from_dict([1], "x")
+
+
+# ---- outputs of tagclip-cli 0.1.0 (main 083e69e) ------------------------------------------------
+
+def test_v010_tags_parquet_reads_to_the_same_bytes():
+    stored = pq.read_schema(FIXTURES / "tags.parquet").metadata[METADATA_KEY]
+    record = read_tags_schema(FIXTURES / "tags.parquet")
+    assert (record.tool, record.tool_version, record.version) == ("tagclip-cli", "0.1.0", 1)
+    assert record.model["model"] == "shapes-demo" and record.max_side == 1024 and record.tag_threshold == 0.5
+    assert record.keys is not None and set(record.keys) <= set(KEYS) and not record.extra
+    assert RecordIO.metadata(record)[METADATA_KEY] == stored
+    tags = TagsFile(FIXTURES / "tags.parquet", parse_vocabulary((REPO / VOCAB).read_text()))
+    assert tags.record == record and tags.identity()["made_with"] == record.tagclip
+
+
+@pytest.mark.parametrize("name", ["masks.json", "masks.parquet"])
+def test_v010_masks_files_read(name):
+    masks = MaskFile(FIXTURES / name)
+    record = masks.record
+    assert (record.tool_version, record.method, record.version) == ("0.1.0", "clses", 1)
+    assert list(masks.classes) == record.classes
+    if name == "masks.json":
+        info = json.loads((FIXTURES / name).read_text())["info"]
+        assert json.dumps(RecordIO.coco_info(record)) == json.dumps(info["tagclip"])  # same order, same values
+
+
+@pytest.mark.parametrize("work", ["tags-partial.parquet.parts", "masks-partial.json.parts"])
+def test_v010_config_json_reads_to_the_same_bytes(work):
+    path = FIXTURES / work / "config.json"
+    record = RecordIO.read_config(path)
+    assert record.tool_version == "0.1.0" and record.keys == tuple(json.loads(path.read_text()))
+    assert json.dumps(RecordIO.to_dict(record)) == path.read_text()
+    assert PartStore(FIXTURES / work.removesuffix(".parts")).config() == record
+
+
+def _resume(tmp_path: Path, monkeypatch, command: str, name: str) -> Path:
+    """Copy 0.1.0's unfinished run (shard 0 of 2 done) and rerun the whole command with this version:
+    it resumes (only the images of shard 1 are computed) and merges."""
+    monkeypatch.chdir(REPO)  # the recorded input paths are relative to the repository root
+    shutil.copytree(FIXTURES / f"{name}.parts", tmp_path / f"{name}.parts")
+    out = tmp_path / name
+    runner = CliRunner()
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    result = runner.invoke(app, [command, "examples/shapes/images", "--out", str(out),
+                                 *OPTIONS, *cache])
+    assert result.exit_code == 0, result.output
+    assert "4 done, 4 skipped (already done), 0 failed" in result.output
+    assert not (tmp_path / f"{name}.parts").exists()
+    return out
+
+
+@pytest.mark.slow
+def test_v010_unfinished_annotate_run_resumes_to_the_same_output(tmp_path, monkeypatch):
+    out = _resume(tmp_path, monkeypatch, "annotate", "tags-partial.parquet")
+    assert out.read_bytes() == (FIXTURES / "tags.parquet").read_bytes()
+
+
+@pytest.mark.slow
+def test_v010_unfinished_segment_run_resumes_to_the_same_output(tmp_path, monkeypatch):
+    out = _resume(tmp_path, monkeypatch, "segment", "masks-partial.json")
+    assert out.read_bytes() == (FIXTURES / "masks.json").read_bytes()
+
+
+def test_a_newer_versions_unfinished_run_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    work = tmp_path / "tags-partial.parquet.parts"
+    shutil.copytree(FIXTURES / "tags-partial.parquet.parts", work)
+    config = json.loads((work / "config.json").read_text())
+    (work / "config.json").write_text(json.dumps({**config, "tool_version": "99.0.0"}))
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "tags-partial.parquet")])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "written by tagclip-cli 99.0.0, newer than this tagclip-cli" in lines[0], result.output
