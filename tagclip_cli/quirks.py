@@ -3,7 +3,7 @@
 `Quirks()` fixes them all (the default); `Quirks.reference()` (CLI `--reference-compat`) reproduces
 them all, so that a caller cannot get some of them without the others (Q1 lives in the dense
 forward that TagCLIP and CLS-SEG share, Q2 in the boxes of DMAR, CWR and CAA, Q3 in CWR, Q4 in CAA;
-Q5-Q7 in ResCLIP, Q8 in SC-CLIP).
+Q6-Q8 in ResCLIP, Q9 in SC-CLIP).
 Code that branches on one reads its property, named after the quirk, and cites it.
 """
 
@@ -25,7 +25,7 @@ class Quirks:
 
     @classmethod
     def reference(cls) -> Quirks:
-        """Quirks Q1..Q8 reproduced, as `--reference-compat`."""
+        """Quirks Q1..Q9 reproduced, as `--reference-compat`."""
         return cls(reference_compat=True)
 
     # The quirks, each read under its own name (code that branches on one cites it).
@@ -33,9 +33,9 @@ class Quirks:
     q2_clamp_box_ends = _all_or_none("Q2: a box's right/bottom ends clamped to grid_size - 1 (exclusive).")
     q3_stop_cwr_at_empty_box = _all_or_none("Q3: CWR stops for the rest of the image at the first empty box.")
     q4_caa_float32 = _all_or_none("Q4: CAA's refinement in float32 in the reference's order.")
-    q5_sfr_float16 = _all_or_none("Q5: ResCLIP's SFR matrix rounded through fp16.")
-    q6_sfr_partial_paths = _all_or_none("Q6: ResCLIP's same-label path check samples the first steps / max_steps "
+    q6_sfr_float16 = _all_or_none("Q6: ResCLIP's SFR matrix rounded through fp16.")
+    q7_sfr_partial_paths = _all_or_none("Q7: ResCLIP's same-label path check samples the first steps / max_steps "
                                         "of a line only.")
-    q7_resclip_switches_on = _all_or_none("Q7: ResCLIP's RCS and SFR switches cannot be turned off.")
-    q8_scclip_outlier_rows = _all_or_none("Q8: SC-CLIP's outlier positions split with the grid's height as the "
+    q8_resclip_switches_on = _all_or_none("Q8: ResCLIP's RCS and SFR switches cannot be turned off.")
+    q9_scclip_outlier_rows = _all_or_none("Q9: SC-CLIP's outlier positions split with the grid's height as the "
                                           "row length.")

@@ -4,7 +4,7 @@ Rows (docs/algorithm.md §11 for the settings; every run with `--reference-compa
 
 * VOC2007 and COCO2014 mAP: `annotate` (vocabularies voc, coco) then `evaluate --gt voc2007 / coco2014`.
 * opt-in (`--rows`): NACLIP / SCLIP / ClearCLIP + ResCLIP and SC-CLIP on VOC2012 and COCO-Object
-  (docs/algorithm.md §13, §14), `segment --method ...` then `evaluate`, against their papers' numbers.
+  (docs/algorithm.md §14, §15), `segment --method ...` then `evaluate`, against their papers' numbers.
 * VOC2012, COCO-Object and COCO-Stuff-27 mIoU: `segment --save-cams` (settings voc, coco, cocostuff;
   vocabularies voc, coco, coco-stuff) then `evaluate` of its masks; the "+ CRF" rows are
   `evaluate --cams --crf` over the cams that run saved, which is the reference's own order (its
@@ -66,7 +66,7 @@ ROWS: tuple[Row, ...] = (
         "coco-stuff-27", 31.0, 31.1, vocab="coco-stuff", crf_of="coco-stuff-27-miou"),
 )
 PAPER_ROWS = tuple(r.name for r in ROWS)  # the TagCLIP paper's eight: the default selection
-# The other training-free segmenters' published ViT-B/16 mIoU (docs/algorithm.md §13, §14), opt-in
+# The other training-free segmenters' published ViT-B/16 mIoU (docs/algorithm.md §14, §15), opt-in
 # with --rows; the paper column is each method's own paper (README "Compare methods").
 ROWS += (
     Row("voc2012-miou-resclip", "VOC2012 val, NACLIP + ResCLIP mIoU", "voc2012", "mIoU", "voc2012", 61.1, None,

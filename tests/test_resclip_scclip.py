@@ -1,4 +1,4 @@
-"""ResCLIP and SC-CLIP (docs/algorithm.md §13, §14) against naive versions written here from their
+"""ResCLIP and SC-CLIP (docs/algorithm.md §14, §15) against naive versions written here from their
 descriptions: attention head by head with explicit softmax rows, PAMR pixel by pixel, the patch
 labels, same-label paths, Gaussian rows, the local-outlier score and the outlier replacement by
 loops, and each method's whole forward on open_clip's own blocks."""
@@ -207,7 +207,7 @@ def test_sfr_matrix_equals_the_naive_formula(compat):
     labels = torch.randint(0, 3, (4, 5))
     ours = sfr_matrix(labels, std=1.5, reference_compat=compat)
     naive = naive_sfr(labels, 1.5, compat)
-    if compat:  # quirk Q5: rounded through fp16
+    if compat:  # quirk Q6: rounded through fp16
         assert torch.equal(ours, naive.float().half().float()) or torch.allclose(ours.double(), naive, atol=1e-3)
         assert torch.equal(ours, ours.half().float())
     else:

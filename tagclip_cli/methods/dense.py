@@ -121,7 +121,7 @@ class DenseMethod:
 
     def config(self, setting: str = "voc", rcs: bool = False, **options) -> DenseConfig:
         """The published settings of setting; "cocostuff" has none and takes VOC's. rcs: ResCLIP
-        on this method instead (its `resclip.ResClipConfig`, docs/algorithm.md §13)."""
+        on this method instead (its `resclip.ResClipConfig`, docs/algorithm.md §14)."""
         if setting not in self.settings:
             raise UsageError(f"unknown setting '{setting}' (choose from {', '.join(self.settings)})")
         if rcs:

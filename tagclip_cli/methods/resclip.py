@@ -1,4 +1,4 @@
-"""ResCLIP (Yang et al., CVPR 2025) on a dense baseline's last block (docs/algorithm.md §13): RCS
+"""ResCLIP (Yang et al., CVPR 2025) on a dense baseline's last block (docs/algorithm.md §14): RCS
 mixes the mean q-k attention of middle layers into the last block's attention after its softmax,
 and SFR feeds a first pass's segmentation back into the last block's attention logits.
 
@@ -232,7 +232,7 @@ def same_label_paths(labels: Tensor, reference_compat: bool = False, chunk_point
     patch j, sampled at steps + 1 points (steps = the Chebyshev distance, positions rounded half to
     even), has patch i's label of labels (gh, gw).
 
-    reference_compat (quirk Q6, docs/algorithm.md §10): the authors sample every pair at the
+    reference_compat (quirk Q7, docs/algorithm.md §10): the authors sample every pair at the
     fractions k / max_steps (max_steps the largest distance on the grid) for k <= steps, so that
     only the first steps / max_steps of a shorter pair's line is checked."""
     gh, gw = labels.shape
@@ -248,7 +248,7 @@ def same_label_paths(labels: Tensor, reference_compat: bool = False, chunk_point
     for start in range(0, n, rows):
         a = coords[start : start + rows]  # (r, 2)
         steps = (coords[None] - a[:, None]).abs().amax(dim=-1)  # (r, N)
-        if reference_compat:  # quirk Q6 (docs/algorithm.md §10)
+        if reference_compat:  # quirk Q7 (docs/algorithm.md §10)
             t = torch.linspace(0, 1, max_steps + 1, device=device).expand(*steps.shape, -1)
         else:
             t = k / steps.clamp(min=1)[..., None]  # (r, N, S+1)
@@ -294,7 +294,7 @@ def sfr_matrix(labels: Tensor, std: float, paths: bool = True, reference_compat:
     out = torch.zeros(gh * gw + 1, gh * gw + 1, device=labels.device)
     out[1:, 1:] = blurred
     out = out / out.max()
-    if reference_compat:  # quirk Q5 (docs/algorithm.md §10)
+    if reference_compat:  # quirk Q6 (docs/algorithm.md §10)
         out = out.half().float()
     return out
 
@@ -355,7 +355,7 @@ class ResClip:
 
     def build(self, backbone: Backbone, vocab: Vocabulary, config: ResClipConfig, *, quirks: Quirks,
               tagclip: TagCLIPConfig | None = None, run_tagclip: bool = True) -> DenseSegments:
-        if quirks.q7_resclip_switches_on:  # quirk Q7 (docs/algorithm.md §10)
+        if quirks.q8_resclip_switches_on:  # quirk Q8 (docs/algorithm.md §10)
             config = replace(config, resclip=replace(config.resclip, rcs=True, sfr=True))
         use_background = (tagclip or TagCLIPConfig()).use_background
         run = _ResClipRun(config, quirks)

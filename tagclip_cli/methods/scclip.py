@@ -1,5 +1,5 @@
 """SC-CLIP (Bai et al., 2024: self-calibrated CLIP), a training-free segmenter (docs/algorithm.md
-§14). Pure tensor functions (shapes in the docstrings: B windows, N = gh * gw patches, W width, h
+§15). Pure tensor functions (shapes in the docstrings: B windows, N = gh * gw patches, W width, h
 heads of d channels, D the projected dimension), then the method.
 
 Per window, with the tokens leaving blocks 1..L-1 (ViT-B/16 layer numbers, 1-based):
@@ -107,7 +107,7 @@ def lof_scores(x: Tensor, neighbours: int = 30, chunk: int = 1 << 23) -> Tensor:
 def outlier_mask(x: Tensor, grid: tuple[int, int], neighbours: int = 30, share: float = 0.05,
                  reference_compat: bool = False) -> Tensor:
     """(gh, gw) bool: the patches of x (N, W) whose `lof_scores` exceed their (1 - share) quantile
-    (linear interpolation). reference_compat (quirk Q8, docs/algorithm.md §10): the authors split a
+    (linear interpolation). reference_compat (quirk Q9, docs/algorithm.md §10): the authors split a
     patch index into (row, column) with the grid's height gh as the row length; on a non-square
     grid that marks other patches, and positions that fall outside the grid (where their code
     fails) are dropped."""
@@ -117,7 +117,7 @@ def outlier_mask(x: Tensor, grid: tuple[int, int], neighbours: int = 30, share: 
         return mask.reshape(gh, gw)
     scores = lof_scores(x, neighbours)
     index = torch.where(scores > torch.quantile(scores.float(), 1 - share))[0]
-    if reference_compat:  # quirk Q8 (docs/algorithm.md §10)
+    if reference_compat:  # quirk Q9 (docs/algorithm.md §10)
         rows, cols = index // gh, index % gh
         inside = (rows < gh) & (cols < gw)
         index = rows[inside] * gw + cols[inside]
@@ -210,7 +210,7 @@ class _ScClipRun:
         self.quirks = quirks
 
     def window_tokens(self, backbone: Backbone, crops: Tensor, text: Tensor, settings: DenseSettings) -> Tensor:
-        return scclip_tokens(backbone, crops, self.config.scclip, self.quirks.q8_scclip_outlier_rows)
+        return scclip_tokens(backbone, crops, self.config.scclip, self.quirks.q9_scclip_outlier_rows)
 
 
 class ScClip:
