@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 
 setup:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -e '.[dev,export-test]'
+	$(BIN)/pip install -c constraints.txt -e '.[dev,export-test]'
 
 test:
 	$(BIN)/python -m pytest -q

@@ -23,7 +23,7 @@ count.) Checkpoints (fp16 safetensors + the open_clip JSON config; the recipe in
 metadata) are written every ``--save-every`` steps, so a partial run is usable; ``--stop-at N`` gives
 exactly the step-N checkpoint of the full schedule.
 
-    # the shipped weights (5.5 minutes on two threads of an idle 2-core CPU; see the README):
+    # the shipped weights (5.5 minutes on two threads of an idle 2-core CPU; see docs/getting-started.md):
     .venv/bin/python benchmarks/train_demo_clip.py --precision bf16 --steps 280 --warmup 30 \
         --batch-size 32 --threads 2 --workers 1 --seed 0 --out runs/shapes-demo
     cp runs/shapes-demo/shapes-demo.{json,safetensors} tagclip_cli/weights/

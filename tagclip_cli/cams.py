@@ -32,8 +32,8 @@ class CrfUnavailableError(UsageError):
 
 @dataclass(frozen=True)
 class CamRule:
-    """How cams become labels: the part of `segment.SegmentConfig` that `evaluate --cams` needs
-    (the names are SegmentConfig's, so either can be passed where a rule is expected)."""
+    """How cams become labels: the label rule of CLS-SEG (`methods.clses.ClsSegConfig.rule` holds one)
+    that `evaluate --cams` needs too."""
 
     background_power: float = 1.0  # background score = (1 - max cam) ** power
     label_background: bool = True  # False: no background label (COCO-Stuff)
@@ -179,21 +179,33 @@ def _mean_by_label(sums: Tensor, counts: Tensor, labels: Sequence[int]) -> dict[
     return {label: s / c for label, (s, c) in sorted(total.items())}
 
 
+def _densecrf():
+    """pydensecrf's densecrf module, or CrfUnavailableError (one line, with the fix) when the
+    optional pydensecrf2 package is not installed."""
+    try:
+        import pydensecrf.densecrf as dcrf
+    except ImportError:
+        raise CrfUnavailableError(
+            "the dense CRF needs the optional pydensecrf2 package: pip install 'tagclip-cli[crf]' "
+            "(or pip install pydensecrf2)"
+        ) from None
+    return dcrf
+
+
 def crf_available() -> bool:
     try:
-        import pydensecrf.densecrf  # noqa: F401
-    except ImportError:
+        _densecrf()
+    except CrfUnavailableError:
         return False
     return True
 
 
 def require_crf() -> None:
-    """Raise CrfUnavailableError (one line, with the fix) when pydensecrf2 is not importable."""
-    if not crf_available():
-        raise CrfUnavailableError(
-            "the dense CRF needs the optional pydensecrf2 package: pip install 'tagclip-cli[crf]' "
-            "(or pip install pydensecrf2)"
-        )
+    """Raise CrfUnavailableError (one line, with the fix) when pydensecrf2 is not importable.
+
+    Called once where a run starts (segment's job, evaluate --cams --crf, the CLS-SEG segmenter),
+    before anything loads; `dense_crf` itself only turns a failed import into the same error."""
+    _densecrf()
 
 
 def dense_crf(rgb: np.ndarray, probs: np.ndarray, config: CamRule) -> np.ndarray:
@@ -202,10 +214,8 @@ def dense_crf(rgb: np.ndarray, probs: np.ndarray, config: CamRule) -> np.ndarray
     rgb: (H, W, 3) uint8 image. probs: (C, H, W) class scores in [0, 1] (here [background; cams],
     not renormalised, as the reference feeds them); unary = -log(clip(p, clip, 1)). Pairwise:
     Gaussian (sxy, compat) and bilateral (sxy, srgb, compat); `crf_iterations` rounds. config: a
-    `CamRule` or a `segment.SegmentConfig` (same field names)."""
-    require_crf()
-    import pydensecrf.densecrf as dcrf
-
+    `CamRule`."""
+    dcrf = _densecrf()
     c, h, w = probs.shape
     if rgb.shape != (h, w, 3):
         raise ValueError(f"CRF image {rgb.shape} does not match the score maps {(h, w)}")

@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
@@ -286,23 +286,31 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> DecodedImage:
         item = self.items[i]
-        try:
-            img = self.preprocess.load_item(item)
-            return DecodedImage(
-                item,
-                pixels=self.preprocess(img),
-                width=img.size[0],
-                height=img.size[1],
-                downscaled=self.preprocess.downscaled(*img.size),
-                rgb=np.asarray(img) if self.keep_rgb else None,
-            )
-        except DecodeError as exc:
-            error = output_text(str(exc))
-        except MemoryError:
-            error = "out of memory while decoding"
-        except Exception as exc:  # a decoder bug must not kill a million-image run
-            error = output_text(f"cannot decode image ({type(exc).__name__}: {exc})")
-        return DecodedImage(item, error=error)
+        return decoded(item, self.preprocess.load_item, self.preprocess, self.keep_rgb)
+
+
+def decoded(item: ImageItem, image: Image.Image | Callable[[ImageItem], Image.Image], preprocess: Preprocess,
+            keep_rgb: bool = False) -> DecodedImage:
+    """One item decoded and preprocessed: `image` is the picture itself (a PIL image, made RGB
+    here) or how to load it (e.g. `Preprocess.load_item`). A failure becomes a `DecodedImage` with
+    an error, never an exception; keep_rgb keeps the RGB image too (for the CRF: no second decode)."""
+    try:
+        img = image(item) if callable(image) else to_rgb(image)
+        return DecodedImage(
+            item,
+            pixels=preprocess(img),
+            width=img.size[0],
+            height=img.size[1],
+            downscaled=preprocess.downscaled(*img.size),
+            rgb=np.asarray(img) if keep_rgb else None,
+        )
+    except DecodeError as exc:
+        error = output_text(str(exc))
+    except MemoryError:
+        error = "out of memory while decoding"
+    except Exception as exc:  # a decoder bug must not kill a million-image run
+        error = output_text(f"cannot decode image ({type(exc).__name__}: {exc})")
+    return DecodedImage(item, error=error)
 
 
 def _single(image: DecodedImage) -> DecodedImage:

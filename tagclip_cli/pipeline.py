@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from tagclip_cli import defaults
 from tagclip_cli.backbone import Backbone, load_backbone
 from tagclip_cli.data import DecodedImage, Preprocess, iter_records, to_device
 from tagclip_cli.errors import FormatError, UsageError
@@ -66,13 +67,13 @@ ProgressFactory = Callable[[int], AbstractContextManager[Callable[[int], object]
 
 @dataclass(frozen=True)
 class ModelOptions:
-    model: str = "ViT-B-16"
-    pretrained: str = "openai"
+    model: str = defaults.MODEL
+    pretrained: str = defaults.PRETRAINED
     checkpoint: Path | None = None
     device: str = "cpu"  # as asked; the session may pin another (cuda:LOCAL_RANK under torchrun)
     cache_dir: Path | None = None
     model_explicit: bool = False
-    precision: str = "fp32"  # fp32, or bf16 / fp16 autocast on CUDA
+    precision: str = defaults.PRECISION  # fp32, or bf16 / fp16 autocast on CUDA
 
     def load(self, device: str | None = None) -> Backbone:
         """The backbone on `device` (the session's resolved device; default self.device)."""
@@ -97,10 +98,10 @@ class JobOptions:
     model: ModelOptions
     tagclip: TagCLIPConfig
     quirks: Quirks = Quirks()  # Q1..Q4 (docs/algorithm.md §10), read by every method
-    batch_size: int = 8
-    workers: int = 2
-    max_side: int | None = None
-    part_size: int = 256
+    batch_size: int = defaults.BATCH_SIZE
+    workers: int = defaults.WORKERS
+    max_side: int | None = None  # no cap (the commands' default is defaults.MAX_SIDE)
+    part_size: int = defaults.PART_SIZE
     overwrite: bool = False
     fail_fast: bool = False
     placement: Placement = field(default_factory=Placement)  # torchrun rank / --shard (jobs/)

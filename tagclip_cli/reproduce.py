@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tagclip_cli import defaults
 from tagclip_cli.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,8 @@ class ReproduceOptions:
     model: Any  # pipeline.ModelOptions
     rows: tuple[str, ...] = PAPER_ROWS
     cocostuff_split: Path | None = None  # e.g. the reference's imageset/cocostuff/val.txt (4,172 images)
-    batch_size: int = 8
-    workers: int = 2
+    batch_size: int = defaults.BATCH_SIZE
+    workers: int = defaults.WORKERS
     progress: Callable | None = None  # pipeline.ProgressFactory
 
 

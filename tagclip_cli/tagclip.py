@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tagclip_cli import defaults
 from tagclip_cli.backbone import Backbone, DenseOutput, imagenet_templates
 from tagclip_cli.errors import UsageError
 from tagclip_cli.quirks import Quirks
@@ -63,7 +64,7 @@ class TagCLIPConfig:
     cwr_threshold: float = 0.5  # CWR candidates: P_local > min + f * (max - min) of P_refined
     cwr_patch_threshold: float = 0.5  # CWR box: normalised P_refined column above this
     fusion_lambda: float = 0.5  # P_final = lambda * local + (1 - lambda) * global
-    tag_threshold: float = 0.5  # tags: normalised P_final over foreground above this
+    tag_threshold: float = defaults.TAG_THRESHOLD  # tags: normalised P_final over foreground above this
     # Per-class thresholds (F,) in vocabulary order (`tagclip_cli.thresholds`), replacing
     # tag_threshold for every class when set; None = tag_threshold for all (docs/algorithm.md §6).
     class_thresholds: tuple[float, ...] | None = None

@@ -14,11 +14,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tagclip_cli"
 ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
 
 # Layers, by module name relative to the package (a package name covers its submodules).
-ALGORITHM = ("tagclip", "methods", "quirks")
+ALGORITHM = ("tagclip", "methods", "quirks", "piaa")
 BACKBONE = ("backbone",)
 DECODING = ("data", "sources", "sourcebase", "shardsources", "tarscan")
 OUR_FILES = ("writers", "formats", "evaluate", "export")
-ORCHESTRATION = ("cli", "pipeline", "jobs", "show", "reproduce")
+ORCHESTRATION = ("cli", "api", "commands", "pipeline", "jobs", "show", "reproduce")
 
 # module group -> what it must never import
 RULES: dict[tuple[str, ...], tuple[str, ...]] = {
@@ -32,8 +32,12 @@ RULES: dict[tuple[str, ...], tuple[str, ...]] = {
     DECODING: ALGORITHM + BACKBONE + ("cli", "pipeline", "evaluate", "export"),
     # The label rule shared by segment and evaluate --cams: no model, no method, no file formats.
     ("cams",): BACKBONE + ALGORITHM + ORCHESTRATION + OUR_FILES + DECODING,
-    # Only the entry point imports the CLI.
+    # Only the entry point imports the CLI; the Python API and the commands' functions sit under it.
     ("pipeline", "jobs", "show", "vocab", "errors", "faults", "synthetic"): ("cli",),
+    ("api", "commands"): ("cli",),
+    ("commands",): ("api",),
+    # The defaults are read by the command line before torch is imported: they import nothing of ours.
+    ("defaults",): ALGORITHM + BACKBONE + DECODING + OUR_FILES + ORCHESTRATION + ("cams", "vocab", "errors"),
 }
 
 

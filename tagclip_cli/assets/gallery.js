@@ -88,10 +88,10 @@
   }
   function pager(nav, pages) {
     nav.textContent = "";
-    const prev = el("button", "prev", "\\u2190 prev");
+    const prev = el("button", "prev", "\u2190 prev");
     prev.disabled = state.page <= 1;
     prev.onclick = function () { go(state.page - 1); };
-    const next = el("button", "next", "next \\u2192");
+    const next = el("button", "next", "next \u2192");
     next.disabled = state.page >= pages;
     next.onclick = function () { go(state.page + 1); };
     nav.appendChild(prev);

@@ -93,34 +93,13 @@ def load_backbone(
 
     precision: fp32 (default), or bf16/fp16 autocast on CUDA (UsageError elsewhere).
     """
-    import open_clip
-
     check_precision(precision, device)
 
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     device = torch.device(device)
     if checkpoint is not None:
-        path = Path(checkpoint)
-        sd = read_state_dict(path)
-        digest = file_sha256(path, cache_dir)
-        if _is_openai_layout(sd) and not model_explicit:
-            try:
-                net = open_clip.model.build_model_from_openai_state_dict(dict(sd), quick_gelu=True, cast_dtype=None)
-                net.float().load_state_dict(sd)  # the builder rounds through fp16; reload exactly
-            except Exception as exc:
-                raise ModelLoadError(f"{path}: OpenAI-layout weights but not a CLIP ViT ({exc})") from exc
-            name = f"openai-{_describe_openai(sd)}"
-        else:
-            net = _create(model, None, seed)
-            try:
-                net.load_state_dict(_to_open_clip_layout(net, sd), strict=True)
-            except RuntimeError as exc:
-                first = str(exc).splitlines()[0]
-                raise ModelLoadError(
-                    f"{path}: weights do not fit model '{model}' ({first}); pass the matching --model"
-                ) from exc
-            name = model
-        weights = f"checkpoint:{digest}"
+        net, name = _load_checkpoint(Path(checkpoint), model, model_explicit, seed)
+        weights = f"checkpoint:{file_sha256(Path(checkpoint), cache_dir)}"
     elif model in builtin_models():
         # the weights' hash is part of the identity, so replaced weights never reuse cached text
         digest = file_sha256(WEIGHTS_DIR / f"{model}.safetensors", cache_dir)[:16]
@@ -138,6 +117,30 @@ def load_backbone(
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     return Backbone(net, _tokenizer_for(net, name), name, weights, device, cache_dir, precision)
+
+
+def _load_checkpoint(path: Path, model: str, model_explicit: bool, seed: int) -> tuple[torch.nn.Module, str]:
+    """The network of a checkpoint file and its name: OpenAI-layout weights build their own
+    architecture unless `model_explicit`; otherwise open_clip's `model`, loaded strictly."""
+    import open_clip
+
+    sd = read_state_dict(path)
+    if _is_openai_layout(sd) and not model_explicit:
+        try:
+            net = open_clip.model.build_model_from_openai_state_dict(dict(sd), quick_gelu=True, cast_dtype=None)
+            net.float().load_state_dict(sd)  # the builder rounds through fp16; reload exactly
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: OpenAI-layout weights but not a CLIP ViT ({exc})") from exc
+        return net, f"openai-{_describe_openai(sd)}"
+    net = _create(model, None, seed)
+    try:
+        net.load_state_dict(_to_open_clip_layout(net, sd), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ModelLoadError(
+            f"{path}: weights do not fit model '{model}' ({first}); pass the matching --model"
+        ) from exc
+    return net, model
 
 
 def _describe_openai(sd: dict[str, Tensor]) -> str:
@@ -216,11 +219,9 @@ def _hub_offline(offline: bool):
 
 def _load_builtin(name: str) -> torch.nn.Module:
     import open_clip
-    from safetensors.torch import load_file
 
     config = WEIGHTS_DIR / f"{name}.json"
     open_clip.add_model_config(config)
-    net = open_clip.create_model(name, pretrained=None, device="cpu")
-    sd = load_file(str(WEIGHTS_DIR / f"{name}.safetensors"), device="cpu")
-    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
-    return net
+    # open_clip loads the weights file itself (strictly): built without weights and loaded here, it
+    # would first warn on the root logger that the model was "initialized randomly"
+    return open_clip.create_model(name, pretrained=str(WEIGHTS_DIR / f"{name}.safetensors"), device="cpu")

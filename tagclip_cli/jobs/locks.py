@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # one split work side by side while a whole run, or shards of another split, are refused.
 
 LOCK_HEARTBEAT_SECONDS = 30.0  # a live run touches its lock file this often (a daemon thread)
-LOCK_STALE_SECONDS = 600.0  # a lock of another host untouched this long is a dead run's (README)
+LOCK_STALE_SECONDS = 600.0  # a lock of another host untouched this long is a dead run's (docs/troubleshooting.md)
 
 
 @dataclass(frozen=True)

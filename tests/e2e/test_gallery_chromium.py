@@ -399,6 +399,11 @@ def test_thousands_of_cards_are_paginated(browser, tmp_path):
     page.open((tmp_path / "index.html").as_uri())
     assert page.evaluate("document.querySelector('.page-label').textContent") == "page 1 of 51"
     assert page.evaluate("document.querySelectorAll('img').length") == 100
+    # the page buttons as the browser renders them: arrows (gallery.js once escaped them twice, and the
+    # buttons read a literal backslash-u2190)
+    for pager in ("#pager-top", "#pager-bottom"):
+        buttons = page.evaluate(f"Array.from(document.querySelectorAll('{pager} button')).map(b => b.innerText)")
+        assert buttons == ["\u2190 prev", "next \u2192"], (pager, buttons)
     page.open((tmp_path / "index.html").as_uri() + "#page=51")
     assert [c["id"] for c in page.evaluate(CARDS)] == ["img05000.jpg", "img05001.jpg", "img05002.jpg"]
     page.open((tmp_path / "index.html").as_uri() + "#class=c&page=17")  # 1667 images of class c

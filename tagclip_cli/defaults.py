@@ -1,0 +1,20 @@
+"""The defaults of a run, written once: the config dataclasses (`TagCLIPConfig`, `ModelOptions`,
+`JobOptions`), the Python API (`tagclip_cli.api`, `tagclip_cli.commands`) and the command options
+(`tagclip_cli.cli`) all take them from here.
+
+A plain module with no imports, so that the command line can show them in `--help` without loading
+torch."""
+
+from __future__ import annotations
+
+MODEL = "ViT-B-16"  # the paper's CLIP
+PRETRAINED = "openai"  # open_clip's pretrained tag
+DEVICE = "auto"  # cuda when available, else cpu
+PRECISION = "fp32"
+TAG_THRESHOLD = 0.5  # TagCLIP: normalised fused score above this (docs/algorithm.md §6)
+SEGMENT_METHOD = "clses"  # CLS-SEG, the paper's
+SEGMENT_SETTING = "voc"  # docs/algorithm.md §11
+BATCH_SIZE = 8  # images per forward
+WORKERS = 2  # decoding processes
+MAX_SIDE = 1024  # longer image side for the model (pixels)
+PART_SIZE = 256  # rows per part file of OUT.parts/
