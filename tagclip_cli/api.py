@@ -117,20 +117,21 @@ class Model:
 
     def segment(self, images: Sequence[ImageInput], vocab, tags: Sequence[Sequence[str]] | None = None,
                 method: str = defaults.SEGMENT_METHOD, *, setting: str = defaults.SEGMENT_SETTING, crf: bool = False,
-                key_smoothing: bool = False, prompt_denoising: bool = False, reference_compat: bool = False,
-                tag_threshold: float | None = None, no_background: bool = False,
+                key_smoothing: bool = False, prompt_denoising: bool = False, rcs: bool = False,
+                reference_compat: bool = False, tag_threshold: float | None = None, no_background: bool = False,
                 batch_size: int = defaults.BATCH_SIZE, max_side: int = defaults.MAX_SIDE) -> list[ImageMasks]:
         """Segment images: one ImageMasks per image, in order.
 
         tags: the class names to segment in each image, one list per image (None: TagCLIP tags
         them first, in the same dense forward; an empty list: all background). method: a registered mask method
         (`tagclip_cli.methods.names("masks")`: clses = CLS-SEG, the paper's, maskclip, sclip,
-        clearclip, naclip, and plug-ins); setting: voc, coco or cocostuff; the other options as
+        clearclip, naclip, resclip, scclip, and plug-ins); rcs: ResCLIP's RCS + SFR on sclip / clearclip /
+        naclip; setting: voc, coco or cocostuff; the other options as
         `segment`'s."""
         voc = vocabulary(vocab, no_background=no_background)
         paths = {"out": None, "tags_in": None if tags is None else "tags", "tags_out": None, "save_cams": None}
         check_segment_options(method, setting, crf, paths, False, key_smoothing, prompt_denoising, None)
-        seg_cfg = segment_config(setting, method, crf, key_smoothing, prompt_denoising)
+        seg_cfg = segment_config(setting, method, crf, key_smoothing, prompt_denoising, rcs=rcs)
         tag_cfg = tagclip_config(setting, tag_threshold, no_background)
         segmenter = methods.get(method, "masks").build(self.backbone, voc, seg_cfg, quirks=Quirks(reference_compat),
                                                        tagclip=tag_cfg, run_tagclip=tags is None)

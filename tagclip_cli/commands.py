@@ -181,7 +181,7 @@ def segment(
     images: PathLike | None, vocab, out: PathLike, *,
     tags_in: PathLike | None = None, tags_out: PathLike | None = None, png_dir: PathLike | None = None,
     method: str = defaults.SEGMENT_METHOD, crf: bool = False, setting: str = defaults.SEGMENT_SETTING,
-    save_cams: PathLike | None = None, cams_grid: bool = False, key_smoothing: bool = False,
+    save_cams: PathLike | None = None, cams_grid: bool = False, rcs: bool = False, key_smoothing: bool = False,
     prompt_denoising: bool = False,
     manifest: PathLike | None = None, image_root: PathLike | None = None, images_parquet: str | None = None,
     image_column: str | None = None, id_column: str | None = None, shard: str | None = None,
@@ -217,7 +217,7 @@ def segment(
     if paths["png_dir"] is not None and paths["png_dir"].exists() and not paths["png_dir"].is_dir():
         raise UsageError(f"--png-dir {png_dir}: exists and is not a directory")
     seg_cfg = segment_config(setting, method, crf, key_smoothing, prompt_denoising,
-                             None if save_cams is None else ("grid" if cams_grid else "image"))
+                             None if save_cams is None else ("grid" if cams_grid else "image"), rcs)
     voc = vocabulary(vocab, background, no_background)
     items = collect_items(images, manifest, image_root, images_parquet, image_column, id_column)
     cfg = tagclip_config(setting, tag_threshold, no_background, thresholds, voc.classes)
@@ -276,12 +276,12 @@ def _check_save_cams(save_cams: Path | None, cams_grid: bool, method: str, saves
 
 def segment_config(setting: str = defaults.SEGMENT_SETTING, method: str = defaults.SEGMENT_METHOD,
                    crf: bool = False, key_smoothing: bool = False, prompt_denoising: bool = False,
-                   save_cams: str | None = None):
+                   save_cams: str | None = None, rcs: bool = False):
     """The mask method's frozen config from `segment`'s flat options (the registry's `configure`)."""
     from tagclip_cli import methods
 
     return methods.configure(method, setting, crf=crf, key_smoothing=key_smoothing,
-                             prompt_denoising=prompt_denoising, save_cams=save_cams)
+                             prompt_denoising=prompt_denoising, save_cams=save_cams, rcs=rcs)
 
 
 def tagclip_config(setting: str = defaults.SEGMENT_SETTING, tag_threshold: float | None = None,

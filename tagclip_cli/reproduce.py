@@ -3,6 +3,8 @@
 Rows (docs/algorithm.md §11 for the settings; every run with `--reference-compat`):
 
 * VOC2007 and COCO2014 mAP: `annotate` (vocabularies voc, coco) then `evaluate --gt voc2007 / coco2014`.
+* opt-in (`--rows`): NACLIP / SCLIP / ClearCLIP + ResCLIP and SC-CLIP on VOC2012 and COCO-Object
+  (docs/algorithm.md §14, §15), `segment --method ...` then `evaluate`, against their papers' numbers.
 * VOC2012, COCO-Object and COCO-Stuff-27 mIoU: `segment --save-cams` (settings voc, coco, cocostuff;
   vocabularies voc, coco, coco-stuff) then `evaluate` of its masks; the "+ CRF" rows are
   `evaluate --cams --crf` over the cams that run saved, which is the reference's own order (its
@@ -41,10 +43,12 @@ class Row:
     metric: str  # "mAP" or "mIoU"
     gt: str  # evaluate --gt
     paper: float
-    reference: float
+    reference: float | None  # None: no separate run of the authors' repository is published
     setting: str | None = None  # segment --setting (None: an annotate row)
     vocab: str = "voc"
     crf_of: str | None = None  # a CRF row: evaluate --cams --crf over this row's saved cams
+    method: str = "clses"  # segment --method
+    rcs: bool = False  # segment --rcs (ResCLIP on method)
 
 
 ROWS: tuple[Row, ...] = (
@@ -62,6 +66,27 @@ ROWS: tuple[Row, ...] = (
     Row("coco-stuff-27-miou-crf", "COCO-Stuff-27 (val2017), CLS-SEG + CRF mIoU", "cocostuff", "mIoU",
         "coco-stuff-27", 31.0, 31.1, vocab="coco-stuff", crf_of="coco-stuff-27-miou"),
 )
+PAPER_ROWS = tuple(r.name for r in ROWS)  # the TagCLIP paper's eight: the default selection
+# The other training-free segmenters' published ViT-B/16 mIoU (docs/algorithm.md §14, §15), opt-in
+# with --rows; the paper column is each method's own paper (README "Compare methods").
+ROWS += (
+    Row("voc2012-miou-resclip", "VOC2012 val, NACLIP + ResCLIP mIoU", "voc2012", "mIoU", "voc2012", 61.1, None,
+        "voc", "voc", method="resclip"),
+    Row("coco-object-miou-resclip", "COCO-Object (val2017), NACLIP + ResCLIP mIoU", "coco2017", "mIoU",
+        "coco-object", 35.0, None, "coco", "coco", method="resclip"),
+    Row("voc2012-miou-sclip-resclip", "VOC2012 val, SCLIP + ResCLIP mIoU", "voc2012", "mIoU", "voc2012", 60.7,
+        None, "voc", "voc", method="sclip", rcs=True),
+    Row("coco-object-miou-sclip-resclip", "COCO-Object (val2017), SCLIP + ResCLIP mIoU", "coco2017", "mIoU",
+        "coco-object", 34.3, None, "coco", "coco", method="sclip", rcs=True),
+    Row("voc2012-miou-clearclip-resclip", "VOC2012 val, ClearCLIP + ResCLIP mIoU", "voc2012", "mIoU", "voc2012",
+        59.0, None, "voc", "voc", method="clearclip", rcs=True),
+    Row("coco-object-miou-clearclip-resclip", "COCO-Object (val2017), ClearCLIP + ResCLIP mIoU", "coco2017",
+        "mIoU", "coco-object", 34.0, None, "coco", "coco", method="clearclip", rcs=True),
+    Row("voc2012-miou-scclip", "VOC2012 val, SC-CLIP mIoU", "voc2012", "mIoU", "voc2012", 64.6, None, "voc", "voc",
+        method="scclip"),
+    Row("coco-object-miou-scclip", "COCO-Object (val2017), SC-CLIP mIoU", "coco2017", "mIoU", "coco-object", 37.7,
+        None, "coco", "coco", method="scclip"),
+)
 ROW_NAMES = tuple(r.name for r in ROWS)
 DATASETS = ("voc2007", "voc2012", "coco2014", "coco2017", "cocostuff")
 
@@ -73,7 +98,7 @@ class ReproduceOptions:
     out: Path
     roots: dict[str, Path]
     model: Any  # pipeline.ModelOptions
-    rows: tuple[str, ...] = ROW_NAMES
+    rows: tuple[str, ...] = PAPER_ROWS
     cocostuff_split: Path | None = None  # e.g. the reference's imageset/cocostuff/val.txt (4,172 images)
     batch_size: int = defaults.BATCH_SIZE
     workers: int = defaults.WORKERS
@@ -148,10 +173,11 @@ def _run_model(row: Row, opts: ReproduceOptions, work: Path) -> tuple[Path, int]
                                opts.progress)
         return out, summary.failed + summary.failed_before
     tagclip = TagCLIPConfig.coco_stuff() if row.setting == "cocostuff" else TagCLIPConfig()
-    seg = configure("clses", row.setting, save_cams="image")
+    cams = work / "cams" if row.method == "clses" else None
+    seg = configure(row.method, row.setting, save_cams="image" if cams else None, rcs=row.rcs)
     out = work / "masks.json"
-    summary = run_segment(SegmentOptions(out=out, tagclip=tagclip, segment=seg, cams_dir=work / "cams", **common),
-                          opts.progress)
+    summary = run_segment(SegmentOptions(out=out, tagclip=tagclip, segment=seg, cams_dir=cams, method=row.method,
+                                         **common), opts.progress)
     return out, summary.failed + summary.failed_before
 
 
@@ -232,7 +258,8 @@ def render_results(results: Sequence[RowResult], console: Any) -> None:
     for r in results:
         ours = "-" if r.value is None else f"{r.value:.1f}"
         note = r.note or ("from an earlier run" if r.status == "skipped" else "")
-        table.add_row(r.row.title, r.row.metric, ours, f"{r.row.paper:.1f}", f"{r.row.reference:.1f}",
+        reference = "-" if r.row.reference is None else f"{r.row.reference:.1f}"
+        table.add_row(r.row.title, r.row.metric, ours, f"{r.row.paper:.1f}", reference,
                       "-" if r.images is None else str(r.images), note)
     console.print(table)
     console.print(f"paper: {PAPER}.\nreference repo: {REFERENCE}.", highlight=False)

@@ -116,7 +116,8 @@ def test_builtin_methods_and_their_facts():
     assert methods.names("tags") == ("tagclip",)
     facts = {n: (methods.get(n).needs_tags, methods.get(n).needs_rgb) for n in methods.names()}
     assert facts == {"tagclip": (False, False), "clses": (True, False), "maskclip": (True, False),
-                     "sclip": (False, True), "clearclip": (False, True), "naclip": (False, True)}
+                     "sclip": (False, True), "clearclip": (False, True), "naclip": (False, True),
+                     "resclip": (False, True), "scclip": (False, True)}
     assert methods.get("clses").options == {"crf", "save_cams"}
     assert methods.configure("clses", "coco", crf=True).crf is True
     with pytest.raises(UsageError, match="does not take --crf"):

@@ -382,6 +382,21 @@ def custom_last_block_forward(
     return CustomOutput(project_tokens(visual, x[:, 1:]).float(), layers)
 
 
+def block_outputs(visual: torch.nn.Module, pixels: Tensor, keep: Sequence[int],
+                  bicubic_pos: bool = True) -> dict[int, Tensor]:
+    """The tokens (B, 1+N, W) leaving the blocks of 0-based indices keep (each < L - 1) for
+    normalised images (B, 3, H, W): blocks 1..L-1 as usual (fused attention), the last block not
+    run; bicubic_pos as in `custom_last_block_forward`."""
+    blocks = visual.transformer.resblocks
+    x = embed(visual, pixels, bicubic_pos=bicubic_pos)
+    out: dict[int, Tensor] = {}
+    for i, block in enumerate(blocks[: max(keep) + 1]):
+        x = residual_block(block, x, fused_attention(block.attn, block.ln_1(x), None))
+        if i in keep:
+            out[i] = x
+    return out
+
+
 def block_forward_ln1_leaf(block: torch.nn.Module, x: Tensor, workspace: Workspace) -> tuple[Tensor, Tensor, Tensor]:
     """An ordinary block whose ln_1 output is made a fresh autograd leaf (Grad-CAM, docs/algorithm.md
     §8). Call under `torch.enable_grad()` with x (B, T, W) not requiring grad. Returns (new x, the

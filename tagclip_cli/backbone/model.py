@@ -196,6 +196,31 @@ class Backbone:
             return encoder.custom_last_block_forward(self.visual, pixels, attention, keep_residual, bicubic_pos,
                                                      capture)
 
+    def custom_last_block(
+        self, x: Tensor, attention: encoder.LastBlockAttention, keep_residual: bool, grid: tuple[int, int],
+        layers: dict[int, encoder.LayerCapture] | None = None,
+    ) -> Tensor:
+        """The last block with its attention replaced (`encoder.custom_last_block`) on the tokens x
+        (B, 1+N, W) entering it (e.g. a `custom_last_block_forward` capture of block L-2), then
+        ln_post and proj: projected patch tokens (B, N, D) fp32. Lets a method run the last block
+        more than once on one forward of the earlier blocks."""
+        with self.autocast():
+            out = encoder.custom_last_block(self._block(-1), x, attention, grid, keep_residual, layers)
+            return encoder.project_tokens(self.visual, out[:, 1:]).float()
+
+    def block_outputs(self, pixels: Tensor, keep: Sequence[int], bicubic_pos: bool = True) -> dict[int, Tensor]:
+        """The tokens (B, 1+N, W) leaving the earlier blocks of 0-based indices keep, for normalised
+        images (B, 3, H, W); see `encoder.block_outputs`."""
+        with self.autocast():
+            return encoder.block_outputs(self.visual, pixels, keep, bicubic_pos)
+
+    def custom_last_attention(self, x: Tensor, attention: encoder.LastBlockAttention, grid: tuple[int, int]) -> Tensor:
+        """The last block's attention branch alone (no residual, no MLP) with its mixing weights
+        replaced (`encoder.custom_attention`), on any tokens x (B, T', W) (e.g. patch tokens without
+        the class token): (B, T', W)."""
+        with self.autocast():
+            return encoder.custom_attention(self._block(-1), self._block(-1).ln_1(x), attention, grid)
+
     def masked_cls_forward(
         self, crops: Tensor, patch_masks: Tensor, mask_value: float = -1000.0, chunk_size: int = 32
     ) -> Tensor:

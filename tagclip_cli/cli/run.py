@@ -163,8 +163,9 @@ PNG_DIR_OPT = typer.Option(None, "--png-dir", help="Also write palette label PNG
 # names the built-ins without importing them (the registry loads torch).
 METHOD_OPT = typer.Option(
     defaults.SEGMENT_METHOD, "--method", help="clses (CLS-SEG: TagCLIP tags -> CLIP-ES, the paper's), maskclip "
-    "(baseline: dense logits, argmax), or the dense baselines sclip, clearclip, naclip with their published "
-    "settings (README 'Compare methods'); plug-ins add more (TAGCLIP_METHODS=module, or a package's "
+    "(baseline: dense logits, argmax), or the dense baselines sclip, clearclip, naclip, resclip (ResCLIP on "
+    "NACLIP) and scclip (SC-CLIP) with their published settings (docs/methods.md); plug-ins add more "
+    "(TAGCLIP_METHODS=module, or a package's "
     "'tagclip_cli.methods' entry point).")
 CRF_OPT = typer.Option(False, "--crf", help="Dense CRF on the RGB image (paper's parameters; needs pip install "
                        "'tagclip-cli\\[crf]').")
@@ -177,6 +178,8 @@ SAVE_CAMS_OPT = typer.Option(None, "--save-cams", help="Also save each image's r
                              "tags) as DIR/<image id>.npz, for `evaluate --cams DIR --bg-threshold`.")
 CAMS_GRID_OPT = typer.Option(False, "--cams-grid", help="--save-cams on the patch grid instead of at the image size "
                              "(about 256x smaller files).")
+RCS_OPT = typer.Option(False, "--rcs", help="sclip / clearclip / naclip: add ResCLIP's RCS and SFR to the last "
+                       "block, with ResCLIP's published settings (naclip --rcs = --method resclip).")
 KEY_SMOOTHING_OPT = typer.Option(False, "--key-smoothing", help="MaskCLIP: smooth with last-layer keys.")
 PROMPT_DENOISING_OPT = typer.Option(False, "--prompt-denoising",
                                     help="MaskCLIP: drop classes whose best probability is below 0.5.")
@@ -200,6 +203,7 @@ def segment(
     setting: str = SETTING_OPT,
     save_cams: Path = SAVE_CAMS_OPT,
     cams_grid: bool = CAMS_GRID_OPT,
+    rcs: bool = RCS_OPT,
     key_smoothing: bool = KEY_SMOOTHING_OPT,
     prompt_denoising: bool = PROMPT_DENOISING_OPT,
     manifest: str = MANIFEST_OPT,
@@ -228,8 +232,8 @@ def segment(
     quiet: bool = QUIET_OPT,
     verbose: bool = VERBOSE_OPT,
 ) -> None:
-    """Segment every image (CLS-SEG, MaskCLIP, SCLIP, ClearCLIP or NACLIP) into a COCO RLE JSON or a masks
-    Parquet, optionally with label PNGs and tags."""
+    """Segment every image (CLS-SEG, MaskCLIP, SCLIP, ClearCLIP, NACLIP, ResCLIP or SC-CLIP) into a COCO RLE
+    JSON or a masks Parquet, optionally with label PNGs and tags."""
     options = dict(locals())  # the options, by the names commands.segment takes
     del options["quiet"], options["verbose"]
     from tagclip_cli import commands
@@ -252,7 +256,8 @@ COCOSTUFF_OPT = typer.Option(None, "--cocostuff", help="COCO-Stuff root: stuffth
                              "(or the label PNGs themselves).")
 COCOSTUFF_SPLIT_OPT = typer.Option(None, "--cocostuff-split", help="COCO-Stuff image list (default: every label "
                                    "PNG); the reference uses its imageset/cocostuff/val.txt.")
-ROWS_OPT = typer.Option(None, "--rows", help="Only these rows (comma-separated names; default all eight).")
+ROWS_OPT = typer.Option(None, "--rows", help="Only these rows (comma-separated names; default the paper's "
+                        "eight; the ResCLIP and SC-CLIP rows, e.g. voc2012-miou-resclip, only when named).")
 
 
 def reproduce(
@@ -277,14 +282,14 @@ def reproduce(
     """The paper's eight numbers (VOC07 / COCO14 mAP; VOC12, COCO-Object, COCO-Stuff-27 mIoU with and without CRF)
     with --reference-compat, in one resumable run, and a table of ours vs published."""
     from tagclip_cli.commands import model_options
-    from tagclip_cli.reproduce import ROW_NAMES, ReproduceOptions, render_results, run_reproduce
+    from tagclip_cli.reproduce import PAPER_ROWS, ReproduceOptions, render_results, run_reproduce
 
     setup_logging(quiet, verbose)
     roots = {name: path for name, path in (("voc2007", voc2007), ("voc2012", voc2012), ("coco2014", coco2014),
                                             ("coco2017", coco2017), ("cocostuff", cocostuff)) if path is not None}
     if cocostuff_split is not None and not cocostuff_split.is_file():
         raise fail(f"--cocostuff-split {cocostuff_split}: file not found")
-    chosen = ROW_NAMES if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip())
+    chosen = PAPER_ROWS if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip())
     opts = ReproduceOptions(
         out=out, roots=roots, model=model_options(model, pretrained, checkpoint, device, cache_dir),
         rows=chosen, cocostuff_split=cocostuff_split, batch_size=batch_size, workers=workers,

@@ -24,8 +24,9 @@ KINDS = ("tags", "masks")
 # The dataset settings of `segment --setting` (docs/algorithm.md §11); a method maps each to its values.
 SETTINGS = ("voc", "coco", "cocostuff")
 # The segment command's per-method options (`methods.configure` hands each to the methods that
-# name it in `Method.options`): the CRF, saved cams, MaskCLIP's two refinements.
-SEGMENT_OPTIONS = ("crf", "save_cams", "key_smoothing", "prompt_denoising")
+# name it in `Method.options`): the CRF, saved cams, MaskCLIP's two refinements, ResCLIP on a dense
+# baseline (rcs).
+SEGMENT_OPTIONS = ("crf", "save_cams", "key_smoothing", "prompt_denoising", "rcs")
 
 
 @dataclass

@@ -106,28 +106,49 @@ class DenseMethod:
     kind: str = "masks"
     needs_tags: bool = False
     needs_rgb: bool = True  # resizes the RGB image itself
-    options: frozenset[str] = frozenset()
+    options: frozenset[str] = frozenset({"rcs"})  # --rcs: ResCLIP on this method (methods/resclip.py)
     settings: tuple[str, ...] = SETTINGS
 
     def attention(self, settings: DenseSettings) -> LastBlockAttention:
         """The last block's mixing weights (`encoder.AttentionInputs` -> (B, h, T, T))."""
         return self.attention_for(settings)
 
-    def config(self, setting: str = "voc", **options) -> DenseConfig:
-        """The published settings of setting; "cocostuff" has none and takes VOC's."""
+    def window_tokens(self, backbone: Backbone, crops: Tensor, text: Tensor, settings: DenseSettings) -> Tensor:
+        """Projected patch tokens (B, N, D) fp32 of windows crops (B, 3, H, W) (`dense_tokens`; a
+        method that needs more than a changed last-block attention, e.g. the queries' text (Q, D),
+        has its own, as ResCLIP and SC-CLIP)."""
+        return dense_tokens(backbone, crops, self, settings)
+
+    def config(self, setting: str = "voc", rcs: bool = False, **options) -> DenseConfig:
+        """The published settings of setting; "cocostuff" has none and takes VOC's. rcs: ResCLIP
+        on this method instead (its `resclip.ResClipConfig`, docs/algorithm.md §14)."""
         if setting not in self.settings:
             raise UsageError(f"unknown setting '{setting}' (choose from {', '.join(self.settings)})")
+        if rcs:
+            from tagclip_cli.methods.resclip import resclip_config
+
+            return resclip_config(self.name, setting, **options)  # type: ignore[return-value]
         return self.config_type(self.published.get(setting, self.published["voc"]), setting, **options)
 
     def build(self, backbone: Backbone, vocab: Vocabulary, config: DenseConfig, *, quirks: Quirks,
               tagclip: TagCLIPConfig | None = None, run_tagclip: bool = True) -> DenseSegments:
+        if not isinstance(config, DenseConfig):  # --rcs: ResCLIP on this method
+            return _resclip().build(backbone, vocab, config, quirks=quirks, tagclip=tagclip)
         use_background = (tagclip or TagCLIPConfig()).use_background
         return DenseSegments(backbone, vocab, self, config.settings, use_background)
 
     def record(self, config: DenseConfig, quirks: Quirks) -> dict:
         from tagclip_cli.methods.record import legacy_record
 
+        if not isinstance(config, DenseConfig):  # --rcs
+            return _resclip().record(config, quirks)
         return legacy_record(self.name, quirks, setting=config.setting, dense=asdict(config.settings))
+
+
+def _resclip():
+    from tagclip_cli.methods.registry import get
+
+    return get("resclip")
 
 
 # ---- pure functions -------------------------------------------------------------------------------
@@ -239,7 +260,7 @@ def dense_logits(
             pad = (0, max(0, p - cw), 0, max(0, p - ch))
         if any(pad):
             crops = F.pad(crops, pad)
-        tokens = dense_tokens(backbone, crops, method, settings)  # (B, n, D)
+        tokens = method.window_tokens(backbone, crops, text, settings)  # (B, n, D)
         grid = (crops.shape[-2] // p, crops.shape[-1] // p)
         logits = F.normalize(tokens, dim=-1) @ text.T  # (B, n, Q)
         logits = logits.transpose(1, 2).reshape(len(group), -1, *grid)

@@ -30,6 +30,8 @@ BUILTIN_MODULES = (
     "tagclip_cli.methods.sclip",
     "tagclip_cli.methods.clearclip",
     "tagclip_cli.methods.naclip",
+    "tagclip_cli.methods.resclip",
+    "tagclip_cli.methods.scclip",
 )
 
 _methods: dict[str, Method] = {}

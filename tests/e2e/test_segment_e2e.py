@@ -171,3 +171,44 @@ def test_shards_then_merge_equal_one_run(one_pass, inputs, tiny_checkpoint, tmp_
     assert merged["annotations"] == single["annotations"]
     assert pq.read_table(tags).to_pylist() == pq.read_table(one_pass["tags"]).to_pylist()
     shutil.rmtree(tmp_path / "masks.json.parts", ignore_errors=True)
+
+
+@pytest.mark.parametrize("method", [["resclip"], ["sclip", "--rcs"], ["scclip"]])
+def test_resclip_and_scclip_run_resume_and_match_their_pngs(method, photo_dir, tiny_checkpoint, tmp_path):
+    """ResCLIP (alone and on SCLIP) and SC-CLIP through the CLI on two small photos and a broken
+    file: half the inputs by --shard, then the full run resumes from it; the JSON's masks equal the
+    label PNGs; the run record names the method's settings."""
+    images = tmp_path / "in"
+    images.mkdir()
+    for name, path in zip("ab", sorted(photo_dir.iterdir()), strict=False):
+        Image.open(path).resize((96, 72)).save(images / f"{name}.jpg", quality=92)
+    (images / "broken.jpg").write_text("this is not a JPEG")
+    cache = tmp_path / "cache"
+    out, pngs = tmp_path / "masks.json", tmp_path / "png"
+    args = ["segment", str(images), "--vocab", "voc", "--method", *method, "--out", str(out), "--png-dir", str(pngs),
+            "--checkpoint", str(tiny_checkpoint), "--workers", "0"]
+    first = run_tagclip(*args, "--shard", "0/2", cache=cache, check=False)
+    assert first.returncode in (0, 1), first.stderr
+    full = run_tagclip(*args, cache=cache, check=False)
+    assert full.returncode == 1, full.stderr  # broken.jpg
+    assert "Traceback" not in first.stderr + full.stderr
+    assert "broken.jpg" in first.stderr + full.stderr  # named by whichever run met it
+    assert "skipped (already done)" in " ".join(full.stderr.split())
+    maps = label_maps(out)
+    assert len(maps) == 2
+    for name, labels in maps.items():
+        png = np.asarray(Image.open(pngs / name.replace(".jpg", ".png")))
+        assert np.array_equal(png, labels)
+    segment = json.loads(out.read_text())["info"]["tagclip"]["segment"]
+    assert segment["method"] == ("scclip" if method == ["scclip"] else "resclip")
+    if method != ["scclip"]:
+        assert segment["resclip"]["base"] == ("sclip" if "--rcs" in method else "naclip")
+        assert segment["resclip"]["sfr_tau"] == 2.2 and segment["dense"]["logit_scale"] == 40
+    else:
+        assert segment["scclip"]["pre_layer"] == 9 and segment["dense"]["prob_threshold"] == 0.15
+
+
+def test_rcs_needs_a_dense_baseline(inputs, tmp_path):
+    proc = run_tagclip("segment", str(inputs), "--vocab", "voc", "--method", "maskclip", "--rcs", "--out",
+                       str(tmp_path / "m.json"), cache=tmp_path / "cache", check=False)
+    assert proc.returncode == 2 and "--rcs" in proc.stderr and "Traceback" not in proc.stderr
