@@ -22,6 +22,28 @@ def make_tiny_clip(seed: int = 0, layers: int = 6, width: int = 64, patch: int =
     return model.eval()
 
 
+def kill_after_first_part(args: list[str], env: dict, parts: Path, timeout: float = 300) -> int:
+    """Start `python -m tagclip_cli ARGS`, SIGKILL it as soon as its first part file exists in
+    `parts`, and return its exit status (the caller checks it is -SIGKILL)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "tagclip_cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while not list(parts.glob("part-*.parquet")):
+            assert proc.poll() is None, "the run ended before writing a part"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    return proc.returncode
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny random CLIP saved as an OpenAI-layout state dict (.pt)."""

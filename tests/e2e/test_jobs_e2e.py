@@ -12,12 +12,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import kill_after_first_part
 from PIL import Image
 
 SIZES = [(64, 48), (48, 64), (64, 64), (80, 48), (64, 48)]
@@ -123,18 +123,7 @@ def test_sigkill_then_rerun_equals_one_process(job_images, tiny_checkpoint, job_
     out = tmp_path / "killed.parquet"
     parts = tmp_path / "killed.parquet.parts"
     args = annotate_args(str(job_images), str(out), tiny_checkpoint, "--part-size", "6")
-    proc = subprocess.Popen([sys.executable, "-m", "tagclip_cli", *args], env=env_for(job_cache),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not list(parts.glob("part-*.parquet")):
-            assert proc.poll() is None, "the run ended before writing a part"
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_after_first_part(args, env_for(job_cache), parts) == -signal.SIGKILL
     assert not out.exists()
     written = sum(pq.read_metadata(p).num_rows for p in parts.glob("part-*.parquet"))
     assert 0 < written < N_IMAGES + 1

@@ -9,12 +9,12 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import kill_after_first_part
 from shard_fixtures import (
     SECRET,
     add_member,
@@ -146,18 +146,7 @@ def test_sigkill_mid_shard_then_rerun_resumes_from_the_last_part(data, tiny_chec
     out = tmp_path / "killed.parquet"
     parts = tmp_path / "killed.parquet.parts"
     args = args_for(str(tars), out, tiny_checkpoint, "--part-size", "3")
-    proc = subprocess.Popen([sys.executable, "-m", "tagclip_cli", *args], env=env_for(cache),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not list(parts.glob("part-*.parquet")):
-            assert proc.poll() is None, "the run ended before writing a part"
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    assert kill_after_first_part(args, env_for(cache), parts) == -signal.SIGKILL and not out.exists()
     written = sum(pq.read_metadata(p).num_rows for p in parts.glob("part-*.parquet"))
     assert 0 < written < N_IMAGES
     rerun = tagclip(*args, cache=cache)
@@ -301,18 +290,7 @@ def test_sigkill_on_damaged_shards_then_resume_gives_the_same_rows(damaged_shard
     _, reference = damaged_run
     out, parts = tmp_path / "killed.parquet", tmp_path / "killed.parquet.parts"
     args = args_for(str(damaged_shards), out, tiny_checkpoint, "--part-size", "3")
-    proc = subprocess.Popen([sys.executable, "-m", "tagclip_cli", *args], env=env_for(cache),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not list(parts.glob("part-*.parquet")):
-            assert proc.poll() is None, "the run ended before writing a part"
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    assert kill_after_first_part(args, env_for(cache), parts) == -signal.SIGKILL and not out.exists()
     rerun = tagclip(*args, cache=cache)
     assert rerun.returncode == 1 and "Traceback" not in rerun.stderr
     table = pq.read_table(out)
