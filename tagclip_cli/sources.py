@@ -318,8 +318,8 @@ def _collect_images(images: str, image_root: str | Path | None, stdin: TextIO | 
                             "(name the shards to read those)", output_text(images), len(shard_files),
                             output_text(shard_files[0]))
             return items
-        shards = _folder_of_shards(shard_files)
-        return _from_shards(shards[0], [str(path / f) for f in shards[1]], columns) if shards else []
+        shards = _folder_of_shards([str(path / f) for f in shard_files])  # errors name the file by its path
+        return _from_shards(shards[0], shards[1], columns) if shards else []
     if path.is_file():
         lower = images.lower()
         _refuse_compressed([images])
