@@ -277,7 +277,9 @@ class ImageDataset(torch.utils.data.Dataset):
     exception. keep_rgb keeps the decoded RGB image too (for the CRF: no second decode)."""
 
     def __init__(self, items: Sequence[ImageItem], preprocess: Preprocess, keep_rgb: bool = False) -> None:
-        self.items = list(items)
+        # a list of items as columns (sources' ItemList, a share of it) is kept as it is: forked
+        # workers read its Arrow / NumPy buffers without copying them (no per-item reference counts)
+        self.items = items if hasattr(items, "positions") else list(items)
         self.preprocess = preprocess
         self.keep_rgb = keep_rgb
 

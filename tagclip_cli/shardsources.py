@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from tagclip_cli.errors import UsageError
 from tagclip_cli.fileio import output_text
+from tagclip_cli.itemlist import ERROR, PARQUET, TAR, ItemBuilder, ItemList
 from tagclip_cli.sourcebase import (
     IMAGE_EXTENSIONS,
     PARQUET_EXTENSIONS,
@@ -97,34 +98,42 @@ def _list_one_tar(url: str) -> tuple[list[TarSample], str | None]:
         return [], f"cannot read tar shard {_safe(url)} ({_reason(exc)})"
 
 
-def list_tars(urls: Sequence[str], first_index: int = 0) -> list[ImageItem]:
+def list_tars(urls: Sequence[str]) -> ItemList:
     """The samples of every tar shard, shard by shard in the given order: image_id
     `<shard name>/<key>`. Shards are listed in parallel threads (remote listing waits on the
-    network). A shard that cannot be read, or the lost rest of a truncated one, is one failed item
-    naming the shard; UsageError if no shard could be read at all."""
+    network), each one's samples turned into columns as it comes. A shard that cannot be read, or
+    the lost rest of a truncated one, is one failed item naming the shard; UsageError if no shard
+    could be read at all."""
     names = _shard_names(urls, TAR_EXTENSIONS)
+    builder = ItemBuilder()
+    first_problem, readable = None, False
     with ThreadPoolExecutor(max_workers=min(LIST_THREADS, max(1, len(urls)))) as pool:
-        listings = list(pool.map(_list_one_tar, urls))
-    if all(not samples and problem for samples, problem in listings):
-        raise UsageError(listings[0][1] + (f" (and the {len(urls) - 1} other shards)" if len(urls) > 1 else ""))
-    items: list[ImageItem] = []
-    for shard_index, (url, name, (samples, problem)) in enumerate(zip(urls, names, listings, strict=True)):
-        seen: dict[str, int] = {}
-        for sample in samples:
-            image_id = _unique_id(f"{name}/{sample.key}", seen, url)
-            if sample.error is not None:
-                locator: tuple = ("error", sample.error)
-                path = f"{url}#{sample.key}"
-            else:
-                locator = ("tar", sample.offset, sample.size)
-                path = f"tar://{sample.member}::{url}"
-            items.append(ImageItem(first_index + len(items), output_text(image_id), output_text(path),
-                                   shard=url, shard_index=shard_index, locator=locator))
-        if problem is not None:
-            log.warning("%s", problem)
-            items.append(ImageItem(first_index + len(items), output_text(f"{name}/<unreadable>"), output_text(url),
-                                   shard=url, shard_index=shard_index, locator=("error", problem)))
-    return items
+        for shard_index, (url, name, (samples, problem)) in enumerate(
+                zip(urls, names, pool.map(_list_one_tar, urls), strict=True)):
+            readable = readable or bool(samples) or problem is None
+            first_problem = first_problem or problem
+            _add_tar_samples(builder, url, name, shard_index, samples, problem)
+    if not readable:
+        raise UsageError(first_problem + (f" (and the {len(urls) - 1} other shards)" if len(urls) > 1 else ""))
+    return builder.build()
+
+
+def _add_tar_samples(builder: ItemBuilder, url: str, name: str, shard_index: int, samples: list[TarSample],
+                     problem: str | None) -> None:
+    seen: dict[str, int] = {}
+    shown_url = output_text(url)
+    for sample in samples:
+        image_id = output_text(_unique_id(f"{name}/{sample.key}", seen, url))
+        if sample.error is not None:
+            builder.add_shard_item(image_id, output_text(f"{url}#{sample.key}"), url, shard_index, ERROR,
+                                   error=sample.error)
+        else:
+            builder.add_shard_item(image_id, output_text(sample.member), url, shard_index, TAR, sample.offset,
+                                   sample.size)
+    if problem is not None:
+        log.warning("%s", problem)
+        builder.add_shard_item(output_text(f"{name}/<unreadable>"), shown_url, url, shard_index, ERROR,
+                               error=problem)
 
 
 def _unique_id(image_id: str, seen: dict[str, int], where: str) -> str:
@@ -178,19 +187,18 @@ def _pick_id_column(schema, wanted: str | None, url: str) -> str | None:
     return None
 
 
-def list_parquet(urls: Sequence[str], columns: ParquetColumns = ParquetColumns(), first_index: int = 0
-                 ) -> list[ImageItem]:
+def list_parquet(urls: Sequence[str], columns: ParquetColumns = ParquetColumns()) -> ItemList:
     """One item per row of every Parquet file, file by file: image_id `<file name>/<id>` (the id
     column's value, or the row number). Only the footer and the id column are read here, one row
     group at a time. A file that cannot be read (gone, not Parquet) is one failed item naming it, a
     row group whose ids cannot be read a failed item per row, each warned; UsageError if no file
     can be read, or for a missing image column (naming the columns)."""
     names = _shard_names(urls, PARQUET_EXTENSIONS)
-    items: list[ImageItem] = []
+    builder = ItemBuilder()
     groups, problems = 0, []  # row groups so far: the unit of work (one file can be a whole data set)
     for url, name in zip(urls, names, strict=True):
         try:
-            groups = _list_one_parquet(url, name, columns, items, first_index, groups)
+            groups = _list_one_parquet(url, name, columns, builder, groups)
         except UsageError:
             raise
         except FileNotFoundError:
@@ -200,17 +208,16 @@ def list_parquet(urls: Sequence[str], columns: ParquetColumns = ParquetColumns()
         else:
             continue
         log.warning("%s", problems[-1])
-        items.append(ImageItem(first_index + len(items), output_text(f"{name}/<unreadable>"), output_text(url),
-                               shard=url, shard_index=groups, locator=("error", problems[-1])))
+        builder.add_shard_item(output_text(f"{name}/<unreadable>"), output_text(url), url, groups, ERROR,
+                               error=problems[-1])
         groups += 1
     if problems and len(problems) == len(urls):
         raise UsageError(problems[0] + (f" (and the {len(urls) - 1} other files)" if len(urls) > 1 else ""))
-    return items
+    return builder.build()
 
 
-def _list_one_parquet(url: str, name: str, columns: ParquetColumns, items: list[ImageItem], first_index: int,
-                      groups: int) -> int:
-    """Append the rows of one Parquet file to items; returns the row groups counted so far."""
+def _list_one_parquet(url: str, name: str, columns: ParquetColumns, builder: ItemBuilder, groups: int) -> int:
+    """Add the rows of one Parquet file to the builder; returns the row groups counted so far."""
     import pyarrow.parquet as pq
 
     fs, p = _fs(url)
@@ -222,22 +229,24 @@ def _list_one_parquet(url: str, name: str, columns: ParquetColumns, items: list[
         row = 0
         for group in range(pf.metadata.num_row_groups):
             count = pf.metadata.row_group(group).num_rows
-            locator: tuple = ("parquet", group, 0, image_col)
+            error = None
             try:
                 ids = pf.read_row_group(group, columns=[id_col]).column(0).to_pylist() if id_col else None
             except Exception as exc:  # a damaged row group: its rows fail, the others are read
-                locator = ("error", f"cannot read row group {group} of Parquet file {_safe(url)} ({_reason(exc)})")
-                log.warning("%s", locator[1])
+                error = f"cannot read row group {group} of Parquet file {_safe(url)} ({_reason(exc)})"
+                log.warning("%s", error)
                 ids = None
             if ids is not None and len(ids) != count:
                 ids = None
             for in_group in range(count):
                 value = ids[in_group] if ids is not None else None
-                image_id = _unique_id(f"{name}/{row if value is None else value}", seen, url)
-                items.append(ImageItem(first_index + len(items), output_text(image_id),
-                                       output_text(f"{url}#row={row}"), shard=url, shard_index=groups + group,
-                                       locator=locator if locator[0] == "error" else
-                                       ("parquet", group, in_group, image_col)))
+                image_id = output_text(_unique_id(f"{name}/{row if value is None else value}", seen, url))
+                if error is None:
+                    builder.add_shard_item(image_id, "", url, groups + group, PARQUET, group, in_group, row,
+                                           image_col)
+                else:
+                    builder.add_shard_item(image_id, output_text(f"{url}#row={row}"), url, groups + group, ERROR,
+                                           error=error)
                 row += 1
         return groups + pf.metadata.num_row_groups
 

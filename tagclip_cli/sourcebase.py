@@ -23,7 +23,7 @@ class SourceError(Exception):
     """An item whose bytes cannot be read (shard truncated or gone); the message is the row's reason."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageItem:
     """One input image: global position, stable id, where it is, and COCO id when known.
 

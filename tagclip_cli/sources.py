@@ -13,16 +13,23 @@ storage library's own credentials and configuration (s3fs, gcsfs: `pip install t
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from tagclip_cli.errors import UsageError
 from tagclip_cli.fileio import output_text
+from tagclip_cli.itemlist import CHUNK, ItemBuilder, ItemList, has_parquet
 from tagclip_cli.shardsources import (  # noqa: F401  (the tar / Parquet names, importable from here as before)
     ParquetColumns,
     expand_urls,
@@ -49,7 +56,7 @@ log = logging.getLogger(__name__)
 
 # ---- folders, path lists, manifests ---------------------------------------------------------------
 
-def list_folder(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[ImageItem]:
+def list_folder(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> ItemList:
     """All images under root (recursive), sorted by their relative POSIX path. root may be a URL."""
     if isinstance(root, str) and is_url(root):
         return _list_remote_folder(root, extensions)
@@ -58,34 +65,68 @@ def list_folder(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) 
         raise UsageError(f"{root}: no such file or directory")
     if not root.is_dir():
         raise UsageError(f"{root}: not a directory")
-    found = _local_files(root, extensions)
+    prefix = str(root / "x")[:-1]  # the path is prefix + the relative path ("" for the folder ".")
+    rels = _local_file_column(root, extensions)
+    if rels is not None:
+        return ItemList(rels, None, prefix)
     # Undecodable (non-UTF-8) names keep their real path for opening; the id is escaped (output_text).
-    return [ImageItem(i, output_text(rel), str(root / rel)) for i, rel in enumerate(found)]
+    builder = ItemBuilder(prefix, same_paths=True)
+    for rel in _local_files(root, extensions):
+        text = output_text(rel)
+        if text == rel:
+            builder.add(rel)
+        else:
+            builder.add_raw_path(text, prefix + rel)
+    return builder.build()
 
 
-def _local_files(root: Path, extensions: Sequence[str], recursive: bool = True) -> list[str]:
-    """Relative POSIX paths of the files under root with one of the extensions, sorted."""
+def _walk(root: Path, extensions: Sequence[str], recursive: bool = True) -> Iterator[list[str]]:
+    """The relative POSIX paths of the files under root with one of the extensions, a directory at
+    a time (unsorted); warns of directories it cannot list and of links to directories."""
     exts = tuple(e.lower() for e in extensions)
-    found: list[str] = []
     linked_dirs: list[str] = []
+    top = os.fspath(root)
 
     def unlisted(exc: OSError) -> None:  # os.walk skips such directories silently otherwise
         log.warning("cannot list %s (%s); images in it are not included", output_text(str(exc.filename)),
                     exc.strerror or exc)
 
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unlisted):
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False, onerror=unlisted):
         dirnames.sort()
         linked_dirs.extend(os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
-        for name in filenames:
-            if name.lower().endswith(exts):
-                found.append(Path(dirpath, name).relative_to(root).as_posix())
+        folder = Path(os.path.relpath(dirpath, top)).as_posix()
+        lead = "" if folder == "." else folder + "/"
+        yield [lead + name for name in filenames if name.lower().endswith(exts)]
         if not recursive:
             break
     if linked_dirs and recursive:  # not followed (loops, duplicates): say so rather than drop their images
         log.warning("%d symbolic link(s) to directories not followed (e.g. %s); list such images in a "
                     "text file of paths to include them", len(linked_dirs), output_text(linked_dirs[0]))
+
+
+def _local_files(root: Path, extensions: Sequence[str], recursive: bool = True) -> list[str]:
+    """Relative POSIX paths of the files under root with one of the extensions, sorted."""
+    found = [rel for names in _walk(root, extensions, recursive) for rel in names]
     found.sort()
     return found
+
+
+def _local_file_column(root: Path, extensions: Sequence[str]) -> pa.Array | None:
+    """`_local_files` as one sorted Arrow string column (UTF-8 byte order is code point order,
+    Python's), or None when a name is not valid UTF-8 (then the caller sorts in Python)."""
+    chunks: list[pa.Array] = []
+    pending: list[str] = []
+    try:
+        for names in _walk(root, extensions):
+            pending.extend(names)
+            if len(pending) >= CHUNK:
+                chunks.append(pa.array(pending, pa.large_string()))
+                pending = []
+        chunks.append(pa.array(pending, pa.large_string()))
+    except UnicodeEncodeError:
+        return None
+    column = pa.concat_arrays(chunks)
+    return column.take(pc.sort_indices(column)) if len(column) > 1 else column
 
 
 def _remote_files(url: str, extensions: Sequence[str]) -> list[str]:
@@ -100,13 +141,15 @@ def _remote_files(url: str, extensions: Sequence[str]) -> list[str]:
     return sorted(f"{protocol}://{name}" for name in names if name.lower().endswith(exts))
 
 
-def _list_remote_folder(url: str, extensions: Sequence[str]) -> list[ImageItem]:
+def _list_remote_folder(url: str, extensions: Sequence[str]) -> ItemList:
     base = url.rstrip("/") + "/"
-    files = _remote_files(url, extensions)
-    return [ImageItem(i, output_text(f[len(base):] if f.startswith(base) else f), f) for i, f in enumerate(files)]
+    builder = ItemBuilder()
+    for f in _remote_files(url, extensions):
+        builder.add(output_text(f[len(base):] if f.startswith(base) else f), f)
+    return builder.build()
 
 
-def read_manifest(manifest: str | Path, image_root: str | Path) -> list[ImageItem]:
+def read_manifest(manifest: str | Path, image_root: str | Path) -> ItemList:
     """The images of a COCO-style JSON (`images`: [{id, file_name}, ...]) in the manifest's order.
 
     image_id is the manifest id as a string and coco_id the id itself; paths are image_root/file_name.
@@ -129,7 +172,7 @@ def read_manifest(manifest: str | Path, image_root: str | Path) -> list[ImageIte
     images = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(images, list):
         raise UsageError(f"{manifest}: not a COCO manifest (no 'images' list)")
-    items: list[ImageItem] = []
+    builder = ItemBuilder()
     seen: set[int] = set()
     for pos, image in enumerate(images):
         try:
@@ -142,8 +185,8 @@ def read_manifest(manifest: str | Path, image_root: str | Path) -> list[ImageIte
             raise UsageError(f"{manifest}: image id {coco_id} appears twice")
         seen.add(coco_id)
         path = f"{str(image_root).rstrip('/')}/{file_name}" if remote_root else str(Path(image_root) / file_name)
-        items.append(ImageItem(len(items), str(coco_id), path, coco_id))
-    return items
+        builder.add(str(coco_id), path, coco_id)
+    return builder.build()
 
 
 def _read_text(path: str) -> str:
@@ -173,44 +216,117 @@ def _check_remote_dir(url: str, what: str = "") -> None:
         raise UsageError(f"{what}{_safe(url)}: not a directory (no objects under this prefix)")
 
 
-def read_path_list(lines: Iterable[str], image_root: str | Path | None = None, source: str = "-") -> list[ImageItem]:
+def read_path_list(lines: Iterable[str], image_root: str | Path | None = None, source: str = "-") -> ItemList:
     """Images named one per line (blank lines ignored), in the given order.
 
     Without image_root the id and the path are the line as given (relative to the working
     directory). With image_root, a path inside the root (lexically, e.g. `find ROOT` output) keeps
     its path and gets the id relative to the root; any other relative path is taken as relative to
-    the root (id = the line). An absolute path outside the root is an error. Lines may be URLs."""
-    remote_root = image_root is not None and is_url(str(image_root))
-    root_abs = None if image_root is None or remote_root else os.path.abspath(image_root)
-    items: list[ImageItem] = []
-    seen: dict[str, int] = {}
+    the root (id = the line). An absolute path outside the root is an error. Lines may be URLs.
+    The lines are read as a stream into columns; a line listed twice is an error naming both."""
+    listing = _PathListing(image_root, source)
     for lineno, raw in enumerate(lines, start=1):
         line = raw.rstrip("\r\n")
         if not line.strip():
+            listing.blank.append(lineno)
             continue
-        path, image_id = line, line
-        if remote_root:
-            base = str(image_root).rstrip("/") + "/"
-            if line.startswith(base):
-                image_id = line[len(base):]
-            elif is_url(line):
-                raise UsageError(f"{source}:{lineno}: {_safe(line)} is not under --image-root {_safe(str(image_root))}")
-            else:
-                path = base + line
-        elif root_abs is not None and not is_url(line):
-            absolute = os.path.abspath(line)
-            if absolute == root_abs or absolute.startswith(root_abs + os.sep):
-                image_id = Path(os.path.relpath(absolute, root_abs)).as_posix()
-            elif os.path.isabs(line):
-                raise UsageError(f"{source}:{lineno}: {line} is not under --image-root {image_root}")
-            else:
-                image_id = Path(os.path.normpath(line)).as_posix()
-                path = os.path.join(image_root, line)
-        if image_id in seen:
-            raise UsageError(f"{source}:{lineno}: {line} was already listed on line {seen[image_id]}")
-        seen[image_id] = lineno
-        items.append(ImageItem(len(items), image_id, path))
+        listing.add(line, lineno)
+    items = listing.build()
+    _refuse_repeats(items, listing, source)
     return items
+
+
+class _PathListing:
+    """The columns of a path list as it is read: ids, paths (when they differ), which lines were
+    joined to the root (to quote a line in an error), the blank lines (to number the others)."""
+
+    def __init__(self, image_root: str | Path | None, source: str) -> None:
+        self.root, self.source = image_root, source
+        self.remote = image_root is not None and is_url(str(image_root))
+        self.base = str(image_root).rstrip("/") + "/" if self.remote else None
+        self.root_abs = None if image_root is None or self.remote else os.path.abspath(image_root)
+        self.inside = None if self.root_abs is None else os.path.join(str(image_root), "")
+        self.joined = array("B")
+        self.blank: list[int] = []
+        self.ids: list[str] = []
+        self.chunks: list[pa.Array] = []
+        self.builder = None if image_root is None else ItemBuilder()
+
+    def add(self, line: str, lineno: int) -> None:
+        if self.builder is None:  # no root: the id is the line, the path too
+            self.ids.append(line)
+            if len(self.ids) >= CHUNK:
+                self.chunks.append(pa.array(self.ids, pa.large_string()))
+                self.ids = []
+            return
+        path, image_id = self._resolve(line, lineno)
+        self.joined.append(path is not line)
+        self.builder.add(image_id, path)
+
+    def _resolve(self, line: str, lineno: int) -> tuple[str, str]:
+        """(path, id) of a line under the root."""
+        if self.remote:
+            if line.startswith(self.base):
+                return line, line[len(self.base):]
+            if is_url(line):
+                raise UsageError(f"{self.source}:{lineno}: {_safe(line)} is not under --image-root "
+                                 f"{_safe(str(self.root))}")
+            return self.base + line, line
+        if is_url(line):
+            return line, line
+        rest = line[len(self.inside):] if line.startswith(self.inside) else None
+        if rest and "//" not in rest and "/." not in "/" + rest and not rest.endswith("/"):
+            return line, rest  # the common case (`find ROOT`), as abspath / relpath would give it
+        absolute = os.path.abspath(line)
+        if absolute == self.root_abs or absolute.startswith(self.root_abs + os.sep):
+            return line, Path(os.path.relpath(absolute, self.root_abs)).as_posix()
+        if os.path.isabs(line):
+            raise UsageError(f"{self.source}:{lineno}: {line} is not under --image-root {self.root}")
+        return os.path.join(self.root, line), Path(os.path.normpath(line)).as_posix()
+
+    def build(self) -> ItemList:
+        if self.builder is not None:
+            return self.builder.build()
+        self.chunks.append(pa.array(self.ids, pa.large_string()))
+        self.ids = []
+        return ItemList(pa.concat_arrays(self.chunks))
+
+    def lineno(self, position: int) -> int:
+        """The line number of the item at position (blank lines are not items)."""
+        number = position + 1
+        for blank in self.blank:
+            if blank > number:
+                break
+            number += 1
+        return number
+
+    def line(self, items: ItemList, position: int) -> str:
+        path = items[position].path
+        if self.builder is None or not self.joined[position]:
+            return path
+        return path[len(self.base):] if self.remote else path[len(os.path.join(str(self.root), "")):]
+
+
+def _refuse_repeats(items: ItemList, listing: _PathListing, source: str) -> None:
+    """UsageError naming the first line whose id was listed on an earlier line (found by sorting
+    the ids: no set of ten million strings)."""
+    ids = items.ids
+    if len(ids) < 2:
+        return
+    order = pc.sort_indices(ids)
+    ranked = ids.take(order)
+    same = pc.equal(ranked.slice(1), ranked.slice(0, len(ranked) - 1))
+    if not pc.any(same).as_py():
+        return
+    order = order.to_numpy()
+    at = np.flatnonzero(same.to_numpy(zero_copy_only=False))
+    # each repeat pairs two positions of one id: the first line to repeat an earlier one wins
+    later = np.maximum(order[at], order[at + 1])
+    position = int(later.min())
+    image_id = ids[position].as_py()
+    first = int(np.flatnonzero(pc.equal(ids, image_id).to_numpy(zero_copy_only=False))[0])
+    raise UsageError(f"{source}:{listing.lineno(position)}: {listing.line(items, position)} was already listed on "
+                     f"line {listing.lineno(first)}")
 
 
 # ---- the CLI's input ------------------------------------------------------------------------------
@@ -245,14 +361,14 @@ def _folder_of_shards(files: list[str]) -> tuple[str, list[str]] | None:
     return ("parquet", parquets) if parquets else None
 
 
-def _from_shards(kind: str, urls: list[str], columns: ParquetColumns) -> list[ImageItem]:
+def _from_shards(kind: str, urls: list[str], columns: ParquetColumns) -> ItemList:
     return list_tars(urls) if kind == "tar" else list_parquet(urls, columns)
 
 
 def collect_items(
     images: str | None, manifest: str | Path | None = None, image_root: str | Path | None = None,
     stdin: TextIO | None = None, images_parquet: str | None = None, columns: ParquetColumns = ParquetColumns(),
-) -> list[ImageItem]:
+) -> ItemList:
     """Resolve the CLI's input: a folder, a text file of paths (or of tar URLs), one image, `-`
     (paths on stdin), tar shards (a pattern, one tar, a folder of tars), Parquet files with image
     bytes (images_parquet, or .parquet inputs), or a COCO manifest with its image root; local or
@@ -280,7 +396,7 @@ def collect_items(
     else:
         items = _collect_images(images, image_root, stdin, columns)
         where = "stdin" if images == "-" else images
-    if (columns.image or columns.id) and not any(it.locator and it.locator[0] == "parquet" for it in items):
+    if (columns.image or columns.id) and not has_parquet(items):
         raise UsageError("--image-column / --id-column apply to Parquet inputs")
     if not items:
         raise UsageError(f"{_safe(str(where))}: no images found (extensions: "
@@ -289,7 +405,7 @@ def collect_items(
 
 
 def _collect_images(images: str, image_root: str | Path | None, stdin: TextIO | None,
-                    columns: ParquetColumns) -> list[ImageItem]:
+                    columns: ParquetColumns) -> ItemList:
     if images == "-":
         stream = stdin if stdin is not None else sys.stdin
         if stream.isatty():
@@ -329,23 +445,49 @@ def _collect_images(images: str, image_root: str | Path | None, stdin: TextIO | 
             return _from_shards(_kind_of([lower]), [images], columns)
         try:
             with open(images, encoding="utf-8") as fh:
-                return _from_list(list(fh), image_root, images, columns)
+                return _from_list(fh, image_root, images, columns)
         except UnicodeDecodeError:
             raise UsageError(f"{images}: not a text file of image paths") from None
     raise UsageError(f"{images}: no such file or directory")
 
 
-def _from_list(lines: list[str], image_root: str | Path | None, source: str, columns: ParquetColumns
-               ) -> list[ImageItem]:
-    """A text file of image paths, or of tar (or Parquet) URLs: a shard list (WebDataset's url list)."""
-    listed = [line.strip() for line in lines if line.strip()]
-    kind = _kind_of(listed)
-    if kind is not None and image_root is None:
-        return _from_shards(kind, listed, columns)
-    return read_path_list(lines, image_root, source)
+def _from_list(lines: Iterable[str], image_root: str | Path | None, source: str, columns: ParquetColumns
+               ) -> ItemList:
+    """A text file of image paths, or of tar (or Parquet) URLs: a shard list (WebDataset's url list).
+
+    Read as a stream: only a list whose first line names a shard is held whole (to check that
+    every line does); a compressed tar named anywhere is refused either way."""
+    stream = iter(lines)
+    head: list[str] = []
+    for raw in stream:
+        head.append(raw)
+        if raw.strip():
+            break
+    first = head[-1].strip().lower() if head else ""
+    if image_root is None and first.endswith(SHARD_EXTENSIONS):
+        rest = head + list(stream)
+        listed = [line.strip() for line in rest if line.strip()]
+        kind = _kind_of(listed)
+        if kind is not None:
+            return _from_shards(kind, listed, columns)
+        return read_path_list(rest, image_root, source)
+    items = read_path_list(itertools.chain(head, stream), image_root, source)
+    _refuse_compressed_column(items)
+    return items
 
 
-def _collect_remote(url: str, image_root: str | Path | None, columns: ParquetColumns) -> list[ImageItem]:
+def _refuse_compressed_column(items: ItemList) -> None:
+    """`_refuse_compressed` for a path list held as columns (the lines are the paths, or end them)."""
+    if not len(items):
+        return
+    names = pc.utf8_lower(pc.utf8_rtrim_whitespace(items.ids if items.paths is None else items.paths))
+    for ext in COMPRESSED_TAR_EXTENSIONS:
+        hits = pc.ends_with(names, ext)
+        if pc.any(hits).as_py():
+            _refuse_compressed([items[int(pc.index(hits, True).as_py())].path])
+
+
+def _collect_remote(url: str, image_root: str | Path | None, columns: ParquetColumns) -> ItemList:
     """A URL: a prefix (folder of images, or of tars / Parquet files), one tar, one Parquet file,
     one image, or a text file of paths / shard URLs."""
     fs, p = _fs(url)
@@ -374,4 +516,4 @@ def _collect_remote(url: str, image_root: str | Path | None, columns: ParquetCol
         text = _read_text(url)
     except UnicodeDecodeError:
         raise UsageError(f"{_safe(url)}: not a text file of image paths") from None
-    return _from_list(list(io.StringIO(text, newline=None)), image_root, url, columns)  # universal newlines, as open()
+    return _from_list(io.StringIO(text, newline=None), image_root, url, columns)  # universal newlines, as open()

@@ -16,7 +16,7 @@ ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
 # Layers, by module name relative to the package (a package name covers its submodules).
 ALGORITHM = ("tagclip", "methods", "quirks", "piaa")
 BACKBONE = ("backbone",)
-DECODING = ("data", "sources", "sourcebase", "shardsources", "tarscan")
+DECODING = ("data", "sources", "sourcebase", "itemlist", "shardsources", "tarscan")
 OUR_FILES = ("writers", "formats", "evaluate", "export")
 ORCHESTRATION = ("cli", "api", "commands", "pipeline", "jobs", "show", "reproduce")
 

@@ -23,7 +23,8 @@ from tagclip_cli.errors import (
     UsageError,
 )
 from tagclip_cli.faults import deferred_signals
-from tagclip_cli.fileio import atomic_path, output_text, write_json_atomic
+from tagclip_cli.fileio import atomic_path, write_json_atomic
+from tagclip_cli.itemlist import ItemList, ItemShare, as_share
 from tagclip_cli.record import RecordIO, RunRecord
 from tagclip_cli.sources import ImageItem
 from tagclip_cli.writers import (
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 
 PART_NAME = re.compile(r"part-(\d+)-(\d+)\.parquet$")
+ITEMS_SCHEMA = pa.schema([("index", pa.int64()), ("image_id", pa.string()), ("path", pa.string()),
+                          ("coco_id", pa.int64())])
 
 
 # ---- the work directory ---------------------------------------------------------------------------
@@ -48,15 +51,47 @@ def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
+ITEMS_SLICE = 1 << 20  # items.parquet is written and compared this many rows at a time
+
+
 def items_table(items: Sequence[ImageItem]) -> pa.Table:
-    return pa.table(
-        {
-            "index": pa.array([it.index for it in items], pa.int64()),
-            "image_id": pa.array([output_text(it.image_id) for it in items], pa.string()),
-            "path": pa.array([output_text(it.path) for it in items], pa.string()),
-            "coco_id": pa.array([it.coco_id for it in items], pa.int64()),
-        }
-    )
+    """items.parquet's columns (index, image_id, path, coco_id) for a whole input list."""
+    return ItemList.of(items).table()
+
+
+def item_slices(items: ItemList, size: int = ITEMS_SLICE) -> Iterator[pa.Table]:
+    """items.parquet's rows, `size` at a time (made from the columns, never all at once)."""
+    for start in range(0, len(items), size):
+        yield items.table(start, min(len(items), start + size))
+
+
+def write_items(items: ItemList, path: Path) -> None:
+    """items.parquet, atomically, a slice at a time."""
+    with atomic_path(path) as tmp:
+        if len(items) <= ITEMS_SLICE:  # one slice: one call
+            pq.write_table(items.table(), tmp, compression="zstd")
+            return
+        with pq.ParquetWriter(tmp, ITEMS_SCHEMA, compression="zstd") as writer:
+            for table in item_slices(items):
+                writer.write_table(table)
+
+
+def items_differ(path: Path, items: ItemList) -> str | None:
+    """How the input list stored at path differs from items (None: the same), compared a slice at a
+    time. An items.parquet of an earlier version has the same columns and is compared the same way."""
+    stored = pq.ParquetFile(path)
+    total = stored.metadata.num_rows
+    if total != len(items):
+        return (f"the unfinished run there has a different input list ({total} images, "
+                f"now {len(items)})")
+    start = 0
+    for batch in stored.iter_batches(batch_size=ITEMS_SLICE):
+        previous = pa.Table.from_batches([batch]).cast(ITEMS_SCHEMA)
+        current = items.table(start, start + batch.num_rows)
+        if not previous.equals(current):
+            return describe_item_difference(previous, current, start)
+        start += batch.num_rows
+    return None
 
 
 class PartStore:
@@ -116,15 +151,13 @@ class PartStore:
 
     def _check_or_write_items(self, items: Sequence[ImageItem], create: bool) -> None:
         path = self.dir / "items.parquet"
-        current = items_table(items)
+        columns = ItemList.of(items)
         if path.exists():
-            previous = pq.read_table(path)
-            if not previous.equals(current):
-                raise ConfigMismatchError(f"{self.out}: {describe_item_difference(previous, current)}; rerun "
-                                          "with the same inputs, or pass --overwrite")
+            difference = items_differ(path, columns)
+            if difference is not None:
+                raise ConfigMismatchError(f"{self.out}: {difference}; rerun with the same inputs, or pass --overwrite")
         elif create:
-            with atomic_path(path) as tmp:
-                pq.write_table(current, tmp, compression="zstd")
+            write_items(columns, path)
         else:
             raise UsageError(f"{path}: missing (is OUT on a shared filesystem?)")
 
@@ -174,10 +207,11 @@ class PartStore:
             mask[indices[indices < total]] = True
         return mask
 
-    def remaining(self, items: Sequence[ImageItem], total: int) -> list[ImageItem]:
+    def remaining(self, items: Sequence[ImageItem], total: int) -> ItemShare:
         """The items (of an input list of `total`) that have no row yet, in their order."""
         done = self.done_mask(total)
-        return [it for it in items if not done[it.index]]
+        share = as_share(items)
+        return share.take(share.positions[~done[share.positions]])
 
     def failed_indices(self) -> np.ndarray:
         """Indices of the rows already in parts whose status is "failed" (for the exit code of a
@@ -263,20 +297,29 @@ class PartStore:
 
 def finished_output(out: Path, config: RunRecord, items: Sequence[ImageItem]) -> int | None:
     """The number of failed rows if `out` is a finished Parquet output of exactly this
-    configuration and these items (and no unfinished run is next to it), else None."""
+    configuration and these items (and no unfinished run is next to it), else None. The output is
+    compared with the input list a slice at a time."""
     if not out.is_file() or PartStore(out).dir.exists():
         return None
+    columns = ItemList.of(items)
     try:
         if not RecordIO.same(read_record(out), config):
             return None
-        names = pq.read_schema(out).names
+        stored = pq.ParquetFile(out)
+        names = stored.schema_arrow.names
         keys = [c for c in ("index", "image_id", "path") if c in names]
-        table = pq.read_table(out, columns=[*keys, "status"])
+        if keys[:2] != ["index", "image_id"] or stored.metadata.num_rows != len(columns):
+            return None
+        failed, start = 0, 0
+        for batch in stored.iter_batches(batch_size=ITEMS_SLICE, columns=[*keys, "status"]):
+            table = pa.Table.from_batches([batch])
+            if not table.select(keys).equals(columns.table(start, start + batch.num_rows).select(keys)):
+                return None
+            failed += batch.num_rows - int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
+            start += batch.num_rows
     except Exception:  # not a Parquet file of ours, or unreadable: the usual refusal explains
         return None
-    if keys[:2] != ["index", "image_id"] or not table.select(keys).equals(items_table(items).select(keys)):
-        return None
-    return sum(1 for status in table.column("status").to_pylist() if status != "ok")
+    return failed
 
 
 def _made_with(out: Path, config: RunRecord) -> str:
@@ -292,7 +335,7 @@ def _made_with(out: Path, config: RunRecord) -> str:
     return f" (made with a different configuration: differs in {', '.join(RecordIO.differences(previous, config))})"
 
 
-def describe_item_difference(previous: pa.Table, current: pa.Table) -> str:
+def describe_item_difference(previous: pa.Table, current: pa.Table, offset: int = 0) -> str:
     if previous.num_rows != current.num_rows:
         return (f"the unfinished run there has a different input list ({previous.num_rows} images, "
                 f"now {current.num_rows})")
@@ -301,7 +344,7 @@ def describe_item_difference(previous: pa.Table, current: pa.Table) -> str:
         if not a.equals(b):
             differs = pc.invert(pc.fill_null(pc.equal(a, b), False))
             first = int(np.flatnonzero(differs.to_numpy(zero_copy_only=False))[0])
-            return (f"the unfinished run there has a different input list (image #{first}: "
+            return (f"the unfinished run there has a different input list (image #{first + offset}: "
                     f"{name} {a[first].as_py()!r}, now {b[first].as_py()!r})")
     return "the unfinished run there has a different input list"
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from tagclip_cli.errors import UsageError
+from tagclip_cli.itemlist import as_share
 from tagclip_cli.sources import ImageItem
 
 # ---- work split ----------------------------------------------------------------------------------
@@ -57,6 +61,19 @@ class Placement:
         if item.shard_index is not None:
             return item.shard_index % self.world == self.rank
         return (item.index // window) % self.world == self.rank
+
+    def owned(self, items: Sequence[ImageItem], window: int) -> np.ndarray:
+        """(n,) bool: `owns` for every item of a list at once (from its columns)."""
+        share = as_share(items)
+        positions = share.positions
+        units = None if share.base is None else share.base.unit_column()
+        if units is None:
+            units = np.array([-1 if it.shard_index is None else it.shard_index for it in share], dtype=np.int64) \
+                if share.base is None else np.full(len(positions), -1, dtype=np.int64)
+        else:
+            units = units[positions]
+        by_window = (positions // window) % self.world == self.rank
+        return np.where(units >= 0, units % self.world == self.rank, by_window)
 
     def describe(self) -> str:
         parts = []

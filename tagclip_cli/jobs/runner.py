@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
 import pyarrow as pa
 
 from tagclip_cli.data import DecodedImage, bucket_batches
 from tagclip_cli.errors import OutputWriteError, UsageError
+from tagclip_cli.itemlist import as_share
 from tagclip_cli.jobs.parts import PartStore, finished_output
 from tagclip_cli.jobs.placement import Placement
 from tagclip_cli.jobs.session import Session
@@ -108,7 +110,9 @@ def run_job(
     records(todo) yields the decoded images of the given items in order; process(batch) returns
     one row per image of a same-size batch (rows have "index", "image_id", "status", "error")."""
     placement = sess.placement
-    mine = [it for it in spec.items if placement.owns(it, spec.window)]
+    everything = as_share(spec.items)
+    owned = placement.owned(everything, spec.window)
+    mine = everything.take(everything.positions[owned])
     store: PartStore | None = None
     if spec.out is None:
         sink: JsonLinesSink | PartSink = _stdout_sink(spec, placement, stdout)
@@ -121,7 +125,7 @@ def run_job(
         store = _open_store(spec, sess)
         todo = store.remaining(mine, len(spec.items))
         sink = PartSink(store, spec.schema, spec.part_size)
-    summary = _resume_summary(spec, placement, store, len(mine), len(todo))
+    summary = _resume_summary(store, owned, len(todo))
     if progress:
         progress(summary.skipped)
     _run_windows(spec, records(todo), process, sink, summary, progress)
@@ -155,12 +159,14 @@ def _open_store(spec: JobSpec, sess: Session) -> PartStore:
     return sess.leader_first(open_store(True), open_store(False))  # type: ignore[return-value]
 
 
-def _resume_summary(spec: JobSpec, placement: Placement, store: PartStore | None, mine: int, todo: int) -> Summary:
-    """This rank's starting counts: its images, those already done by an earlier run (and how many
-    of them failed, for the exit code)."""
+def _resume_summary(store: PartStore | None, owned: np.ndarray, todo: int) -> Summary:
+    """This rank's starting counts: its images (owned: which of all), those already done by an
+    earlier run (and how many of them failed, for the exit code)."""
+    mine = int(owned.sum())
     summary = Summary(total=mine, skipped=mine - todo)
     if store is not None and summary.skipped:
-        summary.failed_before = sum(1 for i in store.failed_indices() if placement.owns(spec.items[i], spec.window))
+        failed = store.failed_indices()
+        summary.failed_before = int(owned[failed[failed < len(owned)]].sum())
         log.info("%d images already done in %s; %d to go", summary.skipped, store.dir, todo)
     return summary
 
