@@ -266,6 +266,22 @@ class ItemBuilder:
         if len(self.ids) >= CHUNK:
             self._flush()
 
+    def add_tar_members(self, ids: list[str], members: list[str], shard: str, unit: int, offsets: list[int],
+                        sizes: list[int]) -> None:
+        """A tar shard's readable samples at once (ids and member names, data offsets and sizes)."""
+        if not ids:
+            return
+        self._shard_cols(shard, unit, TAR, offsets[0], sizes[0], 0, None)  # the columns exist, the shard too
+        for name in ("shard_of", "units", "kinds", "rows"):
+            self.cols[name].extend(array(COLUMN_CODES[name], [self.cols[name][-1]]) * (len(ids) - 1))
+        self.cols["loc_a"].extend(array("q", offsets[1:]))
+        self.cols["loc_b"].extend(array("q", sizes[1:]))
+        self.ids.extend(ids)
+        self.paths.extend(members)
+        self.count += len(ids)
+        if len(self.ids) >= CHUNK:
+            self._flush()
+
     def add_item(self, item: ImageItem) -> None:
         """An `ImageItem` as it is (ids and paths made fit for UTF-8 outputs, raw paths kept)."""
         locator = item.locator or ()

@@ -106,33 +106,39 @@ def list_tars(urls: Sequence[str]) -> ItemList:
     could be read at all."""
     names = _shard_names(urls, TAR_EXTENSIONS)
     builder = ItemBuilder()
-    first_problem, readable = None, False
+    problems: list[str] = []  # warned once it is known that some shard could be read
+    readable = False
     with ThreadPoolExecutor(max_workers=min(LIST_THREADS, max(1, len(urls)))) as pool:
         for shard_index, (url, name, (samples, problem)) in enumerate(
                 zip(urls, names, pool.map(_list_one_tar, urls), strict=True)):
             readable = readable or bool(samples) or problem is None
-            first_problem = first_problem or problem
+            if problem is not None:
+                problems.append(problem)
             _add_tar_samples(builder, url, name, shard_index, samples, problem)
     if not readable:
-        raise UsageError(first_problem + (f" (and the {len(urls) - 1} other shards)" if len(urls) > 1 else ""))
+        raise UsageError(problems[0] + (f" (and the {len(urls) - 1} other shards)" if len(urls) > 1 else ""))
+    for problem in problems:
+        log.warning("%s", problem)
     return builder.build()
 
 
 def _add_tar_samples(builder: ItemBuilder, url: str, name: str, shard_index: int, samples: list[TarSample],
                      problem: str | None) -> None:
     seen: dict[str, int] = {}
-    shown_url = output_text(url)
-    for sample in samples:
-        image_id = output_text(_unique_id(f"{name}/{sample.key}", seen, url))
-        if sample.error is not None:
-            builder.add_shard_item(image_id, output_text(f"{url}#{sample.key}"), url, shard_index, ERROR,
-                                   error=sample.error)
-        else:
-            builder.add_shard_item(image_id, output_text(sample.member), url, shard_index, TAR, sample.offset,
-                                   sample.size)
+    ids = [_unique_id(f"{name}/{sample.key}", seen, url) for sample in samples]
+    if all(sample.error is None for sample in samples):  # the common shard: its columns in one go
+        builder.add_tar_members([output_text(i) for i in ids], [output_text(s.member) for s in samples], url,
+                                shard_index, [s.offset for s in samples], [s.size for s in samples])
+    else:
+        for image_id, sample in zip(ids, samples, strict=True):
+            if sample.error is not None:
+                builder.add_shard_item(output_text(image_id), output_text(f"{url}#{sample.key}"), url, shard_index,
+                                       ERROR, error=sample.error)
+            else:
+                builder.add_shard_item(output_text(image_id), output_text(sample.member), url, shard_index, TAR,
+                                       sample.offset, sample.size)
     if problem is not None:
-        log.warning("%s", problem)
-        builder.add_shard_item(output_text(f"{name}/<unreadable>"), shown_url, url, shard_index, ERROR,
+        builder.add_shard_item(output_text(f"{name}/<unreadable>"), output_text(url), url, shard_index, ERROR,
                                error=problem)
 
 

@@ -21,18 +21,20 @@ from __future__ import annotations
 import posixpath
 import tarfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 BLOCK = tarfile.BLOCKSIZE
+READ_AHEAD = 1 << 14  # bytes read at a header: the next headers too when members are small
 SEARCH_CHUNK = 1 << 20  # bytes read at a time while looking for the next valid header
 LINK_HOPS = 8  # links followed before a chain counts as a loop
 SHOWN_DAMAGE = 3  # damaged regions described in the shard's line (the rest counted)
+NUMERIC_FIELDS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))  # mode .. devminor
 COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
 
 
-@dataclass(frozen=True)
-class TarSample:
-    """One sample found in a tar: its key and the image member (None: the sample has no image)."""
+class TarSample(NamedTuple):
+    """One sample found in a tar: its key and the image member (None: the sample has no image).
+    A named tuple: a shard's thousands are made in a few microseconds each."""
 
     key: str
     member: str | None
@@ -44,9 +46,13 @@ class TarSample:
 def _sample_key(name: str) -> tuple[str, str]:
     """(key, extension) as WebDataset splits a member name: the key is the path up to the first
     dot of the base name (`a/b/000012.seg.png` -> `a/b/000012`, `seg.png`)."""
-    folder, base = posixpath.split(name)
-    stem, dot, ext = base.partition(".")
-    return (posixpath.join(folder, stem) if folder else stem), ext if dot else ""
+    cut = name.rfind("/") + 1
+    if "//" in name or name.endswith("/"):  # posixpath's rules for repeated slashes
+        folder, base = posixpath.split(name)
+        stem, dot, ext = base.partition(".")
+        return (posixpath.join(folder, stem) if folder else stem), ext if dot else ""
+    stem, dot, ext = name[cut:].partition(".")
+    return name[:cut] + stem, ext if dot else ""
 
 
 class _Cursor:
@@ -59,6 +65,16 @@ class _Cursor:
         self.encoding = tarfile.ENCODING
         self.errors = "surrogateescape"
         self.pax_headers: dict = {}
+        self.checked = b""  # the last plain header's other numeric fields, known to parse
+        self.ahead, self.ahead_at = b"", -1  # bytes read ahead (small members: many headers per read)
+
+    def block(self, pos: int) -> bytes:
+        """The 512 bytes at pos, from the read-ahead when they are in it."""
+        at = pos - self.ahead_at
+        if self.ahead_at < 0 or at < 0 or at + BLOCK > len(self.ahead):
+            self.fileobj.seek(pos)
+            self.ahead, self.ahead_at, at = self.fileobj.read(READ_AHEAD), pos, 0
+        return self.ahead[at:at + BLOCK]
 
 
 class _Samples:
@@ -224,9 +240,55 @@ def scan_tar(fileobj, size: int | None, shard: str, extensions: Sequence[str]) -
     return samples.samples, damage.line()
 
 
+def _octal(field: bytes) -> int | None:
+    """An octal header field as tarfile reads it (None: base-256, left to tarfile); ValueError if bad."""
+    if field[0] in (0o200, 0o377):
+        return None
+    return int(field.split(b"\0", 1)[0].decode("ascii").strip() or "0", 8)
+
+
+def _plain_member(block: bytes, cursor: _Cursor) -> tuple[str, int] | None:
+    """(name, size) of a plain regular member (type "0" / NUL, octal fields, checksum right),
+    parsed as tarfile would; None for anything else (long names, pax, links, damage, the end):
+    tarfile's own parser then reads it. The common header costs a few slices, not a TarInfo."""
+    if len(block) != BLOCK or block[156:157] not in (b"0", b"\0") or cursor.pax_headers:
+        return None
+    try:
+        size, checksum = _octal(block[124:136]), _octal(block[148:156])
+        others = block[100:124] + block[136:148] + block[329:345]
+        if others != cursor.checked:  # most members of a shard repeat the last one's mode, owner, time
+            for at, end in NUMERIC_FIELDS:  # tarfile refuses a header whose other numbers do not parse
+                if block[at] not in (0o200, 0o377):
+                    _octal(block[at:end])
+            cursor.checked = others
+    except ValueError:
+        return None
+    if size is None or checksum is None:
+        return None
+    if size < 0 or checksum != 256 + sum(block[:148]) + sum(block[156:]):
+        return None
+    name = block[:100].split(b"\0", 1)[0].decode(cursor.encoding, cursor.errors)
+    prefix = block[345:500].split(b"\0", 1)[0]
+    if prefix:
+        name = prefix.decode(cursor.encoding, cursor.errors) + "/" + name
+    if name.endswith("/"):  # tarfile reads such a member as a directory
+        return None
+    return name, size
+
+
 def _step(cursor: _Cursor, pos: int, size: int | None, samples: _Samples, damage: _Damage) -> int | None:
     """Read the member whose header is at pos; the next header's offset, or None at the end."""
     fileobj = cursor.fileobj
+    try:
+        plain = _plain_member(cursor.block(pos), cursor)
+    except OSError:
+        plain = None  # tarfile's reading below reports it
+    if plain is not None and (size is None or pos + BLOCK + plain[1] <= size):
+        name, length = plain
+        data = pos + BLOCK
+        samples.regular[name] = (data, length)
+        samples.add(name, (data, length))
+        return data + -(-length // BLOCK) * BLOCK
     try:
         fileobj.seek(pos)
         info = tarfile.TarInfo.fromtarfile(cursor)

@@ -1,0 +1,256 @@
+"""Bookkeeping at scale (issue 25): listing time, start time and memory per image as N grows.
+
+The inputs are N images made of hard links to one small JPEG (disk use stays at directory entries):
+- path list: a text file naming N files of the folder below;
+- folder: N hard links, 1,000 per sub-folder;
+- tars: one tar of 1,000 samples, hard-linked N / 1,000 times (distinct shard names);
+- Parquet: one file of 10,000 rows (row groups of 1,000) with the JPEG's bytes, hard-linked N / 10,000 times.
+
+Sections (each a function, each measured in fresh child processes):
+- listing: `collect_items` alone, after importing torch and the pipeline; µs per item, the peak RSS of
+  the process (imports included) and, per item, the peak and the retained growth over the imports;
+- shard start: `tagclip annotate --shard 0/1000` (tiny random CLIP, 80 classes, --workers 0) stopped at
+  its first written batch: seconds to that batch and the peak RSS (imports and model included), against N.
+
+    .venv/bin/python benchmarks/bench_scale.py --quick          # 20k and 100k (make bench)
+    .venv/bin/python benchmarks/bench_scale.py                  # 100k and 1M
+    .venv/bin/python benchmarks/bench_scale.py --sizes 10000000 --kinds pathlist   # 10M
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+KINDS = ("pathlist", "folder", "tars", "parquet")
+PER_FOLDER = 1000
+PER_TAR = 1000
+PER_PARQUET = 10000
+LINKS_PER_FILE = 60000
+
+
+# ---- inputs: hard links to one small JPEG ---------------------------------------------------------
+
+def jpeg_bytes() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), (120, 60, 200)).save(buffer, format="JPEG", quality=80)
+    return buffer.getvalue()
+
+
+def make_folder(root: Path, n: int) -> Path:
+    """N hard links to one JPEG, PER_FOLDER per sub-folder: root/images/DDDDD/NNNNNNNNNN.jpg."""
+    images = root / "images"
+    if (root / f".folder-{n}").exists():
+        return images
+    data = jpeg_bytes()
+    for start in range(0, n, PER_FOLDER):
+        origin = root / f"one-{start // LINKS_PER_FILE}.jpg"  # a file takes at most 65,000 links (ext4)
+        if not origin.exists():
+            origin.write_bytes(data)
+        folder = images / f"{start // PER_FOLDER:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(start, min(n, start + PER_FOLDER)):
+            target = folder / f"{i:010d}.jpg"
+            if not target.exists():
+                os.link(origin, target)
+    (root / f".folder-{n}").touch()
+    return images
+
+
+def make_pathlist(root: Path, n: int) -> Path:
+    """A text file naming the first N files of the folder (absolute paths)."""
+    images = make_folder(root, n)
+    listing = root / f"paths-{n}.txt"
+    if not listing.exists():
+        with open(listing, "w") as fh:
+            for start in range(0, n, PER_FOLDER):
+                folder = images / f"{start // PER_FOLDER:05d}"
+                fh.writelines(f"{folder}/{i:010d}.jpg\n" for i in range(start, min(n, start + PER_FOLDER)))
+    return listing
+
+
+def make_tars(root: Path, n: int) -> Path:
+    """N / PER_TAR hard links to one tar of PER_TAR samples (key.jpg + key.txt each)."""
+    one = root / "one.tar"
+    if not one.exists():
+        data = jpeg_bytes()
+        with tarfile.open(one, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(PER_TAR):
+                for ext, payload in (("jpg", data), ("txt", b"a caption")):
+                    info = tarfile.TarInfo(f"{i:07d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    folder = root / f"tars-{n}"
+    folder.mkdir(exist_ok=True)
+    for s in range(max(1, n // PER_TAR)):
+        target = folder / f"{s:06d}.tar"
+        if not target.exists():
+            os.link(one, target)
+    return folder
+
+
+def make_parquet(root: Path, n: int) -> Path:
+    """N / PER_PARQUET hard links to one Parquet file of PER_PARQUET rows (key, jpg)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    one = root / "one.parquet"
+    rows = min(PER_PARQUET, n)
+    if not one.exists() or pq.ParquetFile(one).metadata.num_rows != rows:
+        data = jpeg_bytes()
+        table = pa.table({"key": [f"{i:07d}" for i in range(rows)], "jpg": [data] * rows})
+        pq.write_table(table, one, row_group_size=1000)
+    folder = root / f"parquet-{n}"
+    folder.mkdir(exist_ok=True)
+    for s in range(max(1, n // rows)):
+        target = folder / f"{s:06d}.parquet"
+        if not target.exists():
+            os.link(one, target)
+    return folder
+
+
+MAKERS = {"pathlist": make_pathlist, "folder": make_folder, "tars": make_tars, "parquet": make_parquet}
+
+
+# ---- measuring in a child process -----------------------------------------------------------------
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_listing(source: str) -> None:
+    """Print {seconds, items, base_mb, peak_mb, retained_mb} for collect_items(source)."""
+    import gc
+
+    import torch  # noqa: F401  (the imports of a run, in the baseline)
+
+    import tagclip_cli.pipeline  # noqa: F401
+    from tagclip_cli.sources import collect_items
+
+    warm = Path(tempfile.mkdtemp())  # what the first listing imports and sets up, outside the measure
+    (warm / "a.jpg").write_bytes(b"")
+    collect_items(str(warm))
+    gc.collect()
+    base = rss_mb()
+    start = time.perf_counter()
+    items = collect_items(source)
+    seconds = time.perf_counter() - start
+    gc.collect()
+    print(json.dumps({"seconds": seconds, "items": len(items), "base_mb": base, "peak_mb": peak_mb(),
+                      "retained_mb": rss_mb() - base}))
+
+
+def child_start(source: str, out: str, checkpoint: str, cache: str, shard: str) -> None:
+    """Print {seconds, peak_mb} of `annotate --shard` until its first batch of rows."""
+    start = time.perf_counter()
+    from contextlib import contextmanager
+
+    from tagclip_cli import commands
+
+    @contextmanager
+    def progress(total: int):
+        def advance(n: int) -> None:
+            if n:
+                print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": peak_mb(), "share": total}),
+                      flush=True)
+                os._exit(0)
+        yield advance
+
+    commands.annotate(source, "coco", out, checkpoint=checkpoint, cache_dir=cache, shard=shard, workers=0,
+                      batch_size=8, progress=progress)
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": peak_mb(), "share": 0}), flush=True)
+
+
+def run_child(*args: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"child {args[:2]} failed:\n{done.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def load() -> str:
+    return f"load {os.getloadavg()[0]:.1f}"
+
+
+# ---- sections -------------------------------------------------------------------------------------
+
+def section_listing(root: Path, sizes: list[int], kinds: list[str]) -> None:
+    """Listing: time and memory per item, for each input kind and size."""
+    print("listing (collect_items): kind, N, us/item, peak RSS MB (imports included), "
+          "peak B/item over imports, retained B/item")
+    for kind in kinds:
+        for n in sizes:
+            source = str(MAKERS[kind](root, n))
+            r = run_child("--child-listing", source)
+            grow = max(0.0, r["peak_mb"] - r["base_mb"]) * 2**20 / r["items"]
+            print(f"  {kind:8s} N={r['items']:>9,d}  {r['seconds'] / r['items'] * 1e6:6.2f} us/item  "
+                  f"peak {r['peak_mb']:7.0f} MB  +{grow:6.0f} B/item  retained {r['retained_mb'] * 2**20 / r['items']:6.0f}"
+                  f" B/item  ({load()})", flush=True)
+
+
+def section_shard_start(root: Path, sizes: list[int], kinds: list[str]) -> None:
+    """A `--shard 0/1000` task: seconds to its first batch and peak RSS, against N."""
+    sys.path.insert(0, str(HERE))
+    from bench_memory import tiny_checkpoint
+
+    checkpoint = root / "tiny.pt"
+    if not checkpoint.exists():
+        tiny_checkpoint(checkpoint)
+    cache = root / "cache"
+    print("shard start (annotate --shard 0/1000, to the first batch): kind, N, share, seconds, peak RSS MB")
+    for kind in kinds:
+        for n in sizes:
+            source = str(MAKERS[kind](root, n))
+            with tempfile.TemporaryDirectory(dir=root) as out:
+                r = run_child("--child-start", source, str(Path(out) / "tags.parquet"), str(checkpoint), str(cache),
+                              "0/1000")
+            print(f"  {kind:8s} N={n:>9,d}  share {r['share']:>7,d}  {r['seconds']:6.1f} s  "
+                  f"peak {r['peak_mb']:7.0f} MB  ({load()})", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="100000,1000000", help="comma-separated N")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"some of {','.join(KINDS)}")
+    parser.add_argument("--sections", default="listing,shard-start")
+    parser.add_argument("--quick", action="store_true", help="N = 20,000 and 100,000 (make bench)")
+    parser.add_argument("--workdir", help="keep the inputs here (default: a temporary folder)")
+    parser.add_argument("--child-listing", nargs=1, help=argparse.SUPPRESS)
+    parser.add_argument("--child-start", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_listing:
+        return child_listing(*args.child_listing)
+    if args.child_start:
+        return child_start(*args.child_start)
+    sizes = [20000, 100000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    kinds = [k for k in args.kinds.split(",") if k]
+    sections = {"listing": section_listing, "shard-start": section_shard_start}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.workdir or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        for name in args.sections.split(","):
+            sections[name](root, sizes, kinds)
+
+
+if __name__ == "__main__":
+    main()
