@@ -150,11 +150,11 @@ def child_listing(source: str) -> None:
     collect_items(str(warm))
     gc.collect()
     base = rss_mb()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     items = collect_items(source)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     gc.collect()
-    print(json.dumps({"seconds": seconds, "items": len(items), "base_mb": base, "peak_mb": peak_mb(),
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "items": len(items), "base_mb": base, "peak_mb": peak_mb(),
                       "retained_mb": rss_mb() - base}))
 
 
@@ -196,16 +196,18 @@ def load() -> str:
 
 def section_listing(root: Path, sizes: list[int], kinds: list[str]) -> None:
     """Listing: time and memory per item, for each input kind and size."""
-    print("listing (collect_items): kind, N, us/item, peak RSS MB (imports included), "
+    print("listing (collect_items): kind, N, wall and CPU us/item, peak RSS MB (imports included), "
           "peak B/item over imports, retained B/item")
     for kind in kinds:
         for n in sizes:
             source = str(MAKERS[kind](root, n))
             r = run_child("--child-listing", source)
+            per = 1e6 / r["items"]
             grow = max(0.0, r["peak_mb"] - r["base_mb"]) * 2**20 / r["items"]
-            print(f"  {kind:8s} N={r['items']:>9,d}  {r['seconds'] / r['items'] * 1e6:6.2f} us/item  "
-                  f"peak {r['peak_mb']:7.0f} MB  +{grow:6.0f} B/item  retained {r['retained_mb'] * 2**20 / r['items']:6.0f}"
-                  f" B/item  ({load()})", flush=True)
+            kept = r["retained_mb"] * 2**20 / r["items"]
+            print(f"  {kind:8s} N={r['items']:>9,d}  {r['seconds'] * per:6.2f} us/item (CPU {r['cpu'] * per:5.2f})  "
+                  f"peak {r['peak_mb']:7.0f} MB  +{grow:5.0f} B/item  retained {kept:5.0f} B/item  ({load()})",
+                  flush=True)
 
 
 def section_shard_start(root: Path, sizes: list[int], kinds: list[str]) -> None:
