@@ -13,6 +13,7 @@ Importing this module is cheap (no torch): the command line reads its defaults f
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from tagclip_cli.pipeline import ModelOptions, ProgressFactory
     from tagclip_cli.sources import ImageItem
     from tagclip_cli.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
 
 PathLike = str | Path
 
@@ -119,6 +122,29 @@ def collect_items(images: str | None, manifest: PathLike | None = None, image_ro
                    columns=ParquetColumns(image_column, id_column))
 
 
+def planned_items(out: PathLike, placement: Placement, images: str | None, manifest: PathLike | None = None,
+                  image_root: PathLike | None = None, images_parquet: str | None = None,
+                  image_column: str | None = None, id_column: str | None = None) -> Sequence[ImageItem]:
+    """The input items: for a --shard task or a torchrun rank other than 0, read from the plan the
+    first task wrote beside the parts when it lists the same input (jobs/plan.py); else listed
+    (and marked with their input, so that the plan gets written)."""
+    from tagclip_cli.jobs.parts import parts_dir
+    from tagclip_cli.jobs.plan import input_key, read_plan
+
+    key = None if images == "-" or str(out) == "-" else input_key(
+        images=images, manifest=manifest, image_root=image_root, images_parquet=images_parquet,
+        image_column=image_column, id_column=id_column)
+    if key is not None and (placement.shard is not None or not placement.leader):
+        planned = read_plan(parts_dir(Path(out)), key)
+        if planned is not None:
+            log.info("read the input list (%d images) from the plan in %s", len(planned), parts_dir(Path(out)))
+            return planned
+    items = collect_items(images, manifest, image_root, images_parquet, image_column, id_column)
+    if key is not None and hasattr(items, "input_key"):
+        items.input_key = key
+    return items
+
+
 def job_placement(shard: str | None, out: str, overwrite: bool, images: str | None) -> Placement:
     """Where this process sits (torchrun env, --shard I/N); refuses combinations that cannot work."""
     from tagclip_cli.jobs.placement import parse_shard, placement_from_env
@@ -161,7 +187,7 @@ def annotate(
 
     placement = job_placement(shard, str(out), overwrite, images)
     voc = vocabulary(vocab, background, no_background)
-    items = collect_items(images, manifest, image_root, images_parquet, image_column, id_column)
+    items = planned_items(out, placement, images, manifest, image_root, images_parquet, image_column, id_column)
     cfg = TagCLIPConfig(tag_threshold=tag_threshold, use_background=not no_background,
                         class_thresholds=class_thresholds(thresholds, voc.classes, tag_threshold))
     model_opts = model_options(model, pretrained, checkpoint, device, cache_dir, precision)
@@ -219,7 +245,7 @@ def segment(
     seg_cfg = segment_config(setting, method, crf, key_smoothing, prompt_denoising,
                              None if save_cams is None else ("grid" if cams_grid else "image"), rcs)
     voc = vocabulary(vocab, background, no_background)
-    items = collect_items(images, manifest, image_root, images_parquet, image_column, id_column)
+    items = planned_items(out, placement, images, manifest, image_root, images_parquet, image_column, id_column)
     cfg = tagclip_config(setting, tag_threshold, no_background, thresholds, voc.classes)
     opts = SegmentOptions(
         items=items, vocab=voc, out=paths["out"], model=model_options(model, pretrained, checkpoint, device, cache_dir,

@@ -39,10 +39,9 @@ def _join(*parts) -> pa.Array:
     return pc.binary_join_element_wise(*values, pa.scalar("", pa.large_string()))
 
 
-def _concat(chunks: list[pa.Array]) -> pa.Array:
-    if not chunks:
-        return pa.array([], pa.large_string())
-    return chunks[0] if len(chunks) == 1 else pa.concat_arrays(chunks)
+def _concat(chunks: list[pa.Array]) -> pa.ChunkedArray:
+    """The chunks as one column without copying them (a concatenation would hold both at once)."""
+    return pa.chunked_array(chunks, pa.large_string())
 
 
 class ItemList(Sequence):
@@ -74,6 +73,8 @@ class ItemList(Sequence):
         self.rows: np.ndarray | None = cols.get("rows")
         self.columns: list[str | None] = cols.get("columns", [])
         self.errors: dict[int, str] = cols.get("errors", {})
+        self.input_key: str | None = None  # what it was listed from (jobs.plan), when known
+        self.planned_in: str | None = None  # the work directory whose plan it was read from
 
     # ---- the sequence ----
     def __len__(self) -> int:

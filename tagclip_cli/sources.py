@@ -53,6 +53,8 @@ from tagclip_cli.sourcebase import url_fs as _fs
 
 log = logging.getLogger(__name__)
 
+REPEAT_SLICE = 1 << 16  # sorted ids compared (or paths checked) this many at a time
+
 
 # ---- folders, path lists, manifests ---------------------------------------------------------------
 
@@ -125,7 +127,7 @@ def _local_file_column(root: Path, extensions: Sequence[str]) -> pa.Array | None
         chunks.append(pa.array(pending, pa.large_string()))
     except UnicodeEncodeError:
         return None
-    column = pa.concat_arrays(chunks)
+    column = pa.chunked_array(chunks, pa.large_string())
     return column.take(pc.sort_indices(column)) if len(column) > 1 else column
 
 
@@ -289,7 +291,7 @@ class _PathListing:
             return self.builder.build()
         self.chunks.append(pa.array(self.ids, pa.large_string()))
         self.ids = []
-        return ItemList(pa.concat_arrays(self.chunks))
+        return ItemList(pa.chunked_array(self.chunks, pa.large_string()))
 
     def lineno(self, position: int) -> int:
         """The line number of the item at position (blank lines are not items)."""
@@ -308,21 +310,23 @@ class _PathListing:
 
 
 def _refuse_repeats(items: ItemList, listing: _PathListing, source: str) -> None:
-    """UsageError naming the first line whose id was listed on an earlier line (found by sorting
-    the ids: no set of ten million strings)."""
+    """UsageError naming the first line whose id was listed on an earlier line. Found by sorting
+    the ids (8 bytes per id) and comparing neighbours a slice at a time: no set of ten million
+    strings, no sorted copy of them."""
     ids = items.ids
     if len(ids) < 2:
         return
-    order = pc.sort_indices(ids)
-    ranked = ids.take(order)
-    same = pc.equal(ranked.slice(1), ranked.slice(0, len(ranked) - 1))
-    if not pc.any(same).as_py():
+    order = pc.sort_indices(ids)  # stable: equal ids keep their order
+    position = None
+    for start in range(0, len(order) - 1, REPEAT_SLICE):
+        ranked = ids.take(order.slice(start, REPEAT_SLICE + 1))
+        same = pc.equal(ranked.slice(1), ranked.slice(0, len(ranked) - 1))
+        if pc.any(same).as_py():
+            at = np.flatnonzero(same.to_numpy(zero_copy_only=False)) + start
+            later = int(order.take(pa.array(at + 1)).to_numpy().min())  # the second of each equal pair
+            position = later if position is None else min(position, later)
+    if position is None:
         return
-    order = order.to_numpy()
-    at = np.flatnonzero(same.to_numpy(zero_copy_only=False))
-    # each repeat pairs two positions of one id: the first line to repeat an earlier one wins
-    later = np.maximum(order[at], order[at + 1])
-    position = int(later.min())
     image_id = ids[position].as_py()
     first = int(np.flatnonzero(pc.equal(ids, image_id).to_numpy(zero_copy_only=False))[0])
     raise UsageError(f"{source}:{listing.lineno(position)}: {listing.line(items, position)} was already listed on "
@@ -401,6 +405,7 @@ def collect_items(
     if not items:
         raise UsageError(f"{_safe(str(where))}: no images found (extensions: "
                          f"{', '.join(e[1:] for e in IMAGE_EXTENSIONS)}; or tar shards, Parquet files)")
+    pa.default_memory_pool().release_unused()  # what listing freed (chunks, sort indices) goes back
     return items
 
 
@@ -477,14 +482,15 @@ def _from_list(lines: Iterable[str], image_root: str | Path | None, source: str,
 
 
 def _refuse_compressed_column(items: ItemList) -> None:
-    """`_refuse_compressed` for a path list held as columns (the lines are the paths, or end them)."""
-    if not len(items):
-        return
-    names = pc.utf8_lower(pc.utf8_rtrim_whitespace(items.ids if items.paths is None else items.paths))
-    for ext in COMPRESSED_TAR_EXTENSIONS:
-        hits = pc.ends_with(names, ext)
-        if pc.any(hits).as_py():
-            _refuse_compressed([items[int(pc.index(hits, True).as_py())].path])
+    """`_refuse_compressed` for a path list held as columns (the lines are the paths, or end them),
+    a slice at a time."""
+    column = items.ids if items.paths is None else items.paths
+    for start in range(0, len(column), REPEAT_SLICE):
+        names = pc.utf8_lower(pc.utf8_rtrim_whitespace(column.slice(start, REPEAT_SLICE)))
+        for ext in COMPRESSED_TAR_EXTENSIONS:
+            hits = pc.ends_with(names, ext)
+            if pc.any(hits).as_py():
+                _refuse_compressed([items[start + int(pc.index(hits, True).as_py())].path])
 
 
 def _collect_remote(url: str, image_root: str | Path | None, columns: ParquetColumns) -> ItemList:

@@ -25,6 +25,7 @@ from tagclip_cli.errors import (
 from tagclip_cli.faults import deferred_signals
 from tagclip_cli.fileio import atomic_path, write_json_atomic
 from tagclip_cli.itemlist import ItemList, ItemShare, as_share
+from tagclip_cli.jobs.plan import plan_path, write_plan
 from tagclip_cli.record import RecordIO, RunRecord
 from tagclip_cli.sources import ImageItem
 from tagclip_cli.writers import (
@@ -153,6 +154,8 @@ class PartStore:
         path = self.dir / "items.parquet"
         columns = ItemList.of(items)
         if path.exists():
+            if columns.planned_in == str(self.dir):
+                return  # read from this directory's plan, made with items.parquet from the same listing
             difference = items_differ(path, columns)
             if difference is not None:
                 raise ConfigMismatchError(f"{self.out}: {difference}; rerun with the same inputs, or pass --overwrite")
@@ -160,6 +163,8 @@ class PartStore:
             write_items(columns, path)
         else:
             raise UsageError(f"{path}: missing (is OUT on a shared filesystem?)")
+        if create and columns.input_key is not None and not plan_path(self.dir).exists():
+            write_plan(columns, self.dir, columns.input_key)  # later --shard tasks read it (jobs/plan.py)
 
     def _note_job(self, job: dict, create: bool) -> None:
         path = self.dir / "job.json"
