@@ -53,6 +53,8 @@ from tagclip_cli.sourcebase import url_fs as _fs
 
 log = logging.getLogger(__name__)
 
+# a line that line.strip() empties: only characters Python calls whitespace (all below U+3001)
+BLANK_LINE = "^[" + "".join(f"\\x{{{ord(c):x}}}" for c in map(chr, range(0x3001)) if c.isspace()) + "]*$"
 REPEAT_SLICE = 1 << 16  # sorted ids compared (or paths checked) this many at a time
 
 
@@ -311,26 +313,35 @@ class _PathListing:
 
 def _refuse_repeats(items: ItemList, listing: _PathListing, source: str) -> None:
     """UsageError naming the first line whose id was listed on an earlier line. Found by sorting
-    the ids (8 bytes per id) and comparing neighbours a slice at a time: no set of ten million
-    strings, no sorted copy of them."""
-    ids = items.ids
-    if len(ids) < 2:
+    64-bit hashes of the ids (8 bytes per id, no set of ten million strings); only ids whose hash
+    repeats are compared as strings."""
+    if len(items) < 2:
         return
-    order = pc.sort_indices(ids)  # stable: equal ids keep their order
-    position = None
-    for start in range(0, len(order) - 1, REPEAT_SLICE):
-        ranked = ids.take(order.slice(start, REPEAT_SLICE + 1))
-        same = pc.equal(ranked.slice(1), ranked.slice(0, len(ranked) - 1))
-        if pc.any(same).as_py():
-            at = np.flatnonzero(same.to_numpy(zero_copy_only=False)) + start
-            later = int(order.take(pa.array(at + 1)).to_numpy().min())  # the second of each equal pair
-            position = later if position is None else min(position, later)
-    if position is None:
+    hashes = _id_hashes(items.ids)
+    hashes.sort()
+    repeated = hashes[1:][hashes[1:] == hashes[:-1]]
+    del hashes
+    if not len(repeated):
         return
-    image_id = ids[position].as_py()
-    first = int(np.flatnonzero(pc.equal(ids, image_id).to_numpy(zero_copy_only=False))[0])
-    raise UsageError(f"{source}:{listing.lineno(position)}: {listing.line(items, position)} was already listed on "
-                     f"line {listing.lineno(first)}")
+    candidates = np.flatnonzero(np.isin(_id_hashes(items.ids), repeated))
+    seen: dict[str, int] = {}
+    for position in candidates.tolist():
+        image_id = items.ids[position].as_py()
+        if image_id in seen:
+            raise UsageError(f"{source}:{listing.lineno(position)}: {listing.line(items, position)} was already "
+                             f"listed on line {listing.lineno(seen[image_id])}")
+        seen[image_id] = position
+
+
+def _id_hashes(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(n,) int64: Python's hash of every id, a slice at a time."""
+    out = np.empty(len(ids), dtype=np.int64)
+    at = 0
+    for start in range(0, len(ids), REPEAT_SLICE):
+        values = ids.slice(start, REPEAT_SLICE).to_pylist()
+        out[at:at + len(values)] = np.fromiter(map(hash, values), dtype=np.int64, count=len(values))
+        at += len(values)
+    return out
 
 
 # ---- the CLI's input ------------------------------------------------------------------------------
@@ -448,6 +459,9 @@ def _collect_images(images: str, image_root: str | Path | None, stdin: TextIO | 
             return read_path_list([images], image_root, images)
         if lower.endswith(TAR_EXTENSIONS) or lower.endswith(PARQUET_EXTENSIONS):
             return _from_shards(_kind_of([lower]), [images], columns)
+        fast = _path_list_column(images) if image_root is None else None
+        if fast is not None:
+            return fast
         try:
             with open(images, encoding="utf-8") as fh:
                 return _from_list(fh, image_root, images, columns)
@@ -477,6 +491,45 @@ def _from_list(lines: Iterable[str], image_root: str | Path | None, source: str,
             return _from_shards(kind, listed, columns)
         return read_path_list(rest, image_root, source)
     items = read_path_list(itertools.chain(head, stream), image_root, source)
+    _refuse_compressed_column(items)
+    return items
+
+
+def _path_list_column(path: str) -> ItemList | None:
+    """A local text file of image paths (no --image-root) read by Arrow's CSV reader, one column,
+    no quoting: the lines become the id column without a Python string per line. Lines as Python's
+    text mode gives them (universal newlines); whitespace-only lines skipped (Python's whitespace).
+    None when this reader cannot say the same as `read_path_list` (a byte-order mark, a control
+    character 0x1f, text that is not UTF-8, a list of shards): the file is then read line by line."""
+    import pyarrow.csv as csv
+
+    with open(path, "rb") as fh:
+        if fh.read(3) == b"\xef\xbb\xbf":  # Python keeps the mark in the first line, Arrow drops it
+            return None
+    listing = _PathListing(None, path)
+    chunks: list[pa.Array] = []
+    line = 0
+    try:
+        reader = csv.open_csv(path, read_options=csv.ReadOptions(autogenerate_column_names=True, block_size=1 << 22),
+                              parse_options=csv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False,
+                                                             newlines_in_values=False, ignore_empty_lines=False),
+                              convert_options=csv.ConvertOptions(column_types={"f0": pa.large_string()},
+                                                                 strings_can_be_null=False))
+        for batch in reader:
+            if batch.num_columns != 1:  # the first line holds the delimiter
+                return None
+            lines = batch.column(0)
+            blank = pc.match_substring_regex(lines, BLANK_LINE).to_numpy(zero_copy_only=False)
+            listing.blank.extend((np.flatnonzero(blank) + line + 1).tolist())
+            chunks.append(lines.filter(pa.array(~blank)) if blank.any() else lines)
+            line += len(lines)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    items = ItemList(pa.chunked_array(chunks, pa.large_string()))
+    first = next((c[0].as_py() for c in chunks if len(c)), "")
+    if first.strip().lower().endswith(SHARD_EXTENSIONS):  # perhaps a list of shards: read it as before
+        return None
+    _refuse_repeats(items, listing, path)
     _refuse_compressed_column(items)
     return items
 

@@ -195,3 +195,35 @@ def test_an_empty_list_and_a_sparse_share():
     share = as_share(some)
     assert list(share) == some and share.positions.tolist() == [3, 7]
     assert [it.index for it in share.take(np.array([7]))] == [7]
+
+
+@pytest.mark.parametrize("text", [
+    "a.jpg\r\nb c.jpg \n\n  \nd.png\re.png\r\rf\x1cg.jpg\n\x1c\n\u3000\nlast.webp",
+    "x.jpg\ny.jpg\n",
+    "\ufeffbom.jpg\nz.jpg\n",  # read line by line (Arrow drops the mark)
+    "s.tar\nt.tar\n",  # a list of shards: read as before
+    "one\x1ftwo.jpg\n",  # the reader's delimiter: read line by line
+])
+def test_a_path_list_file_read_by_arrow_gives_what_reading_its_lines_gives(tmp_path, text):
+    from tagclip_cli.sources import _path_list_column
+
+    path = tmp_path / "list.txt"
+    path.write_bytes(text.encode())
+    with open(path, encoding="utf-8") as fh:
+        expected = list(read_path_list(fh, None, str(path)))
+    fast = _path_list_column(str(path))
+    if fast is not None:
+        assert list(fast) == expected
+    if text.startswith(("\ufeff", "s.tar", "one")):
+        assert fast is None
+    if text.startswith("x.jpg"):
+        assert fast is not None and fast.ids.num_chunks >= 1
+    listed = collect_items(str(path)) if not text.startswith("s.tar") else None
+    assert listed is None or list(listed) == expected
+
+
+def test_a_repeat_in_a_path_list_file_is_named_by_both_readers(tmp_path):
+    path = tmp_path / "list.txt"
+    path.write_text("a.jpg\n\n \nb.jpg\na.jpg\n")
+    with pytest.raises(UsageError, match=rf"^{path}:5: a.jpg was already listed on line 1$"):
+        collect_items(str(path))
