@@ -49,13 +49,13 @@ def jpeg_bytes() -> bytes:
 
 
 def make_folder(root: Path, n: int) -> Path:
-    """N hard links to one JPEG, PER_FOLDER per sub-folder: root/images/DDDDD/NNNNNNNNNN.jpg."""
-    images = root / "images"
+    """N hard links to one JPEG, PER_FOLDER per sub-folder: root/images-N/DDDDD/NNNNNNNNNN.jpg."""
+    images = root / f"images-{n}"
     if (root / f".folder-{n}").exists():
         return images
     data = jpeg_bytes()
     for start in range(0, n, PER_FOLDER):
-        origin = root / f"one-{start // LINKS_PER_FILE}.jpg"  # a file takes at most 65,000 links (ext4)
+        origin = root / f"one-{n}-{start // LINKS_PER_FILE}.jpg"  # a file takes at most 65,000 links (ext4)
         if not origin.exists():
             origin.write_bytes(data)
         folder = images / f"{start // PER_FOLDER:05d}"
@@ -72,7 +72,7 @@ def make_pathlist(root: Path, n: int) -> Path:
     """A text file naming the first N files of the folder (absolute paths)."""
     images = make_folder(root, n)
     listing = root / f"paths-{n}.txt"
-    if not listing.exists():
+    if not listing.exists() or not listing.read_text()[:200].startswith(str(images)):
         with open(listing, "w") as fh:
             for start in range(0, n, PER_FOLDER):
                 folder = images / f"{start // PER_FOLDER:05d}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import posixpath
 import tarfile
+import zlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -85,7 +86,6 @@ class _Samples:
         self.shard, self.extensions = shard, extensions
         self.samples: list[TarSample] = []
         self.key: str | None = None
-        self.names: set[str] = set()
         self.members: list[str] = []
         self.image: tuple | None = None  # (member, offset, size) or (member, "link", target) / ("error", reason)
         self.regular: dict[str, tuple[int, int]] = {}  # member name -> (data offset, size): link targets
@@ -94,12 +94,12 @@ class _Samples:
 
     def add(self, name: str, image: tuple | None) -> None:
         key, ext = _sample_key(name)
-        if key != self.key or name in self.names:  # a new sample (or the same key again)
+        if key != self.key or name in self.members:  # a new sample (or the same key again)
             self.close()
-            self.key, self.names, self.members, self.image = key, set(), [], None
-        self.names.add(name)
+            self.key, self.members, self.image = key, [], None
         self.members.append(name)
-        if self.image is None and image is not None and ext and f".{ext.rsplit('.', 1)[-1]}".lower() in self.extensions:
+        if self.image is None and image is not None and ext and \
+                "." + ext[ext.rfind(".") + 1:].lower() in self.extensions:
             self.image = (name, *image)
 
     def close(self) -> None:
@@ -242,9 +242,21 @@ def scan_tar(fileobj, size: int | None, shard: str, extensions: Sequence[str]) -
 
 def _octal(field: bytes) -> int | None:
     """An octal header field as tarfile reads it (None: base-256, left to tarfile); ValueError if bad."""
+    if field[-1] == 0 and field[:-1].isdigit():  # the usual form: zero-padded digits, a NUL
+        return int(field[:-1], 8)
     if field[0] in (0o200, 0o377):
         return None
     return int(field.split(b"\0", 1)[0].decode("ascii").strip() or "0", 8)
+
+
+def _byte_sum(data: bytes) -> int:
+    """sum(data) for len(data) <= 257 (the low half of Adler-32 is 1 + the byte sum below 65521)."""
+    return (zlib.adler32(data) & 0xFFFF) - 1
+
+
+def _header_sum(block: bytes) -> int:
+    """tarfile's unsigned header checksum: the bytes, with the checksum field read as 8 spaces."""
+    return 256 + _byte_sum(block[:148]) + _byte_sum(block[156:400]) + _byte_sum(block[400:])
 
 
 def _plain_member(block: bytes, cursor: _Cursor) -> tuple[str, int] | None:
@@ -265,7 +277,7 @@ def _plain_member(block: bytes, cursor: _Cursor) -> tuple[str, int] | None:
         return None
     if size is None or checksum is None:
         return None
-    if size < 0 or checksum != 256 + sum(block[:148]) + sum(block[156:]):
+    if size < 0 or checksum != _header_sum(block):
         return None
     name = block[:100].split(b"\0", 1)[0].decode(cursor.encoding, cursor.errors)
     prefix = block[345:500].split(b"\0", 1)[0]
