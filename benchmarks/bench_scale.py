@@ -4,7 +4,9 @@ The inputs are N images made of hard links to one small JPEG (disk use stays at 
 - path list: a text file naming N files of the folder below;
 - folder: N hard links, 1,000 per sub-folder;
 - tars: one tar of 1,000 samples, hard-linked N / 1,000 times (distinct shard names);
-- Parquet: one file of 10,000 rows (row groups of 1,000) with the JPEG's bytes, hard-linked N / 10,000 times.
+- Parquet: one file of 10,000 rows (row groups of 1,000) with the JPEG's bytes, hard-linked N / 10,000 times;
+- pathlist-virtual (not in the default kinds): a path list of N names of which only the first 100,000
+  exist, for 10M without 10M directory entries (listing opens no file).
 
 Sections (each a function, each measured in fresh child processes):
 - listing: `collect_items` alone, after importing torch and the pipeline; µs per item, the peak RSS of
@@ -14,7 +16,7 @@ Sections (each a function, each measured in fresh child processes):
 
     .venv/bin/python benchmarks/bench_scale.py --quick          # 20k and 100k (make bench)
     .venv/bin/python benchmarks/bench_scale.py                  # 100k and 1M
-    .venv/bin/python benchmarks/bench_scale.py --sizes 10000000 --kinds pathlist   # 10M
+    .venv/bin/python benchmarks/bench_scale.py --sizes 10000000 --kinds pathlist-virtual   # 10M (see below)
 """
 
 from __future__ import annotations
@@ -80,6 +82,21 @@ def make_pathlist(root: Path, n: int) -> Path:
     return listing
 
 
+def make_virtual_pathlist(root: Path, n: int) -> Path:
+    """A text file naming N files of which only the first 100,000 exist (hard links): listing a path
+    list opens none of them, and a `--shard 0/1000` task's first images are among those that exist.
+    For 10M without 10M directory entries."""
+    real = min(n, 100000)
+    images = make_folder(root, real)
+    listing = root / f"virtual-paths-{n}.txt"
+    if not listing.exists():
+        with open(listing, "w") as fh:
+            for start in range(0, n, PER_FOLDER):
+                folder = images / f"{start // PER_FOLDER:05d}"
+                fh.writelines(f"{folder}/{i:010d}.jpg\n" for i in range(start, min(n, start + PER_FOLDER)))
+    return listing
+
+
 def make_tars(root: Path, n: int) -> Path:
     """N / PER_TAR hard links to one tar of PER_TAR samples (key.jpg + key.txt each)."""
     one = root / "one.tar"
@@ -120,7 +137,8 @@ def make_parquet(root: Path, n: int) -> Path:
     return folder
 
 
-MAKERS = {"pathlist": make_pathlist, "folder": make_folder, "tars": make_tars, "parquet": make_parquet}
+MAKERS = {"pathlist": make_pathlist, "folder": make_folder, "tars": make_tars, "parquet": make_parquet,
+          "pathlist-virtual": make_virtual_pathlist}
 
 
 # ---- measuring in a child process -----------------------------------------------------------------
@@ -179,8 +197,11 @@ def child_start(source: str, out: str, checkpoint: str, cache: str, shard: str) 
     print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": peak_mb(), "share": 0}), flush=True)
 
 
+CODE = [str(HERE.parent)]  # the checkout whose tagclip_cli the children import (--code)
+
+
 def run_child(*args: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": CODE[0]}
     done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -211,7 +232,8 @@ def section_listing(root: Path, sizes: list[int], kinds: list[str]) -> None:
 
 
 def section_shard_start(root: Path, sizes: list[int], kinds: list[str]) -> None:
-    """A `--shard 0/1000` task: seconds to its first batch and peak RSS, against N."""
+    """`--shard I/1000` tasks: seconds to the first batch and peak RSS, against N. The first task
+    lists the input and writes the plan; a later task (1/1000, same OUT) reads the plan instead."""
     sys.path.insert(0, str(HERE))
     from bench_memory import tiny_checkpoint
 
@@ -219,15 +241,17 @@ def section_shard_start(root: Path, sizes: list[int], kinds: list[str]) -> None:
     if not checkpoint.exists():
         tiny_checkpoint(checkpoint)
     cache = root / "cache"
-    print("shard start (annotate --shard 0/1000, to the first batch): kind, N, share, seconds, peak RSS MB")
+    print("shard start (annotate --shard I/1000 to its first batch; tiny CLIP, 80 classes): kind, N, task, "
+          "share, seconds, peak RSS MB")
     for kind in kinds:
         for n in sizes:
             source = str(MAKERS[kind](root, n))
             with tempfile.TemporaryDirectory(dir=root) as out:
-                r = run_child("--child-start", source, str(Path(out) / "tags.parquet"), str(checkpoint), str(cache),
-                              "0/1000")
-            print(f"  {kind:8s} N={n:>9,d}  share {r['share']:>7,d}  {r['seconds']:6.1f} s  "
-                  f"peak {r['peak_mb']:7.0f} MB  ({load()})", flush=True)
+                for task, what in (("0/1000", "first (lists, writes the plan)"), ("1/1000", "later (reads the plan)")):
+                    r = run_child("--child-start", source, str(Path(out) / "tags.parquet"), str(checkpoint),
+                                  str(cache), task)
+                    print(f"  {kind:8s} N={n:>9,d}  {what:31s} share {r['share']:>7,d}  {r['seconds']:6.1f} s  "
+                          f"peak {r['peak_mb']:7.0f} MB  ({load()})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -237,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sections", default="listing,shard-start")
     parser.add_argument("--quick", action="store_true", help="N = 20,000 and 100,000 (make bench)")
     parser.add_argument("--workdir", help="keep the inputs here (default: a temporary folder)")
+    parser.add_argument("--code", help="measure the tagclip_cli of this checkout (e.g. an earlier version)")
     parser.add_argument("--child-listing", nargs=1, help=argparse.SUPPRESS)
     parser.add_argument("--child-start", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -244,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
         return child_listing(*args.child_listing)
     if args.child_start:
         return child_start(*args.child_start)
+    if args.code:
+        CODE[0] = str(Path(args.code).resolve())
     sizes = [20000, 100000] if args.quick else [int(s) for s in args.sizes.split(",")]
     kinds = [k for k in args.kinds.split(",") if k]
     sections = {"listing": section_listing, "shard-start": section_shard_start}
