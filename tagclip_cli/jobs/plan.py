@@ -80,8 +80,8 @@ def read_plan(parts: Path, key: str) -> ItemList | None:
 
 
 def _from_table(table: pa.Table, info: dict) -> ItemList:
-    def column(name: str) -> pa.Array | None:
-        return table.column(name).combine_chunks() if name in table.column_names else None
+    def column(name: str) -> pa.ChunkedArray | None:
+        return table.column(name) if name in table.column_names else None  # as read: no second copy
 
     cols = None
     if "kinds" in table.column_names:
