@@ -14,7 +14,7 @@ Sections (each a function, each measured in fresh child processes):
 - shard start: `tagclip annotate --shard 0/1000` (tiny random CLIP, 80 classes, --workers 0) stopped at
   its first written batch: seconds to that batch and the peak RSS (imports and model included), against N.
 
-    .venv/bin/python benchmarks/bench_scale.py --quick          # 20k and 100k (make bench)
+    .venv/bin/python benchmarks/bench_scale.py --quick          # 20k and 100k, a few minutes (make bench)
     .venv/bin/python benchmarks/bench_scale.py                  # 100k and 1M
     .venv/bin/python benchmarks/bench_scale.py --sizes 10000000 --kinds pathlist-virtual   # 10M (see below)
 """
@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="100000,1000000", help="comma-separated N")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"some of {','.join(KINDS)}")
     parser.add_argument("--sections", default="listing,shard-start")
-    parser.add_argument("--quick", action="store_true", help="N = 20,000 and 100,000 (make bench)")
+    parser.add_argument("--quick", action="store_true",
+                        help="listing at N = 20,000 and 100,000; shard start of a path list and tars at 100,000")
     parser.add_argument("--workdir", help="keep the inputs here (default: a temporary folder)")
     parser.add_argument("--code", help="measure the tagclip_cli of this checkout (e.g. an earlier version)")
     parser.add_argument("--child-listing", nargs=1, help=argparse.SUPPRESS)
@@ -271,14 +272,15 @@ def main(argv: list[str] | None = None) -> None:
         return child_start(*args.child_start)
     if args.code:
         CODE[0] = str(Path(args.code).resolve())
-    sizes = [20000, 100000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",")]
     kinds = [k for k in args.kinds.split(",") if k]
     sections = {"listing": section_listing, "shard-start": section_shard_start}
+    quick = {"listing": ([20000, 100000], kinds), "shard-start": ([100000], ["pathlist", "tars"])}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.workdir or tmp)
         root.mkdir(parents=True, exist_ok=True)
         for name in args.sections.split(","):
-            sections[name](root, sizes, kinds)
+            sections[name](root, *(quick[name] if args.quick and name in quick else (sizes, kinds)))
 
 
 if __name__ == "__main__":

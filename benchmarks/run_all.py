@@ -1,12 +1,12 @@
 """Run every benchmark script (`make bench`) and end with the three headline ratios.
 
 Runs, in this order, each `benchmarks/bench_*.py` that exists (bench_speed.py, bench_memory.py,
-bench_synthetic.py, bench_sources.py, and any later bench_*.py), each in its own process with the repository's
-Python, streaming its output. A script whose --help lists --quick gets --quick unless --full is
-given (scripts without one get the reduced settings in QUICK_ARGS). Missing scripts are skipped
-with a note. On a CPU with native bf16 (AMX or AVX512-BF16) bench_speed.py runs a second time with
---precision bf16 and its three ratios are printed, labelled, before the end. The last three lines
-are copied from the default (fp32) bench_speed.py output:
+bench_synthetic.py, bench_sources.py, bench_scale.py, and any later bench_*.py), each in its own
+process with the repository's Python, streaming its output. A script whose --help lists --quick
+gets --quick unless --full is given (scripts without one get the reduced settings in QUICK_ARGS).
+Missing scripts are skipped with a note. On a CPU with native bf16 (AMX or AVX512-BF16)
+bench_speed.py runs a second time with --precision bf16 and its three ratios are printed, labelled,
+before the end. The last three lines are copied from the default (fp32) bench_speed.py output:
 
     annotate speedup vs naive: <R>x
     segment speedup vs naive: <R>x
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-KNOWN = ("bench_speed.py", "bench_memory.py", "bench_synthetic.py", "bench_sources.py")
+KNOWN = ("bench_speed.py", "bench_memory.py", "bench_synthetic.py", "bench_sources.py", "bench_scale.py")
 # Reduced settings for scripts that have no --quick of their own (keeps `make bench` to a few minutes).
 QUICK_ARGS = {
     "bench_memory.py": ["--images", "800", "--first", "200"],
