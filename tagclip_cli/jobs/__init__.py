@@ -5,6 +5,8 @@ Layout beside the output `OUT`: a work directory `OUT.parts/` holding
 - `config.json`: everything that determines the results; a different configuration refuses to resume;
 - `items.parquet`: the full input list (index, image_id, path, coco_id); a different list refuses,
   and `tagclip merge` uses it to prove that every index 0..total-1 has a row;
+- `plan.parquet`: the input list as columns with the input it was listed from, read by later
+  `--shard` tasks and torchrun ranks instead of listing again (`plan`);
 - `job.json`: the final format and the batching that was used;
 - `part-<first index>-<last index>.parquet`: result rows, each file written atomically.
 Beside them, `OUT.lock` (or `OUT.shard-I-of-N.lock`) names the live run writing that share of the
@@ -17,7 +19,7 @@ ranks, --shard, a killed and restarted run) computes every image in exactly the 
 merged output is identical. The merge streams parts in index order, so memory does not grow with
 the number of images.
 
-Modules: `placement` (--shard, torchrun ranks), `session` (the process group), `locks` (one writer
-per output), `parts` (the work directory, resume, merge), `sinks` (JSON Lines, part files),
-`runner` (`run_job`, `JobSpec`, `Summary`). Import the names from their module.
+Modules: `placement` (--shard, torchrun ranks), `session` (the process group), `plan` (the input
+list written once), `locks` (one writer per output), `parts` (the work directory, resume, merge),
+`sinks` (JSON Lines, part files), `runner` (`run_job`, `JobSpec`, `Summary`). Import the names from their module.
 """
