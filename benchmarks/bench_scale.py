@@ -187,14 +187,15 @@ def child_start(source: str, out: str, checkpoint: str, cache: str, shard: str) 
     def progress(total: int):
         def advance(n: int) -> None:
             if n:
-                print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": peak_mb(), "share": total}),
-                      flush=True)
+                print(json.dumps({"seconds": time.perf_counter() - start, "cpu": time.process_time(),
+                                  "peak_mb": peak_mb(), "share": total}), flush=True)
                 os._exit(0)
         yield advance
 
     commands.annotate(source, "coco", out, checkpoint=checkpoint, cache_dir=cache, shard=shard, workers=0,
                       batch_size=8, progress=progress)
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": peak_mb(), "share": 0}), flush=True)
+    print(json.dumps({"seconds": time.perf_counter() - start, "cpu": time.process_time(), "peak_mb": peak_mb(),
+                      "share": 0}), flush=True)
 
 
 CODE = [str(HERE.parent)]  # the checkout whose tagclip_cli the children import (--code)
@@ -242,7 +243,7 @@ def section_shard_start(root: Path, sizes: list[int], kinds: list[str]) -> None:
         tiny_checkpoint(checkpoint)
     cache = root / "cache"
     print("shard start (annotate --shard I/1000 to its first batch; tiny CLIP, 80 classes): kind, N, task, "
-          "share, seconds, peak RSS MB")
+          "share, seconds (process CPU seconds), peak RSS MB")
     for kind in kinds:
         for n in sizes:
             source = str(MAKERS[kind](root, n))
@@ -250,8 +251,9 @@ def section_shard_start(root: Path, sizes: list[int], kinds: list[str]) -> None:
                 for task, what in (("0/1000", "first (lists, writes the plan)"), ("1/1000", "later (reads the plan)")):
                     r = run_child("--child-start", source, str(Path(out) / "tags.parquet"), str(checkpoint),
                                   str(cache), task)
-                    print(f"  {kind:8s} N={n:>9,d}  {what:31s} share {r['share']:>7,d}  {r['seconds']:6.1f} s  "
-                          f"peak {r['peak_mb']:7.0f} MB  ({load()})", flush=True)
+                    print(f"  {kind:8s} N={n:>9,d}  {what:31s} share {r['share']:>7,d}  {r['seconds']:6.1f} s "
+                          f"(CPU {r.get('cpu', float('nan')):5.1f} s)  peak {r['peak_mb']:7.0f} MB  ({load()})",
+                          flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
