@@ -52,7 +52,7 @@ def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
-ITEMS_SLICE = 1 << 20  # items.parquet is written and compared this many rows at a time
+ITEMS_SLICE = 1 << 16  # items.parquet is written and compared this many rows at a time (row groups)
 
 
 def items_table(items: Sequence[ImageItem]) -> pa.Table:
