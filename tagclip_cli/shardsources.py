@@ -124,10 +124,12 @@ def list_tars(urls: Sequence[str]) -> ItemList:
 
 def _add_tar_samples(builder: ItemBuilder, url: str, name: str, shard_index: int, samples: list[TarSample],
                      problem: str | None) -> None:
-    seen: dict[str, int] = {}
-    ids = [_unique_id(f"{name}/{sample.key}", seen, url) for sample in samples]
+    ids = [f"{name}/{sample.key}" for sample in samples]
+    if len(set(ids)) != len(ids):  # a key seen twice: `#2`, `#3`, ... (warned)
+        seen: dict[str, int] = {}
+        ids = [_unique_id(image_id, seen, url) for image_id in ids]
     if all(sample.error is None for sample in samples):  # the common shard: its columns in one go
-        builder.add_tar_members([output_text(i) for i in ids], [output_text(s.member) for s in samples], url,
+        builder.add_tar_members([_text(i) for i in ids], [_text(s.member) for s in samples], url,
                                 shard_index, [s.offset for s in samples], [s.size for s in samples])
     else:
         for image_id, sample in zip(ids, samples, strict=True):
@@ -140,6 +142,11 @@ def _add_tar_samples(builder: ItemBuilder, url: str, name: str, shard_index: int
     if problem is not None:
         builder.add_shard_item(output_text(f"{name}/<unreadable>"), output_text(url), url, shard_index, ERROR,
                                error=problem)
+
+
+def _text(text: str) -> str:
+    """output_text, skipped for ASCII (most names)."""
+    return text if text.isascii() else output_text(text)
 
 
 def _unique_id(image_id: str, seen: dict[str, int], where: str) -> str:
