@@ -244,7 +244,7 @@ class ItemBuilder:
             if self.coco is None:
                 self.coco = [None] * self.count
             self.coco.append(coco_id)
-        self._shard_cols(None, 0, PLAIN, 0, 0, 0, None)
+        self._shard_cols(None, -1, PLAIN, 0, 0, 0, None)
         self.count += 1
         if len(self.ids) >= CHUNK:
             self._flush()

@@ -188,7 +188,7 @@ def run_stage(
 
         # On out-of-memory a batch is retried in halves, down to single images (faults.py).
         mapper = OomSplitter(lambda batch: stage.mapper(to_device(batch, backbone.device)))
-        share = int(opts.placement.owned(opts.items, spec.window).sum())
+        share = len(opts.placement.share(opts.items, spec.window))
         show = progress if progress and opts.placement.leader else None
         with show(share) if show else nullcontext(None) as advance, torch.inference_mode():
             summary = run_job(spec, sess, decoded, lambda batch: stage.writer(mapper(batch)), progress=advance,

@@ -117,6 +117,12 @@ def test_placement_masks_match_owns_item_by_item(inputs):
         for rank, world in ((0, 1), (0, 2), (1, 2), (2, 3)):
             p = Placement(rank=rank, world=world)
             assert p.owned(items, 2).tolist() == [p.owns(it, 2) for it in items]
+            assert list(p.share(items, 2)) == [it for it in items if p.owns(it, 2)]  # built from the windows
+    mixed = list(collect_items(str(tars)))[:4] + [ImageItem(i, f"p{i}", f"/p{i}") for i in range(4, 11)]
+    columns = ItemList.of(mixed)
+    for rank in range(3):
+        p = Placement(rank=rank, world=3)
+        assert list(p.share(columns, 2)) == [it for it in mixed if p.owns(it, 2)]
 
 
 def test_remaining_and_the_dataset_keep_columns(inputs, tmp_path):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tagclip_cli.errors import UsageError
-from tagclip_cli.itemlist import as_share
+from tagclip_cli.itemlist import ItemList, ItemShare, as_share
 from tagclip_cli.sources import ImageItem
 
 # ---- work split ----------------------------------------------------------------------------------
@@ -75,6 +75,22 @@ class Placement:
         by_window = (positions // window) % self.world == self.rank
         return np.where(units >= 0, units % self.world == self.rank, by_window)
 
+    def share(self, items: Sequence[ImageItem], window: int) -> ItemShare:
+        """This process's items, as positions over the list's columns: built from the windows it
+        owns (or its units' numbers), so that it costs memory in proportion to the share."""
+        if not isinstance(items, ItemList):
+            share = as_share(items)
+            return share.take(share.positions[self.owned(share, window)])
+        units = items.unit_column()
+        if units is None:
+            return items.take(window_positions(len(items), window, self.rank, self.world))
+        mine = units % self.world == self.rank
+        if (units < 0).any():  # plain items among shard items (a list made by hand): by window
+            plain = np.zeros(len(items), dtype=bool)
+            plain[window_positions(len(items), window, self.rank, self.world)] = True
+            mine = np.where(units >= 0, mine, plain)
+        return items.take(np.flatnonzero(mine))
+
     def describe(self) -> str:
         parts = []
         if self.shard:
@@ -82,6 +98,13 @@ class Placement:
         if self.distributed:
             parts.append(f"rank {self.group_rank}/{self.group_size}")
         return ", ".join(parts) or "single process"
+
+
+def window_positions(total: int, window: int, rank: int, world: int) -> np.ndarray:
+    """The indices (< total) of the windows w with w % world == rank, in order."""
+    windows = np.arange(rank, -(-total // window), world, dtype=np.int64)
+    positions = (windows[:, None] * window + np.arange(window, dtype=np.int64)).ravel()
+    return positions[positions < total]
 
 
 def placement_from_env(shard: tuple[int, int] | None = None, env: dict[str, str] | None = None) -> Placement:

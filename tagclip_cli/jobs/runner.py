@@ -15,7 +15,6 @@ import pyarrow as pa
 
 from tagclip_cli.data import DecodedImage, bucket_batches
 from tagclip_cli.errors import OutputWriteError, UsageError
-from tagclip_cli.itemlist import as_share
 from tagclip_cli.jobs.parts import PartStore, finished_output
 from tagclip_cli.jobs.placement import Placement
 from tagclip_cli.jobs.session import Session
@@ -110,9 +109,7 @@ def run_job(
     records(todo) yields the decoded images of the given items in order; process(batch) returns
     one row per image of a same-size batch (rows have "index", "image_id", "status", "error")."""
     placement = sess.placement
-    everything = as_share(spec.items)
-    owned = placement.owned(everything, spec.window)
-    mine = everything.take(everything.positions[owned])
+    mine = placement.share(spec.items, spec.window)
     store: PartStore | None = None
     if spec.out is None:
         sink: JsonLinesSink | PartSink = _stdout_sink(spec, placement, stdout)
@@ -125,7 +122,7 @@ def run_job(
         store = _open_store(spec, sess)
         todo = store.remaining(mine, len(spec.items))
         sink = PartSink(store, spec.schema, spec.part_size)
-    summary = _resume_summary(store, owned, len(todo))
+    summary = _resume_summary(store, mine.positions, len(todo))
     if progress:
         progress(summary.skipped)
     _run_windows(spec, records(todo), process, sink, summary, progress)
@@ -159,14 +156,14 @@ def _open_store(spec: JobSpec, sess: Session) -> PartStore:
     return sess.leader_first(open_store(True), open_store(False))  # type: ignore[return-value]
 
 
-def _resume_summary(store: PartStore | None, owned: np.ndarray, todo: int) -> Summary:
-    """This rank's starting counts: its images (owned: which of all), those already done by an
-    earlier run (and how many of them failed, for the exit code)."""
-    mine = int(owned.sum())
-    summary = Summary(total=mine, skipped=mine - todo)
+def _resume_summary(store: PartStore | None, mine: np.ndarray, todo: int) -> Summary:
+    """This rank's starting counts: its images (mine: their indices, increasing), those already done
+    by an earlier run (and how many of them failed, for the exit code)."""
+    summary = Summary(total=len(mine), skipped=len(mine) - todo)
     if store is not None and summary.skipped:
         failed = store.failed_indices()
-        summary.failed_before = int(owned[failed[failed < len(owned)]].sum())
+        at = np.searchsorted(mine, failed)
+        summary.failed_before = int((mine[np.minimum(at, len(mine) - 1)] == failed).sum()) if len(mine) else 0
         log.info("%d images already done in %s; %d to go", summary.skipped, store.dir, todo)
     return summary
 
