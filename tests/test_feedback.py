@@ -37,3 +37,78 @@ def test_help_imports_no_heavy_module(argv):
     # `tagclip --help` starts in a fraction of a second because torch, open_clip, pyarrow, PIL and
     # numpy are imported only inside the commands that need them
     assert _imported_by(argv) == []
+
+
+# ---- a refused rerun names each changed setting, before any model loads --------------------------------
+
+def _annotate(photo_dir, out, checkpoint, cache_dir, *extra):
+    from typer.testing import CliRunner
+
+    from tagclip_cli.cli import app
+
+    args = ["annotate", str(photo_dir), "--vocab", "voc", "--out", str(out), "--checkpoint", str(checkpoint),
+            "--workers", "0", "--cache-dir", str(cache_dir), "--quiet", *extra]
+    return CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+
+
+def _error(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_records_describe_each_change_with_old_and_new_value():
+    from tagclip_cli.record import RecordIO, describe_changes, only_thresholds_changed
+
+    old = RecordIO.from_dict({"model": {"model": "ViT-B-16", "weights": "openai"}, "precision": "fp32",
+                              "classes": ["cat", "dog"], "tagclip": {"tag_threshold": 0.5, "use_background": True},
+                              "max_side": 1024})
+    new = RecordIO.from_dict({"model": {"model": "ViT-B-16", "weights": "openai"}, "precision": "bf16",
+                              "classes": ["cat", "dog", "cow"], "tagclip": {"tag_threshold": 0.6,
+                                                                            "use_background": False},
+                              "max_side": 1024})
+    assert describe_changes(old, new) == (
+        '--precision: fp32 -> bf16; --vocab classes: ["cat", "dog"] -> ["cat", "dog", "cow"] (+ cow); '
+        "--tag-threshold: 0.5 -> 0.6; background scoring (--no-background): on -> off")
+    assert not only_thresholds_changed(old, new)
+    thresholds = RecordIO.with_changes(old, tagclip={"tag_threshold": 0.3, "use_background": True},
+                                       thresholds={"default": 0.3, "per_class": {"cat": 0.2}})
+    assert only_thresholds_changed(old, thresholds)
+    assert describe_changes(old, thresholds) == ("--tag-threshold: 0.5 -> 0.3; --thresholds default: none -> 0.3; "
+                                                 "--thresholds cat: none -> 0.2")
+    assert not only_thresholds_changed(old, old)
+
+
+def test_rerun_with_other_settings_is_refused_before_the_model_loads(photo_dir, tiny_checkpoint, tmp_path):
+    cache = tmp_path / "cache"
+    out = tmp_path / "tags.parquet"
+    first = _annotate(photo_dir, out, tiny_checkpoint, cache)
+    assert first.exit_code == 0, first.output
+    done = out.read_bytes()
+
+    threshold = _annotate(photo_dir, out, tiny_checkpoint, cache, "--tag-threshold", "0.7")
+    assert threshold.exit_code == 2
+    assert _error(threshold) == (
+        f"error: {out}: output exists (made with other settings: --tag-threshold: 0.5 -> 0.7); only thresholds "
+        f"changed: `tagclip retag {out} --tag-threshold 0.7 --out {tmp_path / 'tags.retagged.parquet'}` re-derives "
+        "its tags from the stored scores without the model, or pass --overwrite to recompute it")
+
+    # 'nope' is no model open_clip can build: had it been loaded, the error would say so
+    other_model = _annotate(photo_dir, out, tiny_checkpoint, cache, "--model", "nope", "--max-side", "512")
+    assert other_model.exit_code == 2
+    assert _error(other_model) == (
+        f"error: {out}: output exists (made with other settings: --model: openai-vit-w64-p16-l6 -> nope; "
+        "--max-side: 1024 -> 512); pass --overwrite to replace it")
+
+    # other weights (here a file that is no checkpoint at all: loading it would fail) are told apart
+    # by their hash alone
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    other_weights = _annotate(photo_dir, out, junk, cache)
+    assert other_weights.exit_code == 2
+    assert "(made with other settings: --pretrained/--checkpoint: checkpoint:" in _error(other_weights)
+    assert "not a readable CLIP checkpoint" not in other_weights.output
+
+    again = _annotate(photo_dir, out, tiny_checkpoint, cache)
+    assert again.exit_code == 0 and out.read_bytes() == done
+    assert not Path(f"{out}.parts").exists()
