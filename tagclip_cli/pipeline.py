@@ -37,6 +37,7 @@ from tagclip_cli.jobs.runner import JobSpec, Summary, check_before_loading, run_
 from tagclip_cli.jobs.session import session
 from tagclip_cli.methods import Segments, SegOutput
 from tagclip_cli.methods import get as get_method
+from tagclip_cli.progress import task as progress_task
 from tagclip_cli.quirks import Quirks
 from tagclip_cli.record import RunRecord
 from tagclip_cli.sources import ImageItem
@@ -200,7 +201,8 @@ def run_stage(
             done = check_before_loading(opts.out, plan(planned), opts.items, output_format, opts.placement)
             if done is not None:
                 return done
-        backbone = opts.model.load(sess.device)
+        with progress_task(f"loading {opts.model.checkpoint or opts.model.model}"):
+            backbone = opts.model.load(sess.device)
         stage = build(backbone, plan(backbone))
         spec = JobSpec(
             items=opts.items, out=opts.out, config=stage.config, schema=stage.schema, format=stage.format,

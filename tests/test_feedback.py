@@ -41,14 +41,35 @@ def test_help_imports_no_heavy_module(argv):
 
 # ---- a refused rerun names each changed setting, before any model loads --------------------------------
 
-def _annotate(photo_dir, out, checkpoint, cache_dir, *extra):
+def _annotate(photo_dir, out, checkpoint, cache_dir, *extra, quiet=True):
     from typer.testing import CliRunner
 
     from tagclip_cli.cli import app
 
     args = ["annotate", str(photo_dir), "--vocab", "voc", "--out", str(out), "--checkpoint", str(checkpoint),
-            "--workers", "0", "--cache-dir", str(cache_dir), "--quiet", *extra]
+            "--workers", "0", "--cache-dir", str(cache_dir), *(["--quiet"] if quiet else []), *extra]
     return CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_text_encoding_shows_a_bar_unless_quiet(photo_dir, tiny_checkpoint, tmp_path, quiet):
+    from tagclip_cli.tagclip import tagclip_templates
+    from tagclip_cli.vocab import load_vocabulary
+
+    voc = load_vocabulary("voc")
+    prompts = len(set(voc.classes) | set(voc.background)) * len(tagclip_templates())
+    args = ["--batch-size", "4", *(["--quiet"] if quiet else [])]
+    result = _annotate(photo_dir, tmp_path / "tags.parquet", tiny_checkpoint, tmp_path / "cache", *args, quiet=False)
+    assert result.exit_code == 0, result.output
+    bar = [line for line in result.output.splitlines() if line.startswith("encoding prompts")]
+    if quiet:
+        assert result.output == ""  # no bar, no log, no summary
+    else:
+        assert len(bar) == 1 and bar[0].split()[-2] == f"{prompts}/{prompts}", result.output
+        # the prompts are cached now: a second run into another file encodes nothing
+        again = _annotate(photo_dir, tmp_path / "again.parquet", tiny_checkpoint, tmp_path / "cache", quiet=False)
+        assert again.exit_code == 0 and "encoding prompts" not in again.output
+        assert "tagging" in again.output
 
 
 def _error(result) -> str:
