@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from tagclip_cli import defaults
-from tagclip_cli.errors import TagclipError, UsageError
+from tagclip_cli.errors import TagclipError, UsageError, with_suggestion
 
 if TYPE_CHECKING:
     from tagclip_cli.jobs.placement import Placement
@@ -239,9 +239,11 @@ def check_segment_options(method: str, setting: str, crf: bool, paths: dict[str,
     from tagclip_cli import methods
 
     if method not in methods.names("masks"):
-        raise UsageError(f"--method must be one of {', '.join(methods.names('masks'))}, not '{method}'")
+        raise UsageError(with_suggestion(f"--method must be one of {', '.join(methods.names('masks'))}, not "
+                                         f"'{method}'", method, methods.names("masks")))
     if setting not in methods.SETTINGS:
-        raise UsageError(f"--setting must be one of {', '.join(methods.SETTINGS)}, not '{setting}'")
+        raise UsageError(with_suggestion(f"--setting must be one of {', '.join(methods.SETTINGS)}, not '{setting}'",
+                                         setting, methods.SETTINGS))
     spec = methods.get(method, "masks")
     _check_save_cams(paths["save_cams"], cams_grid, method, "save_cams" in spec.options)
     if crf and "crf" not in spec.options:

@@ -133,3 +133,63 @@ def test_rerun_with_other_settings_is_refused_before_the_model_loads(photo_dir, 
     again = _annotate(photo_dir, out, tiny_checkpoint, cache)
     assert again.exit_code == 0 and out.read_bytes() == done
     assert not Path(f"{out}.parts").exists()
+
+
+# ---- did you mean ------------------------------------------------------------------------------------
+
+def test_did_you_mean_picks_the_closest_choice_or_nothing():
+    from tagclip_cli.errors import did_you_mean, with_suggestion
+
+    assert did_you_mean("shapes_demo", ["ViT-B-16", "shapes-demo"]) == "did you mean 'shapes-demo'?"
+    assert did_you_mean("vit-b-16", ["ViT-B-32", "ViT-B-16"]) == "did you mean 'ViT-B-16'?"
+    assert did_you_mean("zebra", ["cat", "dog"]) == ""
+    assert with_suggestion("bad", "zebra", ["cat"]) == "bad"
+
+
+def test_unknown_model_names_the_closest_in_one_line(tmp_path):
+    from tagclip_cli.backbone import load_backbone
+    from tagclip_cli.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError) as info:
+        load_backbone("shapes_demo", cache_dir=tmp_path)
+    assert str(info.value) == "unknown model 'shapes_demo'; did you mean 'shapes-demo'?"
+    with pytest.raises(ModelLoadError) as info:
+        load_backbone("qwertyuiop", cache_dir=tmp_path)
+    message = str(info.value)
+    assert message.startswith("unknown model 'qwertyuiop' (built-in: shapes-demo; open_clip has ")
+    assert "did you mean" not in message and "\n" not in message and len(message) < 200
+
+
+def test_unknown_vocabulary_method_setting_and_precision_suggest_a_name():
+    from tagclip_cli import methods
+    from tagclip_cli.backbone import check_precision
+    from tagclip_cli.commands import check_segment_options
+    from tagclip_cli.errors import UsageError, VocabularyError
+    from tagclip_cli.vocab import load_vocabulary
+
+    with pytest.raises(VocabularyError, match=r"no such vocabulary file \(built-in .*\); did you mean 'coco'\?$"):
+        load_vocabulary("cocoo")
+    with pytest.raises(VocabularyError) as info:
+        load_vocabulary("cocoo.txt")  # a file name: missing, not misspelt
+    assert "did you mean" not in str(info.value)
+    paths = {"out": Path("m.json"), "tags_in": None, "tags_out": None, "png_dir": None, "save_cams": None}
+    with pytest.raises(UsageError, match=r"not 'clseg'; did you mean 'clses'\?$"):
+        check_segment_options("clseg", "voc", False, paths, False, False, False, None)
+    with pytest.raises(UsageError, match=r"not 'coco_stuff'; did you mean 'cocostuff'\?$"):
+        check_segment_options("clses", "coco_stuff", False, paths, False, False, False, None)
+    with pytest.raises(UsageError, match=r"unknown segmentation method 'mask-clip' .*; did you mean 'maskclip'\?$"):
+        methods.get("mask-clip", "masks")
+    with pytest.raises(UsageError, match=r"did you mean 'bf16'\?$"):
+        check_precision("bf61", "cpu")
+
+
+def test_unknown_class_in_a_thresholds_file_suggests_the_class(tmp_path):
+    from tagclip_cli.errors import UsageError
+    from tagclip_cli.thresholds import read_threshold_file
+
+    path = tmp_path / "t.tsv"
+    path.write_text("dog\t0.3\naeroplan\t0.4\n")
+    with pytest.raises(UsageError) as info:
+        read_threshold_file(path, ["aeroplane", "dog", "cat"], 0.5)
+    assert str(info.value) == (f"{path}:2: unknown class 'aeroplan' (not one of the 3 classes); "
+                               "did you mean 'aeroplane'?")

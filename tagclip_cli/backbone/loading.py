@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from tagclip_cli.backbone.model import Backbone, check_precision, default_cache_dir
-from tagclip_cli.errors import ModelLoadError
+from tagclip_cli.errors import ModelLoadError, did_you_mean
 from tagclip_cli.fileio import file_sha256
 
 log = logging.getLogger(__name__)
@@ -190,13 +190,23 @@ def _to_open_clip_layout(net: torch.nn.Module, sd: dict[str, Tensor]) -> dict[st
     return sd
 
 
+def unknown_model(model: str, open_clip_models: list[str]) -> str:
+    """The one line for a model name that is neither built in nor open_clip's: the closest name
+    when one is close, else the built-in models and a few of open_clip's ViTs."""
+    builtin = builtin_models()
+    hint = did_you_mean(model, [*builtin, *open_clip_models])
+    if hint:
+        return f"unknown model '{model}'; {hint}"
+    vits = [m for m in ("ViT-B-16", "ViT-B-32", "ViT-L-14") if m in open_clip_models]
+    return (f"unknown model '{model}' (built-in: {', '.join(builtin) or 'none'}; open_clip has {len(open_clip_models)} "
+            f"models, e.g. {', '.join(vits)}: python -c 'import open_clip; print(open_clip.list_models())')")
+
+
 def _create(model: str, pretrained: str | None, seed: int) -> torch.nn.Module:
     import open_clip
 
     if model not in open_clip.list_models():
-        known = ", ".join(m for m in open_clip.list_models() if m.startswith("ViT-"))[:300]
-        raise ModelLoadError(f"unknown model '{model}' (open_clip ViTs include: {known}, ...; built-in: "
-                             f"{', '.join(builtin_models()) or 'none'})")
+        raise ModelLoadError(unknown_model(model, open_clip.list_models()))
     if pretrained:
         try:
             tags = open_clip.list_pretrained_tags_by_model(model)

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from tagclip_cli.cli.common import QUIET_OPT, THRESHOLDS_HELP, VERBOSE_OPT, err_console, fail, setup_logging, step_bar
+from tagclip_cli.errors import with_suggestion
 
 GT_OPT = typer.Option(
     ..., "--gt", help="Ground truth: voc2007, voc2012, coco2014, coco2017, coco-object, coco-stuff-27, "
@@ -76,7 +77,7 @@ def evaluate_command(
     }
     for option, (value, allowed) in choices.items():
         if value not in allowed:
-            raise fail(f"{option} must be one of {', '.join(allowed)}, not '{value}'")
+            raise fail(with_suggestion(f"{option} must be one of {', '.join(allowed)}, not '{value}'", value, allowed))
     if (pred is None) == (cams is None):
         raise fail("give either --pred (tags or masks) or --cams (a segment --save-cams directory)")
     thresholds = None
@@ -295,7 +296,7 @@ def calibrate(
 
     setup_logging(quiet, verbose)
     if gt not in ev.GT_NAMES:
-        raise fail(f"--gt must be one of {', '.join(ev.GT_NAMES)}, not '{gt}'")
+        raise fail(with_suggestion(f"--gt must be one of {', '.join(ev.GT_NAMES)}, not '{gt}'", gt, ev.GT_NAMES))
     parse_target(target)
     check_output_path(out)
     result = run_calibration(gt, Path(root), pred, target, split=Path(split) if split else None,
