@@ -4,6 +4,7 @@ evaluate."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -193,3 +194,59 @@ def test_unknown_class_in_a_thresholds_file_suggests_the_class(tmp_path):
         read_threshold_file(path, ["aeroplane", "dog", "cat"], 0.5)
     assert str(info.value) == (f"{path}:2: unknown class 'aeroplan' (not one of the 3 classes); "
                                "did you mean 'aeroplane'?")
+
+
+# ---- show and evaluate read the masks Parquet --------------------------------------------------------
+
+SHAPES = ROOT / "examples" / "shapes"
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from tagclip_cli.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def both_mask_files(tiny_checkpoint, tmp_path_factory):
+    """The masks of one segment run of the tiny model on the shapes examples, written as the COCO
+    JSON (with the tags Parquet) and as the masks Parquet."""
+    work = tmp_path_factory.mktemp("masks")
+    common = ["segment", SHAPES / "images", "--vocab", "shapes", "--checkpoint", tiny_checkpoint, "--workers", "0",
+              "--cache-dir", work / "cache", "--tag-threshold", "0.2", "--quiet"]
+    _cli(*common, "--out", work / "masks.json", "--tags-out", work / "tags.parquet")
+    _cli(*common, "--out", work / "masks.parquet")
+    return work
+
+
+def test_show_draws_the_masks_parquet_as_the_masks_json(both_mask_files):
+    work = both_mask_files
+    coco = json.loads((work / "masks.json").read_text())
+    assert len(coco["annotations"]) >= 4  # masks to draw
+    for masks in ("masks.json", "masks.parquet"):
+        _cli("show", "--images", SHAPES / "images", "--tags", work / "tags.parquet", "--masks", work / masks,
+             "--out", work / f"gallery-{masks}", "--workers", "0", "--quiet")
+    overlays = sorted((work / "gallery-masks.json" / "overlays").iterdir())
+    assert len(overlays) == 8
+    for png in overlays:
+        assert (work / "gallery-masks.parquet" / "overlays" / png.name).read_bytes() == png.read_bytes()
+
+
+def test_evaluate_scores_the_masks_parquet_as_the_masks_json(both_mask_files):
+    work = both_mask_files
+    reports = {}
+    for masks in ("masks.json", "masks.parquet"):
+        _cli("evaluate", "--gt", "folder", "--root", SHAPES / "labels", "--classes", SHAPES / "classes.txt",
+             "--pred", work / masks, "--report", work / f"{masks}.report.json", "--quiet")
+        reports[masks] = json.loads((work / f"{masks}.report.json").read_text())
+    assert reports["masks.parquet"]["settings"]["pred_kind"] == "masks-parquet"
+    for report in reports.values():
+        report.pop("created")
+        report["settings"].pop("pred")
+        report["settings"].pop("pred_kind")
+    assert reports["masks.parquet"] == reports["masks.json"]
+    assert "miou" in json.dumps(reports["masks.json"]).lower()

@@ -17,7 +17,7 @@ GT_OPT = typer.Option(
 )
 ROOT_OPT = typer.Option(..., "--root", help="Dataset directory (or the COCO instances JSON).")
 PRED_OPT = typer.Option(
-    None, "--pred", help="Tags Parquet (classification), COCO RLE JSON or PNG dir (segmentation)."
+    None, "--pred", help="Tags Parquet (classification), masks JSON or masks Parquet or PNG dir (segmentation)."
 )
 CAMS_OPT = typer.Option(None, "--cams", help="Instead of --pred: a `segment --save-cams` directory; its label "
                         "maps are remade from the saved CAMs (see --bg-threshold, --crf).")
@@ -114,7 +114,7 @@ def _evaluate(config, report: str | None, quiet: bool) -> None:
 SHOW_IMAGES_OPT = typer.Option(..., "--images", help="The image folder that was annotated.")
 SHOW_TAGS_OPT = typer.Option(..., "--tags", help="Tags Parquet written by `tagclip annotate`.")
 SHOW_OUT_OPT = typer.Option(..., "--out", "-o", help="Gallery folder (index.html, overlays/, thumbs/).")
-SHOW_MASKS_OPT = typer.Option(None, "--masks", help="COCO RLE masks JSON written by `tagclip segment`.")
+SHOW_MASKS_OPT = typer.Option(None, "--masks", help="Masks written by `tagclip segment` (COCO JSON or masks Parquet).")
 SHOW_MAX_SIDE_OPT = typer.Option(1024, "--max-side", min=64,
                                  help="Longer side of the overlays' image part (about 1 MB per PNG at 1024).")
 THUMB_SIDE_OPT = typer.Option(256, "--thumb-side", min=32, help="Longer side of the thumbnails.")
