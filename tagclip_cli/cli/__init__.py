@@ -3,8 +3,9 @@
 Each command parses its options and calls a library function with them (annotate and segment:
 `tagclip_cli.commands`, whose defaults are the options' defaults); the library raises
 `TagclipError`s, which `user_errors` prints as one line with the exit code. Modules: `common`
-(app, logging, errors, progress, shared options), `run` (the model commands), `outputs` (the
-commands on our outputs), `student`.
+(app, logging, errors, progress, shared options), `surface` (help panels, placeholders, the old
+spellings of renamed options), `run` (the model commands), `outputs` (the commands on our
+outputs), `student`.
 """
 
 from __future__ import annotations

@@ -154,7 +154,8 @@ def test_segment_then_evaluate_synthetic_folder(tmp_path: Path, tiny_checkpoint:
     expected = float(np.mean(inter[present] / union[present]))
     for pred in (masks, pngs):
         report_path = tmp_path / f"report-{pred.name}.json"
-        args = ["evaluate", "--gt", "folder", "--root", str(dataset), "--masks", str(pred), "--report", str(report_path)]
+        args = ["evaluate", "--gt", "folder", "--root", str(dataset), "--masks", str(pred),
+                "--report", str(report_path)]
         if pred == pngs:
             args += ["--vocab", "shapes"]
         result = run(*args, cwd=tmp_path)

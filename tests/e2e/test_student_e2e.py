@@ -146,8 +146,8 @@ def trained(demo) -> dict:
     out = root / "run"
     proc = run_tagclip("train-student", "--masks", str(demo["masks"]), "--tags", str(demo["tags"]),
                        "--out", str(out), "--student", "yolo11n-seg.yaml", "--epochs", "2", "--imgsz", str(SIZE),
-                       "--batch-size", "16", "--device", "cpu", "--workers", "0", "--val-fraction", "0.2", "--seed", "0",
-                       cache=demo["cache"], site=site, env={"TAGCLIP_NET_LOG": str(log)})
+                       "--batch-size", "16", "--device", "cpu", "--workers", "0", "--val-fraction", "0.2",
+                       "--seed", "0", cache=demo["cache"], site=site, env={"TAGCLIP_NET_LOG": str(log)})
     return {"out": out, "proc": proc, "log": log, "site": site}
 
 
