@@ -241,7 +241,7 @@ def test_evaluate_scores_the_masks_parquet_as_the_masks_json(both_mask_files):
     reports = {}
     for masks in ("masks.json", "masks.parquet"):
         _cli("evaluate", "--gt", "folder", "--root", SHAPES / "labels", "--classes", SHAPES / "classes.txt",
-             "--pred", work / masks, "--report", work / f"{masks}.report.json", "--quiet")
+             "--masks", work / masks, "--report", work / f"{masks}.report.json", "--quiet")
         reports[masks] = json.loads((work / f"{masks}.report.json").read_text())
     assert reports["masks.parquet"]["settings"]["pred_kind"] == "masks-parquet"
     for report in reports.values():
