@@ -1,7 +1,7 @@
 """Progress of the long steps inside a command (encoding the prompts, loading the model).
 
 The library says what it is doing (`task`); the command line decides how that shows, by installing
-a reporter (`use`): a bar on stderr, or nothing (--quiet). Without a reporter (the Python API, the
+a reporter (`reporting`): a bar on stderr, or nothing (--quiet). Without a reporter (the Python API, the
 tests) a task costs nothing and shows nothing.
 """
 
@@ -17,9 +17,14 @@ Reporter = Callable[[str, "int | None"], AbstractContextManager[Callable[[int], 
 _REPORTER: ContextVar[Reporter | None] = ContextVar("tagclip_progress", default=None)
 
 
-def use(reporter: Reporter | None) -> None:
-    """Show the tasks of this thread (and the threads it starts later) with `reporter` (None: nothing)."""
-    _REPORTER.set(reporter)
+@contextmanager
+def reporting(reporter: Reporter | None) -> Iterator[None]:
+    """Show the tasks run inside the block with `reporter` (None: nothing)."""
+    token = _REPORTER.set(reporter)
+    try:
+        yield
+    finally:
+        _REPORTER.reset(token)
 
 
 @contextmanager

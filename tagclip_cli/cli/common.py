@@ -56,12 +56,14 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def user_errors(command: Callable) -> Callable:
-    """Wrap a command so that a TagclipError becomes its one-line message and exit code."""
+    """Wrap a command so that a TagclipError becomes its one-line message and exit code, and the
+    library's long steps show as bars while it runs (`show_step`)."""
 
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with progress.reporting(show_step):
+                return command(*args, **kwargs)
         except TagclipError as exc:
             raise fail(str(exc), exc.exit_code) from None
 
@@ -81,7 +83,6 @@ def _root(
     ),
 ) -> None:
     """tagclip: TagCLIP tags and CLS-SEG masks for whole image collections."""
-    progress.use(show_step)
 
 
 def progress_factory(quiet: bool, label: str = "tagging"):
