@@ -249,8 +249,8 @@ def test_bad_vocabularies_and_arguments_fail_in_one_line_and_write_nothing(
     for args, message in cases:
         proc = tagclip(*args, cache=cache, expect=2)
         assert error_line(proc).startswith(message), (args, proc.stderr)
-    assert error_line(proc).endswith("background scoring (--no-background): on -> off); pass --overwrite to "
-                                     "replace it")
+    assert error_line(proc).endswith("background scoring (--no-background): on -> off; --max-side: 32 -> 1024); "
+                                     "pass --overwrite to replace it")
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, not even a work directory
     assert done_out.read_bytes() == done_bytes and not Path(f"{done_out}.parts").exists()
 
