@@ -149,7 +149,7 @@ class RecordIO:
 
     @staticmethod
     def same(a: RunRecord, b: RunRecord) -> bool:
-        return RecordIO.stored(a) == RecordIO.stored(b)
+        return comparable(a) == comparable(b)
 
     # ---- config.json ----
     @staticmethod
@@ -212,6 +212,26 @@ SEGMENT_OPTIONS = ("setting", "crf", "save_cams", "key_smoothing", "prompt_denoi
 THRESHOLD_PATHS = ("tagclip.tag_threshold", "thresholds")  # what `tagclip retag` can change without the model
 
 
+def _builtin_vocabulary(value: Any) -> Any:
+    """A recorded path to a vocabulary shipped with the package (…/tagclip_cli/vocabularies/NAME.txt)
+    as "built-in NAME", so that the same --vocab from another checkout or install compares equal
+    (its classes and names are recorded beside it and still compared); anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    path = Path(value)
+    if path.suffix == ".txt" and path.parent.name == "vocabularies" and path.parent.parent.name == "tagclip_cli":
+        return f"built-in {path.stem}"
+    return value
+
+
+def comparable(record: RunRecord) -> dict:
+    """The stored record as a rerun compares it (a built-in vocabulary by its name, not its path)."""
+    stored = dict(RecordIO.stored(record))
+    if "vocabulary" in stored:
+        stored["vocabulary"] = _builtin_vocabulary(stored["vocabulary"])
+    return stored
+
+
 def _leaves(value: Any, path: str) -> dict[str, Any]:
     """path -> value of every leaf of a stored record value (a dict is descended, anything else a leaf)."""
     if isinstance(value, Mapping) and value:
@@ -257,7 +277,7 @@ def _list_change(old: Any, new: Any) -> str:
 def changed_paths(previous: RunRecord, current: RunRecord) -> dict[str, tuple[Any, Any]]:
     """path -> (old, new) of every stored leaf that differs (tool and tool_version aside), in the
     record's order."""
-    old, new = RecordIO.stored(previous), RecordIO.stored(current)
+    old, new = comparable(previous), comparable(current)
     changes: dict[str, tuple[Any, Any]] = {}
     for key in [*new, *(k for k in old if k not in new)]:
         if key in ("tool", "tool_version") or old.get(key) == new.get(key):
