@@ -149,7 +149,7 @@ class RecordIO:
 
     @staticmethod
     def same(a: RunRecord, b: RunRecord) -> bool:
-        return RecordIO.stored(a) == RecordIO.stored(b)
+        return comparable(a) == comparable(b)
 
     # ---- config.json ----
     @staticmethod
@@ -193,3 +193,114 @@ class RecordIO:
         dropped = {k for k, v in changes.items() if k in OPTIONAL and v is None}
         keys = [k for k in record.keys if k not in dropped] + [k for k in changes if k not in record.keys]
         return replace(record, **changes, keys=tuple(k for k in keys if k not in dropped))
+
+
+# ---- what changed between two records (the refusal of a rerun with other settings) ------------------
+
+# A record path (keys joined by ".") -> the option that sets it; a leaf not listed here is named by
+# its last key when that is an option of `segment` (`SEGMENT_OPTIONS`), else by its path.
+OPTION_OF = {
+    "model": "--model", "model.model": "--model", "model.weights": "--pretrained/--checkpoint",
+    "precision": "--precision",
+    "classes": "--vocab classes", "seg_names": "--vocab names", "vocabulary": "--vocab",
+    "background": "--background/--no-background", "max_side": "--max-side", "tags_input": "--tags",
+    "tagclip": "TagCLIP (--tags/--method)", "tagclip.tag_threshold": "--tag-threshold",
+    "tagclip.reference_compat": "--reference-compat", "tagclip.use_background": "background scoring (--no-background)",
+    "thresholds": "--thresholds", "thresholds.default": "--thresholds default", "segment.method": "--method",
+}
+SEGMENT_OPTIONS = ("setting", "crf", "save_cams", "key_smoothing", "prompt_denoising", "rcs")
+THRESHOLD_PATHS = ("tagclip.tag_threshold", "thresholds")  # what `tagclip retag` can change without the model
+
+
+def _builtin_vocabulary(value: Any) -> Any:
+    """A recorded path to a vocabulary shipped with the package (…/tagclip_cli/vocabularies/NAME.txt)
+    as "built-in NAME", so that the same --vocab from another checkout or install compares equal
+    (its classes and names are recorded beside it and still compared); anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    path = Path(value)
+    if path.suffix == ".txt" and path.parent.name == "vocabularies" and path.parent.parent.name == "tagclip_cli":
+        return f"built-in {path.stem}"
+    return value
+
+
+def comparable(record: RunRecord) -> dict:
+    """The stored record as a rerun compares it (a built-in vocabulary by its name, not its path)."""
+    stored = dict(RecordIO.stored(record))
+    if "vocabulary" in stored:
+        stored["vocabulary"] = _builtin_vocabulary(stored["vocabulary"])
+    return stored
+
+
+def _leaves(value: Any, path: str) -> dict[str, Any]:
+    """path -> value of every leaf of a stored record value (a dict is descended, anything else a leaf)."""
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(_leaves(sub, f"{path}.{key}"))
+        return out
+    return {path: value}
+
+
+def _shown(value: Any) -> str:
+    """A stored value as a change line shows it: short JSON, a long list by its length."""
+    if value is None or value == []:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    text = value if isinstance(value, str) else json.dumps(value)
+    if isinstance(value, list) and len(text) > 40:
+        return f"{len(value)} names"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _option(path: str) -> str:
+    if path in OPTION_OF:
+        return OPTION_OF[path]
+    if path.startswith("thresholds.per_class."):
+        return f"--thresholds {path.removeprefix('thresholds.per_class.')}"
+    last = path.rsplit(".", 1)[-1]
+    return f"--{last.replace('_', '-')}" if path.startswith("segment.") and last in SEGMENT_OPTIONS else path
+
+
+def _list_change(old: Any, new: Any) -> str:
+    """' (+ added; - removed)' for two lists of names, '' otherwise."""
+    if not (isinstance(old, list) and isinstance(new, list)):
+        return ""
+    added = [str(n) for n in new if n not in old]
+    removed = [str(n) for n in old if n not in new]
+    parts = [f"+ {', '.join(added[:5])}{' ...' if len(added) > 5 else ''}"] if added else []
+    parts += [f"- {', '.join(removed[:5])}{' ...' if len(removed) > 5 else ''}"] if removed else []
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def changed_paths(previous: RunRecord, current: RunRecord) -> dict[str, tuple[Any, Any]]:
+    """path -> (old, new) of every stored leaf that differs (tool and tool_version aside), in the
+    record's order."""
+    old, new = comparable(previous), comparable(current)
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in [*new, *(k for k in old if k not in new)]:
+        if key in ("tool", "tool_version") or old.get(key) == new.get(key):
+            continue
+        a, b = _leaves(old.get(key), key), _leaves(new.get(key), key)
+        for path in [*b, *(p for p in a if p not in b)]:
+            if a.get(path) != b.get(path):
+                changes[path] = (a.get(path), b.get(path))
+    return changes
+
+
+def describe_changes(previous: RunRecord, current: RunRecord, limit: int = 6) -> str:
+    """Each differing setting with its old and new value, by the option that sets it:
+    "--tag-threshold: 0.5 -> 0.6; --max-side: 1024 -> 512" (at most `limit`, then "and N more")."""
+    changes = changed_paths(previous, current)
+    if not changes:  # only the tool differs
+        return f"made by {previous.made_by_tool}, now {current.made_by_tool}"
+    lines = [f"{_option(p)}: {_shown(a)} -> {_shown(b)}{_list_change(a, b)}" for p, (a, b) in changes.items()]
+    more = f"; and {len(lines) - limit} more" if len(lines) > limit else ""
+    return "; ".join(lines[:limit]) + more
+
+
+def only_thresholds_changed(previous: RunRecord, current: RunRecord) -> bool:
+    """Whether the two records differ only in the tag thresholds (what `tagclip retag` redoes)."""
+    changes = changed_paths(previous, current)
+    return bool(changes) and all(any(p == t or p.startswith(t + ".") for t in THRESHOLD_PATHS) for p in changes)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tagclip_cli.errors import UsageError
+from tagclip_cli.errors import UsageError, with_suggestion
 from tagclip_cli.record import RecordIO, RunRecord
 
 __all__ = [
@@ -86,7 +86,8 @@ def read_threshold_file(path: str | Path, classes: Sequence[str], default: float
         if not tab or not name:
             raise ThresholdFileError(f"{where}: expected 'class<TAB>threshold', got {line.strip()!r}")
         if name not in known:
-            raise ThresholdFileError(f"{where}: unknown class {name!r} (not one of the {len(classes)} classes)")
+            raise ThresholdFileError(with_suggestion(
+                f"{where}: unknown class {name!r} (not one of the {len(classes)} classes)", name, classes))
         if name in per_class:
             raise ThresholdFileError(f"{where}: class {name!r} is listed twice")
         try:
