@@ -70,8 +70,7 @@ def read_plan(parts: Path, key: str) -> ItemList | None:
         info = json.loads((pq.read_schema(path).metadata or {})[PLAN_KEY])
         if info.get("input") != key:
             return None
-        plan = pq.ParquetFile(path)  # read in batches: no whole-file buffers beside the columns
-        table = pa.Table.from_batches(plan.iter_batches(batch_size=1 << 16), schema=plan.schema_arrow)
+        table = pq.read_table(path)
     except Exception as exc:  # damaged or of another version: list the input instead
         log.warning("cannot use the input plan %s (%s); listing the input", path, exc)
         return None
