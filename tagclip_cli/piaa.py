@@ -342,7 +342,8 @@ class Piaa:
         if not isinstance(dense, DenseMethod):
             raise UsageError(f"PIAA: --dense must be a dense variant (sclip, clearclip, naclip), not '{config.dense}'")
         self.dense = dense
-        self.text = backbone.text_classifier(prompt_names(vocab.classes, builtin), PIAA_TEMPLATES).float()
+        self.prompts = prompt_names(vocab.classes, builtin)
+        self.text = backbone.text_classifier(self.prompts, PIAA_TEMPLATES).float()
 
     def crop(self, rgb: np.ndarray) -> Tensor:
         """`crop_pixels` of one (H, W, 3) uint8 image with the model's constants: (3, S, S)."""

@@ -33,7 +33,7 @@ from tagclip_cli.formats import FileTags, TagsFile
 from tagclip_cli.jobs.locks import output_lock
 from tagclip_cli.jobs.placement import Placement
 from tagclip_cli.jobs.runner import JobSpec, Summary, run_job
-from tagclip_cli.jobs.session import session
+from tagclip_cli.jobs.session import Session, session
 from tagclip_cli.methods import Segments, SegOutput
 from tagclip_cli.methods import get as get_method
 from tagclip_cli.quirks import Quirks
@@ -146,7 +146,8 @@ class Stage(Generic[Result]):
     mapper: a same-size batch of decoded images -> one typed result per image, in order (the model
     step, retried in halves on out-of-memory; a failed image must give a failed result without
     touching the model). writer: results -> output rows, writing any side files (label PNGs).
-    needs_rgb: decoding keeps each image's RGB pixels for the mapper (the dense CRF)."""
+    needs_rgb: decoding keeps each image's RGB pixels for the mapper (the dense CRF). preprocess:
+    the decoding's preprocessing when not the native-resolution one (PIAA's fixed crop)."""
 
     config: RunRecord
     schema: pa.Schema
@@ -155,28 +156,31 @@ class Stage(Generic[Result]):
     format: str = "parquet"
     final_options: dict = field(default_factory=dict)
     needs_rgb: bool = False
+    preprocess: Preprocess | None = None
 
 
 def run_stage(
     opts: JobOptions,
-    build: Callable[[Backbone], Stage],
+    build: Callable[[Backbone, Session], Stage | Summary],
     progress: ProgressFactory | None = None,
     stdout: TextIO | None = None,
 ) -> Summary:
     """Run one command over opts.items: join the process group, lock this run's share of the
     output (jobs.output_lock), load the model on this rank's device, build the stage, then decode ->
     map -> write every window this rank owns (jobs.run_job: resume, shards, merge). Only the leader
-    shows progress."""
+    shows progress. build may return a Summary instead: there is nothing to map (yet)."""
     with session(opts.placement, opts.model.device) as sess, output_lock(sess, opts.out):
         # Locked before the model loads: a second run on a live run's output refuses at once.
         backbone = opts.model.load(sess.device)
-        stage = build(backbone)
+        stage = build(backbone, sess)
+        if isinstance(stage, Summary):
+            return stage
         spec = JobSpec(
             items=opts.items, out=opts.out, config=stage.config, schema=stage.schema, format=stage.format,
             final_options=stage.final_options, batch_size=opts.batch_size, part_size=opts.part_size,
             overwrite=opts.overwrite, fail_fast=opts.fail_fast,
         )
-        preprocess = Preprocess(backbone.patch_size, backbone.mean, backbone.std, opts.max_side)
+        preprocess = stage.preprocess or Preprocess(backbone.patch_size, backbone.mean, backbone.std, opts.max_side)
         downscaled = 0  # images the --max-side cap shrank (reported at the end)
 
         def decoded(todo: Sequence[ImageItem]) -> Iterator[DecodedImage]:
@@ -242,7 +246,7 @@ def run_annotate(opts: AnnotateOptions, progress: ProgressFactory | None = None)
     """Tag every item into opts.out (Parquet) or stdout (JSON Lines), resuming an interrupted run of
     the same config; under torchrun / --shard only this rank's share (jobs/)."""
 
-    def build(backbone: Backbone) -> Stage[TagResult]:
+    def build(backbone: Backbone, sess: Session) -> Stage[TagResult]:
         config = run_config(backbone, opts.vocab, opts.tagclip, opts.max_side, opts.quirks)
         tagger = Tagger(backbone, opts.vocab, opts.tagclip, quirks=opts.quirks)
         return Stage(config=config, schema=tags_schema(config), mapper=lambda batch: tag_images(tagger, batch),
@@ -397,7 +401,7 @@ def run_segment(opts: SegmentOptions, progress: ProgressFactory | None = None) -
     method = get_method(opts.method, "masks")
     tags_file = open_tags_file(opts.tags_in, opts.vocab) if opts.tags_in is not None else None
 
-    def build(backbone: Backbone) -> Stage[SegResult]:
+    def build(backbone: Backbone, sess: Session) -> Stage[SegResult]:
         config = segment_config(backbone, opts, tags_file)
         segmenter = method.build(backbone, opts.vocab, opts.segment, quirks=opts.quirks, tagclip=opts.tagclip,
                                  run_tagclip=tags_file is None)

@@ -61,11 +61,32 @@ ANNOTATE_MAX_SIDE_OPT = typer.Option(
     "(attention memory grows with the 4th power of the side; VOC/COCO images are below the default).",
 )
 
+ANNOTATE_METHOD_OPT = typer.Option(
+    defaults.TAG_METHOD, "--method", help="tagclip (TagCLIP, the paper's) or piaa (PIAA: fits a patch-level "
+    "classifier on the collection first, then scores it; its model is written to OUT.piaa.safetensors and reused; "
+    "docs/methods.md).")
+DENSE_OPT = typer.Option(None, "--dense", help="PIAA: the dense variant giving the patch features: sclip (default), "
+                         "clearclip or naclip.")
+PIAA_SETTING_OPT = typer.Option(None, "--setting", help="PIAA: the authors' constants for voc (default), coco or nus "
+                                "(docs/algorithm.md §13).")
+BANK_SIZE_OPT = typer.Option(None, "--bank-size", help=f"PIAA: patches kept per class by the fit (default "
+                             f"{defaults.PIAA_BANK_SIZE}); memory is classes x this, whatever the collection.")
+PIAA_MODEL_OPT = typer.Option(None, "--piaa-model", help="PIAA: score with this fitted model (an "
+                              "OUT.piaa.safetensors of another run) instead of fitting here.")
+FIT_ON_OPT = typer.Option(None, "--fit-on", help="PIAA: fit on this collection (any IMAGES input) instead of the "
+                          "images being tagged.")
+
 
 def annotate(
     images: str = IMAGES_ARG,
     vocab: str = VOCAB_OPT,
     out: str = ANNOTATE_OUT_OPT,
+    method: str = ANNOTATE_METHOD_OPT,
+    dense: str = DENSE_OPT,
+    setting: str = PIAA_SETTING_OPT,
+    bank_size: int = BANK_SIZE_OPT,
+    piaa_model: Path = PIAA_MODEL_OPT,
+    fit_on: str = FIT_ON_OPT,
     manifest: str = MANIFEST_OPT,
     image_root: str = IMAGE_ROOT_OPT,
     images_parquet: str = IMAGES_PARQUET_OPT,
@@ -92,7 +113,7 @@ def annotate(
     quiet: bool = QUIET_OPT,
     verbose: bool = VERBOSE_OPT,
 ) -> None:
-    """Tag every image with TagCLIP: the fused score of every class and the predicted tags, to Parquet."""
+    """Tag every image with TagCLIP (or PIAA): the score of every class and the predicted tags, to Parquet."""
     options = dict(locals())  # the options, by the names commands.annotate takes
     del options["quiet"], options["verbose"]
     from tagclip_cli import commands
