@@ -3,7 +3,7 @@
 into a state, saved beside the output and resumed after a kill; the parts' states merge; the
 fitted model is written once, atomically, and reused: a finished fit is never redone.
 
-Files (safetensors: named tensors plus string metadata):
+Files (safetensors: named tensors plus one JSON metadata object, key "tagclip"):
 - the work directory (`FitSpec.work`, e.g. OUT.piaa.parts/) holds `state-<rank>-of-<world>.safetensors`,
   one per part: its state, the fit's identity, `done` (how many of the part's images, in index
   order, are folded in: always whole windows) and `finished`;
@@ -46,6 +46,7 @@ from tagclip_cli.sources import ImageItem
 log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "tagclip-fit"
+META_KEY = "tagclip"  # the one metadata key of the safetensors files (a JSON object)
 STATE_NAME = re.compile(r"state-(\d+)-of-(\d+)\.safetensors$")
 
 
@@ -94,21 +95,26 @@ def inputs_identity(items: Sequence[ImageItem]) -> dict:
 
 # ---- the files ------------------------------------------------------------------------------------
 
-def _save(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+def _save(path: Path, tensors: dict[str, Tensor], metadata: dict) -> None:
+    """Tensors and metadata, atomically. The metadata goes in as one JSON string with sorted keys:
+    safetensors writes several metadata keys in no fixed order, and the model file must be the
+    same bytes for the same fit."""
     from safetensors.torch import save_file
 
+    header = {META_KEY: json.dumps(metadata, sort_keys=True)}
     with deferred_signals(), atomic_path(path) as tmp:  # a Ctrl-C lets the file finish first
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
 
 
-def _load(path: Path, tensors: bool = True) -> tuple[dict[str, Tensor], dict[str, str]]:
+def _load(path: Path, tensors: bool = True) -> tuple[dict[str, Tensor], dict]:
     """(tensors, metadata) of a safetensors file (tensors False: the metadata only); FormatError
     (one line) when it is not one."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()} if tensors else {}, dict(fh.metadata() or {})
+            header = (fh.metadata() or {}).get(META_KEY)
+            return {k: fh.get_tensor(k) for k in fh.keys()} if tensors else {}, json.loads(header) if header else {}
     except FileNotFoundError:
         raise
     except Exception as exc:
@@ -121,7 +127,7 @@ def differences(a: dict, b: dict) -> list[str]:
 
 def write_model(path: Path, tensors: dict[str, Tensor], identity: dict) -> None:
     """The model file, atomically (same tensors and identity: the same bytes)."""
-    _save(path, tensors, {"format": MODEL_FORMAT, "version": "1", "identity": json.dumps(identity, sort_keys=True)})
+    _save(path, tensors, {"format": MODEL_FORMAT, "version": 1, "identity": identity})
 
 
 def read_model(path: Path) -> tuple[dict[str, Tensor], dict]:
@@ -129,7 +135,7 @@ def read_model(path: Path) -> tuple[dict[str, Tensor], dict]:
     tensors, meta = _load(path)
     if meta.get("format") != MODEL_FORMAT or "identity" not in meta:
         raise FormatError(f"{path}: not a fitted model file of tagclip (no '{MODEL_FORMAT}' metadata)")
-    return tensors, json.loads(meta["identity"])
+    return tensors, meta["identity"]
 
 
 def finished_model(spec: FitSpec) -> dict[str, Tensor] | None:
@@ -196,13 +202,13 @@ def _resume(part: Path, spec: FitSpec, fitter: Fitter) -> tuple[int, bool]:
     if not part.exists():
         return 0, False
     state, meta = _load(part)
-    identity = json.loads(meta.get("identity", "{}"))
+    identity = meta.get("identity", {})
     if identity != spec.full_identity:
         raise ConfigMismatchError(f"{part}: an unfinished fit with a different configuration is there (differs in: "
                                   f"{', '.join(differences(identity, spec.full_identity))}); rerun with the same "
                                   "options, or pass --overwrite")
     fitter.restore(state)
-    done, finished = int(meta["done"]), meta["finished"] == "1"
+    done, finished = int(meta["done"]), bool(meta["finished"])
     log.info("resuming the fit from %s: %d images already folded in", part.name, done)
     return done, finished
 
@@ -228,8 +234,7 @@ def _fold(spec: FitSpec, mine: list[ImageItem], done: int,
 
 
 def _save_part(part: Path, fitter: Fitter, spec: FitSpec, done: int, finished: bool) -> None:
-    _save(part, fitter.state(), {"identity": json.dumps(spec.full_identity, sort_keys=True), "done": str(done),
-                                 "finished": "1" if finished else "0"})
+    _save(part, fitter.state(), {"identity": spec.full_identity, "done": done, "finished": finished})
 
 
 def _merge(spec: FitSpec, fitter: Fitter, part: Path, world: int) -> dict[str, Tensor] | None:
@@ -247,7 +252,7 @@ def _merge(spec: FitSpec, fitter: Fitter, part: Path, world: int) -> dict[str, T
             log.warning("%s: the part of a fit split %s ways is left out (this run is split %d ways)", path,
                         match[2], world)
     try:
-        if not all(_load(parts[r], tensors=False)[1].get("finished") == "1" for r in range(world) if r in parts) \
+        if not all(_load(parts[r], tensors=False)[1].get("finished") is True for r in range(world) if r in parts) \
                 or len(parts) < world:
             return None
         for rank in range(world):
