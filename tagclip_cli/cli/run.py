@@ -278,7 +278,8 @@ COCOSTUFF_OPT = typer.Option(None, "--cocostuff", help="COCO-Stuff root: stuffth
 COCOSTUFF_SPLIT_OPT = typer.Option(None, "--cocostuff-split", help="COCO-Stuff image list (default: every label "
                                    "PNG); the reference uses its imageset/cocostuff/val.txt.")
 ROWS_OPT = typer.Option(None, "--rows", help="Only these rows (comma-separated names; default the paper's "
-                        "eight; the ResCLIP and SC-CLIP rows, e.g. voc2012-miou-resclip, only when named).")
+                        "eight; the ResCLIP, SC-CLIP and PIAA rows, e.g. voc2012-miou-resclip, voc2007-map-piaa, "
+                        "only when named).")
 
 
 def reproduce(
