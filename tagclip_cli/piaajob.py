@@ -96,14 +96,14 @@ class BankFitter:
 
 
 def fit_identity(backbone: Backbone, runner: Piaa) -> dict:
-    """What determines a PIAA fit but its inputs (jobs.fit adds them): model, prompts, the fit's
-    constants and quirk Q5."""
+    """What determines a PIAA fit but its inputs (jobs.fit adds them): model, prompts and the
+    fit's constants."""
     cfg = runner.config
     return {"method": "piaa", "model": backbone.identity(), "precision": backbone.precision,
             "classes": list(runner.vocab.classes), "prompts": list(runner.prompts), "dense": cfg.dense,
             "text_scale": cfg.text_scale, "bank_size": cfg.bank_size, "refine_temperature": cfg.refine_temperature,
             "entropy_floor": cfg.entropy_floor, "input_size": cfg.input_size,
-            "drop_singleton_groups": runner.drop_singletons}
+            "keep_singleton_groups": cfg.keep_singleton_groups}
 
 
 def check_model_file(path: Path, wanted: dict) -> tuple[PiaaModel, dict]:

@@ -41,7 +41,7 @@ class PiaaMethod:
 
     def build(self, backbone: Backbone, vocab: Vocabulary, config: PiaaConfig, *, quirks: Quirks,
               tagclip=None, run_tagclip: bool = True) -> Piaa:
-        return Piaa(backbone, vocab, config, builtin=builtin_name(vocab), quirks=quirks)
+        return Piaa(backbone, vocab, config, builtin=builtin_name(vocab))  # no quirk of its own (Q5: §10)
 
     def record(self, config: PiaaConfig, quirks: Quirks) -> dict:
         """PiaaConfig's fields but the per-class thresholds (recorded as "thresholds"), then the
