@@ -164,7 +164,7 @@ def score_images(runner: Piaa, model: PiaaModel, images: list[DecodedImage]) -> 
 def run_annotate_piaa(opts: AnnotateOptions, piaa: PiaaOptions, progress: ProgressFactory | None = None) -> Summary:
     """`annotate --method piaa`: in one locked session, the fit (or the --piaa-model file), then
     the scoring stage over opts.items (resume, shards, merge as any annotate run)."""
-    if opts.out is None:
+    if opts.out is None and piaa.model_file is None:
         raise UsageError("--method piaa writes its fitted model beside --out; with --out - give --piaa-model FILE")
 
     def build(backbone: Backbone, sess: Session) -> Stage[TagResult] | Summary:

@@ -216,3 +216,33 @@ def test_bad_inputs_are_refused_in_one_line(scenes, cache, reference, tmp_path):
     assert "differs in: refine_temperature" in " ".join(changed.stderr.split())
     assert reference.exists() and reference.with_name("ref.parquet.piaa.safetensors").exists()
     assert np.isfinite(pq.read_table(reference).column("scores").to_pylist()[0]).all()
+
+
+def test_the_api_retag_and_segment_take_piaa_runs(scenes, cache, reference, tmp_path):
+    """tc.annotate(method="piaa") writes the command's table; `retag` re-derives PIAA's tags with
+    another threshold; `segment --tags` segments them and records that PIAA made them."""
+    import torch
+
+    import tagclip_cli as tc
+    from tagclip_cli.tagclip import tags_from_scores
+
+    torch.set_num_threads(1)
+    out = tmp_path / "api.parquet"
+    summary = tc.annotate(str(scenes["a"]), "shapes", out, model="shapes-demo", method="piaa", bank_size=16,
+                          batch_size=2, workers=0, device="cpu", cache_dir=cache)
+    assert summary.done == N_SCENES
+    fitted = tmp_path / "api.parquet.piaa.safetensors"
+    assert sha256(fitted) == sha256(reference.with_name("ref.parquet.piaa.safetensors"))
+    assert_same_rows(out, reference)
+    retagged = tmp_path / "retagged.parquet"
+    tagclip("retag", str(reference), "--tag-threshold", "0.3", "--out", str(retagged), cache=cache)
+    assert record(retagged)["tagger"]["tag_threshold"] == 0.3
+    classes = record(reference)["classes"]
+    for row in pq.read_table(retagged).to_pylist():
+        assert row["tags"] == [classes[c] for c in tags_from_scores(torch.tensor(row["scores"]), 0.3)]
+    masks = tmp_path / "masks.parquet"
+    tagclip("segment", str(scenes["a"]), "--vocab", "shapes", "--model", "shapes-demo", "--tags", str(reference),
+            "--out", str(masks), "--workers", "0", "--device", "cpu", cache=cache)
+    made_with = record(masks)["tags_input"]["made_with"]
+    assert made_with["method"] == "piaa" and made_with["fit"]["sha256"] == sha256(
+        reference.with_name("ref.parquet.piaa.safetensors"))
