@@ -246,3 +246,26 @@ def test_the_api_retag_and_segment_take_piaa_runs(scenes, cache, reference, tmp_
     made_with = record(masks)["tags_input"]["made_with"]
     assert made_with["method"] == "piaa" and made_with["fit"]["sha256"] == sha256(
         reference.with_name("ref.parquet.piaa.safetensors"))
+
+
+def test_model_tag_with_piaa_equals_the_command(scenes, cache, reference):
+    """Model.tag(method="piaa") on in-memory inputs: fitted on the images themselves, or scoring
+    with the command's model file, it gives the command's scores and tags."""
+    import torch
+
+    import tagclip_cli as tc
+    from tagclip_cli.errors import UsageError
+
+    torch.set_num_threads(1)
+    model = tc.load_model("shapes-demo", device="cpu", cache_dir=cache)
+    paths = sorted(str(p) for p in scenes["a"].iterdir())
+    rows = pq.read_table(reference).to_pylist()
+    fitted_model = reference.with_name("ref.parquet.piaa.safetensors")
+    for kw in ({}, {"piaa_model": fitted_model}):
+        tags = model.tag(paths, "shapes", method="piaa", bank_size=16, batch_size=2, **kw)
+        assert [t.tags for t in tags] == [r["tags"] for r in rows]
+        assert [list(t.scores.values()) for t in tags] == [pytest.approx(r["scores"], abs=0) for r in rows]
+    with pytest.raises(UsageError, match="fitted for another vocabulary"):
+        model.tag(paths[:2], ["cat", "dog"], method="piaa", piaa_model=fitted_model)
+    with pytest.raises(UsageError, match="PIAA options; add --method piaa"):
+        model.tag(paths[:2], "shapes", dense="naclip")
