@@ -129,6 +129,10 @@ def test_sigkill_during_the_fit_then_rerun_resumes_it(scenes, cache, reference, 
     args = piaa_args(scenes["a"], out, "--part-size", "8")  # a saved part state every window of 8 images
     assert kill_after_first_part(args, env_for(cache), work, pattern="state-*.safetensors") == -signal.SIGKILL
     assert not out.exists() and not out.with_name("killed.parquet.piaa.safetensors").exists()
+    from safetensors import safe_open
+
+    with safe_open(str(next(work.glob("state-*.safetensors"))), framework="pt") as fh:  # the bank: <= C x K rows
+        assert 0 < fh.get_slice("features").get_shape()[0] <= 12 * 16
     rerun = tagclip(*args, cache=cache)
     assert "images already folded in" in rerun.stderr
     assert sha256(out.with_name("killed.parquet.piaa.safetensors")) == sha256(
@@ -269,3 +273,17 @@ def test_model_tag_with_piaa_equals_the_command(scenes, cache, reference):
         model.tag(paths[:2], ["cat", "dog"], method="piaa", piaa_model=fitted_model)
     with pytest.raises(UsageError, match="PIAA options; add --method piaa"):
         model.tag(paths[:2], "shapes", dense="naclip")
+
+
+def test_sigkill_during_the_scoring_keeps_the_fit(scenes, cache, reference, tmp_path):
+    out = tmp_path / "scored.parquet"
+    args = piaa_args(scenes["a"], out, "--part-size", "2")
+    parts = tmp_path / "scored.parquet.parts"
+    assert kill_after_first_part(args, env_for(cache), parts) == -signal.SIGKILL
+    model = tmp_path / "scored.parquet.piaa.safetensors"
+    stamp = model.stat().st_mtime_ns  # the fit finished before the first scored part
+    rerun = tagclip(*args, cache=cache)
+    assert "fitting" not in rerun.stderr and "skipped (already done)" in rerun.stderr
+    assert model.stat().st_mtime_ns == stamp
+    assert sha256(model) == sha256(reference.with_name("ref.parquet.piaa.safetensors"))
+    assert_same_rows(out, reference)
