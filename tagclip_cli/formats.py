@@ -179,8 +179,10 @@ class TagsFile:
         return FileTags([self.class_index[n] for n in names], names, rec["scores"])
 
     def identity(self) -> dict:
-        """What the segment output depends on: the file's content hash and the run that made it."""
-        return {"sha256": file_sha256(self.path), "made_with": self.record.tagclip}
+        """What the segment output depends on: the file's content hash and the run that made it
+        (TagCLIP's settings, or another tagging method's: PIAA's with its fit)."""
+        made_with = self.record.tagclip if self.record.tagger is None else self.record.tagger
+        return {"sha256": file_sha256(self.path), "made_with": made_with}
 
 
 # ---- COCO JSON (our masks file, and COCO instances ground truth) ----------------------------------

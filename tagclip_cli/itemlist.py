@@ -199,9 +199,16 @@ class ItemShare(Sequence):
         return len(self.positions)
 
     def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self.base.item(int(p)) for p in self.positions[i]]
+        if isinstance(i, slice):  # a share too: no list of objects
+            return ItemShare(self.base, self.positions[i])
         return self.base.item(int(self.positions[i]))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or len(other) != len(self):
+            return False
+        return all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
 
     def __iter__(self) -> Iterator[ImageItem]:
         for p in self.positions:

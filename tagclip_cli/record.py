@@ -30,7 +30,7 @@ RECORD_VERSION = 1  # the record this tagclip-cli writes
 FIRST_TOOL_VERSION = {1: "0.1.0"}  # record version -> the first tool_version that wrote it
 
 # Written only when set (a run without per-class thresholds, a tags-only run, a run without --tags).
-OPTIONAL = ("thresholds", "segment", "tags_input")
+OPTIONAL = ("thresholds", "segment", "tags_input", "tagger")
 
 
 class RecordVersionError(FormatError):
@@ -45,7 +45,9 @@ class RunRecord:
     seg_names / background: the vocabulary (background [] without background scoring); tagclip:
     TagCLIP's settings (None when TagCLIP did not run: the dense baselines, `--tags`); segment:
     the segmentation settings (segment runs only); thresholds: per-class thresholds when set;
-    tags_input: the `--tags` file's identity ({"sha256", "made_with"}).
+    tags_input: the `--tags` file's identity ({"sha256", "made_with"}); tagger: the settings of a
+    tagging method other than TagCLIP ({"method": "piaa", ..., "fit": the fitted model's file,
+    sha256 and inputs}; then tagclip is None).
 
     A record read from a file keeps what it holds exactly: `keys` are its keys in their stored
     order (None for a new record: every key but the OPTIONAL ones left None, in field order) and
@@ -64,6 +66,7 @@ class RunRecord:
     thresholds: Mapping[str, Any] | None = None
     segment: Mapping[str, Any] | None = None
     tags_input: Mapping[str, Any] | None = None
+    tagger: Mapping[str, Any] | None = None
     keys: tuple[str, ...] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -84,8 +87,18 @@ class RunRecord:
 
     @property
     def tag_threshold(self) -> float | None:
-        """TagCLIP's recorded tag threshold, if TagCLIP ran."""
-        return self.tagclip.get("tag_threshold") if isinstance(self.tagclip, Mapping) else None
+        """The recorded tag threshold of TagCLIP, or of the other tagging method that ran."""
+        for settings in (self.tagclip, self.tagger):
+            if isinstance(settings, Mapping):
+                return settings.get("tag_threshold")
+        return None
+
+    @property
+    def tag_method(self) -> str | None:
+        """The tagging method that made the tags: "tagclip", another method's name, or None."""
+        if isinstance(self.tagger, Mapping):
+            return self.tagger.get("method")
+        return "tagclip" if isinstance(self.tagclip, Mapping) else None
 
     @property
     def made_by_tool(self) -> str:

@@ -221,8 +221,10 @@ def retag_record(record: RunRecord, classes: Sequence[str], default: float,
     """The run record of a retagged file: the input's, with the tag threshold and per-class
     thresholds it was retagged with, exactly as `annotate` with those options records them."""
     changes: dict = {"thresholds": thresholds_record(default, vector, classes) if vector is not None else None}
-    if isinstance(record.tagclip, Mapping):
-        changes["tagclip"] = {**json.loads(json.dumps(record.tagclip)), "tag_threshold": float(default)}
+    for key in ("tagclip", "tagger"):  # TagCLIP's settings, or another tagging method's (PIAA)
+        settings = getattr(record, key)
+        if isinstance(settings, Mapping):
+            changes[key] = {**json.loads(json.dumps(settings)), "tag_threshold": float(default)}
     return RecordIO.with_changes(record, **changes)
 
 

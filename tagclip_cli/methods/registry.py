@@ -32,6 +32,7 @@ BUILTIN_MODULES = (
     "tagclip_cli.methods.naclip",
     "tagclip_cli.methods.resclip",
     "tagclip_cli.methods.scclip",
+    "tagclip_cli.methods.piaa",
 )
 
 _methods: dict[str, Method] = {}
