@@ -43,25 +43,23 @@ def reference_iter_merged(parts: Sequence[tuple[int, int, Path]], schema: pa.Sch
             yield merged
 
 
-def write_layout(store, table: pa.Table, shards: int, window: int, part_size: int) -> int:
-    """Write a whole result table (indices 0..n-1 in order) into a PartStore as the part files that
-    `--shard I/shards` runs with this window and part size leave (shards=1: one process): shard I
-    takes windows I, I+shards, ..., and writes a part when it holds part_size rows or more after a
-    window. Returns the number of parts."""
-    n = table.num_rows
+def write_layout(store, n: int, rows, shards: int, window: int, part_size: int) -> int:
+    """Write results for indices 0..n-1 into a PartStore as the part files that `--shard I/shards`
+    runs with this window and part size leave (shards=1: one process): shard I takes windows I,
+    I+shards, ..., and writes a part when it holds part_size rows or more after a window.
+    rows(indices) gives the result rows of those indices. Returns the number of parts."""
     windows = -(-n // window)
     count = 0
     for shard in range(shards):
-        held: list[pa.Table] = []
-        rows = 0
+        held: list[np.ndarray] = []
+        size = 0
         for w in range(shard, windows, shards):
-            piece = table.slice(w * window, window)
-            held.append(piece)
-            rows += piece.num_rows
-            if rows >= part_size:
-                store.write_part(pa.concat_tables(held))
-                held, rows, count = [], 0, count + 1
+            held.append(np.arange(w * window, min(n, (w + 1) * window)))
+            size += len(held[-1])
+            if size >= part_size:
+                store.write_part(rows(np.concatenate(held)))
+                held, size, count = [], 0, count + 1
         if held:
-            store.write_part(pa.concat_tables(held))
+            store.write_part(rows(np.concatenate(held)))
             count += 1
     return count

@@ -132,17 +132,23 @@ def test_a_killed_writer_leaves_a_readable_manifest(tmp_path):
     assert sorted(index.failed_indices().tolist()) == failed.tolist()
 
 
-def test_an_output_of_the_previous_version_resumes_to_the_same_result(tmp_path):
+JOB = {"format": "parquet", "batch_size": 2, "window": 8}
+
+
+def finished_and_fresh(tmp_path: Path) -> tuple[list, Path, PartStore, pa.Table]:
+    """30 items, a fresh work directory for out.parquet, and an uninterrupted run's output."""
     items = make_items(30)
-    full = tmp_path / "full.parquet"
-    run(items, full)
+    run(items, tmp_path / "full.parquet")
     out = tmp_path / "out.parquet"
-    store = PartStore.open(out, CONFIG, items, {"format": "parquet", "batch_size": 2, "window": 8})
+    return items, out, PartStore.open(out, CONFIG, items, JOB), pq.read_table(tmp_path / "full.parquet")
+
+
+def test_an_output_of_the_previous_version_resumes_to_the_same_result(tmp_path):
+    items, out, store, reference = finished_and_fresh(tmp_path)
     shutil.rmtree(store.dir / MANIFEST_DIR)  # the previous version wrote parts and no manifest
-    reference = pq.read_table(full)
     for lo, hi in ((0, 8), (8, 16)):
         pq.write_table(reference.slice(lo, hi - lo).cast(SCHEMA), store.dir / f"part-{lo:012d}-{hi - 1:012d}.parquet")
-    reopened = PartStore.open(out, CONFIG, items, {"format": "parquet", "batch_size": 2, "window": 8})
+    reopened = PartStore.open(out, CONFIG, items, JOB)
     assert reopened.index().adopted == 2  # its parts were read once, at the start, and their lines written
     assert PartStore(out).scan().adopted == 0
     summary = run(items, out)
@@ -152,12 +158,7 @@ def test_an_output_of_the_previous_version_resumes_to_the_same_result(tmp_path):
 
 
 def test_a_manifest_line_whose_part_is_gone_is_redone(tmp_path):
-    items = make_items(30)
-    full = tmp_path / "full.parquet"
-    run(items, full)
-    out = tmp_path / "out.parquet"
-    store = PartStore.open(out, CONFIG, items, {"format": "parquet", "batch_size": 2, "window": 8})
-    reference = pq.read_table(full)
+    items, out, store, reference = finished_and_fresh(tmp_path)
     for lo in (0, 8, 16):
         store.write_part(reference.slice(lo, 8).cast(SCHEMA))
     (store.dir / "part-000000000008-000000000015.parquet").unlink()

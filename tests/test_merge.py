@@ -45,7 +45,7 @@ def results(n: int, seed: int = 0) -> pa.Table:
 def store_with(tmp_path: Path, table: pa.Table, shards: int, window: int = 8, part_size: int = 32) -> PartStore:
     items = [ImageItem(i, f"img{i}", f"/data/{i}") for i in range(table.num_rows)]
     store = PartStore.open(tmp_path / "out.parquet", RecordIO.from_dict(CONFIG), items, {"format": "parquet"})
-    write_layout(store, table, shards, window, part_size)
+    write_layout(store, table.num_rows, table.take, shards, window, part_size)
     return store
 
 
