@@ -8,6 +8,7 @@ Sections (each measured in fresh child processes):
     .venv/bin/python benchmarks/bench_scale.py --quick            # 20k and 100k (make bench)
     .venv/bin/python benchmarks/bench_scale.py                    # 100k and 1M
     .venv/bin/python benchmarks/bench_scale.py --sizes 10000000   # 10M
+    .venv/bin/python benchmarks/bench_scale.py --sizes 10000000 --resume-only
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def jobs_sections(args: argparse.Namespace) -> None:
     from scale_jobs import run_sections
 
     with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=args.tmp) as root:
-        run_sections(Path(root), args.sizes, args.shards, args.reference_upto)
+        run_sections(Path(root), args.sizes, args.shards, args.reference_upto, merge=not args.resume_only)
 
 
 def main() -> None:
@@ -36,8 +37,10 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=1000, help="--shard tasks of the sharded merge")
     parser.add_argument("--reference-upto", type=int, default=1_000_000,
                         help="also time the previous merge up to this many rows")
+    parser.add_argument("--resume-only", action="store_true", help="only the resume start (e.g. at 10M)")
     parser.add_argument("--tmp", default=None, help="where to make the work directories (default: $TMPDIR)")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
     args.sizes = args.sizes or ([20_000, 100_000] if args.quick else [100_000, 1_000_000])
     jobs_sections(args)
 

@@ -14,8 +14,8 @@ spans most of the indices). Rows are those of `annotate` with 80 classes (random
   RSS; with --reference, also the merge it replaced (benchmarks/merge_reference.py), whose output
   must be byte-identical.
 
-Each measurement runs in a child process; peak RSS is getrusage's, and "+MB" is the growth over the
-process after its imports (torch included, through tagclip_cli.faults).
+Each measurement runs in a child process; peak RSS is getrusage's, and "+MB" is the difference
+to a child that only imports (torch included, through tagclip_cli.faults).
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ WINDOW = 32  # --batch-size 8
 PART_SIZE = 256
 
 
-def result_rows(indices: np.ndarray, schema):
-    """annotate's rows for these indices: 80 random float32 scores, a tag or two, every 50th failed."""
+def result_rows(indices: np.ndarray, schema, light: bool = False):
+    """annotate's rows for these indices: 80 random float32 scores, a tag, every 50th failed.
+    light: no scores (the resume scan never reads them; the parts are made faster)."""
     import pyarrow as pa
 
     n = len(indices)
@@ -46,7 +47,7 @@ def result_rows(indices: np.ndarray, schema):
     failed = indices % 50 == 7
     scores = pa.ListArray.from_arrays(np.arange(n + 1, dtype=np.int32) * len(CLASSES),
                                       pa.array(rng.random(n * len(CLASSES), dtype=np.float32)),
-                                      mask=pa.array(failed))
+                                      mask=pa.array(failed | light))
     tags = pa.ListArray.from_arrays(np.arange(n + 1, dtype=np.int32),
                                     pa.array([CLASSES[i % 80] for i in indices.tolist()]))
     ids = [f"{i // 1000:05d}/{i:010d}.jpg" for i in indices.tolist()]
@@ -57,7 +58,7 @@ def result_rows(indices: np.ndarray, schema):
                      "tags": tags, "scores": scores}).cast(schema)
 
 
-def make_work_dir(out: Path, n: int, shards: int) -> float:
+def make_work_dir(out: Path, n: int, shards: int, light: bool = False) -> float:
     """OUT.parts/ of a finished run of n images in the layout of `shards` --shard tasks (1: one
     process), made without listing inputs. Returns the seconds it took."""
     import pyarrow as pa
@@ -90,7 +91,7 @@ def make_work_dir(out: Path, n: int, shards: int) -> float:
             ids = [f"{i // 1000:05d}/{i:010d}.jpg" for i in idx.tolist()]
             w.write_table(pa.table({"index": idx, "image_id": ids, "path": [f"/data/images/{i}" for i in ids],
                                     "coco_id": pa.nulls(len(idx), pa.int64())}))
-    write_layout(store, n, lambda idx: result_rows(idx, schema), shards, WINDOW, PART_SIZE)
+    write_layout(store, n, lambda idx: result_rows(idx, schema, light), shards, WINDOW, PART_SIZE)
     return time.perf_counter() - start
 
 
@@ -102,16 +103,21 @@ def rss_mb() -> float:
 
 
 def child(task: str, out: Path) -> dict:
-    """One measurement in this (fresh) process: resume | merge | reference."""
+    """One measurement in this (fresh) process: imports (nothing: the baseline) | resume | merge |
+    reference."""
     import pyarrow.parquet as pq
 
     from tagclip_cli.jobs.parts import PartStore, merge_output
     from tagclip_cli.writers import write_parquet_atomic
 
+    result: dict = {}
+    if task == "merge":
+        result["parts"] = len(PartStore(out).part_files())
     base = rss_mb()
     start = time.perf_counter()
-    result: dict = {}
-    if task == "resume":
+    if task == "imports":
+        pass
+    elif task == "resume":
         store = PartStore(out)
         total = store.total()
         index = store.index()
@@ -127,7 +133,6 @@ def child(task: str, out: Path) -> dict:
             result["cleanup_seconds"] = time.perf_counter() - began
 
         PartStore.cleanup = timed_cleanup
-        result["parts"] = len(PartStore(out).part_files())
         result["rows"] = merge_output(out)
     else:
         sys.path.insert(0, str(HERE))
@@ -140,7 +145,7 @@ def child(task: str, out: Path) -> dict:
                                               out.with_suffix(".reference.parquet"), schema)
     result["seconds"] = time.perf_counter() - start - result.get("cleanup_seconds", 0.0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result.update(peak_mb=peak, grew_mb=peak - base)
+    result.update(peak_mb=peak, rss_before_mb=base)
     return result
 
 
@@ -163,7 +168,7 @@ def resume_section(root: Path, n: int) -> None:
     from tagclip_cli.jobs.manifest import MANIFEST_DIR
 
     out = root / f"resume-{n}.parquet"
-    made = make_work_dir(out, n, 1)
+    made = make_work_dir(out, n, 1, light=True)
     parts = out.with_name(out.name + ".parts")
     fast = measure("resume", out)
     shutil.rmtree(parts / MANIFEST_DIR)  # as the previous version left it: parts only
@@ -172,7 +177,7 @@ def resume_section(root: Path, n: int) -> None:
     print(f"resume start, {n:,} images, {fast['parts']:,} parts (made in {made:.0f} s):")
     for label, r in (("with the manifest", fast), ("previous version's output, first start", first),
                      ("  the start after it", again)):
-        print(f"  {label}: {r['seconds']:.2f} s, peak RSS {r['peak_mb']:.0f} MB (+{r['grew_mb']:.0f}), "
+        print(f"  {label}: {r['seconds']:.2f} s, peak RSS {r['peak_mb']:.0f} MB (+{r['peak_mb'] - BASELINE['peak_mb']:.0f}), "
               f"{r['adopted']:,} parts read  [{load()}]")
     shutil.rmtree(parts)
 
@@ -186,19 +191,26 @@ def merge_section(root: Path, n: int, shards: int, reference: bool) -> dict:
     layout = "one process" if shards == 1 else f"{shards:,} shards"
     print(f"merge, {n:,} rows, {layout}, {new['parts']:,} parts (made in {made:.0f} s): {new['seconds']:.1f} s "
           f"(+{new['cleanup_seconds']:.1f} s removing the parts), peak RSS {new['peak_mb']:.0f} MB "
-          f"(+{new['grew_mb']:.0f})  [{load()}]")
+          f"(+{new['peak_mb'] - BASELINE['peak_mb']:.0f})  [{load()}]")
     if old is not None:
         same = out.with_suffix(".reference.parquet").read_bytes() == out.read_bytes()
         print(f"  previous merge: {old['seconds']:.1f} s, peak RSS {old['peak_mb']:.0f} MB "
-              f"(+{old['grew_mb']:.0f}); outputs byte-identical: {same}")
+              f"(+{old['peak_mb'] - BASELINE['peak_mb']:.0f}); outputs byte-identical: {same}")
         out.with_suffix(".reference.parquet").unlink()
     out.unlink()
     return new
 
 
-def run_sections(root: Path, sizes: list[int], shards: int, reference_upto: int) -> None:
+BASELINE: dict = {}
+
+
+def run_sections(root: Path, sizes: list[int], shards: int, reference_upto: int, merge: bool = True) -> None:
+    BASELINE.update(measure("imports", root / "none.parquet"))
+    print(f"a process that only imports: peak RSS {BASELINE['peak_mb']:.0f} MB (the +MB below are over it)")
     for n in sizes:
         resume_section(root, n)
+        if not merge:
+            continue
         one = merge_section(root, n, 1, n <= reference_upto)
         many = merge_section(root, n, shards, n <= reference_upto)
         print(f"merge in {shards:,} shards vs one process, {n:,} rows: {many['seconds'] / one['seconds']:.2f}x time")

@@ -206,10 +206,12 @@ class PartIndex:
 
     def done_mask(self, total: int) -> np.ndarray:
         """(total,) bool: which indices 0..total-1 have a row in some part."""
-        flat = np.fromiter((v for entry in self.entries.values() for v in entry.runs), dtype=np.int64)
-        runs = np.clip(flat.reshape(-1, 2), 0, total)
-        edges = np.bincount(runs[:, 0], minlength=total + 1) - np.bincount(runs[:, 1], minlength=total + 1)
-        return np.cumsum(edges[:total]) > 0
+        mask = np.zeros(total, dtype=bool)  # set run by run: no array of N integers beside it
+        for entry in self.entries.values():
+            runs = entry.runs
+            for k in range(0, len(runs), 2):
+                mask[max(runs[k], 0):max(runs[k + 1], 0)] = True
+        return mask
 
     def failed_indices(self) -> np.ndarray:
         """Indices of the rows whose status is "failed", over all parts."""
