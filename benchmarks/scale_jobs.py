@@ -177,7 +177,8 @@ def resume_section(root: Path, n: int) -> None:
     print(f"resume start, {n:,} images, {fast['parts']:,} parts (made in {made:.0f} s):")
     for label, r in (("with the manifest", fast), ("previous version's output, first start", first),
                      ("  the start after it", again)):
-        print(f"  {label}: {r['seconds']:.2f} s, peak RSS {r['peak_mb']:.0f} MB (+{r['peak_mb'] - BASELINE['peak_mb']:.0f}), "
+        grew = r["peak_mb"] - BASELINE["peak_mb"]
+        print(f"  {label}: {r['seconds']:.2f} s, peak RSS {r['peak_mb']:.0f} MB (+{grew:.0f}), "
               f"{r['adopted']:,} parts read  [{load()}]")
     shutil.rmtree(parts)
 
