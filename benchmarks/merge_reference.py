@@ -43,14 +43,17 @@ def reference_iter_merged(parts: Sequence[tuple[int, int, Path]], schema: pa.Sch
             yield merged
 
 
-def write_layout(store, n: int, rows, shards: int, window: int, part_size: int) -> int:
+def write_layout(store, n: int, rows, shards: int, window: int, part_size: int, begin_shard=None) -> int:
     """Write results for indices 0..n-1 into a PartStore as the part files that `--shard I/shards`
     runs with this window and part size leave (shards=1: one process): shard I takes windows I,
     I+shards, ..., and writes a part when it holds part_size rows or more after a window.
-    rows(indices) gives the result rows of those indices. Returns the number of parts."""
+    rows(indices) gives the result rows of those indices; begin_shard(store), if given, is called
+    before each shard's parts. Returns the number of parts."""
     windows = -(-n // window)
     count = 0
     for shard in range(shards):
+        if begin_shard is not None:
+            begin_shard(store)
         held: list[np.ndarray] = []
         size = 0
         for w in range(shard, windows, shards):

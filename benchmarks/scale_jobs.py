@@ -68,7 +68,7 @@ def make_work_dir(out: Path, n: int, shards: int, light: bool = False) -> float:
     from merge_reference import write_layout
 
     from tagclip_cli.fileio import write_json_atomic
-    from tagclip_cli.jobs.manifest import MANIFEST_DIR
+    from tagclip_cli.jobs.manifest import MANIFEST_DIR, ManifestWriter
     from tagclip_cli.jobs.parts import PartStore
     from tagclip_cli.record import RecordIO
     from tagclip_cli.writers import tags_schema
@@ -91,7 +91,10 @@ def make_work_dir(out: Path, n: int, shards: int, light: bool = False) -> float:
             ids = [f"{i // 1000:05d}/{i:010d}.jpg" for i in idx.tolist()]
             w.write_table(pa.table({"index": idx, "image_id": ids, "path": [f"/data/images/{i}" for i in ids],
                                     "coco_id": pa.nulls(len(idx), pa.int64())}))
-    write_layout(store, n, lambda idx: result_rows(idx, schema, light), shards, WINDOW, PART_SIZE)
+    def new_process(store: PartStore) -> None:  # each --shard task writes its own manifest file
+        store.manifest = ManifestWriter(store.manifest.dir)
+
+    write_layout(store, n, lambda idx: result_rows(idx, schema, light), shards, WINDOW, PART_SIZE, new_process)
     return time.perf_counter() - start
 
 
@@ -187,9 +190,13 @@ def merge_section(root: Path, n: int, shards: int, reference: bool) -> dict:
     """`tagclip merge` of n rows in the layout of `shards` tasks (and the previous merge)."""
     out = root / f"merge-{n}-{shards}.parquet"
     made = make_work_dir(out, n, shards)
+    layout = "one process" if shards == 1 else f"{shards:,} shards"
+    if shards > 1:  # a --shard task's scan at its start (and end): every shard's manifest file
+        scan = measure("resume", out)
+        print(f"resume start, {n:,} images in {layout} (a manifest file each): {scan['seconds']:.2f} s, "
+              f"peak RSS {scan['peak_mb']:.0f} MB (+{scan['peak_mb'] - BASELINE['peak_mb']:.0f})  [{load()}]")
     old = measure("reference", out) if reference else None
     new = measure("merge", out)
-    layout = "one process" if shards == 1 else f"{shards:,} shards"
     print(f"merge, {n:,} rows, {layout}, {new['parts']:,} parts (made in {made:.0f} s): {new['seconds']:.1f} s "
           f"(+{new['cleanup_seconds']:.1f} s removing the parts), peak RSS {new['peak_mb']:.0f} MB "
           f"(+{new['peak_mb'] - BASELINE['peak_mb']:.0f})  [{load()}]")
