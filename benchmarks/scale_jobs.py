@@ -14,15 +14,14 @@ spans most of the indices). Rows are those of `annotate` with 80 classes (random
   RSS; with --reference, also the merge it replaced (benchmarks/merge_reference.py), whose output
   must be byte-identical.
 
-Each measurement runs in a child process; peak RSS is getrusage's, and "+MB" is the difference
-to a child that only imports (torch included, through tagclip_cli.faults).
+Each measurement runs in a child process; peak RSS is its VmHWM, and "+MB" is the difference to
+a child that only imports (torch included, through tagclip_cli.faults).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -98,9 +97,11 @@ def make_work_dir(out: Path, n: int, shards: int, light: bool = False) -> float:
     return time.perf_counter() - start
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident set (VmRSS) or its peak (VmHWM), in MB. The peak is the memory map's
+    own: getrusage's ru_maxrss survives exec, so a child would report its parent's peak."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -147,7 +148,7 @@ def child(task: str, out: Path) -> dict:
         result["rows"] = write_parquet_atomic(reference_iter_merged(parts, schema, total),
                                               out.with_suffix(".reference.parquet"), schema)
     result["seconds"] = time.perf_counter() - start - result.get("cleanup_seconds", 0.0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = rss_mb("VmHWM")
     result.update(peak_mb=peak, rss_before_mb=base)
     return result
 
