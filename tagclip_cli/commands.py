@@ -154,11 +154,13 @@ def annotate(
     manifest= or images_parquet=); vocab: anything `vocabulary` takes.
     An interrupted run of the same settings resumes; under torchrun / with shard="I/N" only this
     process's share. Returns the job's Summary (done, skipped, failed, failures)."""
-    from tagclip_cli.fileio import check_output_path
+    from tagclip_cli.fileio import check_output_path, check_output_suffix
     from tagclip_cli.pipeline import AnnotateOptions, run_annotate
     from tagclip_cli.quirks import Quirks
     from tagclip_cli.tagclip import TagCLIPConfig
 
+    if str(out) != "-":
+        check_output_suffix(out, (".parquet",), others=", or '-' for JSON Lines on stdout")
     placement = job_placement(shard, str(out), overwrite, images)
     voc = vocabulary(vocab, background, no_background)
     items = collect_items(images, manifest, image_root, images_parquet, image_column, id_column)
@@ -198,9 +200,13 @@ def segment(
     refined CAMs (save_cams). tags_in: segment the tags of an earlier annotate run instead of
     running TagCLIP. tag_threshold None: 0.5, or 0.1 with setting="cocostuff". Resumes and shards
     like `annotate`; returns the job's Summary."""
-    from tagclip_cli.fileio import check_output_path
+    from tagclip_cli.fileio import check_output_path, check_output_suffix
     from tagclip_cli.pipeline import SegmentOptions, run_segment
     from tagclip_cli.quirks import Quirks
+
+    check_output_suffix(out, (".json", ".parquet"))
+    if tags_out is not None:
+        check_output_suffix(tags_out, (".parquet",), "--tags-out")
 
     paths = {name: Path(value) if value is not None else None for name, value in
              (("out", out), ("tags_in", tags_in), ("tags_out", tags_out), ("png_dir", png_dir),

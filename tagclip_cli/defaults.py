@@ -18,3 +18,12 @@ BATCH_SIZE = 8  # images per forward
 WORKERS = 2  # decoding processes
 MAX_SIDE = 1024  # longer image side for the model (pixels)
 PART_SIZE = 256  # rows per part file of OUT.parts/
+
+# The student (tagclip_cli.student: train-student, student-predict), in Ultralytics' terms.
+STUDENT_MODEL = "yolo11n-seg.yaml"  # a yaml Ultralytics ships: trained from scratch
+STUDENT_VAL_FRACTION = 0.2  # images held out for validation
+STUDENT_EPOCHS = 100
+STUDENT_IMGSZ = 640  # training and inference image size
+STUDENT_BATCH_SIZE = 16
+STUDENT_WORKERS = 8  # data-loading workers
+STUDENT_CONF = 0.25  # confidence threshold of student-predict

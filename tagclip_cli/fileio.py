@@ -10,6 +10,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -87,6 +88,16 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_output_suffix(out: str | Path, suffixes: Sequence[str], option: str = "--out", others: str = "") -> None:
+    """Refuse, before any work, an output whose extension is not one of `suffixes` (the formats the
+    command writes, e.g. (".json", ".parquet")); `others` names further accepted values in the message.
+    Raises UsageError."""
+    suffix = Path(out).suffix
+    if suffix.lower() not in suffixes:
+        shown = f"unknown output extension '{suffix}'" if suffix else "no output extension"
+        raise UsageError(f"{option} {out}: {shown}; supported: {', '.join(suffixes)}{others}")
 
 
 def check_output_path(out: str | Path) -> None:

@@ -124,7 +124,7 @@ def test_crf_over_saved_grid_cams_equals_segment_crf(reproduced, tmp_path: Path,
     saved = np.load(cams / f"{next(iter(VOC12_IMAGES))}.npz")
     assert saved["cams"].dtype == np.float16 and saved["cams"].shape[1:] == (4, 5)  # the 64x80 image's grid
     reports = {}
-    for name, extra in (("masks", ["--pred", str(masks)]), ("cams", ["--cams", str(cams), "--crf"])):
+    for name, extra in (("masks", ["--masks", str(masks)]), ("cams", ["--cams", str(cams), "--crf"])):
         reports[name] = tmp_path / f"{name}.json"
         result = run("evaluate", "--gt", "voc2012", "--root", str(roots["voc2012"]), *extra, "--report",
                      str(reports[name]), cwd=tmp_path)
@@ -141,9 +141,9 @@ def test_cams_bad_inputs_are_one_line_usage_errors(reproduced, tmp_path: Path):
         ([*gt, "--cams", str(tmp_path)], "no cams.json"),
         ([*gt, "--cams", str(out / "voc2012-miou" / "cams"), "--bg-threshold", "0.7:0.3:0.05"], "start <= stop"),
         ([*gt, "--cams", str(out / "voc2012-miou" / "cams"), "--bg-threshold", "0.3:1.2:0.1"], "outside [0, 1]"),
-        ([*gt, "--pred", str(out / "voc2012-miou" / "masks.json"), "--bg-threshold", "0.5"], "apply to --cams"),
-        ([*gt, "--pred", str(out / "voc2012-miou" / "masks.json"), "--cams", str(out / "voc2012-miou" / "cams")],
-         "either --pred"),
+        ([*gt, "--masks", str(out / "voc2012-miou" / "masks.json"), "--bg-threshold", "0.5"], "apply to --cams"),
+        ([*gt, "--masks", str(out / "voc2012-miou" / "masks.json"), "--cams", str(out / "voc2012-miou" / "cams")],
+         "give one of --tags"),
         (["evaluate", "--gt", "coco-stuff-27", "--root", str(roots["cocostuff"]), "--cams",
           str(out / "coco-stuff-27-miou" / "cams"), "--bg-threshold", "0.5"], "no background label"),
     ]
