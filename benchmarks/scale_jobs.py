@@ -117,6 +117,10 @@ def child(task: str, out: Path) -> dict:
     result: dict = {}
     if task == "merge":
         result["parts"] = len(PartStore(out).part_files())
+        if os.environ.get("MERGE_MEMORY"):  # to see what the budget does
+            import tagclip_cli.jobs.merge as merge_module
+
+            merge_module.MERGE_MEMORY = int(os.environ["MERGE_MEMORY"])
     base = rss_mb()
     start = time.perf_counter()
     if task == "imports":
@@ -149,6 +153,9 @@ def child(task: str, out: Path) -> dict:
                                               out.with_suffix(".reference.parquet"), schema)
     result["seconds"] = time.perf_counter() - start - result.get("cleanup_seconds", 0.0)
     peak = rss_mb("VmHWM")
+    import pyarrow as pa
+
+    result["arrow_peak_mb"] = pa.default_memory_pool().max_memory() / 2**20  # what Arrow held at most
     result.update(peak_mb=peak, rss_before_mb=base)
     return result
 
@@ -200,11 +207,12 @@ def merge_section(root: Path, n: int, shards: int, reference: bool) -> dict:
     new = measure("merge", out)
     print(f"merge, {n:,} rows, {layout}, {new['parts']:,} parts (made in {made:.0f} s): {new['seconds']:.1f} s "
           f"(+{new['cleanup_seconds']:.1f} s removing the parts), peak RSS {new['peak_mb']:.0f} MB "
-          f"(+{new['peak_mb'] - BASELINE['peak_mb']:.0f})  [{load()}]")
+          f"(+{new['peak_mb'] - BASELINE['peak_mb']:.0f}; Arrow's peak {new['arrow_peak_mb']:.0f} MB)  [{load()}]")
     if old is not None:
         same = out.with_suffix(".reference.parquet").read_bytes() == out.read_bytes()
         print(f"  previous merge: {old['seconds']:.1f} s, peak RSS {old['peak_mb']:.0f} MB "
-              f"(+{old['peak_mb'] - BASELINE['peak_mb']:.0f}); outputs byte-identical: {same}")
+              f"(+{old['peak_mb'] - BASELINE['peak_mb']:.0f}; Arrow's peak {old['arrow_peak_mb']:.0f} MB); "
+              f"outputs byte-identical: {same}")
         out.with_suffix(".reference.parquet").unlink()
     out.unlink()
     return new

@@ -123,11 +123,13 @@ def first_rows(table: pa.Table) -> pa.Table:
 
 
 def iter_merged(parts: Sequence[tuple[int, Path]], schema: pa.Schema, total: int, chunk: int,
-                spill_root: Path, budget: int = MERGE_MEMORY) -> Iterator[pa.Table]:
+                spill_root: Path, budget: int | None = None) -> Iterator[pa.Table]:
     """The rows of the parts ((first index, path), by first index) in index order, one row per
-    index, `chunk` indices at a time. Raises IncompleteRunError if an index below total has no row."""
+    index, `chunk` indices at a time (budget: bytes of waiting rows held in memory, default
+    MERGE_MEMORY). Raises IncompleteRunError if an index below total has no row."""
     chunks = -(-total // chunk)
-    buffer = ChunkBuffer(schema, spill_root / f".merge-{uuid.uuid4().hex[:12]}", budget)
+    buffer = ChunkBuffer(schema, spill_root / f".merge-{uuid.uuid4().hex[:12]}",
+                         MERGE_MEMORY if budget is None else budget)
     following = 0
     try:
         for number in range(chunks):
