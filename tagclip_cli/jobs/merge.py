@@ -3,11 +3,12 @@
 Each part is read once, in the order of its first index, and cut (it is sorted by index) into one
 piece per output chunk it has rows in. A chunk is complete, and is written, once every part that
 starts before its end has been read. Pieces of later chunks wait in memory up to a budget; past
-it they are spilled, all of them, to one Arrow IPC file (lz4) beside the parts and read back when
-their chunk comes. So the time is O(rows) whatever the layout of the parts (one process: parts
-are contiguous and nothing is spilled; `--shard I/N` with N large: every part spans most of the
-indices, and most rows are spilled once), and memory is bounded by the budget, the chunk and the
-parts that have rows in the current chunk.
+it they are spilled, all of them, to one temporary file beside the parts (lz4 Arrow IPC, one
+stream per chunk at a recorded offset) and read back when their chunk comes. So the time is
+O(rows) whatever the layout of the parts (one process: parts are contiguous and nothing is
+spilled; `--shard I/N` with N large: every part spans most of the indices, and most rows are
+spilled once), and memory is bounded by the budget, the chunk and the parts that have rows in the
+current chunk.
 
 The rows of a chunk are its pieces in part order (spilled pieces are always older than the ones
 in memory), stably sorted by index, and of an index met twice the first row is kept: the same
@@ -16,9 +17,8 @@ rows, order and values as merging chunk by chunk from whole parts.
 
 from __future__ import annotations
 
-import shutil
+import os
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -28,23 +28,23 @@ import pyarrow.parquet as pq
 
 from tagclip_cli.errors import IncompleteRunError
 
-MERGE_MEMORY = 128 << 20  # bytes of waiting pieces kept in memory before they are spilled
-OPEN_SPILLS = 64  # spill files kept open at once
+MERGE_MEMORY = 32 << 20  # bytes of waiting pieces kept in memory before they are spilled
 
 
 class ChunkBuffer:
-    """Pieces of rows waiting for their chunk: in memory up to `budget` bytes, else in spill files."""
+    """Pieces of rows waiting for their chunk: in memory up to `budget` bytes, else in one spill
+    file (each chunk's spilled rows an lz4 Arrow IPC stream at a recorded offset)."""
 
-    def __init__(self, schema: pa.Schema, spill_dir: Path, budget: int = MERGE_MEMORY) -> None:
+    def __init__(self, schema: pa.Schema, spill_path: Path, budget: int = MERGE_MEMORY) -> None:
         self.schema = schema
-        self.spill_dir = spill_dir
+        self.spill_path = spill_path
         self.budget = budget
         self.current = 0  # the chunk being completed: its pieces are never spilled
         self.waiting: dict[int, list[pa.Table]] = {}
         self.waiting_bytes = 0
-        self.spilled: dict[int, list[tuple[int, int]]] = {}  # chunk -> (spill file, batch)
-        self.spills = 0
-        self.readers: OrderedDict[int, tuple[pa.ipc.RecordBatchFileReader, pa.NativeFile]] = OrderedDict()
+        self.spilled: dict[int, list[tuple[int, int]]] = {}  # chunk -> (offset, size) in the spill file
+        self.fd: int | None = None
+        self.size = 0
 
     def add(self, chunk: int, piece: pa.Table) -> None:
         self.waiting.setdefault(chunk, []).append(piece)
@@ -54,47 +54,36 @@ class ChunkBuffer:
                 self.spill()
 
     def spill(self) -> None:
-        """Write every waiting piece of a later chunk to one new spill file (batches in chunk order)."""
-        later = sorted(c for c in self.waiting if c > self.current)
-        self.spill_dir.mkdir(exist_ok=True)
-        number, batch = self.spills, 0
+        """Append every waiting piece of a later chunk to the spill file, one stream per chunk."""
+        if self.fd is None:
+            self.fd = os.open(self.spill_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         options = pa.ipc.IpcWriteOptions(compression="lz4")
-        with pa.OSFile(str(self._path(number)), "wb") as sink, pa.ipc.new_file(sink, self.schema,
-                                                                               options=options) as writer:
-            for chunk in later:
+        plain = self.schema.remove_metadata()
+        for chunk in sorted(c for c in self.waiting if c > self.current):
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, plain, options=options) as writer:
                 for piece in self.waiting.pop(chunk):
-                    for record_batch in piece.to_batches():
-                        writer.write_batch(record_batch)
-                        self.spilled.setdefault(chunk, []).append((number, batch))
-                        batch += 1
-        self.spills += 1
+                    writer.write_table(piece.replace_schema_metadata())
+            data = sink.getvalue()
+            view = memoryview(data)
+            while view:
+                view = view[os.pwrite(self.fd, view, self.size + len(data) - len(view)):]
+            self.spilled.setdefault(chunk, []).append((self.size, len(data)))
+            self.size += len(data)
         self.waiting_bytes = 0
 
     def take(self, chunk: int) -> pa.Table | None:
         """All rows of a chunk, in part order (spilled pieces first: they are the older ones)."""
-        batches = [self._reader(number).get_batch(i) for number, i in self.spilled.pop(chunk, ())]
-        pieces = [pa.Table.from_batches(batches, self.schema)] if batches else []
+        pieces = [pa.ipc.open_stream(os.pread(self.fd, size, offset)).read_all()  # type: ignore[arg-type]
+                  .replace_schema_metadata(self.schema.metadata) for offset, size in self.spilled.pop(chunk, ())]
         pieces += self.waiting.pop(chunk, [])
         return pa.concat_tables(pieces) if pieces else None
 
-    def _path(self, number: int) -> Path:
-        return self.spill_dir / f"spill-{number:06d}.arrow"
-
-    def _reader(self, number: int) -> pa.ipc.RecordBatchFileReader:
-        if number in self.readers:
-            self.readers.move_to_end(number)
-        else:
-            if len(self.readers) >= OPEN_SPILLS:
-                self.readers.popitem(last=False)[1][1].close()
-            source = pa.OSFile(str(self._path(number)))
-            self.readers[number] = (pa.ipc.open_file(source), source)
-        return self.readers[number][0]
-
     def close(self) -> None:
-        for _, source in self.readers.values():
-            source.close()
-        self.readers.clear()
-        shutil.rmtree(self.spill_dir, ignore_errors=True)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            self.spill_path.unlink(missing_ok=True)
 
 
 def split_by_chunk(table: pa.Table, chunk: int, chunks: int) -> Iterator[tuple[int, pa.Table]]:
@@ -128,7 +117,7 @@ def iter_merged(parts: Sequence[tuple[int, Path]], schema: pa.Schema, total: int
     index, `chunk` indices at a time (budget: bytes of waiting rows held in memory, default
     MERGE_MEMORY). Raises IncompleteRunError if an index below total has no row."""
     chunks = -(-total // chunk)
-    buffer = ChunkBuffer(schema, spill_root / f".merge-{uuid.uuid4().hex[:12]}",
+    buffer = ChunkBuffer(schema, spill_root / f".merge-{uuid.uuid4().hex[:12]}.arrows",
                          MERGE_MEMORY if budget is None else budget)
     following = 0
     try:
