@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tagclip_cli.errors import UsageError
+from tagclip_cli.errors import UsageError, with_suggestion
 from tagclip_cli.fileio import atomic_path
 from tagclip_cli.formats import (
     TAG_COLUMNS,
@@ -347,8 +347,9 @@ def _rows_to_show(config: ShowConfig, classes: Sequence[str]) -> list[TagRow]:
     only = None
     if config.doubt_class is not None:
         if config.doubt_class not in classes:
-            raise UsageError(f"--class {config.doubt_class!r}: not a class of {config.tags} "
-                             f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+            raise UsageError(with_suggestion(f"--class {config.doubt_class!r}: not a class of {config.tags} "
+                                             f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})",
+                                             config.doubt_class, classes))
         only = list(classes).index(config.doubt_class)
     rows = doubt_order(list(iter_tag_rows(config.tags, classes, None, vector, only)), config.failed_first,
                        config.max_margin)

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from tagclip_cli import __version__, defaults
+from tagclip_cli import __version__, defaults, progress
 from tagclip_cli.cli.surface import GENERAL, INPUT, JOB, METHOD, MODEL, TagclipGroup
 from tagclip_cli.errors import TagclipError
 
@@ -56,12 +56,14 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def user_errors(command: Callable) -> Callable:
-    """Wrap a command so that a TagclipError becomes its one-line message and exit code."""
+    """Wrap a command so that a TagclipError becomes its one-line message and exit code, and the
+    library's long steps show as bars while it runs (`show_step`)."""
 
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with progress.reporting(show_step):
+                return command(*args, **kwargs)
         except TagclipError as exc:
             raise fail(str(exc), exc.exit_code) from None
 
@@ -104,6 +106,26 @@ def progress_factory(quiet: bool, label: str = "tagging"):
             yield lambda n: prog.advance(task, n)
 
     return factory
+
+
+@contextmanager
+def show_step(label: str, total: int | None):
+    """How the commands show a long step of the library (`tagclip_cli.progress`): a bar with a count
+    (encoding prompts), or a transient spinner (loading the model); nothing when our log is quiet
+    (--quiet, torchrun ranks other than 0)."""
+    if not logging.getLogger("tagclip_cli").isEnabledFor(logging.INFO):
+        yield lambda n: None
+        return
+    if total is not None:
+        with progress_factory(False, label)(total) as advance:
+            yield advance
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
+                  transient=True, disable=not err_console.is_terminal) as bar:  # not even a blank line in a log
+        task = bar.add_task(label, total=None)
+        yield lambda n: bar.advance(task, n)
 
 
 @contextmanager

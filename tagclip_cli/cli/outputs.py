@@ -10,6 +10,7 @@ from rich.console import Console
 
 from tagclip_cli.cli.common import QUIET_OPT, THRESHOLDS_HELP, VERBOSE_OPT, err_console, fail, setup_logging, step_bar
 from tagclip_cli.cli.surface import INPUT, JOB, METHOD, OUTPUT, SCORING, SELECTION, warn_renamed
+from tagclip_cli.errors import with_suggestion
 
 GT_OPT = typer.Option(
     ..., "--gt", metavar="NAME", rich_help_panel=INPUT,
@@ -21,8 +22,8 @@ ROOT_OPT = typer.Option(..., "--root", metavar="PATH", rich_help_panel=INPUT,
 EVAL_TAGS_OPT = typer.Option(None, "--tags", metavar="FILE", rich_help_panel=INPUT,
                              help="Tags Parquet (`tagclip annotate`, or segment --tags-out): mAP and P/R/F1.")
 EVAL_MASKS_OPT = typer.Option(None, "--masks", metavar="FILE|DIR", rich_help_panel=INPUT,
-                              help="Masks (`tagclip segment`'s COCO RLE JSON), or a folder of label PNGs (segment "
-                              "--png-dir, student-predict): mIoU.")
+                              help="Masks (`tagclip segment`'s COCO RLE JSON or masks Parquet), or a folder of label "
+                              "PNGs (segment --png-dir, student-predict): mIoU.")
 CAMS_OPT = typer.Option(None, "--cams", metavar="DIR", rich_help_panel=INPUT,
                         help="Instead of --masks: a `segment --save-cams` directory; its label maps are remade from "
                         "the saved CAMs (see --bg-threshold, --crf).")
@@ -103,11 +104,12 @@ def evaluate_command(
     }
     for option, (value, allowed) in choices.items():
         if value not in allowed:
-            raise fail(f"{option} must be one of {', '.join(allowed)}, not '{value}'")
+            raise fail(with_suggestion(f"{option} must be one of {', '.join(allowed)}, not '{value}'", value,
+                                       allowed))
     given = [value for value in (tags, masks, pred, cams) if value is not None]
     if len(given) != 1:
-        raise fail("give one of --tags (a tags Parquet), --masks (masks: COCO JSON or label PNGs) or --cams "
-                   "(a segment --save-cams directory)")
+        raise fail("give one of --tags (a tags Parquet), --masks (masks: COCO JSON, masks Parquet or label PNGs) "
+                   "or --cams (a segment --save-cams directory)")
     _check_prediction_option(tags, masks)
     thresholds = None
     if bg_threshold is not None:
@@ -165,7 +167,7 @@ SHOW_TAGS_OPT = typer.Option(..., "--tags", metavar="FILE", rich_help_panel=INPU
 SHOW_OUT_OPT = typer.Option(..., "--out", "-o", metavar="DIR", rich_help_panel=OUTPUT,
                             help="Gallery folder (index.html, overlays/, thumbs/).")
 SHOW_MASKS_OPT = typer.Option(None, "--masks", metavar="FILE", rich_help_panel=INPUT,
-                              help="COCO RLE masks JSON written by `tagclip segment`.")
+                              help="Masks written by `tagclip segment` (COCO RLE JSON or masks Parquet).")
 SHOW_MAX_SIDE_OPT = typer.Option(1024, "--max-side", min=64, metavar="PIXELS", rich_help_panel=OUTPUT,
                                  help="Longer side of the overlays' image part (about 1 MB per PNG at 1024).")
 THUMB_SIDE_OPT = typer.Option(256, "--thumb-side", min=32, metavar="PIXELS", rich_help_panel=OUTPUT,
@@ -377,7 +379,7 @@ def calibrate(
 
     setup_logging(quiet, verbose)
     if gt not in ev.GT_NAMES:
-        raise fail(f"--gt must be one of {', '.join(ev.GT_NAMES)}, not '{gt}'")
+        raise fail(with_suggestion(f"--gt must be one of {', '.join(ev.GT_NAMES)}, not '{gt}'", gt, ev.GT_NAMES))
     parse_target(target)
     check_output_path(out)
     result = run_calibration(gt, Path(root), tags, target, split=Path(split) if split else None,

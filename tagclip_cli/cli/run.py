@@ -65,6 +65,25 @@ ANNOTATE_MAX_SIDE_OPT = typer.Option(
     "(attention memory grows with the 4th power of the side; VOC/COCO images are below the default).",
 )
 
+ANNOTATE_METHOD_OPT = typer.Option(
+    defaults.TAG_METHOD, "--method", metavar="NAME", rich_help_panel=METHOD,
+    help="tagclip (TagCLIP, the paper's) or piaa (PIAA: fits a patch-level classifier on the collection first, then "
+    "scores it; its model is written to OUT.piaa.safetensors and reused; docs/methods.md).")
+DENSE_OPT = typer.Option(None, "--dense", metavar="NAME", rich_help_panel=METHOD,
+                         help="PIAA: the dense variant giving the patch features: sclip (default), clearclip or "
+                         "naclip.")
+PIAA_SETTING_OPT = typer.Option(None, "--setting", metavar="NAME", rich_help_panel=METHOD,
+                                help="PIAA: the authors' constants for voc (default), coco or nus (docs/algorithm.md "
+                                "§13).")
+BANK_SIZE_OPT = typer.Option(None, "--bank-size", metavar="N", rich_help_panel=METHOD,
+                             help=f"PIAA: patches kept per class by the fit (default {defaults.PIAA_BANK_SIZE}); "
+                             "memory is classes x this, whatever the collection.")
+PIAA_MODEL_OPT = typer.Option(None, "--piaa-model", metavar="FILE", rich_help_panel=METHOD,
+                              help="PIAA: score with this fitted model (an OUT.piaa.safetensors of another run) "
+                              "instead of fitting here.")
+FIT_ON_OPT = typer.Option(None, "--fit-on", metavar="IMAGES", rich_help_panel=INPUT,
+                          help="PIAA: fit on this collection (any IMAGES input) instead of the images being tagged.")
+
 
 def annotate(
     images: str = IMAGES_ARG,
@@ -74,11 +93,17 @@ def annotate(
     images_parquet: str = IMAGES_PARQUET_OPT,
     image_column: str = IMAGE_COLUMN_OPT,
     id_column: str = ID_COLUMN_OPT,
+    fit_on: str = FIT_ON_OPT,
     model: str = MODEL_OPT,
     pretrained: str = PRETRAINED_OPT,
     checkpoint: Path = CHECKPOINT_OPT,
     precision: str = PRECISION_OPT,
     max_side: int = ANNOTATE_MAX_SIDE_OPT,
+    method: str = ANNOTATE_METHOD_OPT,
+    dense: str = DENSE_OPT,
+    setting: str = PIAA_SETTING_OPT,
+    bank_size: int = BANK_SIZE_OPT,
+    piaa_model: Path = PIAA_MODEL_OPT,
     background: Path = BACKGROUND_OPT,
     no_background: bool = ANNOTATE_NO_BACKGROUND_OPT,
     tag_threshold: float = ANNOTATE_TAG_THRESHOLD_OPT,
@@ -96,7 +121,7 @@ def annotate(
     quiet: bool = QUIET_OPT,
     verbose: bool = VERBOSE_OPT,
 ) -> None:
-    """Tag every image with TagCLIP: the fused score of every class and the predicted tags, to Parquet."""
+    """Tag every image with TagCLIP (or PIAA): the score of every class and the predicted tags, to Parquet."""
     options = dict(locals())  # the options, by the names commands.annotate takes
     del options["quiet"], options["verbose"]
     from tagclip_cli import commands
@@ -281,8 +306,8 @@ COCOSTUFF_SPLIT_OPT = typer.Option(None, "--cocostuff-split", metavar="FILE", ri
                                    help="COCO-Stuff image list (default: every label PNG); the reference uses its "
                                    "imageset/cocostuff/val.txt.")
 ROWS_OPT = typer.Option(None, "--rows", metavar="NAMES", rich_help_panel=METHOD,
-                        help="Only these rows (comma-separated names; default the paper's eight; the ResCLIP and "
-                        "SC-CLIP rows, e.g. voc2012-miou-resclip, only when named).")
+                        help="Only these rows (comma-separated names; default the paper's eight; the ResCLIP, "
+                        "SC-CLIP and PIAA rows, e.g. voc2012-miou-resclip, voc2007-map-piaa, only when named).")
 
 
 def reproduce(

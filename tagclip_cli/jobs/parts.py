@@ -25,7 +25,7 @@ from tagclip_cli.faults import deferred_signals
 from tagclip_cli.fileio import atomic_path, output_text, write_json_atomic
 from tagclip_cli.jobs.manifest import MANIFEST_DIR, ManifestWriter, PartEntry, PartIndex
 from tagclip_cli.jobs.merge import iter_merged
-from tagclip_cli.record import RecordIO, RunRecord
+from tagclip_cli.record import RecordIO, RunRecord, describe_changes, only_thresholds_changed
 from tagclip_cli.sources import ImageItem
 from tagclip_cli.writers import (
     COCO_JSON_FORMAT,
@@ -86,9 +86,8 @@ class PartStore:
         if create:
             if overwrite:
                 shutil.rmtree(store.dir, ignore_errors=True)
-            elif store.out.exists() and not store.dir.exists():
-                raise ConfigMismatchError(f"{store.out}: output exists{_made_with(store.out, config)}; "
-                                          "pass --overwrite to replace it")
+            else:
+                store._refuse_existing_output(config)
             try:
                 store.dir.mkdir(exist_ok=True)
             except OSError as exc:
@@ -103,16 +102,35 @@ class PartStore:
             store.index()
         return store
 
+    def refuse_other_settings(self, config: RunRecord, items: Sequence[ImageItem]) -> None:
+        """The refusals of `open` (without --overwrite) that need only the files there, so that they
+        come before the model loads: an output made with other settings, an unfinished run with
+        other settings or inputs (ConfigMismatchError naming each difference)."""
+        self._refuse_existing_output(config)
+        if (self.dir / "config.json").exists():
+            self._check_config(RecordIO.read_config(self.dir / "config.json"), config)
+        if (self.dir / "items.parquet").exists():
+            self._check_items(pq.read_table(self.dir / "items.parquet"), items_table(items))
+
+    def _refuse_existing_output(self, config: RunRecord) -> None:
+        if self.out.exists() and not self.dir.exists():
+            raise ConfigMismatchError(f"{self.out}: output exists{_made_with(self.out, config)}")
+
+    def _check_config(self, previous: RunRecord, config: RunRecord) -> None:
+        if not RecordIO.same(previous, config):
+            raise ConfigMismatchError(
+                f"{self.out}: an unfinished run with other settings is there ({describe_changes(previous, config)}); "
+                "rerun with the same options, or pass --overwrite")
+
+    def _check_items(self, previous: pa.Table, current: pa.Table) -> None:
+        if not previous.equals(current):
+            raise ConfigMismatchError(f"{self.out}: {describe_item_difference(previous, current)}; rerun "
+                                      "with the same inputs, or pass --overwrite")
+
     def _check_or_write_config(self, config: RunRecord, create: bool) -> None:
         path = self.dir / "config.json"
         if path.exists():
-            previous = RecordIO.read_config(path)
-            if not RecordIO.same(previous, config):
-                changed = RecordIO.differences(previous, config)
-                raise ConfigMismatchError(
-                    f"{self.out}: an unfinished run with a different configuration is there "
-                    f"(differs in: {', '.join(changed)}); rerun with the same options, or pass --overwrite"
-                )
+            self._check_config(RecordIO.read_config(path), config)
         elif create:
             RecordIO.write_config(config, path)
         else:
@@ -122,10 +140,7 @@ class PartStore:
         path = self.dir / "items.parquet"
         current = items_table(items)
         if path.exists():
-            previous = pq.read_table(path)
-            if not previous.equals(current):
-                raise ConfigMismatchError(f"{self.out}: {describe_item_difference(previous, current)}; rerun "
-                                          "with the same inputs, or pass --overwrite")
+            self._check_items(pq.read_table(path), current)
         elif create:
             with atomic_path(path) as tmp:
                 pq.write_table(current, tmp, compression="zstd")
@@ -271,17 +286,50 @@ def finished_output(out: Path, config: RunRecord, items: Sequence[ImageItem]) ->
     return sum(1 for status in table.column("status").to_pylist() if status != "ok")
 
 
+def has_previous(out: Path | None, overwrite: bool) -> bool:
+    """Whether a run into `out` meets an earlier one there (an output, or an unfinished run) that it
+    must resume, skip or refuse (not with --overwrite, which replaces it)."""
+    return out is not None and not overwrite and (out.exists() or parts_dir(out).exists())
+
+
+def previous_record(out: Path) -> RunRecord | None:
+    """The record of the earlier run at `out`: its unfinished run's config.json, else the finished
+    output's; None when there is none (or it is not one of our Parquet files)."""
+    try:
+        if (parts_dir(out) / "config.json").is_file():
+            return RecordIO.read_config(parts_dir(out) / "config.json")
+        record = read_record(out) if out.is_file() else None
+    except Exception:  # unreadable: the refusals of PartStore.open explain it
+        return None
+    return None if record is None or record.empty else record
+
+
 def _made_with(out: Path, config: RunRecord) -> str:
-    """How an existing output's configuration compares with this run's, for the refusal message."""
+    """How an existing output's configuration compares with this run's, and what to do, for the
+    refusal message: each changed setting (old -> new), `tagclip retag` when only the thresholds of
+    a tags Parquet changed, else --overwrite."""
+    replace = "; pass --overwrite to replace it"
     try:
         previous = read_record(out)
     except Exception:  # not a Parquet file of ours: nothing to compare
-        return ""
+        return replace
     if previous.empty:
-        return ""
+        return replace
     if RecordIO.same(previous, config):
-        return " (same configuration: this run is already complete)"
-    return f" (made with a different configuration: differs in {', '.join(RecordIO.differences(previous, config))})"
+        return f" (same configuration: this run is already complete){replace}"
+    made = f" (made with other settings: {describe_changes(previous, config)})"
+    if config.segment is None and only_thresholds_changed(previous, config):
+        return f"{made}; only thresholds changed: {_retag_command(out, config)} re-derives its tags from the stored " \
+               "scores without the model, or pass --overwrite to recompute it"
+    return made + replace
+
+
+def _retag_command(out: Path, config: RunRecord) -> str:
+    """The `tagclip retag` command that turns `out`'s tags into those of `config`'s thresholds."""
+    new = out.with_name(f"{out.stem}.retagged{out.suffix}")
+    threshold = f" --tag-threshold {config.tag_threshold}" if config.tag_threshold is not None else ""
+    file = " --thresholds FILE" if config.thresholds is not None else ""
+    return f"`tagclip retag {out}{file}{threshold} --out {new}`"
 
 
 def describe_item_difference(previous: pa.Table, current: pa.Table) -> str:
