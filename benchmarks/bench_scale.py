@@ -12,11 +12,15 @@ Sections (each a function, each measured in fresh child processes):
 - listing: `collect_items` alone, after importing torch and the pipeline; µs per item, the peak RSS of
   the process (imports included) and, per item, the peak and the retained growth over the imports;
 - shard start: `tagclip annotate --shard 0/1000` (tiny random CLIP, 80 classes, --workers 0) stopped at
-  its first written batch: seconds to that batch and the peak RSS (imports and model included), against N.
+  its first written batch: seconds to that batch and the peak RSS (imports and model included), against N;
+- jobs, resume start and merge (benchmarks/scale_jobs.py): a resumed run's scan of N finished images
+  (with the manifest, and as the previous version left an output), and `tagclip merge` of N rows
+  in one process's layout and in 1,000 shards' (with the previous merge up to --reference-upto).
 
     .venv/bin/python benchmarks/bench_scale.py --quick          # 20k and 100k, a few minutes (make bench)
     .venv/bin/python benchmarks/bench_scale.py                  # 100k and 1M
-    .venv/bin/python benchmarks/bench_scale.py --sizes 10000000 --kinds pathlist-virtual   # 10M (see below)
+    .venv/bin/python benchmarks/bench_scale.py --sizes 10000000 --resume-only   # resume start at 10M
+    .venv/bin/python benchmarks/bench_scale.py --sizes 10000000 --kinds pathlist-virtual --sections listing,shard-start
 """
 
 from __future__ import annotations
@@ -256,15 +260,30 @@ def section_shard_start(root: Path, sizes: list[int], kinds: list[str]) -> None:
                           flush=True)
 
 
+def section_jobs(root: Path, sizes: list[int], kinds: list[str], options: argparse.Namespace) -> None:
+    """Resume start and merge (one process, --shards shards) at each size (benchmarks/scale_jobs.py)."""
+    sys.path.insert(0, str(HERE))
+    from scale_jobs import run_sections
+
+    with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=options.tmp) as work:
+        run_sections(Path(work), sizes, options.shards, options.reference_upto, merge=not options.resume_only)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="100000,1000000", help="comma-separated N")
-    parser.add_argument("--kinds", default=",".join(KINDS), help=f"some of {','.join(KINDS)}")
-    parser.add_argument("--sections", default="listing,shard-start")
+    parser.add_argument("--sizes", nargs="+", default=["100000,1000000"], help="N, comma- or space-separated")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"some of {','.join(MAKERS)}")
+    parser.add_argument("--sections", help="some of listing,shard-start,jobs (default: all; jobs with --resume-only)")
     parser.add_argument("--quick", action="store_true",
-                        help="listing at N = 20,000 and 100,000; shard start of a path list and tars at 100,000")
+                        help="listing at N = 20,000 and 100,000; shard start of a path list and tars at 100,000; "
+                             "jobs at 20,000 and 100,000")
     parser.add_argument("--workdir", help="keep the inputs here (default: a temporary folder)")
     parser.add_argument("--code", help="measure the tagclip_cli of this checkout (e.g. an earlier version)")
+    parser.add_argument("--shards", type=int, default=1000, help="--shard tasks of the sharded merge (jobs)")
+    parser.add_argument("--reference-upto", type=int, default=1_000_000,
+                        help="jobs: also time the previous merge up to this many rows")
+    parser.add_argument("--resume-only", action="store_true", help="jobs: only the resume start (e.g. at 10M)")
+    parser.add_argument("--tmp", default=None, help="jobs: where to make the work directories (default: $TMPDIR)")
     parser.add_argument("--child-listing", nargs=1, help=argparse.SUPPRESS)
     parser.add_argument("--child-start", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -272,16 +291,20 @@ def main(argv: list[str] | None = None) -> None:
         return child_listing(*args.child_listing)
     if args.child_start:
         return child_start(*args.child_start)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
     if args.code:
         CODE[0] = str(Path(args.code).resolve())
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(n) for text in args.sizes for n in text.split(",") if n]
     kinds = [k for k in args.kinds.split(",") if k]
-    sections = {"listing": section_listing, "shard-start": section_shard_start}
-    quick = {"listing": ([20000, 100000], kinds), "shard-start": ([100000], ["pathlist", "tars"])}
+    sections = {"listing": section_listing, "shard-start": section_shard_start,
+                "jobs": lambda root, n, k: section_jobs(root, n, k, args)}
+    quick = {"listing": ([20000, 100000], kinds), "shard-start": ([100000], ["pathlist", "tars"]),
+             "jobs": ([20000, 100000], kinds)}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.workdir or tmp)
         root.mkdir(parents=True, exist_ok=True)
-        for name in args.sections.split(","):
+        chosen = args.sections or ("jobs" if args.resume_only else "listing,shard-start,jobs")
+        for name in chosen.split(","):
             sections[name](root, *(quick[name] if args.quick and name in quick else (sizes, kinds)))
 
 

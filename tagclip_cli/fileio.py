@@ -48,7 +48,7 @@ def atomic_path(path: str | Path):
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:  # disk full, quota, I/O error: one line for the user, no half file left
         Path(tmp).unlink(missing_ok=True)
         raise OutputWriteError(f"cannot write {path} ({describe_os_error(exc)})") from exc
@@ -77,7 +77,7 @@ def describe_os_error(exc: OSError) -> str:
     return exc.strerror or text
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
