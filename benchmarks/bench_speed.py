@@ -440,42 +440,63 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
             flush=True,
         )
 
+    stats = {"candidates": candidates, "crops": crops, "tags": tags, "max_diff": max_diff,
+             "max_cam_diff": max_cam_diff, "same_tags": same_tags, "decode_s": decode_s, "names": len(names)}
+    return report(args, count, (ours, slow, enc, seg_ours, seg_cams), segmenter is not None, stages, stats, setup)
+
+
+def methods_of(ours: Method, slow: Method, enc: Method, seg_ours: Method, seg_cams: Method,
+               segmented: bool) -> list[Method]:
+    """The rows of the methods table; with segment, the naive segment row: the reference pipeline
+    tags first (classify.py), then runs CLIP-ES on the tags, so its time is the naive TagCLIP time
+    of the same images plus the naive CLIP-ES time."""
     methods = [ours, slow, enc]
-    if segmenter is not None:
-        # The reference pipeline tags first (classify.py), then runs CLIP-ES on the tags: the naive
-        # segment time is the naive TagCLIP time of the same images plus the naive CLIP-ES time.
+    if segmented:
         seg_naive = Method(
             "segment (naive)", slow.seconds + seg_cams.seconds, slow.images, max(slow.peak_rss, seg_cams.peak_rss)
         )
         methods += [seg_ours, seg_naive]
+    return methods
+
+
+def print_methods(methods: Sequence[Method]) -> None:
     print()
     print("| method | images | seconds | images/s | peak RSS (MB) | peak per batch (MB) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for m in methods:
         per_batch = f"{m.batch_peak:.0f}" if m.batch_peak else "-"
         print(f"| {m.name} | {m.images} | {m.seconds:.1f} | {m.rate:.3f} | {m.peak_rss:.0f} | {per_batch} |")
-    profile = print_profile(stages, ours.seconds, seg_ours.seconds if segmenter is not None else None)
+
+
+def report(args: argparse.Namespace, count: int, timed_methods: tuple[Method, ...], segmented: bool,
+           stages: dict[str, float], stats: dict, setup: dict) -> int:
+    """Print the quick run's tables and ratios (and write --json); returns the exit status."""
+    ours, slow, enc, seg_ours, seg_cams = timed_methods
+    candidates, crops, tags = stats["candidates"], stats["crops"], stats["tags"]
+    max_diff, max_cam_diff, same_tags = stats["max_diff"], stats["max_cam_diff"], stats["same_tags"]
+    print_methods(methods := methods_of(ours, slow, enc, seg_ours, seg_cams, segmented))
+    profile = print_profile(stages, ours.seconds, seg_ours.seconds if segmented else None)
     print()
     print(
         f"CWR candidates per image: mean {statistics.mean(candidates):.2f}, max {max(candidates)}; "
         f"crops forwarded: {crops}"
     )
     print(f"max |score(ours) - score(naive)|: {max_diff:.2e}; identical tag sets: {same_tags} of {count} images")
-    if segmenter is not None:
+    if segmented:
         print(
             f"CLS-SEG tags per image: mean {statistics.mean(tags):.2f}, max {max(tags)}; "
             f"max |cam(ours) - cam(naive)|: {max_cam_diff:.2e}"
         )
-    print(f"decode + resize + normalise: {count / decode_s:.1f} images/s (one process)")
+    print(f"decode + resize + normalise: {count / stats['decode_s']:.1f} images/s (one process)")
     print(
-        f"text classifier ({setup['prompts']} prompts, extrapolated from {len(names)}): about "
+        f"text classifier ({setup['prompts']} prompts, extrapolated from {stats['names']}): about "
         f"{setup['full_classifier_s']:.0f}s on every naive run (no cache); ours once per model and "
         f"vocabulary, then {setup['warm_s'] * 1000:.0f} ms from the cache (not in the images/s above)"
     )
     annotate_speedup = slow.seconds / ours.seconds
     encoder_ratio = ours.seconds / enc.seconds
-    seg_speedup = float("nan") if segmenter is None else seg_naive.seconds / seg_ours.seconds
-    if segmenter is None:
+    seg_speedup = float("nan") if not segmented else methods[-1].seconds / seg_ours.seconds
+    if not segmented:
         print("segment: not measured (tagclip_cli.methods.clses not available, or --no-segment)")
     result = {
         "model": args.model,
