@@ -26,8 +26,7 @@ projected dimension, L blocks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -231,35 +230,12 @@ def merge_heads(mha: torch.nn.MultiheadAttention, mixed: Tensor) -> Tensor:
     return mha.out_proj(mixed.transpose(1, 2).reshape(b, -1, mha.embed_dim))
 
 
-@contextmanager
-def _bf16_products(reduced: bool) -> Iterator[None]:
-    """On CPU with reduced-precision (bf16) q, k and v: fp32 matrix products may run as bf16 products
-    with fp32 accumulation and fp32 results (oneDNN's "bf32"). Inputs that are bf16 values (q and k
-    cast up) lose nothing; fp32 probabilities are rounded to bf16 inside the product, as the explicit
-    copy to bf16 did before. A no-op in fp32 (bitwise unchanged) and where torch lacks the setting."""
-    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    if not reduced or matmul is None or not hasattr(matmul, "fp32_precision"):
-        yield
-        return
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "bf16"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = before
-
-
-def _reduced_cpu(t: Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype == torch.bfloat16
-
-
 def softmax_attention(q: Tensor, k: Tensor, attn_mask: Tensor | None, workspace: Workspace | None) -> Tensor:
     """Per-head attention probabilities softmax(q k^T / sqrt(d) + mask), (B, h, T, T) fp32.
 
     The scores and the softmax are fp32 whatever the compute precision (autocast or bf16 weights):
     the maps feed DMAR's K-of-L vote (docs/algorithm.md §3), whose comparisons with each map's mean
-    must not depend on it. Only q and k are cast, (B, h, T, d), not the (B, h, T, T) scores (bf16 q
-    and k on CPU: one bf16 product with fp32 accumulation, `_bf16_products`).
+    must not depend on it. Only q and k are cast, (B, h, T, d), not the (B, h, T, T) scores.
     workspace None: fresh tensors (autograd can follow them); otherwise computed in place in the
     workspace's "probs" buffer."""
     q = q * q.shape[-1] ** -0.5
@@ -271,7 +247,7 @@ def softmax_attention(q: Tensor, k: Tensor, attn_mask: Tensor | None, workspace:
         return scores.softmax(dim=-1)
     b, h, t, d = q.shape
     probs = workspace.get("probs", (b * h, t, t), torch.float32, q.device)
-    with torch.autocast(q.device.type, enabled=False), _bf16_products(_reduced_cpu(q)):
+    with torch.autocast(q.device.type, enabled=False):
         torch.bmm(q.reshape(b * h, t, d).float(), k.reshape(b * h, t, d).float().transpose(1, 2), out=probs)
     if attn_mask is not None:
         probs.view(b, h, t, t).add_(attn_mask.float())
@@ -290,16 +266,11 @@ def head_average(probs: Tensor, map_out: Tensor | None = None) -> Tensor:
 
 
 def mix_values(probs: Tensor, v: Tensor, workspace: Workspace | None) -> Tensor:
-    """probs (B, h, T, T) fp32 applied to the values v (B, h, T, d), in v's dtype: (B, h, T, d).
-    bf16 v on CPU: one bf16 product of the probabilities rounded to bf16 (`_bf16_products`), with
-    no bf16 copy of them."""
+    """probs (B, h, T, T) fp32 applied to the values v (B, h, T, d), in v's dtype: (B, h, T, d)."""
     if workspace is None:
         return probs.to(v.dtype) @ v
     b, h, t, d = v.shape
     flat = probs.reshape(b * h, t, t)
-    if _reduced_cpu(v):
-        with torch.autocast(v.device.type, enabled=False), _bf16_products(True):
-            return torch.bmm(flat, v.reshape(b * h, t, d).float()).view(b, h, t, d).to(v.dtype)
     if probs.dtype != v.dtype:
         low = workspace.get("probs_low", (b * h, t, t), v.dtype, v.device)
         low.copy_(flat)
