@@ -1,5 +1,6 @@
-"""How fast the command line starts: `tagclip --help`, `tagclip annotate --help`, and a rerun of a
-finished `annotate` (nothing left to do), each as repeated whole-process runs.
+"""How fast the command line starts: `tagclip --help`, `tagclip annotate --help`, a rerun of a
+finished `annotate` (nothing left to do) and one refused for a changed option (--tag-threshold),
+each as repeated whole-process runs.
 
 A first `annotate` (shapes-demo on examples/shapes/images, into a temporary folder) makes the output
 that the reruns find finished; it is not timed. Each timed command runs --repeat times in a fresh
@@ -25,19 +26,19 @@ ROOT = Path(__file__).resolve().parents[1]
 HELP_TARGET_S = 1.0
 
 
-def run(args: list[str], cwd: Path, env: dict) -> float:
-    """Wall seconds of one whole-process `python -m tagclip_cli ARGS` (fails on a non-zero exit)."""
+def run(args: list[str], cwd: Path, env: dict, expect: int = 0) -> float:
+    """Wall seconds of one whole-process `python -m tagclip_cli ARGS` (fails on another exit code)."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "tagclip_cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True)
     elapsed = time.perf_counter() - start
-    if done.returncode != 0:
+    if done.returncode != expect:
         raise SystemExit(f"tagclip {' '.join(args)} exited {done.returncode}: {done.stderr.strip()[-500:]}")
     return elapsed
 
 
-def timed(name: str, args: list[str], repeat: int, cwd: Path, env: dict) -> float:
-    times = [run(args, cwd, env) for _ in range(repeat)]
+def timed(name: str, args: list[str], repeat: int, cwd: Path, env: dict, expect: int = 0) -> float:
+    times = [run(args, cwd, env, expect) for _ in range(repeat)]
     median = statistics.median(times)
     print(f"{name}: median {median:.2f} s (min {min(times):.2f}, max {max(times):.2f}, {repeat} runs)", flush=True)
     return median
@@ -59,6 +60,8 @@ def main() -> None:
         timed("tagclip annotate --help", ["annotate", "--help"], repeat, work, env)
         run(annotate, work, env)  # the finished run that the reruns find
         timed("annotate rerun, nothing to do", annotate, repeat, work, env)
+        timed("annotate rerun refused (--tag-threshold changed)", [*annotate, "--tag-threshold", "0.6"], repeat,
+              work, env, expect=2)
     verdict = "met" if help_s < HELP_TARGET_S else "not met"
     print(f"tagclip --help median {help_s:.2f} s vs target {HELP_TARGET_S:.0f} s: {verdict}")
 

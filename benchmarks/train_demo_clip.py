@@ -77,6 +77,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from tagclip_cli.backbone import Backbone
+from tagclip_cli.methods.clses import ClsSegConfig
 from tagclip_cli.synthetic import DEFAULT_SIZE, OBJECT_CLASSES, STUFF_CLASSES, Scene, generate_scene
 from tagclip_cli.tagclip import tagclip_templates
 
@@ -195,10 +196,11 @@ def soft_cross_entropy(features: torch.Tensor, class_text: torch.Tensor, target:
 
 
 def attention_loss(attn: torch.Tensor, targets: torch.Tensor, layers: slice, object_weight: float) -> torch.Tensor:
-    """The second auxiliary loss: in the layers DMAR averages (docs/algorithm.md §3: L-3..L-1), each
-    patch's attention should fall on patches of its own class: -log of the attention mass a patch puts
-    on patches sharing its label (soft: the product of the two patches' pixel shares), averaged over
-    patches with the weights of :func:`patch_loss`. attn (B, L, 1+N, 1+N), targets (B, N, 18). The class
+    """The second auxiliary loss: in the given layers (DMAR's L-3..L-1, docs/algorithm.md §3, or with
+    ``--attention-layers caa`` the range CLS-SEG's CAA averages, §8), each patch's attention should
+    fall on patches of its own class: -log of the attention mass a patch puts on patches sharing its
+    label (soft: the product of the two patches' pixel shares), averaged over patches with the weights
+    of :func:`patch_loss`. attn (B, L, 1+N, 1+N), targets (B, N, 18). The class
     token's row is left alone (it has to look at the whole scene)."""
     maps = attn[:, layers, 1:, 1:].float()  # (B, l, N, N) patch queries, patch keys
     same = targets @ targets.transpose(1, 2)  # (B, N, N)
@@ -286,6 +288,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--patch-weight", type=float, default=1.0, help="weight of the per-patch loss (0: plain CLIP)")
     ap.add_argument("--attention-weight", type=float, default=0.5,
                     help="weight of the attention loss on DMAR's layers (0: none)")  # fmt: skip
+    ap.add_argument("--attention-layers", choices=("dmar", "caa"), default="dmar",
+                    help="the layers the attention loss trains: DMAR's (L-3..L-1) or CLS-SEG's CAA range "
+                         "(docs/algorithm.md §8; all but the last block on this 8-layer model)")  # fmt: skip
     ap.add_argument("--object-weight", type=float, default=3.0,
                     help="a patch fully covered by an object counts this many background patches")  # fmt: skip
     ap.add_argument("--pooled-weight", type=float, default=0.0,
@@ -358,7 +363,11 @@ class Trainer:
                            device=torch.device("cpu"), cache_dir=None)  # fmt: skip
         self.compute.requires_grad_(True)
         self.templates = tagclip_templates()
-        self.dmar_layers = slice(max(0, self.bb.num_layers - 4), self.bb.num_layers - 1)  # 0-based: L-3..L-1
+        if args.attention_layers == "caa":  # 0-based slice of CLS-SEG's 1-based inclusive CAA range
+            lo, hi = ClsSegConfig().layers_for(self.bb.num_layers)
+            self.attention_layers = slice(lo - 1, hi)
+        else:
+            self.attention_layers = slice(max(0, self.bb.num_layers - 4), self.bb.num_layers - 1)  # L-3..L-1
         self.clip_loss = ClipLoss()
         self.model.train()
         self.compute.train()
@@ -383,7 +392,7 @@ class Trainer:
         terms = {
             "contrastive": self.clip_loss(image_features, text_features, scale),
             "patch": patch_loss(out.patches, class_text, targets, scale, args.object_weight),
-            "attention": attention_loss(out.attn, targets, self.dmar_layers, args.object_weight),
+            "attention": attention_loss(out.attn, targets, self.attention_layers, args.object_weight),
         }
         if args.pooled_weight:
             terms["pooled"] = soft_cross_entropy(out.pooled, class_text, image_shares(targets), scale)
@@ -428,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
         recipe["init_sha256"] = trainer.init_sha256
     log.info("precision %s; loss weights: patch %.2f, attention %.2f (layers %s), pooled %.2f, caption class "
              "%.2f; object patches x%.1f", args.precision, args.patch_weight, args.attention_weight,
-             trainer.dmar_layers, args.pooled_weight, args.caption_class_weight, args.object_weight)  # fmt: skip
+             trainer.attention_layers, args.pooled_weight, args.caption_class_weight, args.object_weight)  # fmt: skip
     start = time.time()
     running = None
     for step, batch in enumerate(loader):

@@ -26,8 +26,10 @@ from tagclip_cli import defaults, methods
 from tagclip_cli.backbone import Backbone
 from tagclip_cli.commands import (
     check_segment_options,
+    check_tag_method,
     class_thresholds,
     model_options,
+    piaa_job_options,
     segment_config,
     tagclip_config,
     vocabulary,
@@ -102,17 +104,55 @@ class Model:
     def tag(self, images: Sequence[ImageInput], vocab, *, tag_threshold: float = defaults.TAG_THRESHOLD,
             thresholds: str | Path | None = None, reference_compat: bool = False, no_background: bool = False,
             config: TagCLIPConfig | None = None, batch_size: int = defaults.BATCH_SIZE,
-            max_side: int = defaults.MAX_SIDE) -> list[ImageTags]:
+            max_side: int = defaults.MAX_SIDE, method: str = defaults.TAG_METHOD, setting: str | None = None,
+            dense: str | None = None, bank_size: int | None = None, piaa_model: str | Path | None = None,
+            fit_on: Sequence[ImageInput] | None = None) -> list[ImageTags]:
         """Tag images (paths, PIL images or (H, W, 3) uint8 arrays): one ImageTags per image, in order.
 
         vocab: anything `vocabulary` takes. tag_threshold, thresholds (a per-class file),
-        reference_compat, no_background: as annotate's options; config: a full TagCLIPConfig instead."""
+        reference_compat, no_background: as annotate's options; config: a full TagCLIPConfig instead.
+        method="piaa": PIAA, fitted on the images themselves (or on fit_on, other images), or
+        scoring with piaa_model (a model file of `annotate --method piaa`); setting, dense,
+        bank_size as annotate's options."""
         voc = vocabulary(vocab, no_background=no_background)
+        piaa = {"dense": dense, "setting": setting, "bank_size": bank_size, "piaa_model": piaa_model,
+                "fit_on": None if fit_on is None else "images"}
+        check_tag_method(method, piaa, None)
+        if method == "piaa":
+            cfg = TagCLIPConfig(tag_threshold=tag_threshold,
+                                class_thresholds=class_thresholds(thresholds, voc.classes, tag_threshold))
+            options = piaa_job_options(cfg, dense, setting, bank_size, piaa_model, None)
+            return self._tag_piaa(images, voc, options, fit_on, batch_size)
         if config is None:
             config = TagCLIPConfig(tag_threshold=tag_threshold, use_background=not no_background,
                                    class_thresholds=class_thresholds(thresholds, voc.classes, tag_threshold))
         tagger = Tagger(self.backbone, voc, config, quirks=Quirks(reference_compat))
         results = self._map(images, lambda batch: tag_images(tagger, batch), batch_size, max_side, keep_rgb=False)
+        return [_image_tags(result, voc) for result in results]
+
+    def _tag_piaa(self, images: Sequence[ImageInput], voc: Vocabulary, options, fit_on: Sequence[ImageInput] | None,
+                  batch_size: int) -> list[ImageTags]:
+        """PIAA on in-memory images: the fit (one bank over fit_on, else images) or the model file,
+        then the scores; batched as annotate --method piaa batches."""
+        from tagclip_cli.piaa import PiaaModel
+        from tagclip_cli.piaajob import BankFitter, CropPreprocess, check_model_file, fit_identity, score_images
+
+        runner = methods.get("piaa", "tags").build(self.backbone, voc, options.config, quirks=Quirks())
+        crop = CropPreprocess(self.backbone.patch_size, self.backbone.mean, self.backbone.std,
+                              size=options.config.input_size)
+        if options.model_file is not None:
+            model, _ = check_model_file(options.model_file, fit_identity(self.backbone, runner))
+        else:
+            fitter = BankFitter(runner)
+            with torch.inference_mode():
+                for batch, _ in bucket_batches(_decode(images if fit_on is None else fit_on, crop, False), batch_size,
+                                               batch_size * WINDOW_BATCHES):
+                    good = [im for im in batch if im.error is None]
+                    if good:
+                        fitter.offer(good)
+            model = PiaaModel.from_state(fitter.fit())
+        results = self._map(images, lambda batch: score_images(runner, model, batch), batch_size, None,
+                            keep_rgb=False, preprocess=crop)
         return [_image_tags(result, voc) for result in results]
 
     def segment(self, images: Sequence[ImageInput], vocab, tags: Sequence[Sequence[str]] | None = None,
@@ -141,11 +181,11 @@ class Model:
         return [_image_masks(result, voc) for result in results]
 
     def _map(self, images: Sequence[ImageInput], mapper: Callable[[list[DecodedImage]], list[TagResult]],
-             batch_size: int, max_side: int | None, keep_rgb: bool) -> list:
+             batch_size: int, max_side: int | None, keep_rgb: bool, preprocess: Preprocess | None = None) -> list:
         """Decode the images and run `mapper` on same-size batches (as a job does: `bucket_batches`
         over windows of WINDOW_BATCHES batches, halves on out-of-memory); results in input order."""
         device = self.backbone.device
-        preprocess = Preprocess(self.backbone.patch_size, self.backbone.mean, self.backbone.std, max_side)
+        preprocess = preprocess or Preprocess(self.backbone.patch_size, self.backbone.mean, self.backbone.std, max_side)
         split = OomSplitter(lambda batch: mapper(to_device(batch, device)))
         results: list = [None] * len(images)
         records = _decode(images, preprocess, keep_rgb)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from tagclip_cli import defaults
-from tagclip_cli.errors import TagclipError, UsageError
+from tagclip_cli.errors import TagclipError, UsageError, with_suggestion
 
 if TYPE_CHECKING:
     from tagclip_cli.jobs.placement import Placement
@@ -147,18 +147,28 @@ def annotate(
     batch_size: int = defaults.BATCH_SIZE, workers: int = defaults.WORKERS, max_side: int = defaults.MAX_SIDE,
     overwrite: bool = False, fail_fast: bool = False, part_size: int = defaults.PART_SIZE,
     cache_dir: PathLike | None = None, progress: ProgressFactory | None = None, stdout: TextIO | None = None,
+    method: str = defaults.TAG_METHOD, dense: str | None = None, setting: str | None = None,
+    bank_size: int | None = None, piaa_model: PathLike | None = None, fit_on: PathLike | None = None,
 ) -> Summary:
-    """`tagclip annotate`: tag every image with TagCLIP into `out`, a tags Parquet (one row per
-    image: every class's score, the tags), or "-" for JSON Lines on `stdout` (default sys.stdout).
-    images: a folder, a path list, one image, tar shards, ... as the command's IMAGES (None with
-    manifest= or images_parquet=); vocab: anything `vocabulary` takes.
+    """`tagclip annotate`: tag every image with TagCLIP (method="piaa": PIAA) into `out`, a tags
+    Parquet (one row per image: every class's score, the tags), or "-" for JSON Lines on `stdout`
+    (default sys.stdout). images: a folder, a path list, one image, tar shards, ... as the
+    command's IMAGES (None with manifest= or images_parquet=); vocab: anything `vocabulary` takes.
+    PIAA (docs/methods.md): dense (sclip, clearclip, naclip), setting (its constants: voc, coco,
+    nus), bank_size (patches per class), piaa_model (score with a model fitted elsewhere), fit_on
+    (fit on another collection, an input as IMAGES); its fit is written beside `out`.
     An interrupted run of the same settings resumes; under torchrun / with shard="I/N" only this
     process's share. Returns the job's Summary (done, skipped, failed, failures)."""
-    from tagclip_cli.fileio import check_output_path
+    from tagclip_cli.fileio import check_output_path, check_output_suffix
     from tagclip_cli.pipeline import AnnotateOptions, run_annotate
     from tagclip_cli.quirks import Quirks
     from tagclip_cli.tagclip import TagCLIPConfig
 
+    piaa_options = {"dense": dense, "setting": setting, "bank_size": bank_size, "piaa_model": piaa_model,
+                    "fit_on": fit_on}
+    check_tag_method(method, piaa_options, background)
+    if str(out) != "-":
+        check_output_suffix(out, (".parquet",), others=", or '-' for JSON Lines on stdout")
     placement = job_placement(shard, str(out), overwrite, images)
     voc = vocabulary(vocab, background, no_background)
     items = collect_items(images, manifest, image_root, images_parquet, image_column, id_column)
@@ -174,7 +184,45 @@ def annotate(
         workers=workers, max_side=max_side, overwrite=overwrite, fail_fast=fail_fast, placement=placement,
         part_size=part_size,
     )
+    if method == "piaa":
+        from tagclip_cli.piaajob import run_annotate_piaa
+
+        return run_annotate_piaa(opts, piaa_job_options(cfg, **piaa_options), progress=progress)
     return run_annotate(opts, progress=progress)
+
+
+def check_tag_method(method: str, piaa_options: dict, background: PathLike | None) -> None:
+    """annotate's --method and the PIAA options: the combinations refused before anything loads."""
+    from tagclip_cli import methods
+
+    if method not in methods.names("tags"):
+        raise UsageError(f"--method must be one of {', '.join(methods.names('tags'))}, not '{method}'")
+    given = [name for name, value in piaa_options.items() if value is not None]
+    if method != "piaa" and given:
+        raise UsageError(f"{', '.join('--' + n.replace('_', '-') for n in given)}: PIAA options; add --method piaa")
+    if method == "piaa" and background is not None:
+        raise UsageError("--background: PIAA scores the vocabulary's classes only (it has no background classes)")
+    if piaa_options["piaa_model"] is not None and piaa_options["fit_on"] is not None:
+        raise UsageError("--piaa-model scores with a model fitted elsewhere; --fit-on fits one here: give one of them")
+    if piaa_options["piaa_model"] is not None and not Path(piaa_options["piaa_model"]).is_file():
+        raise UsageError(f"--piaa-model {piaa_options['piaa_model']}: file not found")
+    if piaa_options["bank_size"] is not None and piaa_options["bank_size"] < 2:
+        raise UsageError(f"--bank-size {piaa_options['bank_size']}: keep at least 2 patches per class")
+
+
+def piaa_job_options(tagclip, dense: str | None, setting: str | None, bank_size: int | None,
+                     piaa_model: PathLike | None, fit_on: PathLike | None):
+    """PIAA's options of an annotate run (piaajob.PiaaOptions): the published constants of the
+    setting, the tag thresholds of tagclip (TagCLIPConfig: --tag-threshold, --thresholds), the
+    items of --fit-on."""
+    from tagclip_cli.piaajob import PiaaOptions, fitted_config
+
+    setting = setting or defaults.PIAA_SETTING
+    config = fitted_config(setting, dense or defaults.PIAA_DENSE, bank_size or defaults.PIAA_BANK_SIZE,
+                           tagclip.tag_threshold, tagclip.class_thresholds)
+    fit_items = collect_items(str(fit_on)) if fit_on is not None else None
+    return PiaaOptions(config, setting, Path(piaa_model) if piaa_model is not None else None, fit_items,
+                       str(fit_on) if fit_on is not None else None)
 
 
 def segment(
@@ -198,9 +246,13 @@ def segment(
     refined CAMs (save_cams). tags_in: segment the tags of an earlier annotate run instead of
     running TagCLIP. tag_threshold None: 0.5, or 0.1 with setting="cocostuff". Resumes and shards
     like `annotate`; returns the job's Summary."""
-    from tagclip_cli.fileio import check_output_path
+    from tagclip_cli.fileio import check_output_path, check_output_suffix
     from tagclip_cli.pipeline import SegmentOptions, run_segment
     from tagclip_cli.quirks import Quirks
+
+    check_output_suffix(out, (".json", ".parquet"))
+    if tags_out is not None:
+        check_output_suffix(tags_out, (".parquet",), "--tags-out")
 
     paths = {name: Path(value) if value is not None else None for name, value in
              (("out", out), ("tags_in", tags_in), ("tags_out", tags_out), ("png_dir", png_dir),
@@ -239,9 +291,11 @@ def check_segment_options(method: str, setting: str, crf: bool, paths: dict[str,
     from tagclip_cli import methods
 
     if method not in methods.names("masks"):
-        raise UsageError(f"--method must be one of {', '.join(methods.names('masks'))}, not '{method}'")
+        raise UsageError(with_suggestion(f"--method must be one of {', '.join(methods.names('masks'))}, not "
+                                         f"'{method}'", method, methods.names("masks")))
     if setting not in methods.SETTINGS:
-        raise UsageError(f"--setting must be one of {', '.join(methods.SETTINGS)}, not '{setting}'")
+        raise UsageError(with_suggestion(f"--setting must be one of {', '.join(methods.SETTINGS)}, not '{setting}'",
+                                         setting, methods.SETTINGS))
     spec = methods.get(method, "masks")
     _check_save_cams(paths["save_cams"], cams_grid, method, "save_cams" in spec.options)
     if crf and "crf" not in spec.options:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class TagclipError(Exception):
     """Base class: a problem the user can fix; the message is shown as one line."""
@@ -46,3 +48,24 @@ class OutputWriteError(TagclipError):
 class FormatError(UsageError):
     """A file given as one of our outputs (tags Parquet, COCO masks JSON) is missing, unreadable or
     malformed; the message names the file and the problem (exit code 2)."""
+
+
+def did_you_mean(name: object, choices: Iterable[object]) -> str:
+    """"did you mean 'x'?" for the choice closest to a misspelt `name` (difflib; case, '_', '-' and
+    spaces count alike), or "" when none is close."""
+    import difflib
+
+    def key(text: object) -> str:
+        return str(text).casefold().replace("_", "-").replace(" ", "-")
+
+    by_key: dict[str, str] = {}
+    for choice in choices:
+        by_key.setdefault(key(choice), str(choice))
+    close = difflib.get_close_matches(key(name), list(by_key), n=1, cutoff=0.6)
+    return f"did you mean '{by_key[close[0]]}'?" if close else ""
+
+
+def with_suggestion(message: str, name: object, choices: Iterable[object]) -> str:
+    """message, plus "; did you mean 'x'?" when a choice is close to `name`."""
+    hint = did_you_mean(name, choices)
+    return f"{message}; {hint}" if hint else message

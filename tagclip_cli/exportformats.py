@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape as xml_escape
@@ -134,16 +134,22 @@ def _fmt(value: float) -> str:
     return f"{value:.6f}".rstrip("0").rstrip(".") if value else "0"
 
 
-# ---- the formats ----------------------------------------------------------------------------------
-
-
-def _write_yolo(inputs: Inputs, tmp: Path, summary: ExportSummary, progress: Progress) -> None:
-    config = inputs.config
+def _ok_records(inputs: Inputs, summary: ExportSummary, progress: Progress) -> Iterator[Record]:
+    """The records to export, counting each step of the bar and skipping (and counting) failed images."""
     for record in inputs.records():
         progress(1, inputs.count)
         if record.status != "ok":
             summary.skipped += 1
             continue
+        yield record
+
+
+# ---- the formats ----------------------------------------------------------------------------------
+
+
+def _write_yolo(inputs: Inputs, tmp: Path, summary: ExportSummary, progress: Progress) -> None:
+    config = inputs.config
+    for record in _ok_records(inputs, summary, progress):
         name = yolo_name(record.image_id)
         _place_image(record, tmp / "images" / name, config.copy)
         w, h = record.width, record.height
@@ -203,11 +209,7 @@ def _write_voc(inputs: Inputs, tmp: Path, summary: ExportSummary, progress: Prog
     try:
         with open(seg_sets / f"{config.split}.txt", "w", encoding="utf-8") as seg_list, \
                 open(main / f"{config.split}.txt", "w", encoding="utf-8") as main_list:
-            for record in inputs.records():
-                progress(1, inputs.count)
-                if record.status != "ok":
-                    summary.skipped += 1
-                    continue
+            for record in _ok_records(inputs, summary, progress):
                 name = voc_name(record.image_id)
                 suffix = record.source.suffix if record.source is not None else ".jpg"
                 _place_image(record, tmp / "JPEGImages" / f"{name}{suffix.lower() or '.jpg'}", config.copy)
@@ -278,11 +280,7 @@ def _write_labelstudio(inputs: Inputs, tmp: Path, summary: ExportSummary, progre
     with open(tmp / "tasks.json", "w", encoding="utf-8") as fh:
         fh.write("[")
         first = True
-        for record in inputs.records():
-            progress(1, inputs.count)
-            if record.status != "ok":
-                summary.skipped += 1
-                continue
+        for record in _ok_records(inputs, summary, progress):
             w, h = record.width, record.height
             results: list[dict[str, Any]] = []
             if record.tags:
@@ -325,14 +323,8 @@ def _write_cvat(inputs: Inputs, tmp: Path, summary: ExportSummary, progress: Pro
     from tagclip_cli.writers import voc_palette
 
     palette = voc_palette()
-    ok = inputs.count  # upper bound for <size>; corrected below only by skipping failed images
     with open(tmp / "annotations.xml.body", "w", encoding="utf-8") as body:
-        for record in inputs.records():
-            progress(1, inputs.count)
-            if record.status != "ok":
-                summary.skipped += 1
-                ok -= 1
-                continue
+        for record in _ok_records(inputs, summary, progress):
             body.write(f'  <image id="{summary.images}" name={quoteattr(record.image_id)} '
                        f'width="{record.width}" height="{record.height}">\n')
             for name, _score in record.tags:
@@ -362,7 +354,7 @@ def _write_cvat(inputs: Inputs, tmp: Path, summary: ExportSummary, progress: Pro
                       "        </label>\n")
     head = ('<?xml version="1.0" encoding="utf-8"?>\n<annotations>\n  <version>1.1</version>\n  <meta>\n'
             f"    <task>\n      <name>{xml_escape(_model_version(inputs))} pseudo-labels</name>\n"
-            f"      <size>{ok}</size>\n      <mode>annotation</mode>\n      <overlap>0</overlap>\n"
+            f"      <size>{summary.images}</size>\n      <mode>annotation</mode>\n      <overlap>0</overlap>\n"
             f"      <labels>\n{''.join(labels)}      </labels>\n    </task>\n  </meta>\n")
     with open(tmp / "annotations.xml", "w", encoding="utf-8") as fh, \
             open(tmp / "annotations.xml.body", encoding="utf-8") as body:

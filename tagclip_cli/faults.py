@@ -22,8 +22,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-import torch
-
 if TYPE_CHECKING:  # data.py imports this module (worker signal handling)
     from tagclip_cli.data import DecodedImage
 
@@ -92,6 +90,8 @@ def deferred_signals() -> Iterator[None]:
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, and the RuntimeErrors other backends raise when an allocation fails."""
+    import torch  # here, not at the top: the CLI installs the signal handlers before any command
+
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     if isinstance(exc, RuntimeError):
@@ -101,6 +101,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _release_cached_memory() -> None:
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def atomic_path(path: str | Path):
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:  # disk full, quota, I/O error: one line for the user, no half file left
         Path(tmp).unlink(missing_ok=True)
         raise OutputWriteError(f"cannot write {path} ({describe_os_error(exc)})") from exc
@@ -76,7 +77,7 @@ def describe_os_error(exc: OSError) -> str:
     return exc.strerror or text
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -87,6 +88,16 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_output_suffix(out: str | Path, suffixes: Sequence[str], option: str = "--out", others: str = "") -> None:
+    """Refuse, before any work, an output whose extension is not one of `suffixes` (the formats the
+    command writes, e.g. (".json", ".parquet")); `others` names further accepted values in the message.
+    Raises UsageError."""
+    suffix = Path(out).suffix
+    if suffix.lower() not in suffixes:
+        shown = f"unknown output extension '{suffix}'" if suffix else "no output extension"
+        raise UsageError(f"{option} {out}: {shown}; supported: {', '.join(suffixes)}{others}")
 
 
 def check_output_path(out: str | Path) -> None:

@@ -179,8 +179,10 @@ class TagsFile:
         return FileTags([self.class_index[n] for n in names], names, rec["scores"])
 
     def identity(self) -> dict:
-        """What the segment output depends on: the file's content hash and the run that made it."""
-        return {"sha256": file_sha256(self.path), "made_with": self.record.tagclip}
+        """What the segment output depends on: the file's content hash and the run that made it
+        (TagCLIP's settings, or another tagging method's: PIAA's with its fit)."""
+        made_with = self.record.tagclip if self.record.tagger is None else self.record.tagger
+        return {"sha256": file_sha256(self.path), "made_with": made_with}
 
 
 # ---- COCO JSON (our masks file, and COCO instances ground truth) ----------------------------------
@@ -250,9 +252,9 @@ class MaskIndex:
 
 
 def load_masks(path: str | Path) -> MaskIndex:
-    """Our masks JSON (`tagclip segment`) indexed by image name: `tagclip_image_id`, `file_name`,
-    and the file's base name where only one image has it."""
-    coco = read_coco(path, "masks file")
+    """Our masks (`tagclip segment`: the COCO masks JSON or the masks Parquet) indexed by image name:
+    `tagclip_image_id`, `file_name`, and the file's base name where only one image has it."""
+    coco = read_masks_as_coco(path, "masks file")
     by_name: dict[str, int] = {}
     basenames: dict[str, list[int]] = {}
     for image_id, im in coco.images.items():
@@ -415,6 +417,39 @@ def _finite(score: Any) -> float | None:
 
 def _coco_image_id(im: Mapping[str, Any]) -> str:
     return str(im.get("tagclip_image_id") or im.get("file_name") or im["id"])
+
+
+def is_masks_parquet(path: str | Path) -> bool:
+    """Whether `path` is a Parquet file with the masks Parquet's mask columns (class_id, counts)."""
+    try:
+        names = pq.read_schema(path).names
+    except (OSError, ValueError, pa.ArrowException):
+        return False
+    return "class_id" in names and "counts" in names
+
+
+def read_masks_as_coco(path: str | Path, what: str = "masks file", kind: str = "masks") -> CocoFile:
+    """Our masks as a parsed COCO JSON, whichever file `tagclip segment` wrote: the COCO masks JSON
+    (`read_coco`), or the masks Parquet, whose images are numbered from 1 in file order and whose
+    annotations are what the COCO JSON of the same run holds (its run record as info["tagclip"])."""
+    if not is_masks_parquet(path):
+        return read_coco(path, what, kind)
+    masks = MaskFile(path)
+    images: dict[int, dict[str, Any]] = {}
+    annotations: dict[int, list[dict[str, Any]]] = {}
+    for number, image in enumerate(masks, start=1):
+        images[number] = {"id": number, "file_name": image.image_id, "width": image.width, "height": image.height,
+                          "tagclip_image_id": image.image_id, "tagclip_status": image.status}
+        if image.status != "ok":
+            images[number]["tagclip_error"] = image.error
+        annotations[number] = [
+            {"image_id": number, "category_id": region.class_id, "area": region.area, "bbox": list(region.bbox),
+             "segmentation": {"size": [image.height, image.width], "counts": region.counts}, "iscrowd": 0,
+             "score": region.score}
+            for region in image.masks]
+    categories = [{"id": cid, "name": name} for cid, name in masks.categories.items()]
+    return CocoFile(masks.path, categories, images, {k: v for k, v in annotations.items() if v},
+                    {_KEY: RecordIO.stored(masks.record)})
 
 
 def open_masks(path: str | Path) -> MaskFile:

@@ -37,7 +37,6 @@ from tagclip_cli.backbone import Backbone
 from tagclip_cli.errors import UsageError
 from tagclip_cli.methods.dense import DenseMethod, dense_tokens
 from tagclip_cli.methods.registry import get as get_method
-from tagclip_cli.quirks import Quirks
 from tagclip_cli.tagclip import tags_from_scores
 from tagclip_cli.vocab import Vocabulary
 
@@ -56,7 +55,9 @@ class PiaaConfig:
     the refinement's q; image_scale: alpha of the class-token branch; patch_temperature: the
     divisor of the discriminant logits per patch; patch_scale: beta of the patch branch;
     image_weight: the class-token branch's share of the final score; input_size: the square crop;
-    entropy_floor: probabilities are clamped to it inside the log of the entropy; tag_threshold /
+    entropy_floor: probabilities are clamped to it inside the log of the entropy;
+    keep_singleton_groups: the refinement keeps a group of one patch (False, as the authors: it is
+    dropped, its class falls back to its text embedding; docs/algorithm.md §10 Q5); tag_threshold /
     class_thresholds: the tag rule (docs/algorithm.md §13, the same rule as TagCLIP's §6)."""
 
     dense: str = "sclip"
@@ -69,6 +70,7 @@ class PiaaConfig:
     image_weight: float = 0.1
     input_size: int = 224
     entropy_floor: float = 1e-10
+    keep_singleton_groups: bool = False
     tag_threshold: float = 0.5
     class_thresholds: tuple[float, ...] | None = None
 
@@ -247,12 +249,12 @@ def discriminant(features: Tensor, groups: Tensor, weights: Tensor, text: Tensor
 
 
 def refine(features: Tensor, weight: Tensor, bias: Tensor, temperature: float,
-           drop_singletons: bool = False) -> tuple[Tensor, Tensor]:
+           drop_singletons: bool = True) -> tuple[Tensor, Tensor]:
     """The refinement's selection: q = softmax(T (f W + b)) (N, C); patches grouped by the argmax
     of f W + b; a patch is kept (N,) bool where its group's q is >= the mean + the sample std of
     that q over the group (compared in float32, the threshold summed in float64). A group of one
-    patch keeps it (std 0); drop_singletons: quirk Q5, its std is NaN and the patch is dropped
-    (docs/algorithm.md §10)."""
+    patch has no spread: drop_singletons (the default, as the authors, whose sample std of one value
+    is NaN) drops it, else it is kept (std 0) (docs/algorithm.md §10 Q5)."""
     logits = features @ weight + bias
     q = (logits * temperature).softmax(dim=-1)
     groups = logits.argmax(dim=-1)
@@ -261,7 +263,7 @@ def refine(features: Tensor, weight: Tensor, bias: Tensor, temperature: float,
     for c in groups.unique().tolist():
         members = groups == c
         values = own[members]
-        if len(values) == 1:  # quirk Q5: the reference's std of one value is NaN and drops the patch
+        if len(values) == 1:  # Q5: no spread to compare with; the authors' NaN std drops the patch
             keep[members] = not drop_singletons
             continue
         threshold = (values.mean().double() + values.std().double()).float()
@@ -284,15 +286,15 @@ class PiaaModel:
         return cls(state["weight"].float(), state["bias"].float())
 
 
-def fit(bank: PatchBank, text: Tensor, config: PiaaConfig, drop_singletons: bool = False) -> PiaaModel:
+def fit(bank: PatchBank, text: Tensor, config: PiaaConfig) -> PiaaModel:
     """The discriminant of a filled bank, refined once (steps 3-4 of the module docstring); text
-    (C, D) L2-normalised class prompts. drop_singletons: quirk Q5."""
+    (C, D) L2-normalised class prompts."""
     if len(bank) < 2:
         raise UsageError("PIAA: the fit needs at least 2 patches (is the collection empty?)")
     text = text.float().cpu()
     features = bank.features
     weight, bias = discriminant(features, bank.label, bank.weight, text)
-    keep, q = refine(features, weight, bias, config.refine_temperature, drop_singletons)
+    keep, q = refine(features, weight, bias, config.refine_temperature, not config.keep_singleton_groups)
     if keep.sum() < 2:  # nothing to refit on (the reference would fit NaNs): keep the first fit
         log.warning("PIAA: the refinement kept %d patch(es); the unrefined discriminant is used", int(keep.sum()))
         return PiaaModel(weight, bias)
@@ -330,19 +332,18 @@ def piaa_scores(image_embeddings: Tensor, patch_features: Tensor, text: Tensor, 
 class Piaa:
     """PIAA on one backbone and vocabulary: the class prompts, the patch features of crops, filling a
     bank, fitting and scoring. builtin: the name of a built-in vocabulary (voc, coco) for the
-    authors' prompt names; quirks: `Quirks.reference()` reproduces quirk Q5 (docs/algorithm.md §10).
+    authors' prompt names.
     The dense variant's last-block attention takes its published VOC settings (only NACLIP's
     neighbourhood width is read, the same in every setting)."""
 
-    def __init__(self, backbone: Backbone, vocab: Vocabulary, config: PiaaConfig, builtin: str | None = None,
-                 quirks: Quirks | None = None) -> None:
+    def __init__(self, backbone: Backbone, vocab: Vocabulary, config: PiaaConfig, builtin: str | None = None) -> None:
         self.backbone, self.vocab, self.config = backbone, vocab, config
-        self.drop_singletons = (quirks or Quirks()).q5_drop_singleton_groups
         dense = get_method(config.dense, "masks")
         if not isinstance(dense, DenseMethod):
             raise UsageError(f"PIAA: --dense must be a dense variant (sclip, clearclip, naclip), not '{config.dense}'")
         self.dense = dense
-        self.text = backbone.text_classifier(prompt_names(vocab.classes, builtin), PIAA_TEMPLATES).float()
+        self.prompts = prompt_names(vocab.classes, builtin)
+        self.text = backbone.text_classifier(self.prompts, PIAA_TEMPLATES).float()
 
     def crop(self, rgb: np.ndarray) -> Tensor:
         """`crop_pixels` of one (H, W, 3) uint8 image with the model's constants: (3, S, S)."""
@@ -364,7 +365,7 @@ class Piaa:
         return PatchBank.empty(self.config.bank_size, self.backbone.embed_dim)
 
     def fit(self, bank: PatchBank) -> PiaaModel:
-        return fit(bank, self.text.cpu(), self.config, self.drop_singletons)
+        return fit(bank, self.text.cpu(), self.config)
 
     @torch.inference_mode()
     def score(self, crops: Tensor, model: PiaaModel) -> Tensor:

@@ -31,11 +31,13 @@ from tagclip_cli.errors import FormatError, UsageError
 from tagclip_cli.faults import OomSplitter
 from tagclip_cli.formats import FileTags, TagsFile
 from tagclip_cli.jobs.locks import output_lock
+from tagclip_cli.jobs.parts import has_previous, previous_record
 from tagclip_cli.jobs.placement import Placement
-from tagclip_cli.jobs.runner import JobSpec, Summary, run_job
-from tagclip_cli.jobs.session import session
+from tagclip_cli.jobs.runner import JobSpec, Summary, check_before_loading, run_job
+from tagclip_cli.jobs.session import Session, session
 from tagclip_cli.methods import Segments, SegOutput
 from tagclip_cli.methods import get as get_method
+from tagclip_cli.progress import task as progress_task
 from tagclip_cli.quirks import Quirks
 from tagclip_cli.record import RunRecord
 from tagclip_cli.sources import ImageItem
@@ -87,6 +89,26 @@ class ModelOptions:
             precision=self.precision,
         )
 
+    def planned(self, previous: RunRecord | None) -> PlannedModel | None:
+        """What the loaded backbone will record, known before loading; previous: the record of the
+        output there (see `identity_before_loading`). None when only loading can tell."""
+        from tagclip_cli.backbone.loading import identity_before_loading
+
+        identity = identity_before_loading(self.model, self.pretrained, self.checkpoint, self.cache_dir,
+                                           self.model_explicit, previous=previous.model if previous else None)
+        return None if identity is None else PlannedModel(identity, self.precision)
+
+
+@dataclass(frozen=True)
+class PlannedModel:
+    """The identity and precision a backbone will have (what `run_config` reads of it), before it loads."""
+
+    known: dict
+    precision: str
+
+    def identity(self) -> dict:
+        return dict(self.known)
+
 
 @dataclass(frozen=True, kw_only=True)
 class JobOptions:
@@ -113,9 +135,11 @@ class AnnotateOptions(JobOptions):
 
 
 def run_config(
-    backbone: Backbone, vocab: Vocabulary, cfg: TagCLIPConfig, max_side: int | None, quirks: Quirks = Quirks()
+    backbone: Backbone | PlannedModel, vocab: Vocabulary, cfg: TagCLIPConfig, max_side: int | None,
+    quirks: Quirks = Quirks()
 ) -> RunRecord:
     """Everything that determines the output; stored in the Parquet metadata and checked on resume.
+    backbone: the loaded one, or what it will be (PlannedModel: the rerun checks before it loads).
 
     Per-class thresholds (cfg.class_thresholds) are recorded as "thresholds" (`thresholds_record`),
     and only when set, so that a run without them has the metadata it always had."""
@@ -146,7 +170,8 @@ class Stage(Generic[Result]):
     mapper: a same-size batch of decoded images -> one typed result per image, in order (the model
     step, retried in halves on out-of-memory; a failed image must give a failed result without
     touching the model). writer: results -> output rows, writing any side files (label PNGs).
-    needs_rgb: decoding keeps each image's RGB pixels for the mapper (the dense CRF)."""
+    needs_rgb: decoding keeps each image's RGB pixels for the mapper (the dense CRF). preprocess:
+    the decoding's preprocessing when not the native-resolution one (PIAA's fixed crop)."""
 
     config: RunRecord
     schema: pa.Schema
@@ -155,28 +180,43 @@ class Stage(Generic[Result]):
     format: str = "parquet"
     final_options: dict = field(default_factory=dict)
     needs_rgb: bool = False
+    preprocess: Preprocess | None = None
 
 
 def run_stage(
     opts: JobOptions,
-    build: Callable[[Backbone], Stage],
+    build: Callable[[Backbone, Session], Stage | Summary],
     progress: ProgressFactory | None = None,
     stdout: TextIO | None = None,
+    output_format: str = "parquet",
+    plan: Callable[[Backbone | PlannedModel], RunRecord] | None = None,
 ) -> Summary:
     """Run one command over opts.items: join the process group, lock this run's share of the
-    output (jobs.output_lock), load the model on this rank's device, build the stage, then decode ->
-    map -> write every window this rank owns (jobs.run_job: resume, shards, merge). Only the leader
-    shows progress."""
+    output (jobs.output_lock), check the output against this run's record (plan, when the command
+    can say it without the model) before anything loads, load the model on this rank's device, build
+    the stage, then decode -> map -> write every window this rank owns (jobs.run_job: resume, shards,
+    merge). Only the leader shows progress. build may return a Summary instead: there is nothing to
+    map (yet)."""
     with session(opts.placement, opts.model.device) as sess, output_lock(sess, opts.out):
-        # Locked before the model loads: a second run on a live run's output refuses at once.
-        backbone = opts.model.load(sess.device)
-        stage = build(backbone)
+        # Locked before the model loads: a second run on a live run's output refuses at once; a
+        # finished output is a no-op and one made with other settings a refusal, also before it.
+        previous = plan is not None and has_previous(opts.out, opts.overwrite)
+        planned = opts.model.planned(previous_record(opts.out)) if previous else None
+        if planned is not None:
+            done = check_before_loading(opts.out, plan(planned), opts.items, output_format, opts.placement)
+            if done is not None:
+                return done
+        with progress_task(f"loading {opts.model.checkpoint or opts.model.model}"):
+            backbone = opts.model.load(sess.device)
+        stage = build(backbone, sess)
+        if isinstance(stage, Summary):
+            return stage
         spec = JobSpec(
             items=opts.items, out=opts.out, config=stage.config, schema=stage.schema, format=stage.format,
             final_options=stage.final_options, batch_size=opts.batch_size, part_size=opts.part_size,
             overwrite=opts.overwrite, fail_fast=opts.fail_fast,
         )
-        preprocess = Preprocess(backbone.patch_size, backbone.mean, backbone.std, opts.max_side)
+        preprocess = stage.preprocess or Preprocess(backbone.patch_size, backbone.mean, backbone.std, opts.max_side)
         downscaled = 0  # images the --max-side cap shrank (reported at the end)
 
         def decoded(todo: Sequence[ImageItem]) -> Iterator[DecodedImage]:
@@ -242,13 +282,16 @@ def run_annotate(opts: AnnotateOptions, progress: ProgressFactory | None = None)
     """Tag every item into opts.out (Parquet) or stdout (JSON Lines), resuming an interrupted run of
     the same config; under torchrun / --shard only this rank's share (jobs/)."""
 
-    def build(backbone: Backbone) -> Stage[TagResult]:
-        config = run_config(backbone, opts.vocab, opts.tagclip, opts.max_side, opts.quirks)
+    def plan(model: Backbone | PlannedModel) -> RunRecord:
+        return run_config(model, opts.vocab, opts.tagclip, opts.max_side, opts.quirks)
+
+    def build(backbone: Backbone, sess: Session) -> Stage[TagResult]:
+        config = plan(backbone)
         tagger = Tagger(backbone, opts.vocab, opts.tagclip, quirks=opts.quirks)
         return Stage(config=config, schema=tags_schema(config), mapper=lambda batch: tag_images(tagger, batch),
                      writer=tag_rows)
 
-    return run_stage(opts, build, progress, stdout=opts.stdout)
+    return run_stage(opts, build, progress, stdout=opts.stdout, plan=plan)
 
 
 # ---- segment --------------------------------------------------------------------------------------
@@ -349,7 +392,7 @@ def segment_rows(results: list[SegResult], png_dir: Path | None = None, cams_dir
 
 
 def segment_config(
-    backbone: Backbone, opts: SegmentOptions, tags_file: TagsFile | None
+    backbone: Backbone | PlannedModel, opts: SegmentOptions, tags_file: TagsFile | None
 ) -> RunRecord:
     """run_config plus the segmentation settings and, with --tags, the tags file's identity."""
     method = get_method(opts.method, "masks")
@@ -397,8 +440,11 @@ def run_segment(opts: SegmentOptions, progress: ProgressFactory | None = None) -
     method = get_method(opts.method, "masks")
     tags_file = open_tags_file(opts.tags_in, opts.vocab) if opts.tags_in is not None else None
 
-    def build(backbone: Backbone) -> Stage[SegResult]:
-        config = segment_config(backbone, opts, tags_file)
+    def plan(model: Backbone | PlannedModel) -> RunRecord:
+        return segment_config(model, opts, tags_file)
+
+    def build(backbone: Backbone, sess: Session) -> Stage[SegResult]:
+        config = plan(backbone)
         segmenter = method.build(backbone, opts.vocab, opts.segment, quirks=opts.quirks, tagclip=opts.tagclip,
                                  run_tagclip=tags_file is None)
         final = {"tags_out": str(Path(opts.tags_out).resolve())} if opts.tags_out is not None else {}
@@ -411,4 +457,4 @@ def run_segment(opts: SegmentOptions, progress: ProgressFactory | None = None) -
             needs_rgb=segmenter.needs_rgb,
         )
 
-    return run_stage(opts, build, progress)
+    return run_stage(opts, build, progress, output_format=masks_format(opts.out), plan=plan)

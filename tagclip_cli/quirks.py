@@ -3,7 +3,8 @@
 `Quirks()` fixes them all (the default); `Quirks.reference()` (CLI `--reference-compat`) reproduces
 them all, so that a caller cannot get some of them without the others (Q1 lives in the dense
 forward that TagCLIP and CLS-SEG share, Q2 in the boxes of DMAR, CWR and CAA, Q3 in CWR, Q4 in CAA,
-Q5 in PIAA's refinement, Q6-Q8 in ResCLIP, Q9 in SC-CLIP).
+Q6-Q8 in ResCLIP, Q9 in SC-CLIP; Q5 was decided to be no defect: PIAA's refinement drops a group of
+one patch in both modes, docs/algorithm.md §10).
 Code that branches on one reads its property, named after the quirk, and cites it.
 """
 
@@ -33,7 +34,6 @@ class Quirks:
     q2_clamp_box_ends = _all_or_none("Q2: a box's right/bottom ends clamped to grid_size - 1 (exclusive).")
     q3_stop_cwr_at_empty_box = _all_or_none("Q3: CWR stops for the rest of the image at the first empty box.")
     q4_caa_float32 = _all_or_none("Q4: CAA's refinement in float32 in the reference's order.")
-    q5_drop_singleton_groups = _all_or_none("Q5: PIAA's refinement drops a group of one patch (its std is NaN).")
     q6_sfr_float16 = _all_or_none("Q6: ResCLIP's SFR matrix rounded through fp16.")
     q7_sfr_partial_paths = _all_or_none("Q7: ResCLIP's same-label path check samples the first steps / max_steps "
                                         "of a line only.")

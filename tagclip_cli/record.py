@@ -30,7 +30,7 @@ RECORD_VERSION = 1  # the record this tagclip-cli writes
 FIRST_TOOL_VERSION = {1: "0.1.0"}  # record version -> the first tool_version that wrote it
 
 # Written only when set (a run without per-class thresholds, a tags-only run, a run without --tags).
-OPTIONAL = ("thresholds", "segment", "tags_input")
+OPTIONAL = ("thresholds", "segment", "tags_input", "tagger")
 
 
 class RecordVersionError(FormatError):
@@ -45,7 +45,9 @@ class RunRecord:
     seg_names / background: the vocabulary (background [] without background scoring); tagclip:
     TagCLIP's settings (None when TagCLIP did not run: the dense baselines, `--tags`); segment:
     the segmentation settings (segment runs only); thresholds: per-class thresholds when set;
-    tags_input: the `--tags` file's identity ({"sha256", "made_with"}).
+    tags_input: the `--tags` file's identity ({"sha256", "made_with"}); tagger: the settings of a
+    tagging method other than TagCLIP ({"method": "piaa", ..., "fit": the fitted model's file,
+    sha256 and inputs}; then tagclip is None).
 
     A record read from a file keeps what it holds exactly: `keys` are its keys in their stored
     order (None for a new record: every key but the OPTIONAL ones left None, in field order) and
@@ -64,6 +66,7 @@ class RunRecord:
     thresholds: Mapping[str, Any] | None = None
     segment: Mapping[str, Any] | None = None
     tags_input: Mapping[str, Any] | None = None
+    tagger: Mapping[str, Any] | None = None
     keys: tuple[str, ...] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -84,8 +87,18 @@ class RunRecord:
 
     @property
     def tag_threshold(self) -> float | None:
-        """TagCLIP's recorded tag threshold, if TagCLIP ran."""
-        return self.tagclip.get("tag_threshold") if isinstance(self.tagclip, Mapping) else None
+        """The recorded tag threshold of TagCLIP, or of the other tagging method that ran."""
+        for settings in (self.tagclip, self.tagger):
+            if isinstance(settings, Mapping):
+                return settings.get("tag_threshold")
+        return None
+
+    @property
+    def tag_method(self) -> str | None:
+        """The tagging method that made the tags: "tagclip", another method's name, or None."""
+        if isinstance(self.tagger, Mapping):
+            return self.tagger.get("method")
+        return "tagclip" if isinstance(self.tagclip, Mapping) else None
 
     @property
     def made_by_tool(self) -> str:
@@ -149,7 +162,7 @@ class RecordIO:
 
     @staticmethod
     def same(a: RunRecord, b: RunRecord) -> bool:
-        return RecordIO.stored(a) == RecordIO.stored(b)
+        return comparable(a) == comparable(b)
 
     # ---- config.json ----
     @staticmethod
@@ -193,3 +206,114 @@ class RecordIO:
         dropped = {k for k, v in changes.items() if k in OPTIONAL and v is None}
         keys = [k for k in record.keys if k not in dropped] + [k for k in changes if k not in record.keys]
         return replace(record, **changes, keys=tuple(k for k in keys if k not in dropped))
+
+
+# ---- what changed between two records (the refusal of a rerun with other settings) ------------------
+
+# A record path (keys joined by ".") -> the option that sets it; a leaf not listed here is named by
+# its last key when that is an option of `segment` (`SEGMENT_OPTIONS`), else by its path.
+OPTION_OF = {
+    "model": "--model", "model.model": "--model", "model.weights": "--pretrained/--checkpoint",
+    "precision": "--precision",
+    "classes": "--vocab classes", "seg_names": "--vocab names", "vocabulary": "--vocab",
+    "background": "--background/--no-background", "max_side": "--max-side", "tags_input": "--tags",
+    "tagclip": "TagCLIP (--tags/--method)", "tagclip.tag_threshold": "--tag-threshold",
+    "tagclip.reference_compat": "--reference-compat", "tagclip.use_background": "background scoring (--no-background)",
+    "thresholds": "--thresholds", "thresholds.default": "--thresholds default", "segment.method": "--method",
+}
+SEGMENT_OPTIONS = ("setting", "crf", "save_cams", "key_smoothing", "prompt_denoising", "rcs")
+THRESHOLD_PATHS = ("tagclip.tag_threshold", "thresholds")  # what `tagclip retag` can change without the model
+
+
+def _builtin_vocabulary(value: Any) -> Any:
+    """A recorded path to a vocabulary shipped with the package (…/tagclip_cli/vocabularies/NAME.txt)
+    as "built-in NAME", so that the same --vocab from another checkout or install compares equal
+    (its classes and names are recorded beside it and still compared); anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    path = Path(value)
+    if path.suffix == ".txt" and path.parent.name == "vocabularies" and path.parent.parent.name == "tagclip_cli":
+        return f"built-in {path.stem}"
+    return value
+
+
+def comparable(record: RunRecord) -> dict:
+    """The stored record as a rerun compares it (a built-in vocabulary by its name, not its path)."""
+    stored = dict(RecordIO.stored(record))
+    if "vocabulary" in stored:
+        stored["vocabulary"] = _builtin_vocabulary(stored["vocabulary"])
+    return stored
+
+
+def _leaves(value: Any, path: str) -> dict[str, Any]:
+    """path -> value of every leaf of a stored record value (a dict is descended, anything else a leaf)."""
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(_leaves(sub, f"{path}.{key}"))
+        return out
+    return {path: value}
+
+
+def _shown(value: Any) -> str:
+    """A stored value as a change line shows it: short JSON, a long list by its length."""
+    if value is None or value == []:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    text = value if isinstance(value, str) else json.dumps(value)
+    if isinstance(value, list) and len(text) > 40:
+        return f"{len(value)} names"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _option(path: str) -> str:
+    if path in OPTION_OF:
+        return OPTION_OF[path]
+    if path.startswith("thresholds.per_class."):
+        return f"--thresholds {path.removeprefix('thresholds.per_class.')}"
+    last = path.rsplit(".", 1)[-1]
+    return f"--{last.replace('_', '-')}" if path.startswith("segment.") and last in SEGMENT_OPTIONS else path
+
+
+def _list_change(old: Any, new: Any) -> str:
+    """' (+ added; - removed)' for two lists of names, '' otherwise."""
+    if not (isinstance(old, list) and isinstance(new, list)):
+        return ""
+    added = [str(n) for n in new if n not in old]
+    removed = [str(n) for n in old if n not in new]
+    parts = [f"+ {', '.join(added[:5])}{' ...' if len(added) > 5 else ''}"] if added else []
+    parts += [f"- {', '.join(removed[:5])}{' ...' if len(removed) > 5 else ''}"] if removed else []
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def changed_paths(previous: RunRecord, current: RunRecord) -> dict[str, tuple[Any, Any]]:
+    """path -> (old, new) of every stored leaf that differs (tool and tool_version aside), in the
+    record's order."""
+    old, new = comparable(previous), comparable(current)
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in [*new, *(k for k in old if k not in new)]:
+        if key in ("tool", "tool_version") or old.get(key) == new.get(key):
+            continue
+        a, b = _leaves(old.get(key), key), _leaves(new.get(key), key)
+        for path in [*b, *(p for p in a if p not in b)]:
+            if a.get(path) != b.get(path):
+                changes[path] = (a.get(path), b.get(path))
+    return changes
+
+
+def describe_changes(previous: RunRecord, current: RunRecord, limit: int = 6) -> str:
+    """Each differing setting with its old and new value, by the option that sets it:
+    "--tag-threshold: 0.5 -> 0.6; --max-side: 1024 -> 512" (at most `limit`, then "and N more")."""
+    changes = changed_paths(previous, current)
+    if not changes:  # only the tool differs
+        return f"made by {previous.made_by_tool}, now {current.made_by_tool}"
+    lines = [f"{_option(p)}: {_shown(a)} -> {_shown(b)}{_list_change(a, b)}" for p, (a, b) in changes.items()]
+    more = f"; and {len(lines) - limit} more" if len(lines) > limit else ""
+    return "; ".join(lines[:limit]) + more
+
+
+def only_thresholds_changed(previous: RunRecord, current: RunRecord) -> bool:
+    """Whether the two records differ only in the tag thresholds (what `tagclip retag` redoes)."""
+    changes = changed_paths(previous, current)
+    return bool(changes) and all(any(p == t or p.startswith(t + ".") for t in THRESHOLD_PATHS) for p in changes)

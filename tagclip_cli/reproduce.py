@@ -3,6 +3,9 @@
 Rows (docs/algorithm.md §11 for the settings; every run with `--reference-compat`):
 
 * VOC2007 and COCO2014 mAP: `annotate` (vocabularies voc, coco) then `evaluate --gt voc2007 / coco2014`.
+* opt-in (`--rows`): SCLIP + PIAA on VOC2007 and COCO2014 (docs/algorithm.md §13), `annotate --method
+  piaa --setting voc / coco` fitted, as the authors, on VOC2007 trainval / the COCO train2014 images
+  when the root has them (else on the evaluated images, said in the row's note), then `evaluate`.
 * opt-in (`--rows`): NACLIP / SCLIP / ClearCLIP + ResCLIP and SC-CLIP on VOC2012 and COCO-Object
   (docs/algorithm.md §14, §15), `segment --method ...` then `evaluate`, against their papers' numbers.
 * VOC2012, COCO-Object and COCO-Stuff-27 mIoU: `segment --save-cams` (settings voc, coco, cocostuff;
@@ -49,6 +52,7 @@ class Row:
     crf_of: str | None = None  # a CRF row: evaluate --cams --crf over this row's saved cams
     method: str = "clses"  # segment --method
     rcs: bool = False  # segment --rcs (ResCLIP on method)
+    piaa: str | None = None  # annotate --method piaa --setting (an annotate row with PIAA)
 
 
 ROWS: tuple[Row, ...] = (
@@ -86,6 +90,13 @@ ROWS += (
         method="scclip"),
     Row("coco-object-miou-scclip", "COCO-Object (val2017), SC-CLIP mIoU", "coco2017", "mIoU", "coco-object", 37.7,
         None, "coco", "coco", method="scclip"),
+)
+# PIAA's published ViT-B/16 mAP with SCLIP's patch features (docs/algorithm.md §13), opt-in.
+ROWS += (
+    Row("voc2007-map-piaa", "VOC2007 test, SCLIP + PIAA mAP", "voc2007", "mAP", "voc2007", 91.7, None, vocab="voc",
+        piaa="voc"),
+    Row("coco2014-map-piaa", "COCO2014 val, SCLIP + PIAA mAP", "coco2014", "mAP", "coco2014", 73.0, None,
+        vocab="coco", piaa="coco"),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 DATASETS = ("voc2007", "voc2012", "coco2014", "coco2017", "cocostuff")
@@ -167,6 +178,8 @@ def _run_model(row: Row, opts: ReproduceOptions, work: Path) -> tuple[Path, int]
     vocab = load_vocabulary(row.vocab)
     common = {"items": items, "vocab": vocab, "model": opts.model, "batch_size": opts.batch_size,
               "workers": opts.workers, "quirks": Quirks.reference()}
+    if row.piaa is not None:
+        return _run_piaa(row, opts, work, image_root, common)
     if row.setting is None:
         out = work / "tags.parquet"
         summary = run_annotate(AnnotateOptions(out=out, tagclip=TagCLIPConfig(), **common),
@@ -178,6 +191,39 @@ def _run_model(row: Row, opts: ReproduceOptions, work: Path) -> tuple[Path, int]
     out = work / "masks.json"
     summary = run_segment(SegmentOptions(out=out, tagclip=tagclip, segment=seg, cams_dir=cams, method=row.method,
                                          **common), opts.progress)
+    return out, summary.failed + summary.failed_before
+
+
+def piaa_fit_input(row: Row, opts: ReproduceOptions) -> Path | None:
+    """What a PIAA row fits on, as the authors: VOC2007's ImageSets/Main/trainval.txt, COCO's
+    train2014/ folder, when the root has it; None: the evaluated images themselves."""
+    root = Path(opts.roots[row.dataset])
+    if row.dataset == "voc2007":
+        found = [base / "ImageSets" / "Main" / "trainval.txt" for base in (root, root / "VOC2007")]
+    else:
+        found = [root / "train2014", root / "images" / "train2014"]
+    return next((path for path in found if path.exists()), None)
+
+
+def _run_piaa(row: Row, opts: ReproduceOptions, work: Path, image_root: Path, common: dict) -> tuple[Path, int]:
+    """A PIAA row: the fit (on `piaa_fit_input`, else the evaluated images), then the tags."""
+    from tagclip_cli.methods import get
+    from tagclip_cli.piaajob import PiaaOptions, run_annotate_piaa
+    from tagclip_cli.pipeline import AnnotateOptions
+    from tagclip_cli.sources import collect_items, read_path_list
+    from tagclip_cli.tagclip import TagCLIPConfig
+
+    fit_on = piaa_fit_input(row, opts)
+    fit_items = None
+    if fit_on is not None and fit_on.suffix == ".txt":  # VOC ids, the images beside the test ones
+        names = [f"{line.strip()}.jpg" for line in fit_on.read_text().splitlines() if line.strip()]
+        fit_items = read_path_list(names, image_root, str(fit_on))
+    elif fit_on is not None:
+        fit_items = collect_items(str(fit_on))
+    piaa = PiaaOptions(get("piaa", "tags").config(row.piaa), row.piaa, None, fit_items,
+                       None if fit_on is None else str(fit_on))
+    out = work / "tags.parquet"
+    summary = run_annotate_piaa(AnnotateOptions(out=out, tagclip=TagCLIPConfig(), **common), piaa, opts.progress)
     return out, summary.failed + summary.failed_before
 
 
@@ -214,8 +260,13 @@ def run_row(row: Row, opts: ReproduceOptions) -> RowResult:
         ev.write_report(ev.evaluate(config), report_path)  # last: its presence marks the row done
     report = json.loads(report_path.read_text(encoding="utf-8"))
     value = report["metrics"]["mAP" if row.metric == "mAP" else "mIoU"]
+    note = ""
+    if row.piaa is not None:
+        fit_on = piaa_fit_input(row, opts)
+        note = f"fitted on {fit_on.name}" if fit_on is not None else \
+            "fitted on the evaluated images (the paper: on trainval / train2014)"
     return RowResult(row, status, None if value is None else 100 * value, report["images"]["evaluated"],
-                     report=report_path)
+                     note=note, report=report_path)
 
 
 def run_reproduce(opts: ReproduceOptions) -> list[RowResult]:

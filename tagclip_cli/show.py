@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tagclip_cli.errors import UsageError
+from tagclip_cli.errors import UsageError, with_suggestion
 from tagclip_cli.fileio import atomic_path
 from tagclip_cli.formats import (
     TAG_COLUMNS,
@@ -57,11 +57,12 @@ class ShowConfig:
 
     max_side caps the longer side of each overlay's image part (the legend panel is added below);
     thumb_side is the longer side of the thumbnails; page_size the cards per page in index.html;
-    limit renders only the first N rows of the tags file (None = all)."""
+    limit renders only the first N rows of the tags file (None = all). images: the folder the image
+    ids are relative to (only IMAGES/<image id> is drawn), or None for the paths the tags file recorded."""
 
-    images: Path
     tags: Path
     out: Path
+    images: Path | None = None
     masks: Path | None = None
     max_side: int = 1024
     thumb_side: int = 256
@@ -321,14 +322,11 @@ def _save_overlay(job: RenderJob, overlay: Image.Image, part: Image.Image) -> tu
 # ---- the whole gallery ----------------------------------------------------------------------------
 
 
-def resolve_source(images: Path, row: TagRow) -> str | None:
-    """The image file for a row: IMAGES/<image_id>, else the path recorded at annotation time."""
-    candidate = images / row.image_id
-    if candidate.is_file():
-        return str(candidate)
-    if row.path and Path(row.path).is_file():
-        return row.path
-    return None
+def resolve_source(images: Path | None, row: TagRow) -> str | None:
+    """The image file for a row: IMAGES/<image_id> when a folder is given, else the path recorded at
+    annotation time; None when that file is not there."""
+    candidate = images / row.image_id if images is not None else (Path(row.path) if row.path else None)
+    return str(candidate) if candidate is not None and candidate.is_file() else None
 
 
 def _rows_to_show(config: ShowConfig, classes: Sequence[str]) -> list[TagRow]:
@@ -349,8 +347,9 @@ def _rows_to_show(config: ShowConfig, classes: Sequence[str]) -> list[TagRow]:
     only = None
     if config.doubt_class is not None:
         if config.doubt_class not in classes:
-            raise UsageError(f"--class {config.doubt_class!r}: not a class of {config.tags} "
-                             f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+            raise UsageError(with_suggestion(f"--class {config.doubt_class!r}: not a class of {config.tags} "
+                                             f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})",
+                                             config.doubt_class, classes))
         only = list(classes).index(config.doubt_class)
     rows = doubt_order(list(iter_tag_rows(config.tags, classes, None, vector, only)), config.failed_first,
                        config.max_margin)
@@ -359,7 +358,7 @@ def _rows_to_show(config: ShowConfig, classes: Sequence[str]) -> list[TagRow]:
 
 def build_gallery(config: ShowConfig, progress: Callable[[int, int], object] | None = None) -> ShowSummary:
     """Render every overlay and thumbnail, then write index.html. Raises UsageError for bad inputs."""
-    if not config.images.is_dir():
+    if config.images is not None and not config.images.is_dir():
         raise UsageError(f"{config.images}: not a directory (--images)")
     if config.out.exists() and not config.out.is_dir():
         raise UsageError(f"{config.out}: exists and is not a directory (--out)")

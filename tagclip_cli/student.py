@@ -16,7 +16,7 @@ of our own:
    records the split, the settings and the final validation metrics.
 
 `predict_label_pngs` writes a student's masks as the label PNGs (plus `categories.json`) that
-`tagclip evaluate --pred DIR` reads, so the student is scored like the teacher.
+`tagclip evaluate --masks DIR` reads, so the student is scored like the teacher.
 
 Ultralytics is the optional extra `tagclip-cli[student]` and is imported only here. It is run
 offline: `YOLO_OFFLINE=1` (no online checks, no telemetry: its events need to be online),
@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from tagclip_cli import defaults
 from tagclip_cli.errors import UsageError
 from tagclip_cli.formats import MaskFile, read_tags_schema, tag_classes
 
@@ -59,14 +60,14 @@ class StudentConfig:
     out: Path
     tags: Path | None = None
     images: Path | None = None
-    student: str = "yolo11n-seg.yaml"
-    val_fraction: float = 0.2
+    student: str = defaults.STUDENT_MODEL
+    val_fraction: float = defaults.STUDENT_VAL_FRACTION
     seed: int = 0
-    epochs: int = 100
-    imgsz: int = 640
-    batch: int = 16
-    device: str = "cpu"
-    workers: int = 8
+    epochs: int = defaults.STUDENT_EPOCHS
+    imgsz: int = defaults.STUDENT_IMGSZ
+    batch: int = defaults.STUDENT_BATCH_SIZE
+    device: str = defaults.DEVICE  # see ultralytics_device
+    workers: int = defaults.STUDENT_WORKERS
     amp: bool = False
     copy: bool = False
     overwrite: bool = False
@@ -253,7 +254,7 @@ def train_student(config: StudentConfig) -> StudentRun:
                      val_images=len(val))
 
     model.train(data=str(data_yaml.resolve()), epochs=config.epochs, imgsz=config.imgsz, batch=config.batch,
-                device=config.device, workers=config.workers, seed=config.seed, deterministic=True,
+                device=ultralytics_device(config.device), workers=config.workers, seed=config.seed, deterministic=True,
                 project=str(out.resolve()), name="student", exist_ok=True, plots=False, amp=config.amp,
                 val=True, verbose=False)
     trainer = model.trainer
@@ -326,12 +327,13 @@ def _write_summary(run: StudentRun, config: StudentConfig, task: str, classes: S
 # ---- the student's masks, for `tagclip evaluate` ---------------------------------------------------
 
 
-def predict_label_pngs(weights: str | Path, images: str | Path, png_dir: str | Path, *, imgsz: int = 640,
-                       device: str = "cpu", conf: float = 0.25, ids: Sequence[str] | None = None) -> int:
+def predict_label_pngs(weights: str | Path, images: str | Path, png_dir: str | Path, *,
+                       imgsz: int = defaults.STUDENT_IMGSZ, device: str = defaults.DEVICE,
+                       conf: float = defaults.STUDENT_CONF, ids: Sequence[str] | None = None) -> int:
     """Run a trained student on the images under `images` (or only the ids `ids`, relative to it)
     and write one label PNG per image in `png_dir` (pixel = class index + 1, 0 background; where
     instances overlap the more confident wins) plus `categories.json` with the class names:
-    the layout `tagclip evaluate --pred png_dir` reads. Returns the number of images written."""
+    the layout `tagclip evaluate --masks png_dir` reads. Returns the number of images written."""
     from tagclip_cli.fileio import write_bytes_atomic
     from tagclip_cli.sources import IMAGE_EXTENSIONS
     from tagclip_cli.writers import label_png_path, write_label_png
@@ -353,8 +355,8 @@ def predict_label_pngs(weights: str | Path, images: str | Path, png_dir: str | P
     count = 0
     for start in range(0, len(ids), 16):  # a few images at a time: results hold full-size masks
         chunk = list(ids[start:start + 16])
-        results = model.predict([str(images / i) for i in chunk], imgsz=imgsz, device=device, conf=conf,
-                                retina_masks=True, verbose=False)
+        results = model.predict([str(images / i) for i in chunk], imgsz=imgsz, device=ultralytics_device(device),
+                                conf=conf, retina_masks=True, verbose=False)
         for image_id, result in zip(chunk, results, strict=True):
             write_label_png(student_label_map(result), label_png_path(png_dir, image_id))
             count += 1
@@ -384,3 +386,15 @@ def student_label_map(result: Any) -> np.ndarray:
             x0, y0, x1, y1 = (int(round(v)) for v in xyxy[i])
             out[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = classes[i] + 1
     return out
+
+
+def ultralytics_device(device: str) -> str:
+    """Our --device in Ultralytics' terms: auto -> "0" with CUDA, else "cpu"; cuda -> "0"; cuda:N -> "N";
+    anything else (cpu, "0", "0,1", mps) as it is."""
+    if device == "auto":
+        import torch
+
+        return "0" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return "0"
+    return device.removeprefix("cuda:")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tagclip_cli.errors import UsageError
+from tagclip_cli.errors import UsageError, with_suggestion
 from tagclip_cli.record import RecordIO, RunRecord
 
 __all__ = [
@@ -86,7 +86,8 @@ def read_threshold_file(path: str | Path, classes: Sequence[str], default: float
         if not tab or not name:
             raise ThresholdFileError(f"{where}: expected 'class<TAB>threshold', got {line.strip()!r}")
         if name not in known:
-            raise ThresholdFileError(f"{where}: unknown class {name!r} (not one of the {len(classes)} classes)")
+            raise ThresholdFileError(with_suggestion(
+                f"{where}: unknown class {name!r} (not one of the {len(classes)} classes)", name, classes))
         if name in per_class:
             raise ThresholdFileError(f"{where}: class {name!r} is listed twice")
         try:
@@ -220,8 +221,10 @@ def retag_record(record: RunRecord, classes: Sequence[str], default: float,
     """The run record of a retagged file: the input's, with the tag threshold and per-class
     thresholds it was retagged with, exactly as `annotate` with those options records them."""
     changes: dict = {"thresholds": thresholds_record(default, vector, classes) if vector is not None else None}
-    if isinstance(record.tagclip, Mapping):
-        changes["tagclip"] = {**json.loads(json.dumps(record.tagclip)), "tag_threshold": float(default)}
+    for key in ("tagclip", "tagger"):  # TagCLIP's settings, or another tagging method's (PIAA)
+        settings = getattr(record, key)
+        if isinstance(settings, Mapping):
+            changes[key] = {**json.loads(json.dumps(settings)), "tag_threshold": float(default)}
     return RecordIO.with_changes(record, **changes)
 
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tagclip_cli.errors import VocabularyError
+from tagclip_cli.errors import VocabularyError, with_suggestion
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,10 @@ def resolve_vocabulary_path(spec: str | Path) -> Path:
         return path
     if is_name:  # a built-in name wins over a same-named directory (e.g. ./shapes/ of images)
         return builtin
-    known = ", ".join(builtin_vocabularies())
-    raise VocabularyError(f"{spec}: no such vocabulary file (built-in names: {known})")
+    known = builtin_vocabularies()
+    message = f"{spec}: no such vocabulary file (built-in names: {', '.join(known)})"
+    named = not path.suffix and "/" not in str(spec)  # a misspelt built-in name, not a missing file
+    raise VocabularyError(with_suggestion(message, spec, known) if named else message)
 
 
 def class_key(name: str) -> str:

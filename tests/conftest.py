@@ -22,9 +22,11 @@ def make_tiny_clip(seed: int = 0, layers: int = 6, width: int = 64, patch: int =
     return model.eval()
 
 
-def kill_after_first_part(args: list[str], env: dict, parts: Path, timeout: float = 300) -> int:
-    """Start `python -m tagclip_cli ARGS`, SIGKILL it as soon as its first part file exists in
-    `parts`, and return its exit status (the caller checks it is -SIGKILL)."""
+def kill_after_first_part(args: list[str], env: dict, parts: Path, timeout: float = 300,
+                          pattern: str = "part-*.parquet") -> int:
+    """Start `python -m tagclip_cli ARGS`, SIGKILL it as soon as its first part file (a file
+    matching `pattern`) exists in `parts`, and return its exit status (the caller checks it is
+    -SIGKILL)."""
     import signal
     import subprocess
     import sys
@@ -34,7 +36,7 @@ def kill_after_first_part(args: list[str], env: dict, parts: Path, timeout: floa
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout
-        while not list(parts.glob("part-*.parquet")):
+        while not list(parts.glob(pattern)):
             assert proc.poll() is None, "the run ended before writing a part"
             assert time.monotonic() < deadline
             time.sleep(0.01)

@@ -18,7 +18,7 @@ ALGORITHM = ("tagclip", "methods", "quirks", "piaa")
 BACKBONE = ("backbone",)
 DECODING = ("data", "sources", "sourcebase", "shardsources", "tarscan")
 OUR_FILES = ("writers", "formats", "evaluate", "export")
-ORCHESTRATION = ("cli", "api", "commands", "pipeline", "jobs", "show", "reproduce")
+ORCHESTRATION = ("cli", "api", "commands", "pipeline", "piaajob", "jobs", "show", "reproduce")
 
 # module group -> what it must never import
 RULES: dict[tuple[str, ...], tuple[str, ...]] = {

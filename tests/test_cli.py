@@ -17,15 +17,16 @@ def test_every_command_has_the_long_verbose_option(command):
     assert result.exit_code == 0 and "--verbose" in result.output
 
 
-def test_short_v_is_vocab_where_there_is_a_vocabulary_and_still_verbose_in_evaluate(tmp_path):
+def test_short_v_is_vocab_where_there_is_a_vocabulary_and_an_old_spelling_of_verbose_in_evaluate(tmp_path):
     runner = CliRunner()
     # annotate / segment: -v names the vocabulary (a missing file is reported as a vocabulary file)
     result = runner.invoke(app, ["annotate", str(tmp_path), "-v", str(tmp_path / "v.txt"), "--out",
                                  str(tmp_path / "o.parquet")])
     assert result.exit_code == 2 and "v.txt: no such vocabulary file" in result.output
-    # evaluate: -v is still accepted as --verbose (not listed in its help any more)
-    result = runner.invoke(app, ["evaluate", "-v", "--gt", "nope", "--root", ".", "--pred", "p.parquet"])
+    # evaluate: -v is still accepted as --verbose, with a warning (not listed in its help any more)
+    result = runner.invoke(app, ["evaluate", "-v", "--gt", "nope", "--root", ".", "--tags", "p.parquet"])
     assert result.exit_code == 2 and "--gt must be one of" in result.output
+    assert "warning: -v is now --verbose" in result.output
     help_text = runner.invoke(app, ["evaluate", "--help"], env={"COLUMNS": "200"}).output
     assert "--verbose" in help_text and re.search(r"\s-v\s", help_text) is None
 

@@ -754,7 +754,7 @@ def test_cli_evaluate_writes_report_and_table(voc2007: Path, tmp_path: Path):
     rows = [(f"{n}.jpg", f"{n}.jpg", voc_scores(rng, o), ["person"]) for n, o in VOC07_OBJECTS.items()]
     pred = write_tags_parquet(tmp_path / "tags.parquet", ev.VOC_CLASSES, rows)
     out = tmp_path / "report.json"
-    result = run_cli(["--gt", "voc2007", "--root", str(voc2007), "--pred", str(pred), "--report", str(out)])
+    result = run_cli(["--gt", "voc2007", "--root", str(voc2007), "--tags", str(pred), "--report", str(out)])
     assert result.exit_code == 0, result.output
     assert "mAP" in result.output and "aeroplane" in result.output
     report = json.loads(out.read_text())
@@ -762,7 +762,7 @@ def test_cli_evaluate_writes_report_and_table(voc2007: Path, tmp_path: Path):
     assert report["metric_settings"]["ap"] == "paper"
     assert any("difficult objects: counted as positives" in n for n in report["settings"]["notes"])
     assert f"{100 * report['metrics']['mAP']:.2f}" in result.output
-    voc07 = run_cli(["--gt", "voc2007", "--root", str(voc2007), "--pred", str(pred), "--ap", "voc07"])
+    voc07 = run_cli(["--gt", "voc2007", "--root", str(voc2007), "--tags", str(pred), "--ap", "voc07"])
     assert voc07.exit_code == 0 and "VOC07 11-point" in voc07.output
 
 
@@ -776,7 +776,7 @@ def test_cli_evaluate_writes_report_and_table(voc2007: Path, tmp_path: Path):
 )
 def test_cli_errors_are_one_line_exit_2(voc2007: Path, tmp_path: Path, args, message):
     pred = write_tags_parquet(tmp_path / "t.parquet", ev.VOC_CLASSES, [])
-    result = run_cli(["--root", str(voc2007), "--pred", str(pred), *args])
+    result = run_cli(["--root", str(voc2007), "--tags", str(pred), *args])
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output

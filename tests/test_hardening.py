@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import signal
 from pathlib import Path
@@ -477,8 +478,11 @@ def test_disk_full_keeps_earlier_parts_and_resumes_to_the_clean_result(
         "config.json",
         "items.parquet",
         "job.json",
+        "manifest",
         "part-000000000000-000000000007.parquet",
     ]  # no temp file
+    lines = b"".join(p.read_bytes() for p in (work / "manifest").iterdir()).splitlines()
+    assert [json.loads(line)["part"] for line in lines] == ["part-000000000000-000000000007.parquet"]
     assert pq.read_table(work / "part-000000000000-000000000007.parquet").to_pylist() == expected[:8]
     assert not out.exists()
 

@@ -168,7 +168,7 @@ def test_config_and_input_mismatch_refuse_unless_overwrite(tmp_path):
     out = tmp_path / "out.parquet"
     job = {"format": "parquet", "batch_size": 2, "window": 8}
     PartStore.open(out, CONFIG, items, job)
-    with pytest.raises(ConfigMismatchError, match="differs in: model"):
+    with pytest.raises(ConfigMismatchError, match=r"other settings is there \(--model: fake -> other\)"):
         PartStore.open(out, RecordIO.from_dict({"model": "other"}), items, job)
     renamed = items[:4] + [ImageItem(4, "other.jpg", "/data/other.jpg")] + items[5:]
     with pytest.raises(ConfigMismatchError, match="image #4: image_id 'img004.jpg', now 'other.jpg'"):

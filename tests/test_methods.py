@@ -113,11 +113,12 @@ def masks_of(path: Path) -> dict[str, np.ndarray]:
 
 def test_builtin_methods_and_their_facts():
     assert methods.names("masks")[:5] == ("clses", "maskclip", "sclip", "clearclip", "naclip")
-    assert methods.names("tags") == ("tagclip",)
+    assert methods.names("tags") == ("tagclip", "piaa")
     facts = {n: (methods.get(n).needs_tags, methods.get(n).needs_rgb) for n in methods.names()}
     assert facts == {"tagclip": (False, False), "clses": (True, False), "maskclip": (True, False),
                      "sclip": (False, True), "clearclip": (False, True), "naclip": (False, True),
-                     "resclip": (False, True), "scclip": (False, True)}
+                     "resclip": (False, True), "scclip": (False, True), "piaa": (False, False)}
+    assert methods.get("piaa").needs_fit and not getattr(methods.get("tagclip"), "needs_fit", False)
     assert methods.get("clses").options == {"crf", "save_cams"}
     assert methods.configure("clses", "coco", crf=True).crf is True
     with pytest.raises(UsageError, match="does not take --crf"):

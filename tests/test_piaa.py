@@ -312,12 +312,8 @@ def test_banks_of_parts_merge_into_the_single_fit(demo):
     assert torch.equal(again.weight, a.weight)
 
 
-def test_runner_reads_quirk_q5_and_refuses_a_non_dense_variant(demo):
-    from tagclip_cli.quirks import Quirks
-
+def test_runner_refuses_a_non_dense_variant(demo):
     runner, _, _ = demo
-    compat = piaa.Piaa(runner.backbone, runner.vocab, runner.config, quirks=Quirks.reference())
-    assert compat.drop_singletons and not runner.drop_singletons
     with pytest.raises(UsageError, match="dense variant"):
         piaa.Piaa(runner.backbone, runner.vocab, piaa.PiaaConfig(dense="maskclip"))
 

@@ -143,3 +143,23 @@ def test_a_newer_versions_unfinished_run_is_refused_in_one_line(tmp_path, monkey
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "written by tagclip-cli 99.0.0, newer than this tagclip-cli" in lines[0], result.output
+
+
+def test_a_built_in_vocabulary_from_another_install_is_the_same_setting():
+    """The record stores the absolute path of a built-in vocabulary; a rerun from another checkout or
+    install (same --vocab voc, other path) is the same setting, a user's own file elsewhere is not."""
+    from tagclip_cli.record import changed_paths
+
+    def rec(path: str) -> RunRecord:
+        return RunRecord(model={"model": "m"}, precision="fp32", classes=["a"], seg_names=["a"], background=[],
+                         vocabulary=path, tagclip={"tag_threshold": 0.5}, max_side=1024)
+
+    here = rec("/work/main/tagclip_cli/vocabularies/voc.txt")
+    there = rec("/opt/venv/lib/python3.12/site-packages/tagclip_cli/vocabularies/voc.txt")
+    assert RecordIO.same(here, there) and changed_paths(here, there) == {}
+    assert not RecordIO.same(here, rec("/opt/venv/lib/python3.12/site-packages/tagclip_cli/vocabularies/coco.txt"))
+    mine, moved = rec("/data/a/my_classes.txt"), rec("/data/b/my_classes.txt")
+    assert not RecordIO.same(mine, moved)
+    assert changed_paths(mine, moved) == {"vocabulary": ("/data/a/my_classes.txt", "/data/b/my_classes.txt")}
+    # what is written is unchanged: the stored record keeps the path
+    assert RecordIO.to_dict(there)["vocabulary"].endswith("site-packages/tagclip_cli/vocabularies/voc.txt")

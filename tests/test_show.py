@@ -359,3 +359,33 @@ def test_cli_exit_codes_and_one_line_errors(small_run, tmp_path):
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert bad.stderr.strip().startswith("error:") and "no such tags file" in bad.stderr
+
+
+def test_images_folder_is_honoured_and_optional(tmp_path):
+    """--images DIR draws DIR/<image id> only (an empty folder draws nothing: every image is
+    unreadable, exit 1); without --images the paths recorded in the tags file are drawn."""
+    recorded, other, empty = tmp_path / "recorded", tmp_path / "other", tmp_path / "empty"
+    for folder in (recorded, other, empty):
+        folder.mkdir()
+    names = [f"img{i}.png" for i in range(3)]
+    for name in names:
+        Image.fromarray(np.full((40, 60, 3), (0, 0, 255), np.uint8)).save(recorded / name)  # blue
+        Image.fromarray(np.full((40, 60, 3), (0, 255, 0), np.uint8)).save(other / name)  # green
+    tags = write_tags(tmp_path / "tags.parquet", ["a"], [
+        {"image_id": name, "path": str(recorded / name), "width": 60, "height": 40, "tags": [], "scores": [0.1]}
+        for name in names])
+
+    def first_pixel(out: Path) -> tuple:
+        return Image.open(next((out / "overlays").glob("*.png"))).convert("RGB").getpixel((5, 5))
+
+    done = run_cli("--tags", str(tags), "--out", str(tmp_path / "g-recorded"), "--workers", "0")
+    assert done.returncode == 0 and "3 images (0 failed in the tags file, 0 unreadable now)" in done.stderr
+    assert first_pixel(tmp_path / "g-recorded") == (0, 0, 255)
+    done = run_cli("--images", str(other), "--tags", str(tags), "--out", str(tmp_path / "g-other"), "--workers", "0")
+    assert done.returncode == 0, done.stderr
+    assert first_pixel(tmp_path / "g-other") == (0, 255, 0)
+    done = run_cli("--images", str(empty), "--tags", str(tags), "--out", str(tmp_path / "g-empty"), "--workers", "0")
+    assert done.returncode == 1
+    assert "3 images (0 failed in the tags file, 3 unreadable now)" in done.stderr
+    summary = build_gallery(ShowConfig(tags=tags, out=tmp_path / "g-api", images=empty))
+    assert [image_id for image_id, _ in summary.unreadable] == names

@@ -1,8 +1,11 @@
-"""The seeded train/val split of `tagclip train-student` (tagclip_cli/student.py)."""
+"""The seeded train/val split of `tagclip train-student` and the device names given to Ultralytics
+(tagclip_cli/student.py)."""
 
 from __future__ import annotations
 
-from tagclip_cli.student import is_val
+import torch
+
+from tagclip_cli.student import is_val, ultralytics_device
 
 
 def test_split_is_a_pure_function_of_seed_and_id():
@@ -21,3 +24,8 @@ def test_split_holds_out_about_the_fraction_and_grows_monotonically():
     # a larger fraction only adds images to val: none moves back to train
     assert all(is_val(i, 0, 0.3) for i in ids if is_val(i, 0, 0.2))
     assert not any(is_val(i, 0, 0.0) for i in ids)
+
+
+def test_device_in_ultralytics_terms():
+    assert [ultralytics_device(d) for d in ("cpu", "cuda", "cuda:1", "0", "0,1")] == ["cpu", "0", "1", "0", "0,1"]
+    assert ultralytics_device("auto") == ("0" if torch.cuda.is_available() else "cpu")

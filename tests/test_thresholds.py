@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import sample_photos
+from labelled_set import write_folder_gt, write_tags_file
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -25,7 +25,6 @@ from tagclip_cli.thresholds import (
     parse_target,
     read_threshold_file,
 )
-from tagclip_cli.writers import tags_schema
 
 CLASSES = ("cat", "dog", "potted plant")
 
@@ -143,31 +142,6 @@ def test_candidates_and_targets():
 # ---- retag and calibrate on files -------------------------------------------------------------------
 
 
-def _tags_file(path, scores, status=None, threshold=0.5, classes=("lo", "hi", "a", "b")):
-    meta = {"tool": "tagclip-cli", "classes": list(classes), "tagclip": {"tag_threshold": threshold}}
-    rows = []
-    for i, s in enumerate(scores):
-        failed = status is not None and status[i] != "ok"
-        tags = [] if failed else [classes[c] for c in tags_from_scores(torch.tensor(s, dtype=torch.float32),
-                                                                     threshold)]
-        rows.append({"index": i, "image_id": f"img{i}.png", "path": f"/x/img{i}.png", "width": 8, "height": 8,
-                     "status": "failed" if failed else "ok", "error": "broken" if failed else None,
-                     "tags": tags, "scores": None if failed else list(s)})
-    pq.write_table(pa.Table.from_pylist(rows, schema=tags_schema(meta)), path)
-    return meta
-
-
-def _folder_gt(root, positives: list[set[int]], classes=("lo", "hi", "a", "b")):
-    """Label PNGs in root/labels with a stripe of value c + 1 for each positive class c."""
-    (root / "labels").mkdir(parents=True)
-    (root / "classes.txt").write_text("\n".join(classes) + "\n")
-    for i, present in enumerate(positives):
-        png = np.zeros((8, 8), np.uint8)
-        for c in present:
-            png[c, :] = c + 1
-        Image.fromarray(png).save(root / "labels" / f"img{i}.png")
-
-
 def test_calibrate_then_retag_on_a_synthetic_labelled_set(tmp_path):
     # lo is always 0 and hi always 1, so a's and b's normalised scores are their raw scores
     a = [0.1, 0.2, 0.3, 0.45, 0.6, 0.7, 0.8]
@@ -175,11 +149,11 @@ def test_calibrate_then_retag_on_a_synthetic_labelled_set(tmp_path):
     scores = [[0.0, 1.0, s, 0.9 if i < 2 else 0.05] for i, s in enumerate(a)]
     positives = [{1} | ({2} if p else set()) | ({3} if i < 2 else set()) for i, p in enumerate(a_pos)]
     tags = tmp_path / "tags.parquet"
-    _tags_file(tags, scores + [[0.0, 0.0, 0.0, 0.0]], status=["ok"] * 7 + ["failed"])
-    _folder_gt(tmp_path / "gt", positives)
+    write_tags_file(tags, scores + [[0.0, 0.0, 0.0, 0.0]], status=["ok"] * 7 + ["failed"])
+    write_folder_gt(tmp_path / "gt", positives)
     out = tmp_path / "thresholds.tsv"
     runner = CliRunner()
-    result = runner.invoke(app, ["calibrate", "--gt", "folder", "--root", str(tmp_path / "gt"), "--pred", str(tags),
+    result = runner.invoke(app, ["calibrate", "--gt", "folder", "--root", str(tmp_path / "gt"), "--tags", str(tags),
                                  "--out", str(out), "--min-positives", "3"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     lines = [ln for ln in out.read_text().splitlines() if not ln.startswith("#")]
@@ -213,7 +187,7 @@ def test_calibrate_then_retag_on_a_synthetic_labelled_set(tmp_path):
 
 def test_retag_refuses_bad_files_in_one_line(tmp_path):
     tags = tmp_path / "tags.parquet"
-    _tags_file(tags, [[0.0, 1.0, 0.5, 0.2]])
+    write_tags_file(tags, [[0.0, 1.0, 0.5, 0.2]])
     bad = tmp_path / "bad.tsv"
     bad.write_text("a\t0.3\nzebra\t0.2\n")
     runner = CliRunner()
@@ -329,7 +303,7 @@ def test_retag_table_equals_the_rule_row_by_row(tmp_path, with_failed):
     scores[::9] = 0.5  # constant rows: the argmax fallback
     status = ["failed" if with_failed and i % 7 == 3 else "ok" for i in range(40)]
     path = tmp_path / "t.parquet"
-    _tags_file(path, scores.tolist(), status=status, classes=classes)
+    write_tags_file(path, scores.tolist(), status=status, classes=classes)
     table = pq.read_table(path)
     thresholds = [0.2, 0.9, 0.5, 0.7, 0.95, 0.0]
     new, changed = retag_table(table, classes, thresholds, path)

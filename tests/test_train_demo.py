@@ -225,3 +225,18 @@ def test_init_loads_a_saved_checkpoint(tmp_path, monkeypatch) -> None:
     train.save_checkpoint(other, tmp_path / "other", 1)
     with pytest.raises(SystemExit, match="not a shapes-demo checkpoint"):
         train.load_init(fresh, tmp_path / "other" / "shapes-demo.safetensors")
+
+
+@pytest.mark.parametrize("choice", ["dmar", "caa"])
+def test_attention_loss_layers_follow_dmar_or_clsseg_caa_range(monkeypatch, choice) -> None:
+    """--attention-layers caa trains the layers CLS-SEG's CAA averages (1-based L-7..L-1, clamped)."""
+    train = _load("train_demo_clip")
+    monkeypatch.setattr(train, "MODEL_CONFIG", {**TINY, "vision_cfg": {**TINY["vision_cfg"], "layers": 8}})
+    args = train.parse_args(["--attention-layers", choice, "--precision", "fp32"])
+    trainer = train.Trainer(args, tokenizer=None)
+    from tagclip_cli.methods.clses import ClsSegConfig
+
+    lo, hi = ClsSegConfig().layers_for(8)
+    expected = slice(lo - 1, hi) if choice == "caa" else slice(4, 7)
+    assert trainer.attention_layers == expected
+    assert len(range(8)[trainer.attention_layers]) == (7 if choice == "caa" else 3)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from tagclip_cli.backbone.model import Backbone, check_precision, default_cache_dir
-from tagclip_cli.errors import ModelLoadError
+from tagclip_cli.errors import ModelLoadError, did_you_mean
 from tagclip_cli.fileio import file_sha256
 
 log = logging.getLogger(__name__)
@@ -99,17 +100,14 @@ def load_backbone(
     device = torch.device(device)
     if checkpoint is not None:
         net, name = _load_checkpoint(Path(checkpoint), model, model_explicit, seed)
-        weights = f"checkpoint:{file_sha256(Path(checkpoint), cache_dir)}"
     elif model in builtin_models():
-        # the weights' hash is part of the identity, so replaced weights never reuse cached text
-        digest = file_sha256(WEIGHTS_DIR / f"{model}.safetensors", cache_dir)[:16]
-        net, name, weights = _load_builtin(model), model, f"builtin:{model}:{digest}"
-    elif pretrained in (None, "", "none", "random"):
+        net, name = _load_builtin(model), model
+    elif pretrained in RANDOM_TAGS:
         log.warning("model %s with RANDOM weights (seed %d): outputs are meaningless except for testing", model, seed)
-        net, name, weights = _create(model, None, seed), model, f"random:{seed}"
+        net, name = _create(model, None, seed), model
     else:
-        net = _create(model, pretrained, seed)
-        name, weights = model, pretrained
+        net, name = _create(model, pretrained, seed), model
+    weights = weights_identity(model, pretrained, checkpoint, cache_dir, seed)
     net = net.float().to(device)
     if device.type == "cuda" and precision == "fp32":
         # PyTorch runs cuDNN convolutions (the patch embedding) in TF32 by default; fp32 must mean
@@ -117,6 +115,41 @@ def load_backbone(
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     return Backbone(net, _tokenizer_for(net, name), name, weights, device, cache_dir, precision)
+
+
+RANDOM_TAGS = (None, "", "none", "random")  # --pretrained values that mean seeded random weights
+OPENAI_NAME_PREFIX = "openai-"  # the name of OpenAI-layout checkpoint weights: openai-vit-w768-p16-l12
+
+
+def weights_identity(model: str, pretrained: str | None, checkpoint: str | Path | None, cache_dir: Path | None,
+                     seed: int = 0) -> str:
+    """The "weights" of `Backbone.identity()` for these load arguments, found without loading:
+    "checkpoint:<sha256>", "builtin:<name>:<sha256 prefix>" (the weights' hash is part of the
+    identity, so replaced weights never reuse cached text), "random:<seed>" or the pretrained tag."""
+    if checkpoint is not None:
+        return f"checkpoint:{file_sha256(Path(checkpoint), cache_dir)}"
+    if model in builtin_models():
+        return f"builtin:{model}:{file_sha256(WEIGHTS_DIR / f'{model}.safetensors', cache_dir)[:16]}"
+    return f"random:{seed}" if pretrained in RANDOM_TAGS else pretrained
+
+
+def identity_before_loading(model: str, pretrained: str | None = "openai", checkpoint: str | Path | None = None,
+                            cache_dir: Path | None = None, model_explicit: bool = False, seed: int = 0,
+                            previous: Mapping | None = None) -> dict | None:
+    """The `Backbone.identity()` that `load_backbone` with these arguments gives, without loading
+    it, so that a rerun is checked against its output in a second. A checkpoint without an explicit
+    model is named by its weights (OpenAI-layout weights name their own architecture): then the
+    identity is known only next to a `previous` identity of the same weights named that way, and
+    told apart from one of other weights (the name kept: the weights alone differ); else None."""
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    weights = weights_identity(model, pretrained, checkpoint, cache_dir, seed)
+    if checkpoint is None or model_explicit:
+        return {"model": model, "weights": weights}
+    if not isinstance(previous, Mapping) or not isinstance(previous.get("model"), str):
+        return None
+    if previous.get("weights") != weights or previous["model"].startswith(OPENAI_NAME_PREFIX):
+        return {"model": previous["model"], "weights": weights}
+    return None
 
 
 def _load_checkpoint(path: Path, model: str, model_explicit: bool, seed: int) -> tuple[torch.nn.Module, str]:
@@ -131,7 +164,7 @@ def _load_checkpoint(path: Path, model: str, model_explicit: bool, seed: int) ->
             net.float().load_state_dict(sd)  # the builder rounds through fp16; reload exactly
         except Exception as exc:
             raise ModelLoadError(f"{path}: OpenAI-layout weights but not a CLIP ViT ({exc})") from exc
-        return net, f"openai-{_describe_openai(sd)}"
+        return net, f"{OPENAI_NAME_PREFIX}{_describe_openai(sd)}"
     net = _create(model, None, seed)
     try:
         net.load_state_dict(_to_open_clip_layout(net, sd), strict=True)
@@ -157,13 +190,23 @@ def _to_open_clip_layout(net: torch.nn.Module, sd: dict[str, Tensor]) -> dict[st
     return sd
 
 
+def unknown_model(model: str, open_clip_models: list[str]) -> str:
+    """The one line for a model name that is neither built in nor open_clip's: the closest name
+    when one is close, else the built-in models and a few of open_clip's ViTs."""
+    builtin = builtin_models()
+    hint = did_you_mean(model, [*builtin, *open_clip_models])
+    if hint:
+        return f"unknown model '{model}'; {hint}"
+    vits = [m for m in ("ViT-B-16", "ViT-B-32", "ViT-L-14") if m in open_clip_models]
+    return (f"unknown model '{model}' (built-in: {', '.join(builtin) or 'none'}; open_clip has {len(open_clip_models)} "
+            f"models, e.g. {', '.join(vits)}: python -c 'import open_clip; print(open_clip.list_models())')")
+
+
 def _create(model: str, pretrained: str | None, seed: int) -> torch.nn.Module:
     import open_clip
 
     if model not in open_clip.list_models():
-        known = ", ".join(m for m in open_clip.list_models() if m.startswith("ViT-"))[:300]
-        raise ModelLoadError(f"unknown model '{model}' (open_clip ViTs include: {known}, ...; built-in: "
-                             f"{', '.join(builtin_models()) or 'none'})")
+        raise ModelLoadError(unknown_model(model, open_clip.list_models()))
     if pretrained:
         try:
             tags = open_clip.list_pretrained_tags_by_model(model)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from tagclip_cli.backbone import encoder, text
 from tagclip_cli.backbone.encoder import DenseOutput, MapNeeds, Workspace
-from tagclip_cli.errors import ModelLoadError, UsageError
+from tagclip_cli.errors import ModelLoadError, UsageError, with_suggestion
 
 # Compute precisions: fp32 everywhere; bf16/fp16 are CUDA autocast (weights stay fp32).
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,7 +31,8 @@ def check_precision(precision: str, device: torch.device | str) -> None:
     """Raise UsageError unless precision is fp32, bf16 (CUDA autocast; on CPU bf16 weights for the
     image tower) or fp16 on a CUDA device."""
     if precision not in PRECISIONS:
-        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
+        raise UsageError(with_suggestion(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'",
+                                         precision, PRECISIONS))
     kind = torch.device(device).type
     if precision == "fp16" and kind != "cuda":
         raise UsageError(f"precision fp16 needs a CUDA device; on {kind} use fp32 or bf16")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tagclip_cli import progress
 from tagclip_cli.errors import OutputWriteError
 from tagclip_cli.fileio import atomic_path
 
@@ -33,12 +34,15 @@ def imagenet_templates() -> tuple[str, ...]:
 def encode_prompts(
     model: torch.nn.Module, tokenizer, device: torch.device, prompts: Sequence[str], batch_size: int = 256
 ) -> Tensor:
-    """L2-normalised text embeddings of prompts, (P, D) fp32 on the device."""
+    """L2-normalised text embeddings of prompts, (P, D) fp32 on the device (a progress task: minutes
+    for a large vocabulary on a CPU)."""
     out = []
-    for start in range(0, len(prompts), batch_size):
-        tokens = tokenizer(list(prompts[start : start + batch_size])).to(device)
-        emb = model.encode_text(tokens).float()
-        out.append(F.normalize(emb, dim=-1))
+    with progress.task("encoding prompts", total=len(prompts)) as advance:
+        for start in range(0, len(prompts), batch_size):
+            tokens = tokenizer(list(prompts[start : start + batch_size])).to(device)
+            emb = model.encode_text(tokens).float()
+            out.append(F.normalize(emb, dim=-1))
+            advance(len(tokens))
     return torch.cat(out)
 
 

@@ -3,8 +3,9 @@
 Each command parses its options and calls a library function with them (annotate and segment:
 `tagclip_cli.commands`, whose defaults are the options' defaults); the library raises
 `TagclipError`s, which `user_errors` prints as one line with the exit code. Modules: `common`
-(app, logging, errors, progress, shared options), `run` (the model commands), `outputs` (the
-commands on our outputs), `student`.
+(app, logging, errors, progress, shared options), `surface` (help panels, placeholders, the old
+spellings of renamed options), `run` (the model commands), `outputs` (the commands on our
+outputs), `student`.
 """
 
 from __future__ import annotations
@@ -13,26 +14,27 @@ import sys
 
 from tagclip_cli.cli import outputs, run, student
 from tagclip_cli.cli.common import app, err_console, fail, print_error, setup_logging, user_errors
+from tagclip_cli.cli.surface import HAND_OVER, JOBS, LABEL, LOOK, TagclipCommand
 from tagclip_cli.errors import TagclipError
 
 __all__ = ["app", "fail", "main", "print_error", "setup_logging", "user_errors"]
 
-# The commands, in the order `tagclip --help` lists them.
+# The commands in the order of use, grouped as `tagclip --help` lists them.
 COMMANDS = (
-    ("evaluate", outputs.evaluate_command),
-    ("annotate", run.annotate),
-    ("merge", run.merge),
-    ("show", outputs.show),
-    ("segment", run.segment),
-    ("reproduce", run.reproduce),
-    ("export", outputs.export_command),
-    ("train-student", student.train_student_command),
-    ("student-predict", student.student_predict_command),
-    ("retag", outputs.retag),
-    ("calibrate", outputs.calibrate),
+    (LABEL, "annotate", run.annotate),
+    (LABEL, "segment", run.segment),
+    (LOOK, "show", outputs.show),
+    (LOOK, "evaluate", outputs.evaluate_command),
+    (LOOK, "calibrate", outputs.calibrate),
+    (LOOK, "retag", outputs.retag),
+    (HAND_OVER, "export", outputs.export_command),
+    (HAND_OVER, "train-student", student.train_student_command),
+    (HAND_OVER, "student-predict", student.student_predict_command),
+    (JOBS, "merge", run.merge),
+    (JOBS, "reproduce", run.reproduce),
 )
-for _name, _command in COMMANDS:
-    app.command(_name)(user_errors(_command))
+for _panel, _name, _command in COMMANDS:
+    app.command(_name, cls=TagclipCommand, rich_help_panel=_panel)(user_errors(_command))
 
 
 def main() -> None:

@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from tagclip_cli import __version__, defaults
+from tagclip_cli import __version__, defaults, progress
+from tagclip_cli.cli.surface import GENERAL, INPUT, JOB, METHOD, MODEL, TagclipGroup
 from tagclip_cli.errors import TagclipError
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=TagclipGroup,
 )
 
 # Logs and progress go to stderr so that `--out -` can stream results on stdout.
@@ -54,12 +56,14 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def user_errors(command: Callable) -> Callable:
-    """Wrap a command so that a TagclipError becomes its one-line message and exit code."""
+    """Wrap a command so that a TagclipError becomes its one-line message and exit code, and the
+    library's long steps show as bars while it runs (`show_step`)."""
 
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with progress.reporting(show_step):
+                return command(*args, **kwargs)
         except TagclipError as exc:
             raise fail(str(exc), exc.exit_code) from None
 
@@ -102,6 +106,26 @@ def progress_factory(quiet: bool, label: str = "tagging"):
             yield lambda n: prog.advance(task, n)
 
     return factory
+
+
+@contextmanager
+def show_step(label: str, total: int | None):
+    """How the commands show a long step of the library (`tagclip_cli.progress`): a bar with a count
+    (encoding prompts), or a transient spinner (loading the model); nothing when our log is quiet
+    (--quiet, torchrun ranks other than 0)."""
+    if not logging.getLogger("tagclip_cli").isEnabledFor(logging.INFO):
+        yield lambda n: None
+        return
+    if total is not None:
+        with progress_factory(False, label)(total) as advance:
+            yield advance
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
+                  transient=True, disable=not err_console.is_terminal) as bar:  # not even a blank line in a log
+        task = bar.add_task(label, total=None)
+        yield lambda n: bar.advance(task, n)
 
 
 @contextmanager
@@ -157,77 +181,91 @@ def is_leader() -> bool:
 
 # ---- options several commands share -----------------------------------------------------------------
 
-# Logging options of every command. `-v` is not among them: it is --vocab in annotate and segment
-# (evaluate keeps -v as a hidden spelling of --verbose, as before).
-QUIET_OPT = typer.Option(False, "--quiet", "-q", help="Only warnings and errors.")
-VERBOSE_OPT = typer.Option(False, "--verbose", help="Debug logging.")
+# Logging options of every command (in the General panel, with --help). `-v` is not among them: it
+# is --vocab in annotate and segment (evaluate still reads -v as an old spelling of --verbose: surface.RENAMED).
+QUIET_OPT = typer.Option(False, "--quiet", "-q", help="Only warnings and errors.", rich_help_panel=GENERAL)
+VERBOSE_OPT = typer.Option(False, "--verbose", help="Debug logging.", rich_help_panel=GENERAL)
 
 THRESHOLDS_HELP = ("Per-class thresholds: a file of 'class<TAB>threshold' lines (e.g. from `tagclip calibrate`); "
                    "classes not listed keep --tag-threshold.")
 
-# Input and job options shared by `annotate` and `segment`.
+# Input, model and job options shared by `annotate` and `segment` (some also by `reproduce`).
 IMAGES_ARG = typer.Argument(
-    None, help="Folder of images (recursive), a text file of image paths (one per line), one image, or '-' to "
+    None, metavar="IMAGES",
+    help="Folder of images (recursive), a text file of image paths (one per line), one image, or '-' to "
     "read paths from stdin (e.g. from find); or WebDataset tar shards: one .tar, a pattern such as "
     "'data/{00000..00127}.tar', a folder of tars or a text file of tar URLs; or .parquet files with image "
     "bytes. Local paths or URLs (s3://, gs://, hf://, https://). Omit with --manifest or --images-parquet."
 )
 MANIFEST_OPT = typer.Option(
-    None, "--manifest", help="COCO JSON whose 'images' (id, file_name) are the inputs; ids become image_id."
+    None, "--manifest", metavar="FILE", rich_help_panel=INPUT,
+    help="COCO JSON whose 'images' (id, file_name) are the inputs; ids become image_id."
 )
 IMAGE_ROOT_OPT = typer.Option(
-    None, "--image-root", help="Folder the manifest's file_name (or a path list's relative paths) are under; "
-    "image ids are relative to it."
+    None, "--image-root", metavar="DIR", rich_help_panel=INPUT,
+    help="Folder the manifest's file_name (or a path list's relative paths) are under; image ids are relative to it."
 )
 IMAGES_PARQUET_OPT = typer.Option(
-    None, "--images-parquet", help="Parquet file(s) with the image bytes in a column (a file, a glob or a "
-    "{a,b} pattern; img2dataset or Hugging Face datasets output), read one row group at a time."
+    None, "--images-parquet", metavar="FILES", rich_help_panel=INPUT,
+    help="Parquet file(s) with the image bytes in a column (a file, a glob or a {a,b} pattern; img2dataset or "
+    "Hugging Face datasets output), read one row group at a time."
 )
 IMAGE_COLUMN_OPT = typer.Option(
-    None, "--image-column", help="Parquet column with the image: binary, or a {bytes, path} struct "
-    "(default: 'image', else 'jpg')."
+    None, "--image-column", metavar="NAME", rich_help_panel=INPUT,
+    help="Parquet column with the image: binary, or a {bytes, path} struct (default: 'image', else 'jpg')."
 )
 ID_COLUMN_OPT = typer.Option(
-    None, "--id-column", help="Parquet column giving image ids (default: 'key', else 'path', else the row "
-    "number); ids are '<file name>/<id>'."
+    None, "--id-column", metavar="NAME", rich_help_panel=INPUT,
+    help="Parquet column giving image ids (default: 'key', else 'path', else the row number); ids are "
+    "'<file name>/<id>'."
 )
-DEVICE_OPT = typer.Option(defaults.DEVICE, "--device", help="cpu, cuda, cuda:N or auto.")
+DEVICE_OPT = typer.Option(defaults.DEVICE, "--device", metavar="DEVICE", rich_help_panel=JOB,
+                          help="auto (CUDA when there is one, else CPU), cpu, cuda or cuda:N.")
 PRECISION_OPT = typer.Option(
-    defaults.PRECISION, "--precision", help="fp32 (default); bf16 (CUDA autocast, or bf16 image-tower weights on "
-    "CPU: several times faster on CPUs with AMX/AVX512-BF16) or fp16 (CUDA). Attention maps stay fp32 softmax."
+    defaults.PRECISION, "--precision", metavar="NAME", rich_help_panel=MODEL,
+    help="fp32 (default); bf16 (CUDA autocast, or bf16 image-tower weights on CPU: several times faster on CPUs "
+    "with AMX/AVX512-BF16) or fp16 (CUDA). Attention maps stay fp32 softmax."
 )
 BACKGROUND_OPT = typer.Option(
-    None, "--background", help="File of background class names (replaces the vocabulary's)."
+    None, "--background", metavar="FILE", rich_help_panel=METHOD,
+    help="File of background class names (replaces the vocabulary's)."
 )
 REFERENCE_COMPAT_OPT = typer.Option(
-    False, "--reference-compat",
+    False, "--reference-compat", rich_help_panel=METHOD,
     help="Reproduce the reference implementation's quirks exactly (to match published numbers).",
 )
-BATCH_SIZE_OPT = typer.Option(defaults.BATCH_SIZE, "--batch-size", min=1, help="Images per forward.")
-WORKERS_OPT = typer.Option(defaults.WORKERS, "--workers", min=0, help="DataLoader worker processes for decoding.")
-OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace an existing output or unfinished run.")
-FAIL_FAST_OPT = typer.Option(False, "--fail-fast", help="Stop at the first image that cannot be read.")
+BATCH_SIZE_OPT = typer.Option(defaults.BATCH_SIZE, "--batch-size", min=1, metavar="N", rich_help_panel=JOB,
+                              help="Images per forward.")
+WORKERS_OPT = typer.Option(defaults.WORKERS, "--workers", min=0, metavar="N", rich_help_panel=JOB,
+                           help="DataLoader worker processes for decoding.")
+OVERWRITE_OPT = typer.Option(False, "--overwrite", rich_help_panel=JOB,
+                             help="Replace an existing output or unfinished run.")
+FAIL_FAST_OPT = typer.Option(False, "--fail-fast", rich_help_panel=JOB,
+                             help="Stop at the first image that cannot be read.")
 CACHE_DIR_OPT = typer.Option(
-    None, "--cache-dir", help="Text-embedding cache (default ~/.cache/tagclip or $TAGCLIP_CACHE_DIR)."
+    None, "--cache-dir", metavar="DIR", rich_help_panel=JOB,
+    help="Text-embedding cache (default ~/.cache/tagclip or $TAGCLIP_CACHE_DIR)."
 )
 SHARD_OPT = typer.Option(
-    None, "--shard", help="Do only shard I of N (I/N, from 0) of the work, e.g. one SLURM array task; "
-    "no merge: run `tagclip merge OUT` when all shards are done."
+    None, "--shard", metavar="I/N", rich_help_panel=JOB,
+    help="Do only shard I of N (from 0) of the work, e.g. one SLURM array task; no merge: run `tagclip merge OUT` "
+    "when all shards are done."
 )
 PART_SIZE_OPT = typer.Option(
-    defaults.PART_SIZE, "--part-size", min=1,
+    defaults.PART_SIZE, "--part-size", min=1, metavar="N", rich_help_panel=JOB,
     help="Rows per part file in OUT.parts/ (per process): what a crash can cost at most."
 )
-VOCAB_OPT = typer.Option(..., "--vocab", "-v", help="Vocabulary file, or a built-in name (voc, coco, coco-stuff).")
+VOCAB_OPT = typer.Option(..., "--vocab", "-v", metavar="NAME|FILE", rich_help_panel=INPUT,
+                         help="Vocabulary: a built-in name (voc, coco, coco-stuff, shapes) or a file of class names.")
 MODEL_OPT = typer.Option(
-    None, "--model", help="open_clip model name (default ViT-B-16, the paper's), or a built-in demo model such as "
-    "shapes-demo."
+    None, "--model", metavar="NAME", rich_help_panel=MODEL,
+    help="open_clip model name (default ViT-B-16, the paper's), or a built-in demo model such as shapes-demo."
 )
 PRETRAINED_OPT = typer.Option(
-    defaults.PRETRAINED, "--pretrained", help="open_clip pretrained tag (default openai; needs network once). "
-    "'random' = seeded random weights."
+    defaults.PRETRAINED, "--pretrained", metavar="NAME", rich_help_panel=MODEL,
+    help="open_clip pretrained tag (default openai; needs network once). 'random' = seeded random weights."
 )
 CHECKPOINT_OPT = typer.Option(
-    None, "--checkpoint", help="Weights file: OpenAI TorchScript .pt, or a state dict .pt/.bin/.safetensors "
-    "(OpenAI or open_clip keys)."
+    None, "--checkpoint", metavar="FILE", rich_help_panel=MODEL,
+    help="Weights file: OpenAI TorchScript .pt, or a state dict .pt/.bin/.safetensors (OpenAI or open_clip keys)."
 )

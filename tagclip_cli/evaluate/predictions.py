@@ -1,4 +1,4 @@
-"""Prediction readers: our tags Parquet, our COCO RLE masks JSON (both read through
+"""Prediction readers: our tags Parquet, our COCO RLE masks JSON or masks Parquet (all read through
 `tagclip_cli.formats`) and a directory of label PNGs."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 
 from tagclip_cli.errors import UsageError
 from tagclip_cli.evaluate.ground_truth import read_label_png
-from tagclip_cli.formats import label_map, read_coco, read_tags, tag_classes
+from tagclip_cli.formats import is_masks_parquet, label_map, read_masks_as_coco, read_tags, tag_classes
 from tagclip_cli.record import RunRecord
 
 
@@ -102,13 +102,13 @@ class MaskPredictions:
 
 
 class CocoMaskPredictions(MaskPredictions):
-    """Our COCO RLE JSON (`tagclip segment`): one annotation per (image, class).
+    """Our COCO RLE JSON or masks Parquet (`tagclip segment`): one annotation per (image, class).
 
     Should annotations of one image overlap, the one with the higher ``score`` wins.
     """
 
     def __init__(self, path: Path) -> None:
-        coco = read_coco(path, "prediction JSON", "mask")
+        coco = read_masks_as_coco(path, "prediction JSON", "mask")
         self.source = Path(path)
         self.classes = tuple(str(c["name"]) for c in coco.categories)
         self._cat_value = {int(c["id"]): i + 1 for i, c in enumerate(coco.categories)}
@@ -174,14 +174,15 @@ def _png_dir_classes(directory: Path, vocab: str | None) -> tuple[str, ...]:
 
 
 def open_mask_predictions(path: Path, vocab: str | None = None) -> MaskPredictions:
-    """Our COCO RLE JSON, or a directory of label PNGs."""
+    """Our COCO RLE JSON or masks Parquet, or a directory of label PNGs."""
     if path.is_dir():
         return PngMaskPredictions(path, _png_dir_classes(path, vocab))
     return CocoMaskPredictions(path)
 
 
 def prediction_kind(path: Path) -> str:
-    """The kind of ``--pred``: "tags" (Parquet), "masks-json" or "masks-png", from the file itself."""
+    """The kind of ``--pred``: "tags" (Parquet), "masks-parquet", "masks-json" or "masks-png", from the
+    file itself."""
     if path.is_dir():
         return "masks-png"
     if not path.is_file():
@@ -189,7 +190,7 @@ def prediction_kind(path: Path) -> str:
     with open(path, "rb") as fh:
         head = fh.read(4)
     if head == b"PAR1":
-        return "tags"
+        return "masks-parquet" if is_masks_parquet(path) else "tags"
     if head.lstrip()[:1] == b"{" or path.suffix.lower() == ".json":
         return "masks-json"
     raise UsageError(f"{path}: not a tags Parquet, a COCO mask JSON or a directory of label PNGs")

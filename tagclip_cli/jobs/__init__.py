@@ -6,7 +6,9 @@ Layout beside the output `OUT`: a work directory `OUT.parts/` holding
 - `items.parquet`: the full input list (index, image_id, path, coco_id); a different list refuses,
   and `tagclip merge` uses it to prove that every index 0..total-1 has a row;
 - `job.json`: the final format and the batching that was used;
-- `part-<first index>-<last index>.parquet`: result rows, each file written atomically.
+- `part-<first index>-<last index>.parquet`: result rows, each file written atomically;
+- `manifest/<host>-<pid>-<random>.jsonl`: one line per part file (its runs of indices, rows, failed
+  indices), one file per writing process, so that resume and merge need not open every part.
 Beside them, `OUT.lock` (or `OUT.shard-I-of-N.lock`) names the live run writing that share of the
 output; a second run on it refuses before loading the model (see "one writer per output").
 
@@ -14,10 +16,12 @@ Work is cut into windows of consecutive global indices (a few batches each); win
 global rank w % world. A window is processed by one process, with forward batches that depend only
 on the window's images, and is written only when complete. So any split (one process, torchrun
 ranks, --shard, a killed and restarted run) computes every image in exactly the same batch and the
-merged output is identical. The merge streams parts in index order, so memory does not grow with
-the number of images.
+merged output is identical. The merge reads each part once and streams the rows in index order;
+its time is O(rows) whatever the number of shards, and its memory does not grow with the number of
+images.
 
 Modules: `placement` (--shard, torchrun ranks), `session` (the process group), `locks` (one writer
-per output), `parts` (the work directory, resume, merge), `sinks` (JSON Lines, part files),
-`runner` (`run_job`, `JobSpec`, `Summary`). Import the names from their module.
+per output), `parts` (the work directory, resume, merge), `manifest` (what each part holds),
+`merge` (the streaming merge), `sinks` (JSON Lines, part files), `runner` (`run_job`, `JobSpec`,
+`Summary`). Import the names from their module.
 """

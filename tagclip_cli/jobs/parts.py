@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,7 +23,9 @@ from tagclip_cli.errors import (
 )
 from tagclip_cli.faults import deferred_signals
 from tagclip_cli.fileio import atomic_path, output_text, write_json_atomic
-from tagclip_cli.record import RecordIO, RunRecord
+from tagclip_cli.jobs.manifest import MANIFEST_DIR, ManifestWriter, PartEntry, PartIndex
+from tagclip_cli.jobs.merge import iter_merged
+from tagclip_cli.record import RecordIO, RunRecord, describe_changes, only_thresholds_changed
 from tagclip_cli.sources import ImageItem
 from tagclip_cli.writers import (
     COCO_JSON_FORMAT,
@@ -37,9 +38,6 @@ from tagclip_cli.writers import (
 )
 
 log = logging.getLogger(__name__)
-
-
-PART_NAME = re.compile(r"part-(\d+)-(\d+)\.parquet$")
 
 
 # ---- the work directory ---------------------------------------------------------------------------
@@ -60,11 +58,14 @@ def items_table(items: Sequence[ImageItem]) -> pa.Table:
 
 
 class PartStore:
-    """The work directory of one output: configuration, input list and atomic part files."""
+    """The work directory of one output: configuration, input list, atomic part files and the
+    manifest that says what each part holds (jobs/manifest.py)."""
 
     def __init__(self, out: Path) -> None:
         self.out = Path(out)
         self.dir = parts_dir(self.out)
+        self.manifest = ManifestWriter(self.dir / MANIFEST_DIR)
+        self._index: PartIndex | None = None  # the scan at the start of this process
 
     @classmethod
     def open(
@@ -85,9 +86,8 @@ class PartStore:
         if create:
             if overwrite:
                 shutil.rmtree(store.dir, ignore_errors=True)
-            elif store.out.exists() and not store.dir.exists():
-                raise ConfigMismatchError(f"{store.out}: output exists{_made_with(store.out, config)}; "
-                                          "pass --overwrite to replace it")
+            else:
+                store._refuse_existing_output(config)
             try:
                 store.dir.mkdir(exist_ok=True)
             except OSError as exc:
@@ -97,18 +97,40 @@ class PartStore:
         store._check_or_write_config(config, create)
         store._check_or_write_items(items, create)
         store._note_job(job, create)
+        if create:  # the leader indexes parts the manifest lacks (an earlier version's) before the others look
+            (store.dir / MANIFEST_DIR).mkdir(exist_ok=True)
+            store.index()
         return store
+
+    def refuse_other_settings(self, config: RunRecord, items: Sequence[ImageItem]) -> None:
+        """The refusals of `open` (without --overwrite) that need only the files there, so that they
+        come before the model loads: an output made with other settings, an unfinished run with
+        other settings or inputs (ConfigMismatchError naming each difference)."""
+        self._refuse_existing_output(config)
+        if (self.dir / "config.json").exists():
+            self._check_config(RecordIO.read_config(self.dir / "config.json"), config)
+        if (self.dir / "items.parquet").exists():
+            self._check_items(pq.read_table(self.dir / "items.parquet"), items_table(items))
+
+    def _refuse_existing_output(self, config: RunRecord) -> None:
+        if self.out.exists() and not self.dir.exists():
+            raise ConfigMismatchError(f"{self.out}: output exists{_made_with(self.out, config)}")
+
+    def _check_config(self, previous: RunRecord, config: RunRecord) -> None:
+        if not RecordIO.same(previous, config):
+            raise ConfigMismatchError(
+                f"{self.out}: an unfinished run with other settings is there ({describe_changes(previous, config)}); "
+                "rerun with the same options, or pass --overwrite")
+
+    def _check_items(self, previous: pa.Table, current: pa.Table) -> None:
+        if not previous.equals(current):
+            raise ConfigMismatchError(f"{self.out}: {describe_item_difference(previous, current)}; rerun "
+                                      "with the same inputs, or pass --overwrite")
 
     def _check_or_write_config(self, config: RunRecord, create: bool) -> None:
         path = self.dir / "config.json"
         if path.exists():
-            previous = RecordIO.read_config(path)
-            if not RecordIO.same(previous, config):
-                changed = RecordIO.differences(previous, config)
-                raise ConfigMismatchError(
-                    f"{self.out}: an unfinished run with a different configuration is there "
-                    f"(differs in: {', '.join(changed)}); rerun with the same options, or pass --overwrite"
-                )
+            self._check_config(RecordIO.read_config(path), config)
         elif create:
             RecordIO.write_config(config, path)
         else:
@@ -118,10 +140,7 @@ class PartStore:
         path = self.dir / "items.parquet"
         current = items_table(items)
         if path.exists():
-            previous = pq.read_table(path)
-            if not previous.equals(current):
-                raise ConfigMismatchError(f"{self.out}: {describe_item_difference(previous, current)}; rerun "
-                                          "with the same inputs, or pass --overwrite")
+            self._check_items(pq.read_table(path), current)
         elif create:
             with atomic_path(path) as tmp:
                 pq.write_table(current, tmp, compression="zstd")
@@ -157,37 +176,40 @@ class PartStore:
             raise UsageError(f"{self.dir}: no items.parquet; not a tagclip work directory")
         return pq.read_table(path)
 
+    def total(self) -> int:
+        """The number of inputs, from the metadata of items.parquet (no rows read)."""
+        path = self.dir / "items.parquet"
+        if not path.exists():
+            raise UsageError(f"{self.dir}: no items.parquet; not a tagclip work directory")
+        return pq.ParquetFile(path).metadata.num_rows
+
+    def scan(self) -> PartIndex:
+        """What the part files hold now: the manifest, checked against the directory listing."""
+        return PartIndex.scan(self.dir, self.manifest)
+
+    def index(self) -> PartIndex:
+        """The scan of this process's start (made once; writing a part forgets it)."""
+        if self._index is None:
+            self._index = self.scan()
+        return self._index
+
     def part_files(self) -> list[tuple[int, int, Path]]:
         """(first index, last index, path) of every complete part, by first index."""
-        found = []
-        for path in self.dir.glob("part-*.parquet"):
-            match = PART_NAME.fullmatch(path.name)
-            if match:
-                found.append((int(match[1]), int(match[2]), path))
-        return sorted(found)
+        return [(lo, hi, self.dir / name) for lo, hi, name in self.scan().parts()]
 
     def done_mask(self, total: int) -> np.ndarray:
         """(total,) bool: which indices already have a row (one bit per image, not a set of rows)."""
-        mask = np.zeros(total, dtype=bool)
-        for _, _, path in self.part_files():
-            indices = pq.read_table(path, columns=["index"]).column("index").to_numpy()
-            mask[indices[indices < total]] = True
-        return mask
+        return self.scan().done_mask(total)
 
     def remaining(self, items: Sequence[ImageItem], total: int) -> list[ImageItem]:
         """The items (of an input list of `total`) that have no row yet, in their order."""
-        done = self.done_mask(total)
+        done = self.index().done_mask(total)
         return [it for it in items if not done[it.index]]
 
     def failed_indices(self) -> np.ndarray:
         """Indices of the rows already in parts whose status is "failed" (for the exit code of a
         resumed run: the output has them even though this run did not meet them)."""
-        found = [np.zeros(0, dtype=np.int64)]
-        for _, _, path in self.part_files():
-            table = pq.read_table(path, columns=["index", "status"])
-            failed = pc.equal(table.column("status"), "failed").to_numpy(zero_copy_only=False)
-            found.append(table.column("index").to_numpy()[failed])
-        return np.concatenate(found)
+        return self.index().failed_indices()
 
     # ---- writing ----
     def write_part(self, table: pa.Table) -> Path:
@@ -196,12 +218,15 @@ class PartStore:
         lo, hi = pc.min(indices).as_py(), pc.max(indices).as_py()
         path = self.dir / f"part-{lo:012d}-{hi:012d}.parquet"
         try:
-            with deferred_signals(), atomic_path(path) as tmp:  # a Ctrl-C lets this part finish first
-                pq.write_table(table, tmp, compression="zstd")
+            with deferred_signals():  # a Ctrl-C lets this part and its manifest line finish first
+                with atomic_path(path) as tmp:
+                    pq.write_table(table, tmp, compression="zstd")
+                self.manifest.append([PartEntry.of_table(path.name, table)])
         except OutputWriteError as exc:
             raise OutputWriteError(
                 f"{exc}; the {len(self.part_files())} parts written before are intact in {self.dir}: "
                 "free some space and rerun the same command to resume") from exc
+        self._index = None
         return path
 
     def missing(self, total: int, wait_seconds: float = 0.0) -> np.ndarray:
@@ -215,29 +240,10 @@ class PartStore:
             time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
     def iter_merged(self, schema: pa.Schema, total: int, chunk: int = ROW_GROUP_SIZE) -> Iterator[pa.Table]:
-        """The rows of all parts in index order, one row per index, `chunk` indices at a time.
-
-        Only the parts overlapping the current chunk are in memory."""
-        parts = self.part_files()
-        active: list[tuple[int, pa.Table]] = []
-        next_part = 0
-        for start in range(0, total, chunk):
-            end = start + chunk
-            while next_part < len(parts) and parts[next_part][0] < end:
-                lo, hi, path = parts[next_part]
-                active.append((hi, pq.read_table(path).cast(schema)))
-                next_part += 1
-            pieces = []
-            for _, table in active:
-                idx = table.column("index")
-                pieces.append(table.filter(pc.and_(pc.greater_equal(idx, start), pc.less(idx, end))))
-            merged = pa.concat_tables(pieces).sort_by("index") if pieces else schema.empty_table()
-            indices = merged.column("index").to_numpy()
-            if len(indices) > 1 and (indices[1:] == indices[:-1]).any():
-                merged = merged.filter(pa.array(np.r_[True, indices[1:] != indices[:-1]]))
-            active = [(hi, table) for hi, table in active if hi >= end]
-            if merged.num_rows:
-                yield merged
+        """The rows of all parts in index order, one row per index, `chunk` indices at a time: a
+        streaming merge that reads each part once (jobs/merge.py)."""
+        parts = [(lo, path) for lo, _, path in self.part_files()]
+        return iter_merged(parts, schema, total, chunk, self.dir)
 
     def merge(self, schema: pa.Schema, total: int, fmt: str = "parquet", wait_seconds: float = 0.0,
               options: dict | None = None) -> int:
@@ -252,7 +258,8 @@ class PartStore:
                                    f"rerun the same command (or `tagclip merge {self.out}`)") from exc
 
     def describe_missing(self, missing: np.ndarray, total: int) -> str:
-        ids = self.items().column("image_id").take(pa.array(missing[:3])).to_pylist()
+        ids = pq.read_table(self.dir / "items.parquet", columns=["image_id"]).column("image_id") \
+            .take(pa.array(missing[:3])).to_pylist()
         examples = ", ".join(f"#{i} {image_id}" for i, image_id in zip(missing[:3].tolist(), ids, strict=True))
         return (f"{self.out}: {len(missing)} of {total} images have no result yet (e.g. {examples}); "
                 "finish the remaining shards (rerun a shard's command to resume it), then merge again")
@@ -279,17 +286,50 @@ def finished_output(out: Path, config: RunRecord, items: Sequence[ImageItem]) ->
     return sum(1 for status in table.column("status").to_pylist() if status != "ok")
 
 
+def has_previous(out: Path | None, overwrite: bool) -> bool:
+    """Whether a run into `out` meets an earlier one there (an output, or an unfinished run) that it
+    must resume, skip or refuse (not with --overwrite, which replaces it)."""
+    return out is not None and not overwrite and (out.exists() or parts_dir(out).exists())
+
+
+def previous_record(out: Path) -> RunRecord | None:
+    """The record of the earlier run at `out`: its unfinished run's config.json, else the finished
+    output's; None when there is none (or it is not one of our Parquet files)."""
+    try:
+        if (parts_dir(out) / "config.json").is_file():
+            return RecordIO.read_config(parts_dir(out) / "config.json")
+        record = read_record(out) if out.is_file() else None
+    except Exception:  # unreadable: the refusals of PartStore.open explain it
+        return None
+    return None if record is None or record.empty else record
+
+
 def _made_with(out: Path, config: RunRecord) -> str:
-    """How an existing output's configuration compares with this run's, for the refusal message."""
+    """How an existing output's configuration compares with this run's, and what to do, for the
+    refusal message: each changed setting (old -> new), `tagclip retag` when only the thresholds of
+    a tags Parquet changed, else --overwrite."""
+    replace = "; pass --overwrite to replace it"
     try:
         previous = read_record(out)
     except Exception:  # not a Parquet file of ours: nothing to compare
-        return ""
+        return replace
     if previous.empty:
-        return ""
+        return replace
     if RecordIO.same(previous, config):
-        return " (same configuration: this run is already complete)"
-    return f" (made with a different configuration: differs in {', '.join(RecordIO.differences(previous, config))})"
+        return f" (same configuration: this run is already complete){replace}"
+    made = f" (made with other settings: {describe_changes(previous, config)})"
+    if config.segment is None and only_thresholds_changed(previous, config):
+        return f"{made}; only thresholds changed: {_retag_command(out, config)} re-derives its tags from the stored " \
+               "scores without the model, or pass --overwrite to recompute it"
+    return made + replace
+
+
+def _retag_command(out: Path, config: RunRecord) -> str:
+    """The `tagclip retag` command that turns `out`'s tags into those of `config`'s thresholds."""
+    new = out.with_name(f"{out.stem}.retagged{out.suffix}")
+    threshold = f" --tag-threshold {config.tag_threshold}" if config.tag_threshold is not None else ""
+    file = " --thresholds FILE" if config.thresholds is not None else ""
+    return f"`tagclip retag {out}{file}{threshold} --out {new}`"
 
 
 def describe_item_difference(previous: pa.Table, current: pa.Table) -> str:
@@ -327,21 +367,22 @@ def merge_output(out: Path) -> int:
             raise UsageError(f"{store.out}: already merged (no {store.dir.name} work directory)")
         raise UsageError(f"{store.dir}: no such work directory; nothing to merge")
     config = store.config()
-    total = store.items().num_rows
-    missing = store.missing(total)
+    total = store.total()
+    index = store.scan()
+    missing = np.flatnonzero(~index.done_mask(total))
     if len(missing):
         raise IncompleteRunError(store.describe_missing(missing, total))
-    parts = store.part_files()
-    schema = pq.read_schema(parts[0][2])
-    for _, _, path in parts:
-        made_with = read_record(path)
+    parts = index.parts()
+    schema = pq.read_schema(store.dir / parts[0][2])
+    for name in index.records().values():  # one part per distinct run record, the first of each
+        made_with = read_record(store.dir / name)
         if not made_with.empty and not RecordIO.same(made_with, config):
             raise ConfigMismatchError(
-                f"{path}: written with a different configuration than {store.dir / 'config.json'}; "
+                f"{store.dir / name}: written with a different configuration than {store.dir / 'config.json'}; "
                 "were the shards started with different options? Rerun that shard's work with --overwrite "
                 "in a fresh output")
     job = store.job()
-    rows = write_final(job.get("format", "parquet"), store.iter_merged(schema, total), store.out, schema,
-                       job.get("final_options"))
+    merged = iter_merged([(lo, store.dir / name) for lo, _, name in parts], schema, total, ROW_GROUP_SIZE, store.dir)
+    rows = write_final(job.get("format", "parquet"), merged, store.out, schema, job.get("final_options"))
     store.cleanup()
     return rows

@@ -117,7 +117,7 @@ def run_job(
         resumable = not spec.overwrite and spec.format == "parquet"
         finished = finished_output(spec.out, spec.config, spec.items) if resumable else None
         if finished is not None:
-            return _already_complete(spec, placement, finished)
+            return _already_complete(spec.out, len(spec.items), placement, finished)
         store = _open_store(spec, sess)
         todo = store.remaining(mine, len(spec.items))
         sink = PartSink(store, spec.schema, spec.part_size)
@@ -128,6 +128,19 @@ def run_job(
     return _finish(spec, sess, store, summary)
 
 
+def check_before_loading(out: Path, config: RunRecord, items: Sequence[ImageItem], output_format: str,
+                         placement: Placement) -> Summary | None:
+    """What `run_job` (without --overwrite) would find in `out` without computing anything, checked
+    before the model loads: the summary of a finished output of this config and these items
+    (nothing to do), or the refusal of an output or unfinished run made with other settings or
+    inputs (ConfigMismatchError, naming each changed setting); None when there is work to do."""
+    finished = finished_output(out, config, items) if output_format == "parquet" else None
+    if finished is not None:
+        return _already_complete(out, len(items), placement, finished)
+    PartStore(out).refuse_other_settings(config, items)
+    return None
+
+
 def _stdout_sink(spec: JobSpec, placement: Placement, stdout: TextIO | None) -> JsonLinesSink:
     if placement.distributed:
         raise UsageError("--out - (JSON Lines on stdout) works in a single process; with torchrun, "
@@ -135,12 +148,12 @@ def _stdout_sink(spec: JobSpec, placement: Placement, stdout: TextIO | None) -> 
     return JsonLinesSink(stdout or sys.stdout, spec.config.classes or ())
 
 
-def _already_complete(spec: JobSpec, placement: Placement, failed: int) -> Summary:
+def _already_complete(out: Path, total: int, placement: Placement, failed: int) -> Summary:
     """Rerunning a finished command is a no-op, as `make` would do (job arrays retry whole
     commands); exit 1 still reports failed rows, as after a resumed run."""
-    return Summary(total=len(spec.items), skipped=len(spec.items), failed_before=failed if placement.leader else 0,
+    return Summary(total=total, skipped=total, failed_before=failed if placement.leader else 0,
                    leader=placement.leader, merged=True,
-                   note=f"{spec.out} is already complete for these images and this configuration; "
+                   note=f"{out} is already complete for these images and this configuration; "
                         "nothing to do (--overwrite recomputes it)")
 
 

@@ -16,7 +16,7 @@ import os
 from importlib.metadata import entry_points
 from typing import Any
 
-from tagclip_cli.errors import UsageError
+from tagclip_cli.errors import UsageError, with_suggestion
 from tagclip_cli.methods.base import KINDS, SEGMENT_OPTIONS, Method
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ BUILTIN_MODULES = (
     "tagclip_cli.methods.naclip",
     "tagclip_cli.methods.resclip",
     "tagclip_cli.methods.scclip",
+    "tagclip_cli.methods.piaa",
 )
 
 _methods: dict[str, Method] = {}
@@ -107,7 +108,8 @@ def get(name: str, kind: str | None = None) -> Method:
     method = _methods.get(name)
     if method is None or (kind is not None and method.kind != kind):
         what = {"masks": "segmentation method", "tags": "tagging method"}.get(kind or "", "method")
-        raise UsageError(f"unknown {what} '{name}' (choose from {', '.join(names(kind))})")
+        raise UsageError(with_suggestion(f"unknown {what} '{name}' (choose from {', '.join(names(kind))})", name,
+                                         names(kind)))
     return method
 
 

@@ -243,13 +243,14 @@ def test_bad_vocabularies_and_arguments_fail_in_one_line_and_write_nothing(
         # The finished corpus output, asked for again with another vocabulary.
         (
             annotate_args(root, done_out, tiny_checkpoint, vocab, "--no-background", "--workers", "0", "--quiet"),
-            f"{done_out}: output exists (made with a different configuration: differs in background, ",
+            f"{done_out}: output exists (made with other settings: --background/--no-background: ",
         ),
     ]
     for args, message in cases:
         proc = tagclip(*args, cache=cache, expect=2)
         assert error_line(proc).startswith(message), (args, proc.stderr)
-    assert error_line(proc).endswith(", tagclip); pass --overwrite to replace it")
+    assert error_line(proc).endswith("background scoring (--no-background): on -> off; --max-side: 32 -> 1024); "
+                                     "pass --overwrite to replace it")
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, not even a work directory
     assert done_out.read_bytes() == done_bytes and not Path(f"{done_out}.parts").exists()
 

@@ -58,7 +58,7 @@ def test_annotate_then_evaluate_synthetic_folder(tmp_path: Path, tiny_checkpoint
     annotate(dataset / "images", "shapes", tags, tiny_checkpoint, cache_dir)
     report_path = tmp_path / "report.json"
     result = run(
-        "evaluate", "--gt", "folder", "--root", str(dataset), "--pred", str(tags),
+        "evaluate", "--gt", "folder", "--root", str(dataset), "--tags", str(tags),
         "--report", str(report_path),
         cwd=tmp_path,
     )  # fmt: skip
@@ -100,7 +100,7 @@ def test_annotate_then_evaluate_voc2007(tmp_path: Path, tiny_checkpoint: Path, c
     annotate(voc / "JPEGImages", "voc", tags, tiny_checkpoint, cache_dir, code=1)
     report_path = tmp_path / "report.json"
     result = run(
-        "evaluate", "--gt", "voc2007", "--root", str(tmp_path / "VOCdevkit"), "--pred", str(tags),
+        "evaluate", "--gt", "voc2007", "--root", str(tmp_path / "VOCdevkit"), "--tags", str(tags),
         "--report", str(report_path),
         cwd=tmp_path,
     )  # fmt: skip
@@ -116,11 +116,11 @@ def test_annotate_then_evaluate_voc2007(tmp_path: Path, tiny_checkpoint: Path, c
 
 def test_evaluate_bad_paths_are_one_line(tmp_path: Path):
     pred = tmp_path / "tags.parquet"
-    result = run("evaluate", "--gt", "voc2007", "--root", "VOCdevkit", "--pred", pred.name, cwd=tmp_path)
+    result = run("evaluate", "--gt", "voc2007", "--root", "VOCdevkit", "--tags", pred.name, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: tags.parquet: no such file or directory"
     pred.write_bytes(b"PAR1 but not really")
-    result = run("evaluate", "--gt", "voc2007", "--root", "VOCdevkit", "--pred", pred.name, cwd=tmp_path)
+    result = run("evaluate", "--gt", "voc2007", "--root", "VOCdevkit", "--tags", pred.name, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: VOCdevkit: no such file or directory"
 
@@ -154,7 +154,8 @@ def test_segment_then_evaluate_synthetic_folder(tmp_path: Path, tiny_checkpoint:
     expected = float(np.mean(inter[present] / union[present]))
     for pred in (masks, pngs):
         report_path = tmp_path / f"report-{pred.name}.json"
-        args = ["evaluate", "--gt", "folder", "--root", str(dataset), "--pred", str(pred), "--report", str(report_path)]
+        args = ["evaluate", "--gt", "folder", "--root", str(dataset), "--masks", str(pred),
+                "--report", str(report_path)]
         if pred == pngs:
             args += ["--vocab", "shapes"]
         result = run(*args, cwd=tmp_path)

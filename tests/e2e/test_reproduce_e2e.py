@@ -124,7 +124,7 @@ def test_crf_over_saved_grid_cams_equals_segment_crf(reproduced, tmp_path: Path,
     saved = np.load(cams / f"{next(iter(VOC12_IMAGES))}.npz")
     assert saved["cams"].dtype == np.float16 and saved["cams"].shape[1:] == (4, 5)  # the 64x80 image's grid
     reports = {}
-    for name, extra in (("masks", ["--pred", str(masks)]), ("cams", ["--cams", str(cams), "--crf"])):
+    for name, extra in (("masks", ["--masks", str(masks)]), ("cams", ["--cams", str(cams), "--crf"])):
         reports[name] = tmp_path / f"{name}.json"
         result = run("evaluate", "--gt", "voc2012", "--root", str(roots["voc2012"]), *extra, "--report",
                      str(reports[name]), cwd=tmp_path)
@@ -141,9 +141,9 @@ def test_cams_bad_inputs_are_one_line_usage_errors(reproduced, tmp_path: Path):
         ([*gt, "--cams", str(tmp_path)], "no cams.json"),
         ([*gt, "--cams", str(out / "voc2012-miou" / "cams"), "--bg-threshold", "0.7:0.3:0.05"], "start <= stop"),
         ([*gt, "--cams", str(out / "voc2012-miou" / "cams"), "--bg-threshold", "0.3:1.2:0.1"], "outside [0, 1]"),
-        ([*gt, "--pred", str(out / "voc2012-miou" / "masks.json"), "--bg-threshold", "0.5"], "apply to --cams"),
-        ([*gt, "--pred", str(out / "voc2012-miou" / "masks.json"), "--cams", str(out / "voc2012-miou" / "cams")],
-         "either --pred"),
+        ([*gt, "--masks", str(out / "voc2012-miou" / "masks.json"), "--bg-threshold", "0.5"], "apply to --cams"),
+        ([*gt, "--masks", str(out / "voc2012-miou" / "masks.json"), "--cams", str(out / "voc2012-miou" / "cams")],
+         "give one of --tags"),
         (["evaluate", "--gt", "coco-stuff-27", "--root", str(roots["cocostuff"]), "--cams",
           str(out / "coco-stuff-27-miou" / "cams"), "--bg-threshold", "0.5"], "no background label"),
     ]
@@ -161,3 +161,31 @@ def test_cams_bad_inputs_are_one_line_usage_errors(reproduced, tmp_path: Path):
         assert result.exit_code == 2, (args, result.output)
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, result.output)
+
+
+def test_piaa_rows_fit_as_the_authors_when_the_split_is_there(tmp_path: Path, tiny_checkpoint: Path, cache_dir: Path):
+    """The opt-in PIAA rows: VOC2007 fitted on its trainval list, COCO2014 (no train2014/ here) on
+    the evaluated images, each with its published number and PIAA's constants of the dataset."""
+    import pyarrow.parquet as pq
+
+    roots = write_paper_datasets(tmp_path / "data")
+    main = roots["voc2007"] / "VOC2007" / "ImageSets" / "Main"
+    trainval = sorted(p.stem for p in (roots["voc2007"] / "VOC2007" / "JPEGImages").glob("*.jpg"))[:2]
+    (main / "trainval.txt").write_text("".join(f"{n}\n" for n in trainval))
+    out = tmp_path / "repro"
+    proc = run("reproduce", "--out", str(out), *model_args(tiny_checkpoint, cache_dir), "-q", "--voc2007",
+               str(roots["voc2007"]), "--coco2014", str(roots["coco2014"]), "--rows",
+               "voc2007-map-piaa,coco2014-map-piaa", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = results(out)
+    assert list(rows) == ["voc2007-map-piaa", "coco2014-map-piaa"]
+    assert (rows["voc2007-map-piaa"]["paper"], rows["coco2014-map-piaa"]["paper"]) == (91.7, 73.0)
+    assert rows["voc2007-map-piaa"]["note"] == "fitted on trainval.txt"
+    assert rows["coco2014-map-piaa"]["note"].startswith("fitted on the evaluated images")
+    for name, setting, temperature, fitted in (("voc2007-map-piaa", "voc", 100.0, 2),
+                                               ("coco2014-map-piaa", "coco", 0.01, 3)):
+        assert rows[name]["status"] == "done" and rows[name]["images"] == 3 and 0 <= rows[name]["ours"] <= 100
+        tagger = json.loads(pq.read_schema(out / name / "tags.parquet").metadata[b"tagclip"])["tagger"]
+        assert tagger["method"] == "piaa" and tagger["setting"] == setting and tagger["reference_compat"]
+        assert tagger["refine_temperature"] == temperature and tagger["fit"]["inputs"]["images"] == fitted
+    assert "SCLIP + PIAA" in proc.stdout

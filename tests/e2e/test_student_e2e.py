@@ -146,8 +146,8 @@ def trained(demo) -> dict:
     out = root / "run"
     proc = run_tagclip("train-student", "--masks", str(demo["masks"]), "--tags", str(demo["tags"]),
                        "--out", str(out), "--student", "yolo11n-seg.yaml", "--epochs", "2", "--imgsz", str(SIZE),
-                       "--batch", "16", "--device", "cpu", "--workers", "0", "--val-fraction", "0.2", "--seed", "0",
-                       cache=demo["cache"], site=site, env={"TAGCLIP_NET_LOG": str(log)})
+                       "--batch-size", "16", "--device", "cpu", "--workers", "0", "--val-fraction", "0.2",
+                       "--seed", "0", cache=demo["cache"], site=site, env={"TAGCLIP_NET_LOG": str(log)})
     return {"out": out, "proc": proc, "log": log, "site": site}
 
 
@@ -183,12 +183,12 @@ def test_student_scored_on_held_out_true_masks(demo, trained, tmp_path):
     pred = tmp_path / "student-png"
     log = tmp_path / "network.log"
     run_tagclip("student-predict", str(trained["out"] / "student" / "weights" / "best.pt"),
-                str(demo["held_out"] / "images"), "--png-dir", str(pred), "--imgsz", str(SIZE), "--conf", "0.01",
+                str(demo["held_out"] / "images"), "--out", str(pred), "--imgsz", str(SIZE), "--conf", "0.01",
                 cache=demo["cache"], site=trained["site"], env={"TAGCLIP_NET_LOG": str(log)})
     assert not log.exists(), log.read_text()
     assert len(list(pred.glob("*.png"))) == HELD_OUT_SCENES
     report = tmp_path / "report.json"
-    run_tagclip("evaluate", "--gt", "folder", "--root", str(demo["held_out"]), "--pred", str(pred),
+    run_tagclip("evaluate", "--gt", "folder", "--root", str(demo["held_out"]), "--masks", str(pred),
                 "--require-all", "--report", str(report), cache=demo["cache"])
     doc = json.loads(report.read_text())
     assert doc["task"] == "segmentation"
