@@ -17,12 +17,16 @@ rotating order (the machine is shared and noisy: the ratios are the figure):
   with a per-crop mask nn.MultiheadAttention leaves its fast path, so they would flatter us.)
 - segment (ours): `ClsSegSegments.segment` (CLS-SEG: TagCLIP, then batched Grad-CAMs of all tags on the
   same dense forward, CAA, label maps at the original size);
+- the stage profile (ours, timed after each batch): the bare encoder, the dense forward as
+  annotate runs it (the maps its method declares, read during the forward: their cost is the
+  difference), the CWR crop forward; the rest of annotate and segment's CLS-SEG part by difference.
 - segment (naive): the naive TagCLIP time of the same images plus a naive CLIP-ES pass (its own
   dense forward, one last-block backward and one affinity computation per tag), as the reference
   runs classify.py and then generate_cams.
 
 Peak RSS per method is the process's VmHWM, reset before each method (/proc/self/clear_refs), so
-it includes the model (about 0.6 GB) and whatever the allocator kept from earlier methods.
+it includes the model (about 0.6 GB) and whatever the allocator kept from earlier methods; peak
+per batch is how far it rose above the RSS before the batch (the batch's own working memory).
 
 The model's logit scale is set to 100 (the value of every OpenAI CLIP checkpoint) so that the CWR
 candidate count is realistic (1-4 per image); with the random initial 14.3 nearly every class
@@ -99,11 +103,12 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_mb() -> float:
-    """VmHWM of this process in MB (ru_maxrss where /proc is not available)."""
+def peak_rss_mb(field: str = "VmHWM") -> float:
+    """VmHWM (or another /proc/self/status field, e.g. VmRSS) of this process in MB (ru_maxrss
+    where /proc is not available)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -118,6 +123,7 @@ class Method:
     seconds: float = 0.0
     images: int = 0
     peak_rss: float = 0.0
+    batch_peak: float = 0.0  # the most the peak RSS rose above the RSS before one batch
     extra: dict = field(default_factory=dict)
 
     @property
@@ -126,11 +132,13 @@ class Method:
 
     def run(self, fn: Callable[[], object], images: int) -> object:
         reset_peak_rss()
+        before = peak_rss_mb("VmRSS")
         start = time.perf_counter()
         result = fn()
         self.seconds += time.perf_counter() - start
         self.images += images
         self.peak_rss = max(self.peak_rss, peak_rss_mb())
+        self.batch_peak = max(self.batch_peak, self.peak_rss - before)
         return result
 
 
@@ -194,6 +202,54 @@ def cwr_inputs(bb: Backbone, images: Sequence[Tensor], outputs: Sequence[TagOutp
         return None, None
     crops, keep = zip(*pairs, strict=True)
     return torch.stack(crops), torch.stack(keep)
+
+
+def dense_as_annotate(bb: Backbone, tagger: Tagger, pixels: Tensor) -> object:
+    """The dense forward as `Tagger.tag` runs it: with the attention maps its method declares
+    (`Tagger.map_needs`), or every layer's map where the tagger declares none (older trees)."""
+    needs = getattr(tagger, "map_needs", None)
+    return bb.dense_forward(pixels) if needs is None else bb.dense_forward(pixels, needs=needs())
+
+
+def profile_stages(bb: Backbone, tagger: Tagger, images: Sequence[Tensor], crops: Tensor | None,
+                   keep: Tensor | None, stages: dict[str, float]) -> None:
+    """Add to stages the seconds of annotate's parts on one batch: the bare encoder (fused, no
+    maps), the dense forward as annotate runs it (the difference: attention maps and whatever reads
+    them during the forward) and the CWR crop forward."""
+    groups: dict[tuple[int, int], list[Tensor]] = {}
+    for img in images:
+        groups.setdefault(tuple(img.shape[-2:]), []).append(img)
+    for same in groups.values():
+        pixels = torch.stack(same)
+        for name, fn in (("encoder", lambda p=pixels: bare_dense(bb, p)),
+                         ("dense", lambda p=pixels: dense_as_annotate(bb, tagger, p))):
+            start = time.perf_counter()
+            with bb.autocast():
+                fn()
+            stages[name] = stages.get(name, 0.0) + time.perf_counter() - start
+    start = time.perf_counter()
+    if crops is not None and len(crops):
+        bb.masked_cls_forward(crops, keep)
+    stages["crops"] = stages.get("crops", 0.0) + time.perf_counter() - start
+
+
+def print_profile(stages: dict[str, float], annotate: float, segment: float | None) -> dict[str, float]:
+    """The stage table of the quick run (seconds summed over its batches); returns the rows."""
+    rows = {
+        "encoder (fused attention, no maps)": stages["encoder"],
+        "attention maps + layer-by-layer readers (dense forward - encoder)": stages["dense"] - stages["encoder"],
+        "CWR crop forward": stages["crops"],
+        "TagCLIP rest (DMAR products, box search, crop prep, fusion)": annotate - stages["dense"] - stages["crops"],
+    }
+    if segment is not None:
+        rows["CLS-SEG (Grad-CAM, CAA, label maps: segment - annotate)"] = segment - annotate
+    total = segment if segment is not None else annotate
+    print()
+    print("| stage (ours) | seconds | share |")
+    print("| --- | ---: | ---: |")
+    for name, seconds in rows.items():
+        print(f"| {name} | {seconds:.2f} | {100 * seconds / total:.0f}% |")
+    return rows
 
 
 def make_segmenter(bb: Backbone, vocab, tagger: Tagger, skip: bool):
@@ -342,6 +398,7 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
     ours, slow, enc = Method("annotate (ours)"), Method("annotate (naive)"), Method("encoder-only")
     seg_ours, seg_cams = Method("segment (ours)"), Method("naive CLIP-ES part")
     candidates, crops, tags, max_diff, max_cam_diff, same_tags = [], 0, [], 0.0, 0.0, 0
+    stages: dict[str, float] = {}
     batches = [list(range(i, min(i + args.batch_size, len(images)))) for i in range(0, len(images), args.batch_size)]
     for round_index, indices in enumerate(batches):
         batch = [images[i] for i in indices]
@@ -365,6 +422,7 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
                 block()
             c, k = cwr_inputs(fast, batch, got["ours"])
             enc.run(lambda c=c, k=k, batch=batch: encoder_only(fast, batch, c, k), len(batch))
+            profile_stages(fast, tagger, batch, c, k, stages)
         for j, (out, ref) in enumerate(zip(got["ours"], got["naive"], strict=True)):
             candidates.append(len(out.candidates))
             crops += len(out.boxes)
@@ -382,40 +440,63 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
             flush=True,
         )
 
+    stats = {"candidates": candidates, "crops": crops, "tags": tags, "max_diff": max_diff,
+             "max_cam_diff": max_cam_diff, "same_tags": same_tags, "decode_s": decode_s, "names": len(names)}
+    return report(args, count, (ours, slow, enc, seg_ours, seg_cams), segmenter is not None, stages, stats, setup)
+
+
+def methods_of(ours: Method, slow: Method, enc: Method, seg_ours: Method, seg_cams: Method,
+               segmented: bool) -> list[Method]:
+    """The rows of the methods table; with segment, the naive segment row: the reference pipeline
+    tags first (classify.py), then runs CLIP-ES on the tags, so its time is the naive TagCLIP time
+    of the same images plus the naive CLIP-ES time."""
     methods = [ours, slow, enc]
-    if segmenter is not None:
-        # The reference pipeline tags first (classify.py), then runs CLIP-ES on the tags: the naive
-        # segment time is the naive TagCLIP time of the same images plus the naive CLIP-ES time.
+    if segmented:
         seg_naive = Method(
             "segment (naive)", slow.seconds + seg_cams.seconds, slow.images, max(slow.peak_rss, seg_cams.peak_rss)
         )
         methods += [seg_ours, seg_naive]
+    return methods
+
+
+def print_methods(methods: Sequence[Method]) -> None:
     print()
-    print("| method | images | seconds | images/s | peak RSS (MB) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| method | images | seconds | images/s | peak RSS (MB) | peak per batch (MB) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for m in methods:
-        print(f"| {m.name} | {m.images} | {m.seconds:.1f} | {m.rate:.3f} | {m.peak_rss:.0f} |")
+        per_batch = f"{m.batch_peak:.0f}" if m.batch_peak else "-"
+        print(f"| {m.name} | {m.images} | {m.seconds:.1f} | {m.rate:.3f} | {m.peak_rss:.0f} | {per_batch} |")
+
+
+def report(args: argparse.Namespace, count: int, timed_methods: tuple[Method, ...], segmented: bool,
+           stages: dict[str, float], stats: dict, setup: dict) -> int:
+    """Print the quick run's tables and ratios (and write --json); returns the exit status."""
+    ours, slow, enc, seg_ours, seg_cams = timed_methods
+    candidates, crops, tags = stats["candidates"], stats["crops"], stats["tags"]
+    max_diff, max_cam_diff, same_tags = stats["max_diff"], stats["max_cam_diff"], stats["same_tags"]
+    print_methods(methods := methods_of(ours, slow, enc, seg_ours, seg_cams, segmented))
+    profile = print_profile(stages, ours.seconds, seg_ours.seconds if segmented else None)
     print()
     print(
         f"CWR candidates per image: mean {statistics.mean(candidates):.2f}, max {max(candidates)}; "
         f"crops forwarded: {crops}"
     )
     print(f"max |score(ours) - score(naive)|: {max_diff:.2e}; identical tag sets: {same_tags} of {count} images")
-    if segmenter is not None:
+    if segmented:
         print(
             f"CLS-SEG tags per image: mean {statistics.mean(tags):.2f}, max {max(tags)}; "
             f"max |cam(ours) - cam(naive)|: {max_cam_diff:.2e}"
         )
-    print(f"decode + resize + normalise: {count / decode_s:.1f} images/s (one process)")
+    print(f"decode + resize + normalise: {count / stats['decode_s']:.1f} images/s (one process)")
     print(
-        f"text classifier ({setup['prompts']} prompts, extrapolated from {len(names)}): about "
+        f"text classifier ({setup['prompts']} prompts, extrapolated from {stats['names']}): about "
         f"{setup['full_classifier_s']:.0f}s on every naive run (no cache); ours once per model and "
         f"vocabulary, then {setup['warm_s'] * 1000:.0f} ms from the cache (not in the images/s above)"
     )
     annotate_speedup = slow.seconds / ours.seconds
     encoder_ratio = ours.seconds / enc.seconds
-    seg_speedup = float("nan") if segmenter is None else seg_naive.seconds / seg_ours.seconds
-    if segmenter is None:
+    seg_speedup = float("nan") if not segmented else methods[-1].seconds / seg_ours.seconds
+    if not segmented:
         print("segment: not measured (tagclip_cli.methods.clses not available, or --no-segment)")
     result = {
         "model": args.model,
@@ -424,7 +505,9 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
         "threads": torch.get_num_threads(),
         "precision": args.precision,
         "identical_tag_sets": same_tags,
-        "methods": {m.name: {"seconds": m.seconds, "images_per_s": m.rate, "peak_rss_mb": m.peak_rss} for m in methods},
+        "methods": {m.name: {"seconds": m.seconds, "images_per_s": m.rate, "peak_rss_mb": m.peak_rss,
+                             "peak_per_batch_mb": m.batch_peak} for m in methods},
+        "profile_s": profile,
         "candidates_mean": statistics.mean(candidates),
         "crops": crops,
         "max_score_diff": max_diff,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import cv2
 import numpy as np
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tagclip_cli import defaults
-from tagclip_cli.backbone import Backbone, DenseOutput, imagenet_templates
+from tagclip_cli.backbone import Backbone, DenseOutput, MapNeeds, imagenet_templates
 from tagclip_cli.errors import UsageError
 from tagclip_cli.quirks import Quirks
 from tagclip_cli.vocab import Vocabulary
@@ -103,8 +104,8 @@ def coarse_scores(patch_features: Tensor, text_classifier: Tensor, logit_scale: 
     return (logit_scale * feats @ text_classifier.T).softmax(dim=-1)
 
 
-def vote_mask(attn: Tensor, k: int) -> Tensor:
-    """M_attn (N, N) bool: A_l(i, j) above the mean of A_l in at least k of the L maps (L, N, N).
+def layer_votes(attn: Tensor) -> Tensor:
+    """(..., N, N) bool: the entries of each map of attn (..., N, N) above that map's own mean.
 
     The means are accumulated in float64: a float32 mean depends on the summation order (batch
     size, memory layout, device), and the many entries within one rounding step of it would flip
@@ -114,14 +115,42 @@ def vote_mask(attn: Tensor, k: int) -> Tensor:
     n = attn.shape[-2] * attn.shape[-1]
     if attn.dtype == torch.float32:
         rows = attn.sum(dim=-1, dtype=torch.float32)
-        means = rows.sum(dim=-1, dtype=torch.float64) / n  # (L,)
-        above = float32_above(means)[:, None, None]
-        votes = attn >= above  # == (attn > mean) for float32 entries
-    else:
-        means = attn.sum(dim=(-2, -1), keepdim=True, dtype=torch.float64) / n
-        votes = attn > means
-    count_dtype = torch.uint8 if attn.shape[0] <= 255 else torch.int32  # small counts: half the memory traffic
-    return votes.sum(dim=0, dtype=count_dtype) >= k
+        means = rows.sum(dim=-1, dtype=torch.float64) / n  # (...,)
+        return attn >= float32_above(means)[..., None, None]  # == (attn > mean) for float32 entries
+    means = attn.sum(dim=(-2, -1), keepdim=True, dtype=torch.float64) / n
+    return attn > means
+
+
+def vote_count_dtype(num_layers: int) -> torch.dtype:
+    """The dtype of a count of votes over num_layers maps: small counts, half the memory traffic."""
+    return torch.uint8 if num_layers <= 255 else torch.int32
+
+
+def vote_mask(attn: Tensor, k: int) -> Tensor:
+    """M_attn (N, N) bool: A_l(i, j) above the mean of A_l in at least k of the L maps (L, N, N)
+    (`layer_votes`)."""
+    return layer_votes(attn).sum(dim=0, dtype=vote_count_dtype(attn.shape[0])) >= k
+
+
+class VoteCounter:
+    """DMAR's K-of-L vote read layer by layer as the dense forward makes the maps (an
+    `AttentionReader`): per patch pair, the number of layers whose map is above that map's mean
+    (`layer_votes`, the same comparisons as `vote_mask`); no map is stored. result: (B, N, N)."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.dtype = vote_count_dtype(num_layers)
+        self.count: Tensor | None = None
+
+    def read(self, layer: int, attn: Tensor) -> None:
+        """attn: (B, 1+N, 1+N) map of one layer; the class-token row and column are left out."""
+        votes = layer_votes(attn[:, 1:, 1:])
+        if self.count is None:
+            self.count = votes.to(self.dtype)
+        else:
+            self.count += votes
+
+    def result(self) -> Tensor:
+        return self.count
 
 
 def float32_above(values: Tensor) -> Tensor:
@@ -132,12 +161,17 @@ def float32_above(values: Tensor) -> Tensor:
     return torch.where(bump, torch.nextafter(rounded, torch.full_like(rounded, math.inf)), rounded)
 
 
+def refine_with_votes(maps: Tensor, mask: Tensor) -> Tensor:
+    """A (N, N): the mean of the maps (K, N, N) of the refinement layers times the vote mask (N, N) bool."""
+    return maps.mean(dim=0) * mask.to(maps.dtype)
+
+
 def refined_attention(attn: Tensor, layers: tuple[int, int], k: int) -> Tensor:
     """A (N, N): mean of the maps of 1-based layers lo..hi, times the K-of-L vote mask.
 
     attn: (L, N, N) patch-to-patch maps (class-token row and column removed)."""
     lo, hi = layers
-    return attn[lo - 1 : hi].mean(dim=0) * vote_mask(attn, k).to(attn.dtype)
+    return refine_with_votes(attn[lo - 1 : hi], vote_mask(attn, k))
 
 
 def box_mask(
@@ -290,18 +324,22 @@ def class_threshold_tensor(config: TagCLIPConfig, num_classes: int) -> float | T
 
 # ---- batching -------------------------------------------------------------------------------------
 
+VOTES = "dmar_votes"  # the name of DMAR's vote count among a dense forward's reads
+
 def dense_per_image(
-    backbone: Backbone, images: Sequence[Tensor], fp16_round_pos: bool = False, keep_pre_last: bool = False
+    backbone: Backbone, images: Sequence[Tensor], fp16_round_pos: bool = False, keep_pre_last: bool = False,
+    needs: MapNeeds | None = None,
 ) -> Iterator[tuple[int, DenseOutput]]:
     """(index, DenseOutput of that image) for normalised images (each (3, H, W)): images of the same
     size share one dense forward; one size group at a time, in order of first appearance.
-    fp16_round_pos: quirk Q1 (docs/algorithm.md §10)."""
+    fp16_round_pos: quirk Q1 (docs/algorithm.md §10). needs: the attention maps the methods use
+    (`MapNeeds`; None = every layer's map)."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, img in enumerate(images):
         groups.setdefault(tuple(img.shape[-2:]), []).append(i)
     for indices in groups.values():
         batch = torch.stack([images[i] for i in indices]).to(backbone.device, non_blocking=True)
-        dense = backbone.dense_forward(batch, fp16_round_pos=fp16_round_pos, keep_pre_last=keep_pre_last)
+        dense = backbone.dense_forward(batch, fp16_round_pos=fp16_round_pos, keep_pre_last=keep_pre_last, needs=needs)
         for j, i in enumerate(indices):
             yield i, dense.image(j)
 
@@ -354,16 +392,26 @@ class Tagger:
         self.layers = self.config.layers_for(backbone.num_layers)
         self.threshold = class_threshold_tensor(self.config, vocab.num_classes)
 
+    def map_needs(self) -> MapNeeds:
+        """The attention maps DMAR reads, a declared need (`MapNeeds`): the maps of the refinement
+        layers kept (their mean), every layer's vote counted as the forward runs (`VoteCounter`);
+        nothing without DMAR."""
+        if not self.config.use_dmar:
+            return MapNeeds()
+        return MapNeeds(keep=self.layers, readers=((VOTES, partial(VoteCounter, self.backbone.num_layers)),))
+
     @torch.inference_mode()
-    def tag(self, images: Sequence[Tensor], keep_dense: bool = False) -> list[TagOutput]:
+    def tag(self, images: Sequence[Tensor], keep_dense: bool = False, needs: MapNeeds | None = None) -> list[TagOutput]:
         """Tag normalised images (each (3, H, W), H and W multiples of the patch size).
 
         Images of the same size share one dense forward; the CWR crops of all images share one
-        masked forward. keep_dense keeps each image's DenseOutput (with pre-last-block tokens)."""
+        masked forward. keep_dense keeps each image's DenseOutput (with pre-last-block tokens);
+        needs: the maps another method of the same pass reads (kept in that DenseOutput)."""
         outputs: list[TagOutput | None] = [None] * len(images)
         pending: list[tuple[int, CwrBox]] = []
         q1 = self.quirks.q1_fp16_positions  # quirk Q1 (docs/algorithm.md §10) in the dense forward
-        per_image = dense_per_image(self.backbone, images, q1, keep_pre_last=keep_dense)
+        wanted = self.map_needs() | needs if needs is not None else self.map_needs()
+        per_image = dense_per_image(self.backbone, images, q1, keep_pre_last=keep_dense, needs=wanted)
         for i, one in per_image:
             outputs[i] = self._local(one, keep_dense)
             pending.extend((i, box) for box in outputs[i].boxes)
@@ -376,7 +424,7 @@ class Tagger:
         p_coarse = coarse_scores(dense.tokens[1:], self.text, self.backbone.logit_scale)
         attn_refined = None
         if cfg.use_dmar:
-            attn_refined = refined_attention(dense.attn[:, 1:, 1:], self.layers, cfg.vote_k)
+            attn_refined = self._refined_attention(dense)
             p_refined = dmar(p_coarse, attn_refined, dense.grid, self.quirks.q2_clamp_box_ends)
         else:
             p_refined = p_coarse
@@ -398,6 +446,14 @@ class Tagger:
             dense.grid, p_coarse, attn_refined, p_refined, p_local, candidates, boxes, nan, p_local.clone(), [],
             dense if keep_dense else None,
         )
+
+    def _refined_attention(self, dense: DenseOutput) -> Tensor:
+        """DMAR's A (N, N) of one image: the votes counted in the forward (`VoteCounter`), or of
+        every layer's map when the forward kept them all."""
+        votes, k = dense.reads.get(VOTES), self.config.vote_k
+        if votes is None:
+            return refined_attention(dense.maps(1, self.backbone.num_layers)[:, 1:, 1:], self.layers, k)
+        return refine_with_votes(dense.maps(*self.layers)[:, 1:, 1:], votes >= k)
 
     def _global(self, images: Sequence[Tensor], outputs: list[TagOutput | None], pending: list) -> None:
         bb = self.backbone

@@ -160,7 +160,7 @@ def test_reference_compat_refines_in_float32_and_default_in_float64(tiny_backbon
         raw, refined = seg.seg_cams(dense, tags)
         flat = raw.reshape(len(tags), -1)
         boxes = cam_box_masks(flat, dense.grid, seg.config.box_threshold, compat)
-        affinity = caa_affinity(dense.attn, seg.layers)
+        affinity = caa_affinity(dense.attn, seg.layers, dense.attn_from)
         t64 = caa_transition(affinity.double(), seg.config.sinkhorn_rounds)
         in64 = normalise_cam(caa_refine(flat.double(), t64, boxes, 2), seg.config.rule.cam_eps).float()
         if compat:

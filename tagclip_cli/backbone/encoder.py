@@ -27,11 +27,53 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+class AttentionReader(Protocol):
+    """Reads the head-averaged attention maps of a dense forward as they are made, layer by layer,
+    so that a method that needs of each map only a statistic (DMAR's vote: a comparison with the
+    map's mean, docs/algorithm.md §3) never has them stored. One reader per forward."""
+
+    def read(self, layer: int, attn: Tensor) -> None:
+        """Layer `layer` (0-based) has map attn (B, T, T) fp32; the buffer is reused after the call."""
+        ...
+
+    def result(self) -> Tensor:
+        """What the reader made of every layer's map, batch-first (B, ...)."""
+        ...
+
+
+@dataclass(frozen=True)
+class MapNeeds:
+    """The attention maps a dense forward makes, declared by the methods that use them.
+
+    keep: 1-based inclusive layer range (lo, hi) whose maps are kept in `DenseOutput.attn` (a mean
+    over a range of layers, e.g. DMAR's refinement or CLS-SEG's affinity); None = none kept.
+    readers: (name, factory) pairs; each factory makes a fresh `AttentionReader` per forward,
+    which is fed the map of every layer; its result is `DenseOutput.reads[name]`.
+    A layer whose map nobody keeps or reads is not made: its attention is fused where that is
+    exact (not in fp32, whose outputs stay bitwise those of the explicit softmax), and the last
+    block's softmax (the value path does not use it) is skipped."""
+
+    keep: tuple[int, int] | None = None
+    readers: tuple[tuple[str, Callable[[], AttentionReader]], ...] = ()
+
+    def __or__(self, other: MapNeeds) -> MapNeeds:
+        """Both needs: the smallest range holding both kept ranges, the readers of both (by name)."""
+        ranges = [r for r in (self.keep, other.keep) if r is not None]
+        keep = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None
+        names = {name for name, _ in self.readers}
+        return MapNeeds(keep, self.readers + tuple(r for r in other.readers if r[0] not in names))
+
+    def layer_made(self, index: int) -> bool:
+        """Whether the map of 0-based layer index is made."""
+        return bool(self.readers) or (self.keep is not None and self.keep[0] <= index + 1 <= self.keep[1])
 
 
 @dataclass
@@ -40,20 +82,35 @@ class DenseOutput:
     from `image`).
 
     tokens: (B, 1+N, D) projected tokens (class token first), value path in the last block.
-    attn: (B, L, 1+N, 1+N) head-averaged softmax attention of every layer (fp32).
+    attn: (B, K, 1+N, 1+N) head-averaged softmax attention (fp32) of the K kept layers, 1-based
+    layers attn_from..attn_from+K-1 (every layer unless the forward was given `MapNeeds`); None
+    when no map was kept. Read a range with `maps`.
     grid: (gh, gw) patch grid, N = gh * gw.
     pre_last: (B, 1+N, W) tokens entering block L (only when requested).
+    reads: the results of the forward's `AttentionReader`s by name, each (B, ...).
     """
 
     tokens: Tensor
-    attn: Tensor
+    attn: Tensor | None
     grid: tuple[int, int]
     pre_last: Tensor | None = None
+    attn_from: int = 1
+    reads: dict[str, Tensor] = field(default_factory=dict)
 
     def image(self, j: int) -> DenseOutput:
-        """Image j of the batch: tokens (1+N, D), attn (L, 1+N, 1+N), pre_last (1+N, W)."""
+        """Image j of the batch: tokens (1+N, D), attn (K, 1+N, 1+N), pre_last (1+N, W), reads (...)."""
         pre_last = self.pre_last[j] if self.pre_last is not None else None
-        return DenseOutput(self.tokens[j], self.attn[j], self.grid, pre_last)
+        attn = self.attn[j] if self.attn is not None else None
+        reads = {name: value[j] for name, value in self.reads.items()}
+        return DenseOutput(self.tokens[j], attn, self.grid, pre_last, self.attn_from, reads)
+
+    def maps(self, lo: int, hi: int) -> Tensor:
+        """The kept maps of 1-based layers lo..hi, ([B,] hi-lo+1, 1+N, 1+N); ValueError if not kept."""
+        count = 0 if self.attn is None else self.attn.shape[-3]
+        if not self.attn_from <= lo <= hi < self.attn_from + count:
+            kept = f"{self.attn_from}..{self.attn_from + count - 1}" if count else "none"
+            raise ValueError(f"the maps of layers {lo}..{hi} were not kept by the dense forward (kept: {kept})")
+        return self.attn[..., lo - self.attn_from : hi - self.attn_from + 1, :, :]
 
 
 class Workspace:
@@ -229,34 +286,37 @@ def _buffers_for(y: Tensor, workspace: Workspace) -> Workspace | None:
 
 def self_attention(
     block: torch.nn.Module, y: Tensor, workspace: Workspace, attn_mask: Tensor | None = None,
-    map_out: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    map_out: Tensor | None = None, need_map: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """Ordinary multi-head attention of block on its ln_1 output y (B, T, W).
 
-    Returns (the branch's output before the residual (B, T, W), head-averaged map (B, T, T) fp32);
-    map_out (B, T, T), if given, receives the map. attn_mask: additive, broadcast to (B, h, T, T)."""
+    Returns (the branch's output before the residual (B, T, W), head-averaged map (B, T, T) fp32,
+    None unless need_map); map_out (B, T, T), if given, receives the map. attn_mask: additive,
+    broadcast to (B, h, T, T)."""
     mha: torch.nn.MultiheadAttention = block.attn
     buffers = _buffers_for(y, workspace)
     q, k, v = split_qkv(mha, y)
     probs = softmax_attention(q, k, attn_mask, buffers)
-    attn = head_average(probs, map_out)  # before mix_values, which may reuse no buffer of probs
+    attn = head_average(probs, map_out) if need_map else None  # before mix_values (it may reuse buffers)
     return merge_heads(mha, mix_values(probs, v, buffers)), attn
 
 
 def value_path_attention(
     block: torch.nn.Module, y: Tensor, workspace: Workspace, attn_mask: Tensor | None = None,
-    map_out: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    map_out: Tensor | None = None, need_map: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """MaskCLIP's value path (docs/algorithm.md §1, eq. 6-8) on ln_1 output y (B, T, W): every
     token's branch output is out_proj of its own values, with no query/key mixing, so each patch
     token stays a local feature that the text classifier can read.
 
     Returns (branch output (B, T, W), head-averaged map (B, T, T) fp32): the map is still the
     ordinary softmax attention of the layer (DMAR and CAA use every layer's map); attn_mask and
-    map_out act on it as in `self_attention`."""
+    map_out act on it as in `self_attention`. need_map False: no softmax at all, the map is None."""
     mha: torch.nn.MultiheadAttention = block.attn
     q, k, v = split_qkv(mha, y)
-    attn = head_average(softmax_attention(q, k, attn_mask, _buffers_for(y, workspace)), map_out)
+    attn = None
+    if need_map:
+        attn = head_average(softmax_attention(q, k, attn_mask, _buffers_for(y, workspace)), map_out)
     return merge_heads(mha, v), attn
 
 
@@ -281,20 +341,26 @@ def residual_block(block: torch.nn.Module, x: Tensor, attn_out: Tensor) -> Tenso
 
 def block_forward(
     block: torch.nn.Module, x: Tensor, workspace: Workspace, attn_mask: Tensor | None = None,
-    map_out: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """An ordinary block on (B, T, W); returns (new x, attention map (B, T, T))."""
-    out, attn = self_attention(block, block.ln_1(x), workspace, attn_mask, map_out)
+    map_out: Tensor | None = None, need_map: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """An ordinary block on (B, T, W); returns (new x, attention map (B, T, T), None unless need_map)."""
+    out, attn = self_attention(block, block.ln_1(x), workspace, attn_mask, map_out, need_map)
     return residual_block(block, x, out), attn
 
 
 def value_path_block(
-    block: torch.nn.Module, x: Tensor, workspace: Workspace, map_out: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+    block: torch.nn.Module, x: Tensor, workspace: Workspace, map_out: Tensor | None = None, need_map: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """A block with the value path in place of its attention (docs/algorithm.md §1, eq. 6-8): the
-    last block of the dense forward. Returns (new x (B, T, W), ordinary attention map (B, T, T))."""
-    out, attn = value_path_attention(block, block.ln_1(x), workspace, map_out=map_out)
+    last block of the dense forward. Returns (new x (B, T, W), ordinary attention map (B, T, T),
+    None unless need_map)."""
+    out, attn = value_path_attention(block, block.ln_1(x), workspace, map_out=map_out, need_map=need_map)
     return residual_block(block, x, out), attn
+
+
+def fused_block(block: torch.nn.Module, x: Tensor) -> Tensor:
+    """An ordinary block on (B, T, W) with fused attention (no map): the new x."""
+    return residual_block(block, x, fused_attention(block.attn, block.ln_1(x), None))
 
 
 # ---- a changed last-block attention (the training-free segmenters of docs/algorithm.md §12) --------
@@ -421,29 +487,49 @@ def block_keys(block: torch.nn.Module, x: Tensor) -> Tensor:
 
 def dense_forward(
     visual: torch.nn.Module, pixels: Tensor, workspace: Workspace, fp16_round_pos: bool = False,
-    keep_pre_last: bool = False,
+    keep_pre_last: bool = False, needs: MapNeeds | None = None,
 ) -> DenseOutput:
     """Dense features at native resolution (docs/algorithm.md §1) of (B, 3, H, W) normalised
     images, H and W multiples of the patch size: blocks 1..L-1 as usual, block L on the value path,
-    every token through ln_post and proj; the maps of all L layers. fp16_round_pos: quirk Q1
-    (docs/algorithm.md §10). See `DenseOutput` for shapes."""
+    every token through ln_post and proj. needs: the attention maps made (`MapNeeds`: kept ranges
+    and readers); None = every layer's map kept. fp16_round_pos: quirk Q1 (docs/algorithm.md §10).
+    See `DenseOutput` for shapes."""
     p = patch_size(visual)
     if pixels.shape[-2] % p or pixels.shape[-1] % p:
         raise ValueError(f"image size {tuple(pixels.shape[-2:])} is not a multiple of the patch size {p}")
     grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
     t = 1 + grid[0] * grid[1]
     blocks = visual.transformer.resblocks
+    if needs is None:
+        needs = MapNeeds(keep=(1, len(blocks)))
+    readers = {name: make() for name, make in needs.readers}
+    lo, hi = needs.keep or (1, 0)
+    # Layer-major storage: each kept layer's map is one contiguous (B, T, T) block written in place;
+    # the returned (B, K, T, T) is a view of it.
+    kept = torch.empty(hi - lo + 1, pixels.shape[0], t, t, device=pixels.device) if needs.keep else None
     x = embed(visual, pixels, fp16_round_pos)
-    # Layer-major storage: each layer's map is one contiguous (B, T, T) block written in place;
-    # the returned (B, L, T, T) is a view of it.
-    maps = torch.empty(len(blocks), pixels.shape[0], t, t, device=pixels.device)
-    for i, block in enumerate(blocks[:-1]):
-        x, _ = block_forward(block, x, workspace, map_out=maps[i])
-    pre_last = x if keep_pre_last else None
-    # The step that makes patch tokens local features: block L on the value path (eq. 6-8).
-    x, _ = value_path_block(blocks[-1], x, workspace, map_out=maps[-1])
+    # Exact: fp32 without autocast; a layer without a map then keeps the explicit softmax (bitwise).
+    exact = x.dtype == torch.float32 and not torch.is_autocast_enabled(pixels.device.type)
+    pre_last = None
+    for i, block in enumerate(blocks):
+        map_out = None
+        if needs.layer_made(i):
+            inside = kept is not None and lo <= i + 1 <= hi
+            map_out = kept[i + 1 - lo] if inside else workspace.get("map", (x.shape[0], t, t), torch.float32, x.device)
+        if i == len(blocks) - 1:
+            pre_last = x if keep_pre_last else None
+            # The step that makes patch tokens local features: block L on the value path (eq. 6-8).
+            x, _ = value_path_block(block, x, workspace, map_out, need_map=map_out is not None)
+        elif map_out is None and not exact:
+            x = fused_block(block, x)
+        else:
+            x, _ = block_forward(block, x, workspace, map_out=map_out, need_map=map_out is not None)
+        for reader in readers.values() if map_out is not None else ():
+            reader.read(i, map_out)
     tokens = project_tokens(visual, x).float()
-    return DenseOutput(tokens, maps.transpose(0, 1), grid, pre_last)
+    reads = {name: reader.result() for name, reader in readers.items()}
+    attn = kept.transpose(0, 1) if kept is not None else None
+    return DenseOutput(tokens, attn, grid, pre_last, lo, reads)
 
 
 def masked_cls_forward(

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from tagclip_cli.backbone import encoder, text
-from tagclip_cli.backbone.encoder import DenseOutput, Workspace
+from tagclip_cli.backbone.encoder import DenseOutput, MapNeeds, Workspace
 from tagclip_cli.errors import ModelLoadError, UsageError, with_suggestion
 
 # Compute precisions: fp32 everywhere; bf16/fp16 are CUDA autocast (weights stay fp32).
@@ -180,11 +180,13 @@ class Backbone:
         """ln_post and proj on every token: (B, T, W) -> (B, T, D)."""
         return encoder.project_tokens(self.visual, x)
 
-    def dense_forward(self, pixels: Tensor, fp16_round_pos: bool = False, keep_pre_last: bool = False) -> DenseOutput:
+    def dense_forward(self, pixels: Tensor, fp16_round_pos: bool = False, keep_pre_last: bool = False,
+                      needs: MapNeeds | None = None) -> DenseOutput:
         """Dense forward (docs/algorithm.md §1) of (B, 3, H, W) normalised images, H and W multiples
-        of the patch size; see `encoder.dense_forward` and `DenseOutput`."""
+        of the patch size; needs: the attention maps the caller's method uses (`MapNeeds`; None =
+        every layer's map); see `encoder.dense_forward` and `DenseOutput`."""
         with self.autocast():
-            return encoder.dense_forward(self.visual, pixels, self._workspace, fp16_round_pos, keep_pre_last)
+            return encoder.dense_forward(self.visual, pixels, self._workspace, fp16_round_pos, keep_pre_last, needs)
 
     def custom_last_block_forward(
         self, pixels: Tensor, attention: encoder.LastBlockAttention, keep_residual: bool, bicubic_pos: bool = True,

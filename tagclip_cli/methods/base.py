@@ -54,7 +54,11 @@ class SegOutput:
 class Segments(Protocol):
     """A built mask method: one backbone, one vocabulary, one config.
 
-    needs_rgb: whether `segment` needs rgb (the pipeline then keeps each image's RGB pixels)."""
+    needs_rgb: whether `segment` needs rgb (the pipeline then keeps each image's RGB pixels).
+    A runner that reads the dense forward's attention maps declares which with `map_needs()`
+    returning a `backbone.MapNeeds` (kept layer ranges, readers fed every layer's map); the dense
+    forward makes no map that no method of the pass declared (`methods.tagged.TaggedSegments`,
+    `tagclip.Tagger.map_needs`)."""
 
     vocab: Vocabulary
     needs_rgb: bool

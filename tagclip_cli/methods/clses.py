@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tagclip_cli.backbone import Backbone, DenseOutput
+from tagclip_cli.backbone import Backbone, DenseOutput, MapNeeds
 from tagclip_cli.cams import (
     CAM_LAYOUTS,
     CamRule,
@@ -153,12 +153,13 @@ def grad_cams(backbone: Backbone, pre_last: Tensor, text: Tensor, num_targets: i
     return torch.cat(cams)
 
 
-def caa_affinity(attn: Tensor, layers: tuple[int, int]) -> Tensor:
+def caa_affinity(attn: Tensor, layers: tuple[int, int], first: int = 1) -> Tensor:
     """(N, N) mean of the patch-to-patch attention of 1-based layers lo..hi.
 
-    attn: (L, 1+N, 1+N) head-averaged maps of one image (class-token row/column are dropped)."""
+    attn: (K, 1+N, 1+N) head-averaged maps of one image, of layers first..first+K-1 (every layer
+    by default; class-token row/column are dropped)."""
     lo, hi = layers
-    return attn[lo - 1 : hi, 1:, 1:].mean(dim=0)
+    return attn[lo - first : hi - first + 1, 1:, 1:].mean(dim=0)
 
 
 def sinkhorn(affinity: Tensor, rounds: int) -> Tensor:
@@ -233,6 +234,10 @@ class ClsSegSegments(TaggedSegments):
         # The origami template; foreground rows first, then background.
         self.text = backbone.text_classifier(tuple(vocab.seg_names) + tuple(background), CLS_SEG_TEMPLATES)
 
+    def map_needs(self) -> MapNeeds:
+        """CAA reads the maps of its own layer range (kept by the dense forward)."""
+        return MapNeeds(keep=self.layers)
+
     def seg_cams(self, dense: DenseOutput, tags: list[int] | tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """(raw normalised Grad-CAMs, normalised refined cams), each (K, gh, gw), for one image."""
         cfg = self.config
@@ -247,7 +252,7 @@ class ClsSegSegments(TaggedSegments):
         raw = normalise_cam(normalise_cam(cams, eps), eps)
         with torch.inference_mode():
             boxes = cam_box_masks(raw.cpu(), grid, cfg.box_threshold, self.quirks.q2_clamp_box_ends).to(raw.device)
-            affinity = caa_affinity(dense.attn, self.layers)
+            affinity = caa_affinity(dense.maps(*self.layers), self.layers, self.layers[0])
             if self.quirks.q4_caa_float32 and cfg.affinity_power == 2:  # quirk Q4 (docs/algorithm.md §10)
                 # The reference's float32 arithmetic and order (see caa_refine_squared).
                 transition = caa_transition(affinity.float(), cfg.sinkhorn_rounds)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tagclip_cli.backbone import Backbone, DenseOutput
+from tagclip_cli.backbone import Backbone, DenseOutput, MapNeeds
 from tagclip_cli.methods.base import SegOutput
 from tagclip_cli.quirks import Quirks
 from tagclip_cli.tagclip import TagCLIPConfig, Tagger, TagOutput, dense_per_image
@@ -45,7 +45,7 @@ class TaggedSegments:
         if tags is None:
             if self.tagger is None:
                 raise ValueError("no tags given and TagCLIP was not set up (run_tagclip=False)")
-            tag_outputs = list(self.tagger.tag(images, keep_dense=True))
+            tag_outputs = list(self.tagger.tag(images, keep_dense=True, needs=self.map_needs()))
             denses = [out.dense for out in tag_outputs]
             tags = [out.tags for out in tag_outputs]
         else:
@@ -61,6 +61,11 @@ class TaggedSegments:
             results.append(out)
         return results
 
+    def map_needs(self) -> MapNeeds:
+        """The attention maps the method itself reads of the dense forward (`MapNeeds`, a declared
+        need; TagCLIP's own come on top when it runs in the pass): none unless a subclass says."""
+        return MapNeeds()
+
     def _one(self, dense: DenseOutput, tags: list[int], size: tuple[int, int], rgb: np.ndarray | None,
              keep_cams: bool) -> SegOutput:
         raise NotImplementedError
@@ -69,6 +74,7 @@ class TaggedSegments:
     def _dense(self, images: Sequence[Tensor]) -> list[DenseOutput]:
         """Dense forwards (same-size images batched), one DenseOutput per image with pre_last."""
         out: list[DenseOutput | None] = [None] * len(images)
-        for i, one in dense_per_image(self.backbone, images, self.quirks.q1_fp16_positions, keep_pre_last=True):
+        q1 = self.quirks.q1_fp16_positions
+        for i, one in dense_per_image(self.backbone, images, q1, keep_pre_last=True, needs=self.map_needs()):
             out[i] = one  # quirk Q1 (docs/algorithm.md §10) in the dense forward
         return out  # type: ignore[return-value]
