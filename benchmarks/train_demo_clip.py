@@ -38,16 +38,14 @@ count.) Checkpoints (fp16 safetensors + the open_clip JSON config; the recipe in
 metadata) are written every ``--save-every`` steps, so a partial run is usable; ``--stop-at N`` gives
 exactly the step-N checkpoint of the full schedule.
 
-    # the shipped weights (see the README and docs/performance.md):
-    # 5.5 minutes on two threads of an idle 2-core CPU
+    # stage 1 (the shipped weights until issue 28): 5.5 minutes on two threads of an idle 2-core CPU
     .venv/bin/python benchmarks/train_demo_clip.py --precision bf16 --steps 280 --warmup 30 \
         --batch-size 32 --threads 2 --workers 1 --seed 0 --out runs/stage1
-    cp runs/stage1/shapes-demo.{json,safetensors} tagclip_cli/weights/
-    # the second stage tried for issue 28 (not shipped; one thread, 63 minutes under nice on a
-    # heavily shared CPU)
+    # stage 2, the shipped weights (docs/performance.md): the attention loss on CLS-SEG's CAA layers
     .venv/bin/python benchmarks/train_demo_clip.py --init runs/stage1/shapes-demo.safetensors \
-        --scene-offset 8960 --precision bf16 --steps 120 --warmup 10 --lr 5e-4 --batch-size 16 \
-        --threads 1 --workers 1 --seed 0 --pooled-weight 1 --caption-class-weight 0.5 --out runs/shapes-demo
+        --scene-offset 8960 --precision bf16 --steps 300 --warmup 20 --lr 5e-4 --batch-size 32 \
+        --threads 2 --workers 1 --seed 0 --attention-layers caa --out runs/shapes-demo
+    cp runs/shapes-demo/shapes-demo.{json,safetensors} tagclip_cli/weights/
 
 ``--precision bf16`` trains in manual mixed precision (for CPUs with AMX / AVX512-BF16, where a
 bf16 forward/backward is several times faster than fp32; ``torch.autocast`` on CPU is not used
