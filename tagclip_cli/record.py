@@ -157,8 +157,7 @@ class RecordIO:
     @staticmethod
     def differences(a: RunRecord, b: RunRecord) -> list[str]:
         """The keys whose stored values differ between two records, sorted."""
-        x, y = RecordIO.stored(a), RecordIO.stored(b)
-        return sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
+        return differing_keys(RecordIO.stored(a), RecordIO.stored(b))
 
     @staticmethod
     def same(a: RunRecord, b: RunRecord) -> bool:
@@ -223,6 +222,11 @@ OPTION_OF = {
 }
 SEGMENT_OPTIONS = ("setting", "crf", "save_cams", "key_smoothing", "prompt_denoising", "rcs")
 THRESHOLD_PATHS = ("tagclip.tag_threshold", "thresholds")  # what `tagclip retag` can change without the model
+
+
+def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ between two dicts (a key missing from one counts as None), sorted."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def _builtin_vocabulary(value: Any) -> Any:

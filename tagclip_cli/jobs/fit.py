@@ -41,6 +41,7 @@ from tagclip_cli.errors import ConfigMismatchError, FormatError
 from tagclip_cli.faults import deferred_signals
 from tagclip_cli.fileio import atomic_path
 from tagclip_cli.jobs.session import Session
+from tagclip_cli.record import differing_keys
 from tagclip_cli.sources import ImageItem
 
 log = logging.getLogger(__name__)
@@ -121,10 +122,6 @@ def _load(path: Path, tensors: bool = True) -> tuple[dict[str, Tensor], dict]:
         raise FormatError(f"{path}: not a fitted model or fit state file ({exc})") from None
 
 
-def differences(a: dict, b: dict) -> list[str]:
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
 def write_model(path: Path, tensors: dict[str, Tensor], identity: dict) -> None:
     """The model file, atomically (same tensors and identity: the same bytes)."""
     _save(path, tensors, {"format": MODEL_FORMAT, "version": 1, "identity": identity})
@@ -147,7 +144,7 @@ def finished_model(spec: FitSpec) -> dict[str, Tensor] | None:
     wanted = spec.full_identity
     if identity != wanted:
         raise ConfigMismatchError(f"{spec.model}: a model fitted with a different configuration is there (differs "
-                                  f"in: {', '.join(differences(identity, wanted))}); rerun with the same options, "
+                                  f"in: {', '.join(differing_keys(identity, wanted))}); rerun with the same options, "
                                   "or pass --overwrite to fit again")
     return tensors
 
@@ -205,7 +202,7 @@ def _resume(part: Path, spec: FitSpec, fitter: Fitter) -> tuple[int, bool]:
     identity = meta.get("identity", {})
     if identity != spec.full_identity:
         raise ConfigMismatchError(f"{part}: an unfinished fit with a different configuration is there (differs in: "
-                                  f"{', '.join(differences(identity, spec.full_identity))}); rerun with the same "
+                                  f"{', '.join(differing_keys(identity, spec.full_identity))}); rerun with the same "
                                   "options, or pass --overwrite")
     fitter.restore(state)
     done, finished = int(meta["done"]), bool(meta["finished"])
