@@ -185,10 +185,9 @@ class _Samples:
     def __init__(self, shard: str, extensions: tuple[str, ...]) -> None:
         self.shard, self.extensions = shard, extensions
         self.keys: list[str] = []
-        self.images: list[str | None] = []
-        self.offsets: list[int] = []
-        self.sizes: list[int] = []
+        self.places: list[tuple] = []  # per sample: (image member or None, data offset, size)
         self.errors: dict[int, str] = {}
+        self.kinds: dict[str, bool] = {}  # extension (after the key) -> whether it is an image's
         self.key: str | None = None  # the open sample: its key, member names and image
         self.names: list[str] = []
         self.image: tuple | None = None  # (member, offset, size) or (member, "link", target) / ("error", reason)
@@ -221,15 +220,13 @@ class _Samples:
                 self.pending.append(at)
             self.errors[at] = image[2]
             image = (image[0], 0, 0)
-        self.images.append(image[0])
-        self.offsets.append(image[1])
-        self.sizes.append(image[2])
+        self.places.append(image)
 
     def resolve_links(self) -> None:
         """Each link sample gets its target's data, or the reason it has none."""
         normal: dict[str, tuple[int, int]] | None = None
         for at in self.pending:
-            member, target, found = self.images[at], self.errors[at], None
+            member, target, found = self.places[at][0], self.errors[at], None
             for _ in range(LINK_HOPS):
                 found = self.regular.get(target)
                 if found is None:
@@ -244,12 +241,18 @@ class _Samples:
                 self.errors[at] = f"link {member} -> {self.errors[at]}: {why} in {self.shard}"
             else:
                 del self.errors[at]
-                self.offsets[at], self.sizes[at] = found
+                self.places[at] = (member, *found)
 
     def tar_samples(self) -> list[TarSample]:
-        errors = self.errors
-        return [TarSample(key, member, offset, size, errors.get(at)) for at, (key, member, offset, size)
-                in enumerate(zip(self.keys, self.images, self.offsets, self.sizes, strict=True))]
+        pairs = enumerate(zip(self.keys, self.places, strict=True))
+        return [TarSample(key, *place, self.errors.get(at)) for at, (key, place) in pairs]
+
+    def columns(self) -> tuple[list, list, list]:
+        """The image members, data offsets and sizes as three lists."""
+        if not self.places:
+            return [], [], []
+        members, offsets, sizes = zip(*self.places, strict=True)
+        return list(members), list(offsets), list(sizes)
 
 
 def _link_target(info: tarfile.TarInfo) -> tuple[str, str]:
@@ -358,8 +361,7 @@ def scan_columns(fileobj, size: int | None, shard: str, extensions: Sequence[str
     size: the file's size (None if unknown); extensions: those of image members. The samples
     read around any damage are kept; the problem line says what was lost and where."""
     samples, problem, reader = _scan(fileobj, size, shard, extensions)
-    return TarColumns(samples.keys, samples.images, samples.offsets, samples.sizes, samples.errors, problem,
-                      reader.reads, reader.fetched)
+    return TarColumns(samples.keys, *samples.columns(), samples.errors, problem, reader.reads, reader.fetched)
 
 
 def scan_tar(fileobj, size: int | None, shard: str, extensions: Sequence[str]) -> tuple[list[TarSample], str | None]:
@@ -483,7 +485,7 @@ def _plain_run(cursor: _Cursor, pos: int, limit: int, samples: _Samples) -> int:
     match, adler, digit_sum, regular, exts = _PLAIN.match, zlib.adler32, _DIGIT_SUM, samples.regular, samples.extensions
     encoding, errors = cursor.encoding, cursor.errors
     key, names, image = samples.key, samples.names, samples.image
-    keys, images, offsets, sizes = samples.keys, samples.images, samples.offsets, samples.sizes
+    keys, places, kinds = samples.keys, samples.places, samples.kinds
     served = pos
     while pos <= last:
         o = pos - at
@@ -499,8 +501,11 @@ def _plain_run(cursor: _Cursor, pos: int, limit: int, samples: _Samples) -> int:
         if raw[-1] == 47 or b"//" in raw:  # a directory to tarfile; posixpath's key rules (_Samples.add)
             break
         name = raw.decode(encoding, errors)
-        dot = name.find(".", name.rfind("/") + 1)
-        k = name if dot < 0 else name[:dot]
+        if "/" in name:
+            dot = name.find(".", name.rfind("/") + 1)
+            k, ext = (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+        else:
+            k, _, ext = name.partition(".")
         if k != key or name in names:
             if key is not None:
                 if image is None or image[1].__class__ is not int:  # a failed or linked image: close()
@@ -508,14 +513,16 @@ def _plain_run(cursor: _Cursor, pos: int, limit: int, samples: _Samples) -> int:
                     samples.close()
                 else:
                     keys.append(key)
-                    images.append(image[0])
-                    offsets.append(image[1])
-                    sizes.append(image[2])
+                    places.append(image)
             key, names, image = k, [name], None
         else:
             names.append(name)
-        if image is None and 0 <= dot < len(name) - 1 and name[name.rfind("."):].lower() in exts:
-            image = (name, data, length)
+        if image is None and ext:
+            is_image = kinds.get(ext)
+            if is_image is None:
+                is_image = kinds[ext] = "." + ext[ext.rfind(".") + 1:].lower() in exts
+            if is_image:
+                image = (name, data, length)
         regular[name] = (data, length)
         served, pos = data, data + ((length + BLOCK - 1) & -BLOCK)
     samples.key, samples.names, samples.image = key, names, image
