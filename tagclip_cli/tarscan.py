@@ -99,17 +99,21 @@ class _Reader:
     def __init__(self, fileobj) -> None:
         self.fileobj, self.fd = fileobj, _regular_fd(fileobj)
         self.buf, self.at, self.used, self.pos = b"", 0, 0, 0
+        self.big = -1  # the end of the header of the buffer's first member of SKIP_GAP bytes or more
         self.span = FIRST_SPAN
         self.reads = self.fetched = 0
 
     def _fetch(self, pos: int, need: int) -> None:
-        if self.buf:
-            if pos - (self.at + len(self.buf)) < SKIP_GAP:  # little was stepped over: read through next time
+        if self.buf:  # the next span: what the last read served up to the first large member
+            if self.big >= 0:
+                self.span = max(MIN_SPAN, 1 << (self.big - self.at - 1).bit_length())
+            elif pos - (self.at + len(self.buf)) < SKIP_GAP:  # only small members: read through, more at a time
                 self.span = min(2 * self.span, MAX_SPAN)
-            else:  # a jump over a large member: fetch about what the last read served
+            else:
                 self.span = max(MIN_SPAN, 1 << max(0, self.used - self.at - 1).bit_length())
         self.buf = self._raw(pos, max(self.span, need))
         self.at = self.used = pos
+        self.big = -1
 
     def _raw(self, pos: int, length: int) -> bytes:
         if self.fd is not None:
@@ -442,6 +446,8 @@ def _step(cursor: _Cursor, pos: int, size: int | None, samples: _Samples, damage
         data = pos + BLOCK
         samples.regular[name] = (data, length)
         samples.add(name, (data, length))
+        if length >= SKIP_GAP and fileobj.big < 0:
+            fileobj.big = data
         return _plain_run(cursor, data + -(-length // BLOCK) * BLOCK, END if size is None else size, samples)
     try:
         fileobj.seek(pos)
@@ -486,7 +492,7 @@ def _plain_run(cursor: _Cursor, pos: int, limit: int, samples: _Samples) -> int:
     encoding, errors = cursor.encoding, cursor.errors
     key, names, image = samples.key, samples.names, samples.image
     keys, places, kinds = samples.keys, samples.places, samples.kinds
-    served = pos
+    served, big = pos, reader.big
     while pos <= last:
         o = pos - at
         m = match(buf, o, o + 346)
@@ -524,9 +530,11 @@ def _plain_run(cursor: _Cursor, pos: int, limit: int, samples: _Samples) -> int:
             if is_image:
                 image = (name, data, length)
         regular[name] = (data, length)
+        if length >= SKIP_GAP and big < 0:
+            big = data
         served, pos = data, data + ((length + BLOCK - 1) & -BLOCK)
     samples.key, samples.names, samples.image = key, names, image
-    reader.used = max(reader.used, served)
+    reader.used, reader.big = max(reader.used, served), big
     return pos
 
 
