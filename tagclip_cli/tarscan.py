@@ -493,6 +493,7 @@ def _plain_run(cursor: _Cursor, pos: int, limit: int, samples: _Samples) -> int:
     key, names, image = samples.key, samples.names, samples.image
     keys, places, kinds = samples.keys, samples.places, samples.kinds
     served, big = pos, reader.big
+    skip = SKIP_GAP if big < 0 else END  # the first large member is noted for the reader
     while pos <= last:
         o = pos - at
         m = match(buf, o, o + 346)
@@ -530,9 +531,9 @@ def _plain_run(cursor: _Cursor, pos: int, limit: int, samples: _Samples) -> int:
             if is_image:
                 image = (name, data, length)
         regular[name] = (data, length)
-        if length >= SKIP_GAP and big < 0:
-            big = data
-        served, pos = data, data + ((length + BLOCK - 1) & -BLOCK)
+        if length >= skip:
+            big, skip = data, END
+        served, pos = data, data + ((length + 511) & -512)  # the data in whole blocks
     samples.key, samples.names, samples.image = key, names, image
     reader.used, reader.big = max(reader.used, served), big
     return pos
