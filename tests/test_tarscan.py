@@ -49,6 +49,7 @@ def varied_tar() -> bytes:
         _add(tar, "0009.txt", b"only text")
         _add(tar, "p" * 60 + "/" + "q" * 70 + "/0010.webp", b"w" * 1100)  # ustar prefix
         _add(tar, "r" * 120 + "/0011.jpg", b"v" * 5)  # a GNU long name
+        _add(tar, "/".join(["s" * 99] * 27) + "/0011.png", b"l" * 7)  # one longer than the tiny reads
         _add(tar, "0012.jpg", kind=tarfile.LNKTYPE, link="0001.jpg")
         _add(tar, "0013.jpg", kind=tarfile.SYMTYPE, link="../outside.jpg")
         _add(tar, "dir", kind=tarfile.DIRTYPE)
