@@ -499,12 +499,12 @@ def _plain_run(cursor: _Cursor, pos: int, limit: int, samples: _Samples) -> int:
         m = match(buf, o, o + 346)
         if m is None:
             break
-        length, checksum = int(m[2], 8), int(m[3], 8)
-        data = pos + BLOCK
-        if data + length > limit or (adler(buf[o:o + 256]) & 0xFFFF) + (adler(buf[o + 256:data - at]) & 0xFFFF) - 66 \
+        raw, length, checksum = m.groups()
+        length, checksum = int(length, 8), int(checksum, 8)
+        data = pos + 512
+        if data + length > limit or (adler(buf[o:o + 256]) & 0xFFFF) + (adler(buf[o + 256:o + 512]) & 0xFFFF) - 66 \
                 != checksum + digit_sum[checksum]:
             break
-        raw = m[1]
         if raw[-1] == 47 or b"//" in raw:  # a directory to tarfile; posixpath's key rules (_Samples.add)
             break
         name = raw.decode(encoding, errors)
