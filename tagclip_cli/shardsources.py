@@ -300,17 +300,36 @@ class _GroupShare:
 
 
 def _read_footer(url: str):
-    """The footer (Parquet metadata) of one file, read alone, or the reason it cannot be read."""
-    import pyarrow.parquet as pq
-
+    """The footer (Parquet metadata) of one file and nothing else of it, or the reason it cannot be
+    read, as a full listing words it."""
     fs, p = _fs(url)
     try:
         with fs.open(p, "rb", cache_type="none") as fh:
-            return pq.ParquetFile(fh).metadata, None
+            return _footer_of(fh), None
     except FileNotFoundError:
         return None, f"{_safe(url)}: no such file"
     except Exception as exc:  # unreachable, denied, not Parquet
         return None, f"{_safe(url)}: cannot read as Parquet ({_reason(exc)})"
+
+
+def _footer_of(fh):
+    """The Parquet metadata of an open file from exactly its footer: its last 8 bytes, then the
+    metadata (two ranged reads; pyarrow alone reads the last 64 KiB, data of the last row group
+    included). A file that is not plain Parquet is read by pyarrow, for its own error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    size = fh.seek(0, os.SEEK_END)
+    fh.seek(max(0, size - 8))
+    tail = fh.read(8)
+    length = int.from_bytes(tail[:4], "little")
+    if len(tail) == 8 and tail[4:] == b"PAR1" and 12 + length <= size:
+        fh.seek(size - 8 - length)
+        try:
+            return pq.read_metadata(pa.BufferReader(b"PAR1" + fh.read(length) + tail))
+        except Exception:  # said below in pyarrow's words
+            pass
+    return pq.ParquetFile(fh).metadata
 
 
 def list_parquet_share(urls: Sequence[str], rank: int, world: int,
@@ -363,21 +382,33 @@ class _OpenFiles:
         self.files: OrderedDict[str, object] = OrderedDict()
         self.group: tuple[str, int, str] | None = None
         self.group_values: list | None = None
+        self.footers: dict[str, object] = {}  # Parquet metadata of the open files
 
-    def get(self, url: str):
+    def get(self, url: str, exact: bool = False):
+        """The open file of url; exact: no read-ahead (a Parquet column chunk is read in one go, and
+        nothing past it: the next row group may be another process's)."""
         if self.pid != os.getpid():  # forked into a DataLoader worker: the parent's handles are not ours
             self.__init__()
         fh = self.files.pop(url, None)
         if fh is None:
             fs, p = _fs(url)
-            fh = fs.open(p, "rb")
+            fh = fs.open(p, "rb", **({"cache_type": "none"} if exact else {}))
             while len(self.files) >= OPEN_FILES:
-                self.files.popitem(last=False)[1].close()
+                old, handle = self.files.popitem(last=False)
+                handle.close()
+                self.footers.pop(old, None)
         self.files[url] = fh
         return fh
 
+    def footer(self, url: str, fh):
+        """The Parquet metadata of an open file, read once (its footer alone)."""
+        if url not in self.footers:
+            self.footers[url] = _footer_of(fh)
+        return self.footers[url]
+
     def drop(self, url: str) -> None:
         fh = self.files.pop(url, None)
+        self.footers.pop(url, None)
         if fh is not None:
             try:
                 fh.close()
@@ -429,8 +460,8 @@ def _parquet_cell(item: ImageItem) -> bytes:
     wanted = (item.shard, group, column)
     if _OPEN.pid != os.getpid() or _OPEN.group != wanted:
         try:
-            fh = _OPEN.get(item.shard)
-            table = pq.ParquetFile(fh).read_row_group(group, columns=[column])
+            fh = _OPEN.get(item.shard, exact=True)
+            table = pq.ParquetFile(fh, metadata=_OPEN.footer(item.shard, fh)).read_row_group(group, columns=[column])
         except Exception as exc:
             _OPEN.drop(item.shard)
             raise SourceError(f"cannot read Parquet file {_safe(item.shard)} ({_reason(exc)})") from None

@@ -116,6 +116,8 @@ def test_each_task_reads_only_its_row_groups_and_the_merge_is_the_same_file(data
     for name in ref.column_names:
         assert table.column(name).equals(ref.column(name)), name
     assert not (root / "own.parquet.parts").exists()
+    rerun = tagclip(*annotate("data/*.parquet", out, tiny_checkpoint, "--shard", "1/3"), cache=cache, cwd=root)
+    assert rerun.returncode == 0 and "already complete" in rerun.stderr, rerun.stderr
 
 
 def run_task_on_zeroed(pristine: Path, root: Path, out: Path, checkpoint: Path, cache: Path, rank: int,
