@@ -25,7 +25,8 @@ its time is O(rows) whatever the number of shards, and its memory does not grow 
 images.
 
 Modules: `placement` (--shard, torchrun ranks), `session` (the process group), `plan` (the input
-list written once), `listing` (a shard task's piece of it), `locks` (one writer per output), `parts` (the work directory, resume, merge),
-`manifest` (what each part holds), `merge` (the streaming merge), `sinks` (JSON Lines, part files),
-`runner` (`run_job`, `JobSpec`, `Summary`). Import the names from their module.
+list written once), `listing` (a shard task's piece of it), `locks` (one writer per output),
+`parts` (the work directory, resume, merge), `manifest` (what each part holds), `merge` (the
+streaming merge), `sinks` (JSON Lines, part files), `runner` (`run_job`, `JobSpec`, `Summary`).
+Import the names from their module.
 """
