@@ -109,8 +109,9 @@ def class_thresholds(path: PathLike | None, classes: Sequence[str], default: flo
 
 def collect_items(images: str | None, manifest: PathLike | None = None, image_root: PathLike | None = None,
                   images_parquet: str | None = None, image_column: str | None = None,
-                  id_column: str | None = None) -> list[ImageItem]:
-    """The input items (sources.py); manifest and image root stay strings so that URLs survive."""
+                  id_column: str | None = None, own: tuple[int, int] | None = None) -> list[ImageItem]:
+    """The input items (sources.py); manifest and image root stay strings so that URLs survive.
+    own (rank, world): only the Parquet row groups of that --shard task (sources.collect_items)."""
     from tagclip_cli.sources import ParquetColumns, is_url
     from tagclip_cli.sources import collect_items as collect
 
@@ -119,15 +120,18 @@ def collect_items(images: str | None, manifest: PathLike | None = None, image_ro
 
     images = str(images) if isinstance(images, Path) else images
     return collect(images, local(manifest), local(image_root), images_parquet=images_parquet,
-                   columns=ParquetColumns(image_column, id_column))
+                   columns=ParquetColumns(image_column, id_column), own=own)
 
 
 def planned_items(out: PathLike, placement: Placement, images: str | None, manifest: PathLike | None = None,
                   image_root: PathLike | None = None, images_parquet: str | None = None,
-                  image_column: str | None = None, id_column: str | None = None) -> Sequence[ImageItem]:
+                  image_column: str | None = None, id_column: str | None = None,
+                  whole: bool = False) -> Sequence[ImageItem]:
     """The input items: for a --shard task or a torchrun rank other than 0, read from the plan the
     first task wrote beside the parts when it lists the same input (jobs/plan.py); else listed
-    (and marked with their input, so that the plan gets written)."""
+    (and marked with their input, so that the plan gets written). A --shard task (not under
+    torchrun) without a plan lists only its own row groups of Parquet inputs (jobs/listing.py),
+    unless whole (a method that fits on the whole collection)."""
     from tagclip_cli.jobs.parts import parts_dir
     from tagclip_cli.jobs.plan import input_key, read_plan
 
@@ -139,7 +143,9 @@ def planned_items(out: PathLike, placement: Placement, images: str | None, manif
         if planned is not None:
             log.info("read the input list (%d images) from the plan in %s", len(planned), parts_dir(Path(out)))
             return planned
-    items = collect_items(images, manifest, image_root, images_parquet, image_column, id_column)
+    own = (placement.rank, placement.world) if key is not None and placement.shard is not None \
+        and not placement.distributed and not whole else None
+    items = collect_items(images, manifest, image_root, images_parquet, image_column, id_column, own)
     if key is not None and hasattr(items, "input_key"):
         items.input_key = key
     return items
@@ -197,7 +203,8 @@ def annotate(
         check_output_suffix(out, (".parquet",), others=", or '-' for JSON Lines on stdout")
     placement = job_placement(shard, str(out), overwrite, images)
     voc = vocabulary(vocab, background, no_background)
-    items = planned_items(out, placement, images, manifest, image_root, images_parquet, image_column, id_column)
+    items = planned_items(out, placement, images, manifest, image_root, images_parquet, image_column, id_column,
+                          whole=method == "piaa")  # PIAA fits on the whole collection
     cfg = TagCLIPConfig(tag_threshold=tag_threshold, use_background=not no_background,
                         class_thresholds=class_thresholds(thresholds, voc.classes, tag_threshold))
     model_opts = model_options(model, pretrained, checkpoint, device, cache_dir, precision)
