@@ -40,6 +40,15 @@ from tagclip_cli.tarscan import TarColumns, scan_columns
 log = logging.getLogger(__name__)
 
 LIST_THREADS = 8  # shards listed at once (remote listing waits on the network, not the CPU)
+
+
+def _list_threads(urls: Sequence[str]) -> int:
+    """Threads listing shards at once: LIST_THREADS for remote shards (waiting on the network),
+    one for local files, whose header walk is Python under the GIL (more threads only add switching:
+    1M samples in local tars listed in 6.6-7.6 µs of CPU each with one thread, 8.0-8.4 with 8)."""
+    if not any(is_url(str(url)) for url in urls):
+        return 1
+    return min(LIST_THREADS, max(1, len(urls)))
 OPEN_FILES = 4  # tar/Parquet files kept open per process while reading items
 
 
@@ -122,7 +131,7 @@ def list_tars(urls: Sequence[str]) -> ItemList:
     builder = ItemBuilder()
     problems: list[str] = []  # warned once it is known that some shard could be read
     readable = False
-    with ThreadPoolExecutor(max_workers=min(LIST_THREADS, max(1, len(urls)))) as pool:
+    with ThreadPoolExecutor(max_workers=_list_threads(urls)) as pool:
         for shard_index, (url, name, shard) in enumerate(zip(urls, names, pool.map(_list_one_tar, urls), strict=True)):
             readable = readable or bool(shard.keys) or shard.problem is None
             if shard.problem is not None:
@@ -357,7 +366,7 @@ def list_parquet_share(urls: Sequence[str], rank: int, world: int,
     indices, the number of rows of the whole input): the same items, ids and indices as
     `list_parquet` gives for those rows, and the same errors."""
     names = _shard_names(urls, PARQUET_EXTENSIONS)
-    with ThreadPoolExecutor(max_workers=min(LIST_THREADS, max(1, len(urls)))) as pool:
+    with ThreadPoolExecutor(max_workers=_list_threads(urls)) as pool:
         footers = list(pool.map(_read_footer, urls))
     problems = [problem for _, problem in footers if problem is not None]
     if len(problems) == len(urls):
