@@ -75,10 +75,21 @@ class ItemList(Sequence):
         self.errors: dict[int, str] = cols.get("errors", {})
         self.input_key: str | None = None  # what it was listed from (jobs.plan), when known
         self.planned_in: str | None = None  # the work directory whose plan it was read from
+        self.held: np.ndarray | None = None  # the positions of the rows when only a share is held (`hold`)
+        self.held_for: tuple | None = None
+        self.total = len(ids)
+
+    def hold(self, positions: np.ndarray, total: int, owner: tuple) -> ItemList:
+        """Make this list, whose rows are the items at `positions` (increasing) of a list of `total`,
+        stand for that list in the share of `owner` only (jobs/plan.py reads no more of a plan):
+        len() is total, item(i) is item i (IndexError for an item not held), the errors and raw
+        paths are keyed by position. owner: what jobs.placement deals this share to."""
+        self.held, self.total, self.held_for = np.asarray(positions, dtype=np.int64), total, owner
+        return self
 
     # ---- the sequence ----
     def __len__(self) -> int:
-        return len(self.ids)
+        return self.total
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -102,33 +113,42 @@ class ItemList(Sequence):
 
     @property
     def positions(self) -> np.ndarray:
-        """The global index of each item (0..n-1 here; a `take` share has its own)."""
-        return np.arange(len(self), dtype=np.int64)
+        """The global index of each item (0..n-1 here, those held of a `hold` list; a `take` share
+        has its own)."""
+        return np.arange(len(self), dtype=np.int64) if self.held is None else self.held
 
     def item(self, i: int) -> ImageItem:
         """Item i as an `ImageItem` (made now, not kept)."""
-        image_id = self.ids[i].as_py()
-        coco_id = None if self.coco_ids is None else self.coco_ids[i].as_py()
-        kind = PLAIN if self.kinds is None else int(self.kinds[i])
+        r = i if self.held is None else self._row(i)
+        image_id = self.ids[r].as_py()
+        coco_id = None if self.coco_ids is None else self.coco_ids[r].as_py()
+        kind = PLAIN if self.kinds is None else int(self.kinds[r])
         if kind == PLAIN:
-            return ImageItem(i, image_id, self._plain_path(i, image_id), coco_id)
-        shard = self.shards[self.shard_of[i]]
-        unit = int(self.units[i])
+            return ImageItem(i, image_id, self._plain_path(i, r, image_id), coco_id)
+        shard = self.shards[self.shard_of[r]]
+        unit = int(self.units[r])
         if kind == TAR:
-            locator: tuple = ("tar", int(self.loc_a[i]), int(self.loc_b[i]))
-            path = f"tar://{self.paths[i].as_py()}::{output_text(shard)}"
+            locator: tuple = ("tar", int(self.loc_a[r]), int(self.loc_b[r]))
+            path = f"tar://{self.paths[r].as_py()}::{output_text(shard)}"
         elif kind == PARQUET:
-            locator = ("parquet", int(self.loc_a[i]), int(self.loc_b[i]), self.columns[self.shard_of[i]])
-            path = f"{output_text(shard)}#row={int(self.rows[i])}"
+            locator = ("parquet", int(self.loc_a[r]), int(self.loc_b[r]), self.columns[self.shard_of[r]])
+            path = f"{output_text(shard)}#row={int(self.rows[r])}"
         else:
-            locator, path = ("error", self.errors[i]), self._plain_path(i, image_id)
+            locator, path = ("error", self.errors[i]), self._plain_path(i, r, image_id)
         return ImageItem(i, image_id, path, coco_id, shard, unit, locator)
 
-    def _plain_path(self, i: int, image_id: str) -> str:
+    def _row(self, i: int) -> int:
+        """The row of item i in a `hold` list."""
+        row = int(np.searchsorted(self.held, i))
+        if row >= len(self.held) or self.held[row] != i:
+            raise IndexError(f"item {i} is not in the share read from the plan")
+        return row
+
+    def _plain_path(self, i: int, row: int, image_id: str) -> str:
         raw = self.raw_paths.get(i) if self.raw_paths else None
         if raw is not None:
             return raw
-        return self.prefix + (image_id if self.paths is None else self.paths[i].as_py())
+        return self.prefix + (image_id if self.paths is None else self.paths[row].as_py())
 
     # ---- columns ----
     def unit_column(self) -> np.ndarray | None:
@@ -137,6 +157,8 @@ class ItemList(Sequence):
 
     def path_column(self, start: int = 0, stop: int | None = None) -> pa.Array:
         """The `path` of items start..stop as one string array (what items.parquet stores)."""
+        if self.held is not None:
+            raise ValueError("a list of which only a share is held has no whole table")
         stop = len(self) if stop is None else stop
         base = (self.ids if self.paths is None else self.paths).slice(start, stop - start)
         plain = _join(self.prefix, base) if self.prefix else base

@@ -71,7 +71,7 @@ class Placement:
             units = np.array([-1 if it.shard_index is None else it.shard_index for it in share], dtype=np.int64) \
                 if share.base is None else np.full(len(positions), -1, dtype=np.int64)
         else:
-            units = units[positions]
+            units = units[positions if share.base.held is None else np.searchsorted(share.base.held, positions)]
         by_window = (positions // window) % self.world == self.rank
         return np.where(units >= 0, units % self.world == self.rank, by_window)
 
@@ -81,6 +81,11 @@ class Placement:
         if not isinstance(items, ItemList):
             share = as_share(items)
             return share.take(share.positions[self.owned(share, window)])
+        if items.held is not None:  # read from the plan for one share (jobs/plan.py): that one only
+            if items.held_for not in ((self.rank, self.world, window), (self.rank, self.world, None)):
+                raise ValueError(f"the plan was read for the share {items.held_for}, not for "
+                                 f"{(self.rank, self.world, window)}")
+            return items.take(items.held)
         units = items.unit_column()
         if units is None:
             return items.take(window_positions(len(items), window, self.rank, self.world))
