@@ -217,13 +217,12 @@ class PartIndex:
         """(len(positions),) bool: which of these indices (increasing) have a row in some part; no
         array of all N indices (a --shard task asks about its share only)."""
         runs = np.fromiter((r for entry in self.entries.values() for r in entry.runs), dtype=np.int64)
-        starts, stops = runs[0::2], runs[1::2]
-        keep = starts < stops
-        lo = np.searchsorted(positions, starts[keep])  # a run covers positions lo..hi-1
-        hi = np.searchsorted(positions, stops[keep])
-        size = len(positions) + 1
-        cover = np.bincount(lo, minlength=size) - np.bincount(hi, minlength=size)
-        return np.cumsum(cover[:-1]) > 0
+        lo = np.searchsorted(positions, runs[0::2])  # a run covers positions lo..hi-1
+        hi = np.searchsorted(positions, runs[1::2])
+        done = np.zeros(len(positions), dtype=bool)  # one byte per position, set run by run
+        for start, stop in zip(lo.tolist(), hi.tolist(), strict=True):
+            done[start:stop] = True
+        return done
 
     def failed_indices(self) -> np.ndarray:
         """Indices of the rows whose status is "failed", over all parts."""

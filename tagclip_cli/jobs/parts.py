@@ -248,7 +248,8 @@ class PartStore:
     def remaining(self, items: Sequence[ImageItem], total: int) -> ItemShare:
         """The items (of an input list of `total`) that have no row yet, in their order."""
         share = as_share(items)
-        return share.take(share.positions[~self.index().done_at(share.positions)])
+        done = self.index().done_at(share.positions)
+        return share.take(share.positions[~done]) if done.any() else share  # nothing done: no copy
 
     def failed_indices(self) -> np.ndarray:
         """Indices of the rows already in parts whose status is "failed" (for the exit code of a

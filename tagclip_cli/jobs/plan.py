@@ -62,6 +62,7 @@ def write_plan(items: ItemList, parts: Path, key: str, block: int) -> None:
     """plan.arrow in the work directory from the list's columns, in record batches of `block` rows
     (the writer's window), a slice of the columns at a time."""
     info = {"input": key, "format": PLAN_FORMAT, "total": len(items), "block": block, "prefix": items.prefix,
+            "id_prefix": items.id_prefix,
             "shards": items.shards, "columns": items.columns, "units": unit_runs(items),
             "errors": {str(k): v for k, v in items.errors.items()},
             "raw_paths": {str(k): v.encode("utf-8", "surrogateescape").hex() for k, v in items.raw_paths.items()}}
@@ -199,4 +200,5 @@ def _from_table(table: pa.Table, info: dict) -> ItemList:
         cols.update(shards=info["shards"], columns=info["columns"],
                     errors={int(k): v for k, v in info["errors"].items()})
     raw = {int(k): bytes.fromhex(v).decode("utf-8", "surrogateescape") for k, v in info["raw_paths"].items()}
-    return ItemList(column("image_id"), column("path"), info["prefix"], column("coco_id"), raw, cols)
+    return ItemList(column("image_id"), column("path"), info["prefix"], column("coco_id"), raw, cols,
+                    info.get("id_prefix", ""))
