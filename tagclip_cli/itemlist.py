@@ -237,10 +237,12 @@ class ItemList(Sequence):
         stop = len(self) if stop is None else stop
         coco = (pa.nulls(stop - start, pa.int64()) if self.coco_ids is None
                 else self.coco_ids.slice(start, stop - start))
+        ids = self.id_column(start, stop).cast(pa.string())
+        same = self.paths is None and not self.prefix and self.kinds is None and not self.raw_paths
         return pa.table({
             "index": pa.array(np.arange(start, stop, dtype=np.int64)),
-            "image_id": self.id_column(start, stop).cast(pa.string()),
-            "path": self.path_column(start, stop),
+            "image_id": ids,
+            "path": ids if same else self.path_column(start, stop),  # a path list's lines are both
             "coco_id": coco,
         })
 

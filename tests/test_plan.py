@@ -11,16 +11,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from shard_fixtures import noise_images, write_dataset
+from test_jobs import run
 
 from tagclip_cli.commands import planned_items
 from tagclip_cli.errors import ConfigMismatchError
 from tagclip_cli.itemlist import COLUMN_TYPES, ERROR, ItemList
-from tagclip_cli.jobs.parts import PartStore, parts_dir
+from tagclip_cli.jobs.parts import PartStore, merge_output, parts_dir
 from tagclip_cli.jobs.placement import Placement
 from tagclip_cli.jobs.plan import OLD_PLAN_NAME, PLAN_KEY, plan_path, read_plan, write_plan
 from tagclip_cli.jobs.runner import WINDOW_BATCHES
 from tagclip_cli.record import RunRecord
-from tagclip_cli.sources import ImageItem
+from tagclip_cli.sources import ImageItem, collect_items
 
 JOB = {"window": 4}
 
@@ -172,3 +173,23 @@ def test_a_list_mixing_plain_files_and_shards_is_read_whole(tmp_path):
     assert whole.held is None and list(whole) == list(items)
     assert list(placement.share(whole, 1)) == list(placement.share(items, 1))
     assert read_plan(tmp_path, "another input", placement, 1) is None
+
+
+def test_shard_tasks_keep_or_read_only_their_share_and_merge_to_one_process_output(many, tmp_path):
+    tars, folder = many
+    for source in (str(folder), str(tars)):
+        single = tmp_path / f"single-{len(source)}.parquet"
+        run(collect_items(source), single)  # batch size 2: windows of 8
+        out = tmp_path / f"shards-{len(source)}.parquet"
+        held = []
+        for rank in (1, 0, 2):  # the first task lists (and keeps its share), the others read the plan
+            placement = Placement(rank=rank, world=3, shard=(rank, 3))
+            items = planned_items(out, placement, source, batch_size=2)
+            expected = placement.share(collect_items(source), 8)
+            summary = run(items, out, placement)
+            assert summary.total == len(expected) and items.held is not None
+            held.append(len(items.ids))
+            assert held[-1] == len(expected) and len(items) == 30
+        assert merge_output(out) == 30
+        same = ["index", "image_id", "status", "error"]  # (tar shards are batched per shard: "batch" differs)
+        assert pq.read_table(out, columns=same).equals(pq.read_table(single, columns=same))
