@@ -138,12 +138,13 @@ def planned_items(out: PathLike, placement: Placement, images: str | None, manif
     key = None if images == "-" or str(out) == "-" else input_key(
         images=images, manifest=manifest, image_root=image_root, images_parquet=images_parquet,
         image_column=image_column, id_column=id_column)
-    if key is not None and (placement.shard is not None or not placement.leader):
-        planned = read_plan(parts_dir(Path(out)), key, placement, window)
+    parts = None if key is None else parts_dir(Path(out))
+    later = placement.shard is not None or not placement.leader
+    if parts is not None and later and (parts / "items.parquet").is_file():  # (written before the plan)
+        planned = read_plan(parts, key, placement, window)
         if planned is not None:
             held = "" if planned.held is None else f", {len(planned.held)} of them this task's"
-            log.info("read the input list (%d images%s) from the plan in %s", len(planned), held,
-                     parts_dir(Path(out)))
+            log.info("read the input list (%d images%s) from the plan in %s", len(planned), held, parts)
             return planned
     items = collect_items(images, manifest, image_root, images_parquet, image_column, id_column)
     if key is not None and hasattr(items, "input_key"):

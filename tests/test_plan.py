@@ -193,3 +193,12 @@ def test_shard_tasks_keep_or_read_only_their_share_and_merge_to_one_process_outp
         assert merge_output(out) == 30
         same = ["index", "image_id", "status", "error"]  # (tar shards are batched per shard: "batch" differs)
         assert pq.read_table(out, columns=same).equals(pq.read_table(single, columns=same))
+
+
+def test_a_plan_without_its_items_parquet_is_not_used(data, tmp_path):
+    tars, _ = data
+    out = tmp_path / "out.parquet"
+    first_task(out, str(tars))
+    (parts_dir(out) / "items.parquet").unlink()
+    again = planned_items(out, Placement(rank=1, world=3, shard=(1, 3)), str(tars), batch_size=1)
+    assert again.planned_in is None and again.held is None and len(again) == 9  # listed
