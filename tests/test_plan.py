@@ -102,7 +102,7 @@ def test_a_later_task_reads_only_its_share(many, tmp_path, kind):
     source = str(tars if kind == "tars" else folder)
     out = tmp_path / "out.parquet"
     listed = first_task(out, source)  # the plan's batches: JOB's window, 4 rows
-    for rank, world, batch_size in [(2, 3, 1), (1, 3, 2), (0, 4, 3), (3, 4, 1), (0, 1, 1)]:
+    for rank, world, batch_size in [(2, 3, 1), (1, 3, 2), (0, 4, 3), (3, 4, 1), (0, 1, 1), (7, 10, 1)]:
         placement = Placement(rank=rank, world=world, shard=(rank, world))
         window = batch_size * WINDOW_BATCHES  # 4 (the writer's), 8 or 12: batches overlap windows
         planned = planned_items(out, placement, source, batch_size=batch_size)
