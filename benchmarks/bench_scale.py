@@ -13,6 +13,7 @@ Sections (each a function, each measured in fresh child processes):
   the process (imports included) and, per item, the peak and the retained growth over the imports;
 - shard start: `tagclip annotate --shard 0/1000` (tiny random CLIP, 80 classes, --workers 0) stopped at
   its first written batch: seconds to that batch and the peak RSS (imports and model included), against N;
+  then a later task (1/1000, reading its share of the plan) and a single process (no --shard);
 - jobs, resume start and merge (benchmarks/scale_jobs.py): a resumed run's scan of N finished images
   (with the manifest, and as the previous version left an output), and `tagclip merge` of N rows
   in one process's layout and in 1,000 shards' (with the previous merge up to --reference-upto).
@@ -196,8 +197,8 @@ def child_start(source: str, out: str, checkpoint: str, cache: str, shard: str) 
                 os._exit(0)
         yield advance
 
-    commands.annotate(source, "coco", out, checkpoint=checkpoint, cache_dir=cache, shard=shard, workers=0,
-                      batch_size=8, progress=progress)
+    commands.annotate(source, "coco", out, checkpoint=checkpoint, cache_dir=cache,
+                      shard=None if shard == "none" else shard, workers=0, batch_size=8, progress=progress)
     print(json.dumps({"seconds": time.perf_counter() - start, "cpu": time.process_time(), "peak_mb": peak_mb(),
                       "share": 0}), flush=True)
 
@@ -238,7 +239,8 @@ def section_listing(root: Path, sizes: list[int], kinds: list[str]) -> None:
 
 def section_shard_start(root: Path, sizes: list[int], kinds: list[str]) -> None:
     """`--shard I/1000` tasks: seconds to the first batch and peak RSS, against N. The first task
-    lists the input and writes the plan; a later task (1/1000, same OUT) reads the plan instead."""
+    lists the input and writes the plan; a later task (1/1000, same OUT) reads its share of the plan
+    instead. Then a single process (no --shard, a new OUT), which holds the whole list."""
     sys.path.insert(0, str(HERE))
     from bench_memory import tiny_checkpoint
 
@@ -252,8 +254,10 @@ def section_shard_start(root: Path, sizes: list[int], kinds: list[str]) -> None:
         for n in sizes:
             source = str(MAKERS[kind](root, n))
             with tempfile.TemporaryDirectory(dir=root) as out:
-                for task, what in (("0/1000", "first (lists, writes the plan)"), ("1/1000", "later (reads the plan)")):
-                    r = run_child("--child-start", source, str(Path(out) / "tags.parquet"), str(checkpoint),
+                for task, what, name in (("0/1000", "first (lists, writes the plan)", "tags"),
+                                         ("1/1000", "later (reads the plan)", "tags"),
+                                         ("none", "single process (no --shard)", "single")):
+                    r = run_child("--child-start", source, str(Path(out) / f"{name}.parquet"), str(checkpoint),
                                   str(cache), task)
                     print(f"  {kind:8s} N={n:>9,d}  {what:31s} share {r['share']:>7,d}  {r['seconds']:6.1f} s "
                           f"(CPU {r.get('cpu', float('nan')):5.1f} s)  peak {r['peak_mb']:7.0f} MB  ({load()})",

@@ -186,7 +186,7 @@ class ItemList(Sequence):
         """The row of item i in a `hold` list."""
         row = int(np.searchsorted(self.held, i))
         if row >= len(self.held) or self.held[row] != i:
-            raise IndexError(f"item {i} is not in the share read from the plan")
+            raise IndexError(f"item {i} is not in the share this process holds")
         return row
 
     def _plain_path(self, i: int, row: int, image_id: str) -> str:
