@@ -159,8 +159,9 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child_listing(source: str) -> None:
-    """Print {seconds, items, base_mb, peak_mb, retained_mb} for collect_items(source)."""
+def child_listing(source: str, own: str = "") -> None:
+    """Print {seconds, items, base_mb, peak_mb, retained_mb} for collect_items(source); own "I/N":
+    what --shard I/N lists without a plan (its own row groups of Parquet inputs)."""
     import gc
 
     import torch  # noqa: F401  (the imports of a run, in the baseline)
@@ -174,11 +175,12 @@ def child_listing(source: str) -> None:
     gc.collect()
     base = rss_mb()
     start, cpu = time.perf_counter(), time.process_time()
-    items = collect_items(source)
+    items = collect_items(source, **({"own": tuple(map(int, own.split("/")))} if own else {}))
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     gc.collect()
-    print(json.dumps({"seconds": seconds, "cpu": cpu, "items": len(items), "base_mb": base, "peak_mb": peak_mb(),
-                      "retained_mb": rss_mb() - base}))
+    total = getattr(items, "total", len(items))
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "items": total, "listed": len(items), "base_mb": base,
+                      "peak_mb": peak_mb(), "retained_mb": rss_mb() - base}))
 
 
 def child_start(source: str, out: str, checkpoint: str, cache: str, shard: str) -> None:
@@ -221,14 +223,15 @@ def load() -> str:
 
 # ---- sections -------------------------------------------------------------------------------------
 
-def section_listing(root: Path, sizes: list[int], kinds: list[str]) -> None:
-    """Listing: time and memory per item, for each input kind and size."""
-    print("listing (collect_items): kind, N, wall and CPU us/item, peak RSS MB (imports included), "
-          "peak B/item over imports, retained B/item")
+def section_listing(root: Path, sizes: list[int], kinds: list[str], own: str = "") -> None:
+    """Listing: time and memory per item, for each input kind and size (own "I/N": what a --shard
+    I/N task lists without a plan; per item of the whole input all the same)."""
+    print("listing (collect_items" + (f", own share of --shard {own}" if own else "") + "): kind, N, wall and CPU "
+          "us/item, peak RSS MB (imports included), peak B/item over imports, retained B/item")
     for kind in kinds:
         for n in sizes:
             source = str(MAKERS[kind](root, n))
-            r = run_child("--child-listing", source)
+            r = run_child("--child-listing", source, own)
             per = 1e6 / r["items"]
             grow = max(0.0, r["peak_mb"] - r["base_mb"]) * 2**20 / r["items"]
             kept = r["retained_mb"] * 2**20 / r["items"]
@@ -240,7 +243,8 @@ def section_listing(root: Path, sizes: list[int], kinds: list[str]) -> None:
 def section_shard_start(root: Path, sizes: list[int], kinds: list[str]) -> None:
     """`--shard I/1000` tasks: seconds to the first batch and peak RSS, against N. The first task
     lists the input and writes the plan; a later task (1/1000, same OUT) reads its share of the plan
-    instead. Then a single process (no --shard, a new OUT), which holds the whole list."""
+    instead. Over Parquet files (no plan is written) each task lists only its own row groups. Then a
+    single process (no --shard, a new OUT), which holds the whole list."""
     sys.path.insert(0, str(HERE))
     from bench_memory import tiny_checkpoint
 
@@ -254,8 +258,10 @@ def section_shard_start(root: Path, sizes: list[int], kinds: list[str]) -> None:
         for n in sizes:
             source = str(MAKERS[kind](root, n))
             with tempfile.TemporaryDirectory(dir=root) as out:
-                for task, what, name in (("0/1000", "first (lists, writes the plan)", "tags"),
-                                         ("1/1000", "later (reads the plan)", "tags"),
+                tasks = (("0/1000", "first (lists, writes the plan)"), ("1/1000", "later (reads the plan)"))
+                if kind == "parquet":  # no plan: each task lists its own row groups (footers of the rest)
+                    tasks = (("0/1000", "first (its own row groups)"), ("1/1000", "later (its own row groups)"))
+                for task, what, name in (*((t, w, "tags") for t, w in tasks),
                                          ("none", "single process (no --shard)", "single")):
                     r = run_child("--child-start", source, str(Path(out) / f"{name}.parquet"), str(checkpoint),
                                   str(cache), task)
@@ -288,7 +294,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="jobs: also time the previous merge up to this many rows")
     parser.add_argument("--resume-only", action="store_true", help="jobs: only the resume start (e.g. at 10M)")
     parser.add_argument("--tmp", default=None, help="jobs: where to make the work directories (default: $TMPDIR)")
-    parser.add_argument("--child-listing", nargs=1, help=argparse.SUPPRESS)
+    parser.add_argument("--own", default="", help="listing: what --shard I/N lists without a plan (e.g. 0/1000)")
+    parser.add_argument("--child-listing", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-start", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_listing:
@@ -300,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         CODE[0] = str(Path(args.code).resolve())
     sizes = [int(n) for text in args.sizes for n in text.split(",") if n]
     kinds = [k for k in args.kinds.split(",") if k]
-    sections = {"listing": section_listing, "shard-start": section_shard_start,
+    sections = {"listing": lambda root, n, k: section_listing(root, n, k, args.own), "shard-start": section_shard_start,
                 "jobs": lambda root, n, k: section_jobs(root, n, k, args)}
     quick = {"listing": ([20000, 100000], kinds), "shard-start": ([100000], ["pathlist", "tars"]),
              "jobs": ([20000, 100000], kinds)}

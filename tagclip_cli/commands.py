@@ -109,8 +109,9 @@ def class_thresholds(path: PathLike | None, classes: Sequence[str], default: flo
 
 def collect_items(images: str | None, manifest: PathLike | None = None, image_root: PathLike | None = None,
                   images_parquet: str | None = None, image_column: str | None = None,
-                  id_column: str | None = None) -> list[ImageItem]:
-    """The input items (sources.py); manifest and image root stay strings so that URLs survive."""
+                  id_column: str | None = None, own: tuple[int, int] | None = None) -> list[ImageItem]:
+    """The input items (sources.py); manifest and image root stay strings so that URLs survive.
+    own (rank, world): only the Parquet row groups of that --shard task (sources.collect_items)."""
     from tagclip_cli.sources import ParquetColumns, is_url
     from tagclip_cli.sources import collect_items as collect
 
@@ -119,22 +120,24 @@ def collect_items(images: str | None, manifest: PathLike | None = None, image_ro
 
     images = str(images) if isinstance(images, Path) else images
     return collect(images, local(manifest), local(image_root), images_parquet=images_parquet,
-                   columns=ParquetColumns(image_column, id_column))
+                   columns=ParquetColumns(image_column, id_column), own=own)
 
 
 def planned_items(out: PathLike, placement: Placement, images: str | None, manifest: PathLike | None = None,
                   image_root: PathLike | None = None, images_parquet: str | None = None,
                   image_column: str | None = None, id_column: str | None = None,
-                  batch_size: int | None = None) -> Sequence[ImageItem]:
+                  batch_size: int | None = None, whole: bool = False) -> Sequence[ImageItem]:
     """The input items: for a --shard task or a torchrun rank other than 0, read from the plan the
     first task wrote beside the parts when it lists the same input (jobs/plan.py): only this
-    placement's share of the windows of batch_size's run when it is given, else all of it; else
-    listed (and marked with their input, so that the plan gets written)."""
+    placement's share of the windows of batch_size's run when it is given (not whole), else all of
+    it; else listed (and marked with their input, so that the plan gets written). A --shard task
+    (not under torchrun) without a plan lists only its own row groups of Parquet inputs
+    (jobs/listing.py), unless whole (a method that fits on the whole collection)."""
     from tagclip_cli.jobs.parts import parts_dir
     from tagclip_cli.jobs.plan import input_key, read_plan
     from tagclip_cli.jobs.runner import WINDOW_BATCHES
 
-    window = None if batch_size is None else batch_size * WINDOW_BATCHES
+    window = None if batch_size is None or whole else batch_size * WINDOW_BATCHES
     key = None if images == "-" or str(out) == "-" else input_key(
         images=images, manifest=manifest, image_root=image_root, images_parquet=images_parquet,
         image_column=image_column, id_column=id_column)
@@ -146,7 +149,9 @@ def planned_items(out: PathLike, placement: Placement, images: str | None, manif
             held = "" if planned.held is None else f", {len(planned.held)} of them this task's"
             log.info("read the input list (%d images%s) from the plan in %s", len(planned), held, parts)
             return planned
-    items = collect_items(images, manifest, image_root, images_parquet, image_column, id_column)
+    own = (placement.rank, placement.world) if key is not None and placement.shard is not None \
+        and not placement.distributed and not whole else None
+    items = collect_items(images, manifest, image_root, images_parquet, image_column, id_column, own)
     if key is not None and hasattr(items, "input_key"):
         items.input_key = key
     return items
@@ -205,7 +210,7 @@ def annotate(
     placement = job_placement(shard, str(out), overwrite, images)
     voc = vocabulary(vocab, background, no_background)
     items = planned_items(out, placement, images, manifest, image_root, images_parquet, image_column, id_column,
-                          None if method == "piaa" else batch_size)  # PIAA's fit identifies all the inputs
+                          batch_size, whole=method == "piaa")  # PIAA fits on the whole collection
     cfg = TagCLIPConfig(tag_threshold=tag_threshold, use_background=not no_background,
                         class_thresholds=class_thresholds(thresholds, voc.classes, tag_threshold))
     model_opts = model_options(model, pretrained, checkpoint, device, cache_dir, precision)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from array import array
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -305,6 +306,13 @@ class ItemShare(Sequence):
         """Those of these items whose global positions are given (a subset of self.positions)."""
         return ItemShare(self.base, np.asarray(positions, dtype=np.int64))
 
+    def unit_column(self) -> np.ndarray | None:
+        """(n,) int64: the unit of work of each of these items, or None for plain files."""
+        units = self.base.unit_column()
+        if units is None:
+            return None
+        return units[self.positions if self.base.held is None else np.searchsorted(self.base.held, self.positions)]
+
 
 class ItemBuilder:
     """Columns filled while listing: ids (and paths) buffered a chunk at a time as Python strings,
@@ -470,6 +478,49 @@ class _SparseShare(ItemShare):
 
     def take(self, positions: np.ndarray) -> ItemShare:
         return _SparseShare([self.items[self.at[int(p)]] for p in positions], np.asarray(positions, dtype=np.int64))
+
+
+class OwnedItems(ItemShare):
+    """The items of the units (tar shards / row groups) one `--shard` task owns, listed without the
+    rest of the input (shardsources.list_parquet_share): `base` holds only their columns, `positions`
+    are their global indices (increasing), `total` the number of items of the whole input. Items
+    come out with their global index; `take` gives a subset of the same kind."""
+
+    def __init__(self, base: ItemList, positions: np.ndarray, total: int, local: np.ndarray | None = None) -> None:
+        super().__init__(base, np.asarray(positions, dtype=np.int64))
+        self.total = total
+        self.local = np.arange(len(self.positions), dtype=np.int64) if local is None else local
+        self.input_key: str | None = None  # what it was listed from (jobs.plan), when known
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return OwnedItems(self.base, self.positions[i], self.total, self.local[i])
+        return self._item(int(self.local[i]), int(self.positions[i]))
+
+    def __iter__(self) -> Iterator[ImageItem]:
+        for k, p in zip(self.local.tolist(), self.positions.tolist(), strict=True):
+            yield self._item(k, p)
+
+    def _item(self, k: int, index: int) -> ImageItem:
+        return replace(self.base.item(k), index=index)
+
+    def take(self, positions: np.ndarray) -> OwnedItems:
+        positions = np.asarray(positions, dtype=np.int64)
+        return OwnedItems(self.base, positions, self.total, self.local[np.searchsorted(self.positions, positions)])
+
+    def unit_column(self) -> np.ndarray | None:
+        units = self.base.unit_column()
+        return None if units is None else units[self.local]
+
+    def table(self) -> pa.Table:
+        """These items as items.parquet's rows (index, image_id, path, coco_id), by global index."""
+        table = self.base.table().take(pa.array(self.local))
+        return table.set_column(0, "index", pa.array(self.positions))
+
+
+def total_items(items: Sequence[ImageItem]) -> int:
+    """The number of items of the whole input (of which `OwnedItems` hold a task's own)."""
+    return items.total if isinstance(items, OwnedItems) else len(items)
 
 
 def has_parquet(items: Sequence[ImageItem]) -> bool:

@@ -17,7 +17,9 @@ import posixpath
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from tagclip_cli.errors import UsageError
 from tagclip_cli.fileio import output_text
@@ -229,39 +231,144 @@ def list_parquet(urls: Sequence[str], columns: ParquetColumns = ParquetColumns()
     return builder.build()
 
 
-def _list_one_parquet(url: str, name: str, columns: ParquetColumns, builder: ItemBuilder, groups: int) -> int:
-    """Add the rows of one Parquet file to the builder; returns the row groups counted so far."""
+def _list_one_parquet(url: str, name: str, columns: ParquetColumns, builder: ItemBuilder, groups: int,
+                      share: _GroupShare | None = None, metadata=None) -> int:
+    """Add the rows of one Parquet file to the builder; returns the row groups counted so far.
+    With a share, only the rows of its row groups are added (with their global indices in
+    share.indices); the ids of the file's earlier row groups are still read (only the id column),
+    since a repeated id is numbered (`#2`) by the rows before it."""
     import pyarrow.parquet as pq
 
     fs, p = _fs(url)
-    with fs.open(p, "rb") as fh:
-        pf = pq.ParquetFile(fh)
+    with fs.open(p, "rb", **({} if share is None else {"cache_type": "none"})) as fh:
+        pf = pq.ParquetFile(fh, metadata=metadata)
         image_col = _pick_image_column(pf.schema_arrow, columns.image, url)
         id_col = _pick_id_column(pf.schema_arrow, columns.id, url)
         seen: dict[str, int] = {}
         row = 0
-        for group in range(pf.metadata.num_row_groups):
+        last = pf.metadata.num_row_groups if share is None else share.last(groups, pf.metadata.num_row_groups)
+        for group in range(last):
             count = pf.metadata.row_group(group).num_rows
-            error = None
-            try:
-                ids = pf.read_row_group(group, columns=[id_col]).column(0).to_pylist() if id_col else None
-            except Exception as exc:  # a damaged row group: its rows fail, the others are read
-                error = f"cannot read row group {group} of Parquet file {_safe(url)} ({_reason(exc)})"
-                log.warning("%s", error)
-                ids = None
-            if ids is not None and len(ids) != count:
-                ids = None
+            add = share is None or share.owns(groups + group)
+            if not add and id_col is None:  # ids by row number: nothing to read, none can repeat
+                row += count
+                continue
+            ids, error = _group_ids(pf, group, id_col, url, count) if add or id_col else (None, None)
             for in_group in range(count):
                 value = ids[in_group] if ids is not None else None
                 image_id = output_text(_unique_id(f"{name}/{row if value is None else value}", seen, url))
-                if error is None:
-                    builder.add_shard_item(image_id, "", url, groups + group, PARQUET, group, in_group, row,
-                                           image_col)
-                else:
-                    builder.add_shard_item(image_id, output_text(f"{url}#row={row}"), url, groups + group, ERROR,
-                                           error=error)
+                if add:
+                    if share is not None:
+                        share.indices.append(share.first + row)
+                    if error is None:
+                        builder.add_shard_item(image_id, "", url, groups + group, PARQUET, group, in_group, row,
+                                               image_col)
+                    else:
+                        builder.add_shard_item(image_id, output_text(f"{url}#row={row}"), url, groups + group,
+                                               ERROR, error=error)
                 row += 1
         return groups + pf.metadata.num_row_groups
+
+
+def _group_ids(pf, group: int, id_col: str | None, url: str, count: int) -> tuple[list | None, str | None]:
+    """The ids of one row group (None: numbered by row), and the error that made its rows fail."""
+    try:
+        ids = pf.read_row_group(group, columns=[id_col]).column(0).to_pylist() if id_col else None
+    except Exception as exc:  # a damaged row group: its rows fail, the others are read
+        error = f"cannot read row group {group} of Parquet file {_safe(url)} ({_reason(exc)})"
+        log.warning("%s", error)
+        return None, error
+    return (ids if ids is None or len(ids) == count else None), None
+
+
+@dataclass
+class _GroupShare:
+    """The row groups (units) a `--shard` task owns: unit % world == rank; `first` the global index
+    of the current file's first row, `indices` the global index of each row added."""
+
+    rank: int
+    world: int
+    first: int = 0
+    indices: list[int] = field(default_factory=list)
+
+    def owns(self, unit: int) -> bool:
+        return unit % self.world == self.rank
+
+    def last(self, start: int, count: int) -> int:
+        """1 + the last owned group of a file whose groups are units start..start+count-1 (0: none)."""
+        return max((g + 1 for g in range(count) if self.owns(start + g)), default=0)
+
+
+def _read_footer(url: str):
+    """The footer (Parquet metadata) of one file and nothing else of it, or the reason it cannot be
+    read, as a full listing words it."""
+    fs, p = _fs(url)
+    try:
+        with fs.open(p, "rb", cache_type="none") as fh:
+            return _footer_of(fh), None
+    except FileNotFoundError:
+        return None, f"{_safe(url)}: no such file"
+    except Exception as exc:  # unreachable, denied, not Parquet
+        return None, f"{_safe(url)}: cannot read as Parquet ({_reason(exc)})"
+
+
+def _footer_of(fh):
+    """The Parquet metadata of an open file from exactly its footer: its last 8 bytes, then the
+    metadata (two ranged reads; pyarrow alone reads the last 64 KiB, data of the last row group
+    included). A file that is not plain Parquet is read by pyarrow, for its own error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    size = fh.seek(0, os.SEEK_END)
+    fh.seek(max(0, size - 8))
+    tail = fh.read(8)
+    length = int.from_bytes(tail[:4], "little")
+    if len(tail) == 8 and tail[4:] == b"PAR1" and 12 + length <= size:
+        fh.seek(size - 8 - length)
+        try:
+            return pq.read_metadata(pa.BufferReader(b"PAR1" + fh.read(length) + tail))
+        except Exception:  # said below in pyarrow's words
+            pass
+    return pq.ParquetFile(fh).metadata
+
+
+def list_parquet_share(urls: Sequence[str], rank: int, world: int,
+                       columns: ParquetColumns = ParquetColumns()) -> tuple[ItemList, np.ndarray, int]:
+    """The rows of the row groups a `--shard` task owns (unit % world == rank), listed without
+    reading the others': every file's footer gives its row groups' sizes, hence the global index
+    and unit of each row; only the owned groups' files are opened again to read ids (of the owned
+    groups and of those before them in the same file). Returns (their columns, their global
+    indices, the number of rows of the whole input): the same items, ids and indices as
+    `list_parquet` gives for those rows, and the same errors."""
+    names = _shard_names(urls, PARQUET_EXTENSIONS)
+    with ThreadPoolExecutor(max_workers=min(LIST_THREADS, max(1, len(urls)))) as pool:
+        footers = list(pool.map(_read_footer, urls))
+    problems = [problem for _, problem in footers if problem is not None]
+    if len(problems) == len(urls):
+        raise UsageError(problems[0] + (f" (and the {len(urls) - 1} other files)" if len(urls) > 1 else ""))
+    builder, share, units = ItemBuilder(), _GroupShare(rank, world), 0
+    for url, name, (meta, problem) in zip(urls, names, footers, strict=True):
+        if problem is not None:
+            log.warning("%s", problem)
+            if share.owns(units):
+                share.indices.append(share.first)
+                builder.add_shard_item(output_text(f"{name}/<unreadable>"), output_text(url), url, units, ERROR,
+                                       error=problem)
+            units, share.first = units + 1, share.first + 1
+            continue
+        if share.last(units, meta.num_row_groups):
+            try:
+                _list_one_parquet(url, name, columns, builder, units, share, meta)
+            except UsageError:
+                raise
+            except Exception as exc:  # gone or damaged since its footer was read
+                raise UsageError(f"{_safe(url)}: cannot read as Parquet ({_reason(exc)})") from None
+        else:  # the columns are checked as a full listing would, from the footer alone
+            schema = meta.schema.to_arrow_schema()
+            _pick_image_column(schema, columns.image, url)
+            _pick_id_column(schema, columns.id, url)
+        units, share.first = units + meta.num_row_groups, share.first + meta.num_rows
+    return builder.build(), np.asarray(share.indices, dtype=np.int64), share.first
 
 
 # ---- reading one item's bytes (in DataLoader workers) ---------------------------------------------
@@ -275,21 +382,33 @@ class _OpenFiles:
         self.files: OrderedDict[str, object] = OrderedDict()
         self.group: tuple[str, int, str] | None = None
         self.group_values: list | None = None
+        self.footers: dict[str, object] = {}  # Parquet metadata of the open files
 
-    def get(self, url: str):
+    def get(self, url: str, exact: bool = False):
+        """The open file of url; exact: no read-ahead (a Parquet column chunk is read in one go, and
+        nothing past it: the next row group may be another process's)."""
         if self.pid != os.getpid():  # forked into a DataLoader worker: the parent's handles are not ours
             self.__init__()
         fh = self.files.pop(url, None)
         if fh is None:
             fs, p = _fs(url)
-            fh = fs.open(p, "rb")
+            fh = fs.open(p, "rb", **({"cache_type": "none"} if exact else {}))
             while len(self.files) >= OPEN_FILES:
-                self.files.popitem(last=False)[1].close()
+                old, handle = self.files.popitem(last=False)
+                handle.close()
+                self.footers.pop(old, None)
         self.files[url] = fh
         return fh
 
+    def footer(self, url: str, fh):
+        """The Parquet metadata of an open file, read once (its footer alone)."""
+        if url not in self.footers:
+            self.footers[url] = _footer_of(fh)
+        return self.footers[url]
+
     def drop(self, url: str) -> None:
         fh = self.files.pop(url, None)
+        self.footers.pop(url, None)
         if fh is not None:
             try:
                 fh.close()
@@ -341,8 +460,8 @@ def _parquet_cell(item: ImageItem) -> bytes:
     wanted = (item.shard, group, column)
     if _OPEN.pid != os.getpid() or _OPEN.group != wanted:
         try:
-            fh = _OPEN.get(item.shard)
-            table = pq.ParquetFile(fh).read_row_group(group, columns=[column])
+            fh = _OPEN.get(item.shard, exact=True)
+            table = pq.ParquetFile(fh, metadata=_OPEN.footer(item.shard, fh)).read_row_group(group, columns=[column])
         except Exception as exc:
             _OPEN.drop(item.shard)
             raise SourceError(f"cannot read Parquet file {_safe(item.shard)} ({_reason(exc)})") from None

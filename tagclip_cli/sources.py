@@ -29,11 +29,12 @@ import pyarrow.compute as pc
 
 from tagclip_cli.errors import UsageError
 from tagclip_cli.fileio import output_text
-from tagclip_cli.itemlist import CHUNK, ItemBuilder, ItemList, has_parquet
+from tagclip_cli.itemlist import CHUNK, ItemBuilder, ItemList, OwnedItems, has_parquet
 from tagclip_cli.shardsources import (  # noqa: F401  (the tar / Parquet names, importable from here as before)
     ParquetColumns,
     expand_urls,
     list_parquet,
+    list_parquet_share,
     list_tars,
     read_bytes,
 )
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 # a line that line.strip() empties: only characters Python calls whitespace (all below U+3001)
 BLANK_LINE = "^[" + "".join(f"\\x{{{ord(c):x}}}" for c in map(chr, range(0x3001)) if c.isspace()) + "]*$"
 REPEAT_SLICE = 1 << 16  # sorted ids compared (or paths checked) this many at a time
+Own = tuple[int, int] | None  # a --shard task's (rank, world): list only what it owns (Parquet row groups)
 
 
 # ---- folders, path lists, manifests ---------------------------------------------------------------
@@ -376,18 +378,25 @@ def _folder_of_shards(files: list[str]) -> tuple[str, list[str]] | None:
     return ("parquet", parquets) if parquets else None
 
 
-def _from_shards(kind: str, urls: list[str], columns: ParquetColumns) -> ItemList:
+def _from_shards(kind: str, urls: list[str], columns: ParquetColumns, own: Own = None) -> ItemList | OwnedItems:
+    """The items of tar shards or Parquet files; with own (rank, world) and Parquet, only those of
+    the row groups that --shard task owns (list_parquet_share: the other files' footers are read,
+    nothing else of them). Tars are listed whole (an index depends on the earlier shards' counts)."""
+    if own is not None and kind == "parquet":
+        return OwnedItems(*list_parquet_share(urls, own[0], own[1], columns))
     return list_tars(urls) if kind == "tar" else list_parquet(urls, columns)
 
 
 def collect_items(
     images: str | None, manifest: str | Path | None = None, image_root: str | Path | None = None,
     stdin: TextIO | None = None, images_parquet: str | None = None, columns: ParquetColumns = ParquetColumns(),
-) -> ItemList:
+    own: Own = None,
+) -> ItemList | OwnedItems:
     """Resolve the CLI's input: a folder, a text file of paths (or of tar URLs), one image, `-`
     (paths on stdin), tar shards (a pattern, one tar, a folder of tars), Parquet files with image
     bytes (images_parquet, or .parquet inputs), or a COCO manifest with its image root; local or
-    URLs. Raises UsageError when nothing usable is given."""
+    URLs. Raises UsageError when nothing usable is given. own (rank, world): a --shard task that
+    lists only its own row groups of Parquet inputs (an `OwnedItems`; other inputs are listed whole)."""
     given = [name for name, value in (("IMAGES", images), ("--manifest", manifest),
                                       ("--images-parquet", images_parquet)) if value is not None]
     if len(given) > 1:
@@ -403,17 +412,18 @@ def collect_items(
         urls = expand_urls(images_parquet)
         if not urls:
             raise UsageError(f"--images-parquet {images_parquet}: no such files")
-        items = list_parquet(urls, columns)
+        items = _from_shards("parquet", urls, columns, own)
         where = images_parquet
     elif images is None:
         raise UsageError("no input: give a folder, a text file of paths, '-' for paths on stdin, tar shards, "
                          "--images-parquet or --manifest")
     else:
-        items = _collect_images(images, image_root, stdin, columns)
+        items = _collect_images(images, image_root, stdin, columns, own)
         where = "stdin" if images == "-" else images
-    if (columns.image or columns.id) and not has_parquet(items):
+    owned = isinstance(items, OwnedItems)  # Parquet files (all unreadable: refused by the listing)
+    if (columns.image or columns.id) and not owned and not has_parquet(items):
         raise UsageError("--image-column / --id-column apply to Parquet inputs")
-    if not items:
+    if not (items.total if owned else items):
         raise UsageError(f"{_safe(str(where))}: no images found (extensions: "
                          f"{', '.join(e[1:] for e in IMAGE_EXTENSIONS)}; or tar shards, Parquet files)")
     pa.default_memory_pool().release_unused()  # what listing freed (chunks, sort indices) goes back
@@ -421,7 +431,7 @@ def collect_items(
 
 
 def _collect_images(images: str, image_root: str | Path | None, stdin: TextIO | None,
-                    columns: ParquetColumns) -> ItemList:
+                    columns: ParquetColumns, own: Own = None) -> ItemList:
     if images == "-":
         stream = stdin if stdin is not None else sys.stdin
         if stream.isatty():
@@ -435,9 +445,9 @@ def _collect_images(images: str, image_root: str | Path | None, stdin: TextIO | 
             if kind is None:
                 raise UsageError(f"{images}: a pattern must name .tar or .parquet files "
                                  f"(it gives e.g. {_safe(urls[0]) if urls else 'nothing'})")
-            return _from_shards(kind, urls, columns)
+            return _from_shards(kind, urls, columns, own)
     if not local:
-        return _collect_remote(images, image_root, columns)
+        return _collect_remote(images, image_root, columns, own)
     path = Path(images)
     if path.is_dir():
         if image_root is not None:
@@ -451,27 +461,27 @@ def _collect_images(images: str, image_root: str | Path | None, stdin: TextIO | 
                             output_text(shard_files[0]))
             return items
         shards = _folder_of_shards([str(path / f) for f in shard_files])  # errors name the file by its path
-        return _from_shards(shards[0], shards[1], columns) if shards else []
+        return _from_shards(shards[0], shards[1], columns, own) if shards else []
     if path.is_file():
         lower = images.lower()
         _refuse_compressed([images])
         if lower.endswith(IMAGE_EXTENSIONS):
             return read_path_list([images], image_root, images)
         if lower.endswith(TAR_EXTENSIONS) or lower.endswith(PARQUET_EXTENSIONS):
-            return _from_shards(_kind_of([lower]), [images], columns)
+            return _from_shards(_kind_of([lower]), [images], columns, own)
         fast = _path_list_column(images) if image_root is None else None
         if fast is not None:
             return fast
         try:
             with open(images, encoding="utf-8") as fh:
-                return _from_list(fh, image_root, images, columns)
+                return _from_list(fh, image_root, images, columns, own)
         except UnicodeDecodeError:
             raise UsageError(f"{images}: not a text file of image paths") from None
     raise UsageError(f"{images}: no such file or directory")
 
 
-def _from_list(lines: Iterable[str], image_root: str | Path | None, source: str, columns: ParquetColumns
-               ) -> ItemList:
+def _from_list(lines: Iterable[str], image_root: str | Path | None, source: str, columns: ParquetColumns,
+               own: Own = None) -> ItemList:
     """A text file of image paths, or of tar (or Parquet) URLs: a shard list (WebDataset's url list).
 
     Read as a stream: only a list whose first line names a shard is held whole (to check that
@@ -488,7 +498,7 @@ def _from_list(lines: Iterable[str], image_root: str | Path | None, source: str,
         listed = [line.strip() for line in rest if line.strip()]
         kind = _kind_of(listed)
         if kind is not None:
-            return _from_shards(kind, listed, columns)
+            return _from_shards(kind, listed, columns, own)
         return read_path_list(rest, image_root, source)
     items = read_path_list(itertools.chain(head, stream), image_root, source)
     _refuse_compressed_column(items)
@@ -546,14 +556,14 @@ def _refuse_compressed_column(items: ItemList) -> None:
                 _refuse_compressed([items[start + int(pc.index(hits, True).as_py())].path])
 
 
-def _collect_remote(url: str, image_root: str | Path | None, columns: ParquetColumns) -> ItemList:
+def _collect_remote(url: str, image_root: str | Path | None, columns: ParquetColumns, own: Own = None) -> ItemList:
     """A URL: a prefix (folder of images, or of tars / Parquet files), one tar, one Parquet file,
     one image, or a text file of paths / shard URLs."""
     fs, p = _fs(url)
     lower = url.lower()
     _refuse_compressed([url])
     if lower.endswith(TAR_EXTENSIONS) or lower.endswith(PARQUET_EXTENSIONS):
-        return _from_shards(_kind_of([lower]), [url], columns)
+        return _from_shards(_kind_of([lower]), [url], columns, own)
     if lower.endswith(IMAGE_EXTENSIONS):
         return read_path_list([url], image_root, url)
     try:
@@ -570,9 +580,9 @@ def _collect_remote(url: str, image_root: str | Path | None, columns: ParquetCol
         if items:
             return items
         shards = _folder_of_shards(_remote_files(url, SHARD_EXTENSIONS))
-        return _from_shards(shards[0], shards[1], columns) if shards else []
+        return _from_shards(shards[0], shards[1], columns, own) if shards else []
     try:
         text = _read_text(url)
     except UnicodeDecodeError:
         raise UsageError(f"{_safe(url)}: not a text file of image paths") from None
-    return _from_list(io.StringIO(text, newline=None), image_root, url, columns)  # universal newlines, as open()
+    return _from_list(io.StringIO(text, newline=None), image_root, url, columns, own)  # universal newlines, as open()

@@ -8,6 +8,8 @@ Layout beside the output `OUT`: a work directory `OUT.parts/` holding
 - `plan.arrow`: the input list as columns with the input it was listed from, in record batches of
   one window, so that later `--shard` tasks and torchrun ranks read only their share of it instead
   of listing again (`plan`; an earlier version's `plan.parquet` is read whole);
+- `listing/*.parquet`: the pieces of the input list written by `--shard` tasks that listed only
+  their own Parquet row groups (no plan yet); `tagclip merge` makes `items.parquet` of them (`listing`);
 - `job.json`: the final format and the batching that was used;
 - `part-<first index>-<last index>.parquet`: result rows, each file written atomically;
 - `manifest/<host>-<pid>-<random>.jsonl`: one line per part file (its runs of indices, rows, failed
@@ -24,7 +26,8 @@ its time is O(rows) whatever the number of shards, and its memory does not grow 
 images.
 
 Modules: `placement` (--shard, torchrun ranks), `session` (the process group), `plan` (the input
-list written once), `locks` (one writer per output), `parts` (the work directory, resume, merge),
-`manifest` (what each part holds), `merge` (the streaming merge), `sinks` (JSON Lines, part files),
-`runner` (`run_job`, `JobSpec`, `Summary`). Import the names from their module.
+list written once), `listing` (a shard task's piece of it), `locks` (one writer per output),
+`parts` (the work directory, resume, merge), `manifest` (what each part holds), `merge` (the
+streaming merge), `sinks` (JSON Lines, part files), `runner` (`run_job`, `JobSpec`, `Summary`).
+Import the names from their module.
 """

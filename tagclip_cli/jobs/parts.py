@@ -23,7 +23,15 @@ from tagclip_cli.errors import (
 )
 from tagclip_cli.faults import deferred_signals
 from tagclip_cli.fileio import atomic_path, write_json_atomic
-from tagclip_cli.itemlist import ItemList, ItemShare, as_share
+from tagclip_cli.itemlist import ItemList, ItemShare, OwnedItems, as_share
+from tagclip_cli.jobs.listing import (
+    ITEMS_SCHEMA,
+    ITEMS_SLICE,
+    assemble_items,
+    check_pieces,
+    rows_at,
+    write_piece,
+)
 from tagclip_cli.jobs.manifest import MANIFEST_DIR, ManifestWriter, PartEntry, PartIndex
 from tagclip_cli.jobs.merge import iter_merged
 from tagclip_cli.jobs.plan import plan_path, write_plan
@@ -42,17 +50,10 @@ from tagclip_cli.writers import (
 log = logging.getLogger(__name__)
 
 
-ITEMS_SCHEMA = pa.schema([("index", pa.int64()), ("image_id", pa.string()), ("path", pa.string()),
-                          ("coco_id", pa.int64())])
-
-
 # ---- the work directory ---------------------------------------------------------------------------
 
 def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
-
-
-ITEMS_SLICE = 1 << 16  # items.parquet is written and compared this many rows at a time (row groups)
 
 
 def items_table(items: Sequence[ImageItem]) -> pa.Table:
@@ -149,6 +150,8 @@ class PartStore:
             self._check_config(RecordIO.read_config(self.dir / "config.json"), config)
         if (self.dir / "items.parquet").exists():
             self._check_items(items)
+        elif isinstance(items, OwnedItems):
+            check_pieces(self.dir, self.out, items.total, items.input_key)
 
     def _refuse_existing_output(self, config: RunRecord) -> None:
         if self.out.exists() and not self.dir.exists():
@@ -163,10 +166,13 @@ class PartStore:
     def _check_items(self, items: Sequence[ImageItem]) -> None:
         """The input list against items.parquet, a slice at a time (not when it was read from this
         directory's plan, which was written with items.parquet from the same listing)."""
-        columns = ItemList.of(items)
-        if columns.planned_in == str(self.dir):
-            return
-        difference = items_differ(self.dir / "items.parquet", columns)
+        if isinstance(items, OwnedItems):  # a --shard task that listed only its own row groups
+            difference = own_items_differ(self.dir / "items.parquet", items)
+        else:
+            columns = ItemList.of(items)
+            if columns.planned_in == str(self.dir):
+                return
+            difference = items_differ(self.dir / "items.parquet", columns)
         if difference is not None:
             raise ConfigMismatchError(f"{self.out}: {difference}; rerun with the same inputs, or pass --overwrite")
 
@@ -181,10 +187,17 @@ class PartStore:
 
     def _check_or_write_items(self, items: Sequence[ImageItem], create: bool, window: int) -> None:
         path = self.dir / "items.parquet"
+        if isinstance(items, OwnedItems):  # its piece of the list; `tagclip merge` puts them together
+            if path.exists():
+                self._check_items(items)
+            elif create:
+                write_piece(self.dir, self.out, items)
+            return
         columns = ItemList.of(items)
         if path.exists():
             self._check_items(columns)
         elif create and columns.held is None:
+            check_pieces(self.dir, self.out, len(columns), columns.input_key)
             write_items(columns, path)
         else:
             raise UsageError(f"{path}: missing (is OUT on a shared filesystem?)")
@@ -319,6 +332,8 @@ def finished_output(out: Path, config: RunRecord, items: Sequence[ImageItem]) ->
     compared with the input list a slice at a time."""
     if not out.is_file() or PartStore(out).dir.exists():
         return None
+    if isinstance(items, OwnedItems):
+        return _finished_own(out, config, items)
     columns = ItemList.of(items)
     try:
         if not RecordIO.same(read_record(out), config):
@@ -338,6 +353,42 @@ def finished_output(out: Path, config: RunRecord, items: Sequence[ImageItem]) ->
     except Exception:  # not a Parquet file of ours, or unreadable: the usual refusal explains
         return None
     return failed
+
+
+def _finished_own(out: Path, config: RunRecord, items: OwnedItems) -> int | None:
+    """finished_output for a --shard task that listed only its own items: the output's rows at
+    their indices are compared with them (the failed rows are counted over the whole output)."""
+    try:
+        if not RecordIO.same(read_record(out), config):
+            return None
+        stored = pq.ParquetFile(out)
+        if stored.metadata.num_rows != items.total or stored.schema_arrow.names[:2] != ["index", "image_id"]:
+            return None
+        keys = [c for c in ("index", "image_id", "path") if c in stored.schema_arrow.names]
+        if not rows_at(out, items.positions, keys).equals(items.table().select(keys)):
+            return None
+        status = pq.read_table(out, columns=["status"]).column("status")
+        return len(status) - int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
+    except Exception:  # not a Parquet file of ours, or unreadable: the usual refusal explains
+        return None
+
+
+def own_items_differ(path: Path, items: OwnedItems) -> str | None:
+    """items_differ for a --shard task's own items: items.parquet's rows at their indices."""
+    total = pq.ParquetFile(path).metadata.num_rows
+    if total != items.total:
+        return f"the unfinished run there has a different input list ({total} images, now {items.total})"
+    previous = rows_at(path, items.positions, ITEMS_SCHEMA.names).cast(ITEMS_SCHEMA)
+    current = items.table().cast(ITEMS_SCHEMA)
+    if previous.equals(current):
+        return None
+    same = np.ones(len(current), dtype=bool)
+    for name in ITEMS_SCHEMA.names:
+        equal = pc.fill_null(pc.equal(previous.column(name), current.column(name)), False)
+        both_null = pc.and_(pc.is_null(previous.column(name)), pc.is_null(current.column(name)))
+        same &= pc.or_(equal, both_null).to_numpy(zero_copy_only=False)
+    at = int(np.flatnonzero(~same)[0]) if (~same).any() else 0
+    return describe_item_difference(previous.slice(at, 1), current.slice(at, 1), int(items.positions[at]))
 
 
 def has_previous(out: Path | None, overwrite: bool) -> bool:
@@ -421,6 +472,8 @@ def merge_output(out: Path) -> int:
             raise UsageError(f"{store.out}: already merged (no {store.dir.name} work directory)")
         raise UsageError(f"{store.dir}: no such work directory; nothing to merge")
     config = store.config()
+    if not (store.dir / "items.parquet").exists():
+        assemble_items(store.dir, store.out)  # the pieces of --shard tasks that listed their own share
     total = store.total()
     index = store.scan()
     missing = np.flatnonzero(~index.done_mask(total))

@@ -66,12 +66,10 @@ class Placement:
         """(n,) bool: `owns` for every item of a list at once (from its columns)."""
         share = as_share(items)
         positions = share.positions
-        units = None if share.base is None else share.base.unit_column()
+        units = None if share.base is None else share.unit_column()
         if units is None:
             units = np.array([-1 if it.shard_index is None else it.shard_index for it in share], dtype=np.int64) \
                 if share.base is None else np.full(len(positions), -1, dtype=np.int64)
-        else:
-            units = units[positions if share.base.held is None else np.searchsorted(share.base.held, positions)]
         by_window = (positions // window) % self.world == self.rank
         return np.where(units >= 0, units % self.world == self.rank, by_window)
 

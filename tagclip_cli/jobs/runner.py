@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from tagclip_cli.data import DecodedImage, bucket_batches
 from tagclip_cli.errors import OutputWriteError, UsageError
-from tagclip_cli.itemlist import ItemList, ItemShare
+from tagclip_cli.itemlist import ItemList, ItemShare, total_items
 from tagclip_cli.jobs.parts import PartStore, finished_output
 from tagclip_cli.jobs.placement import Placement
 from tagclip_cli.jobs.session import Session
@@ -119,10 +119,10 @@ def run_job(
         resumable = not spec.overwrite and spec.format == "parquet"
         finished = finished_output(spec.out, spec.config, spec.items) if resumable else None
         if finished is not None:
-            return _already_complete(spec.out, len(spec.items), placement, finished)
+            return _already_complete(spec.out, total_items(spec.items), placement, finished)
         store = _open_store(spec, sess)
         _keep_share(spec.items, mine, placement, spec.window)
-        todo = store.remaining(mine, len(spec.items))
+        todo = store.remaining(mine, total_items(spec.items))
         sink = PartSink(store, spec.schema, spec.part_size)
     summary = _resume_summary(store, mine.positions, len(todo))
     if progress:
@@ -139,7 +139,7 @@ def check_before_loading(out: Path, config: RunRecord, items: Sequence[ImageItem
     inputs (ConfigMismatchError, naming each changed setting); None when there is work to do."""
     finished = finished_output(out, config, items) if output_format == "parquet" else None
     if finished is not None:
-        return _already_complete(out, len(items), placement, finished)
+        return _already_complete(out, total_items(items), placement, finished)
     PartStore(out).refuse_other_settings(config, items)
     return None
 
@@ -238,10 +238,10 @@ def _finish(spec: JobSpec, sess: Session, store: PartStore | None, summary: Summ
         total.note = f"stopped at the first failure (--fail-fast); finished parts are kept in {store.dir}"
         return total
     if not placement.merges:
-        total.note = _shard_note(spec, placement, len(store.missing(len(spec.items))))
+        total.note = _shard_note(spec, placement, len(store.missing(total_items(spec.items))))
         return total
-    rows = store.merge(spec.schema, len(spec.items), spec.format, wait_seconds=60.0 if placement.distributed else 0.0,
-                       options=spec.final_options)
+    rows = store.merge(spec.schema, total_items(spec.items), spec.format,
+                       wait_seconds=60.0 if placement.distributed else 0.0, options=spec.final_options)
     store.cleanup()
     total.merged = True
     log.info("wrote %s (%d rows)", spec.out, rows)
