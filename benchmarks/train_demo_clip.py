@@ -46,6 +46,8 @@ exactly the step-N checkpoint of the full schedule.
         --scene-offset 8960 --precision bf16 --steps 300 --warmup 20 --lr 5e-4 --batch-size 32 \
         --threads 2 --workers 1 --seed 0 --attention-layers caa --out runs/shapes-demo
     cp runs/shapes-demo/shapes-demo.{json,safetensors} tagclip_cli/weights/
+    # or, without replacing the shipped weights: tagclip annotate ... --model shapes-demo \
+    #     --checkpoint runs/shapes-demo/shapes-demo.safetensors
 
 ``--precision bf16`` trains in manual mixed precision (for CPUs with AMX / AVX512-BF16, where a
 bf16 forward/backward is several times faster than fp32; ``torch.autocast`` on CPU is not used

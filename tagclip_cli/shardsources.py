@@ -35,7 +35,7 @@ from tagclip_cli.sourcebase import (
 from tagclip_cli.sourcebase import io_reason as _reason
 from tagclip_cli.sourcebase import safe_url as _safe
 from tagclip_cli.sourcebase import url_fs as _fs
-from tagclip_cli.tarscan import TarSample, scan_tar
+from tagclip_cli.tarscan import TarColumns, scan_columns
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +90,26 @@ def _shard_names(urls: Sequence[str], suffixes: Sequence[str]) -> list[str]:
     return names
 
 
-def _list_one_tar(url: str) -> tuple[list[TarSample], str | None]:
+def _list_one_tar(url: str) -> TarColumns:
     fs, p = _fs(url)
     try:
         size = fs.size(p)
-        with fs.open(p, "rb") as fh:
-            return scan_tar(fh, size, _safe(url), IMAGE_EXTENSIONS)
+        with _open_tar(fs, p, url) as fh:
+            return scan_columns(fh, size, _safe(url), IMAGE_EXTENSIONS)
     except Exception as exc:  # unreachable / vanished / denied: this shard is one failed row
-        return [], f"cannot read tar shard {_safe(url)} ({_reason(exc)})"
+        return TarColumns([], [], [], [], {}, f"cannot read tar shard {_safe(url)} ({_reason(exc)})", 0, 0)
+
+
+def _open_tar(fs, p: str, url: str):
+    """A tar opened for its header walk: a local file as it is (read by its descriptor); a remote
+    one without fsspec's read cache, so that each read of tarscan's is one ranged request of the
+    size tarscan asks for (headers and the small members between them, not the whole shard)."""
+    if is_url(url) and not url.startswith("file://"):
+        try:
+            return fs.open(p, "rb", cache_type="none")
+        except TypeError:  # a file system without fsspec's read caches: as it reads
+            pass
+    return fs.open(p, "rb")
 
 
 def list_tars(urls: Sequence[str]) -> ItemList:
@@ -111,12 +123,11 @@ def list_tars(urls: Sequence[str]) -> ItemList:
     problems: list[str] = []  # warned once it is known that some shard could be read
     readable = False
     with ThreadPoolExecutor(max_workers=min(LIST_THREADS, max(1, len(urls)))) as pool:
-        for shard_index, (url, name, (samples, problem)) in enumerate(
-                zip(urls, names, pool.map(_list_one_tar, urls), strict=True)):
-            readable = readable or bool(samples) or problem is None
-            if problem is not None:
-                problems.append(problem)
-            _add_tar_samples(builder, url, name, shard_index, samples, problem)
+        for shard_index, (url, name, shard) in enumerate(zip(urls, names, pool.map(_list_one_tar, urls), strict=True)):
+            readable = readable or bool(shard.keys) or shard.problem is None
+            if shard.problem is not None:
+                problems.append(shard.problem)
+            _add_tar_samples(builder, url, name, shard_index, shard)
     if not readable:
         raise UsageError(problems[0] + (f" (and the {len(urls) - 1} other shards)" if len(urls) > 1 else ""))
     for problem in problems:
@@ -124,26 +135,31 @@ def list_tars(urls: Sequence[str]) -> ItemList:
     return builder.build()
 
 
-def _add_tar_samples(builder: ItemBuilder, url: str, name: str, shard_index: int, samples: list[TarSample],
-                     problem: str | None) -> None:
-    ids = [f"{name}/{sample.key}" for sample in samples]
+def _add_tar_samples(builder: ItemBuilder, url: str, name: str, shard_index: int, shard: TarColumns) -> None:
+    ids = [f"{name}/{key}" for key in shard.keys]
     if len(set(ids)) != len(ids):  # a key seen twice: `#2`, `#3`, ... (warned)
         seen: dict[str, int] = {}
         ids = [_unique_id(image_id, seen, url) for image_id in ids]
-    if all(sample.error is None for sample in samples):  # the common shard: its columns in one go
-        builder.add_tar_members([_text(i) for i in ids], [_text(s.member) for s in samples], url,
-                                shard_index, [s.offset for s in samples], [s.size for s in samples])
+    if not shard.errors:  # the common shard: its columns in one go
+        members = shard.members
+        if not "".join(members).isascii():  # type: ignore[arg-type]
+            members = [_text(m) for m in members]  # type: ignore[arg-type]
+        if not (name.isascii() and "".join(shard.keys).isascii()):
+            ids = [_text(i) for i in ids]
+        builder.add_tar_members(ids, members, url, shard_index, shard.offsets, shard.sizes)  # type: ignore[arg-type]
     else:
-        for image_id, sample in zip(ids, samples, strict=True):
-            if sample.error is not None:
-                builder.add_shard_item(output_text(image_id), output_text(f"{url}#{sample.key}"), url, shard_index,
-                                       ERROR, error=sample.error)
+        for at, (image_id, key, member, offset, size) in enumerate(
+                zip(ids, shard.keys, shard.members, shard.offsets, shard.sizes, strict=True)):
+            error = shard.errors.get(at)
+            if error is not None:
+                builder.add_shard_item(output_text(image_id), output_text(f"{url}#{key}"), url, shard_index,
+                                       ERROR, error=error)
             else:
-                builder.add_shard_item(output_text(image_id), output_text(sample.member), url, shard_index, TAR,
-                                       sample.offset, sample.size)
-    if problem is not None:
+                builder.add_shard_item(output_text(image_id), output_text(member), url, shard_index, TAR,
+                                       offset, size)
+    if shard.problem is not None:
         builder.add_shard_item(output_text(f"{name}/<unreadable>"), output_text(url), url, shard_index, ERROR,
-                               error=problem)
+                               error=shard.problem)
 
 
 def _text(text: str) -> str:

@@ -12,25 +12,60 @@ it finds besides the samples:
   an absolute path, out of the shard (`../`), or to nothing in it is a failed sample. Nothing
   outside the shard is ever opened.
 
-Used by sources.list_tars; the scan result is (samples, problem): one TarSample per sample (a
-failed one carries its reason) and one line describing what was lost, or None.
+Reading: `_Reader` fetches a span of bytes at a header (a local `pread`, or one ranged request of a
+remote file opened without a cache) and serves the headers inside it; the span grows while the
+walk steps over little data between headers and shrinks to what was used when it jumps over a large
+member, so a shard of large members costs about one small request per sample and one of small
+members a few large reads. The usual header (ustar or GNU, type "0", octal fields, no prefix) is
+parsed by one regular expression and a checksum, many headers per call (`_plain_run`).
+
+Used by shardsources.list_tars; the scan result is (samples, problem): one TarSample per sample (a
+failed one carries its reason) and one line describing what was lost, or None. `scan_columns`
+gives the same samples as columns.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import posixpath
+import re
+import stat
 import tarfile
 import zlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
 BLOCK = tarfile.BLOCKSIZE
-READ_AHEAD = 1 << 14  # bytes read at a header: the next headers too when members are small
+FIRST_SPAN = 1 << 16  # bytes read at the first header
+MIN_SPAN = 1 << 12  # the smallest read: a header, a small member beside it and the next header
+MAX_SPAN = 1 << 22  # the largest read while the members are small
+SKIP_GAP = 1 << 16  # member data at least this long is stepped over (a new read), shorter is read through
 SEARCH_CHUNK = 1 << 20  # bytes read at a time while looking for the next valid header
+END = 1 << 62  # the limit of a file of unknown size
 LINK_HOPS = 8  # links followed before a chain counts as a loop
 SHOWN_DAMAGE = 3  # damaged regions described in the shard's line (the rest counted)
 NUMERIC_FIELDS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))  # mode .. devminor
 COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+_F8 = rb"(?:[0-7]{7}[ \0]|[0-7]{6} [ \0]|\0{8})"  # an 8-byte number field in the forms tar writers use
+_F12 = rb"(?:[0-7]{11}[ \0]|[0-7]{10} [ \0]|\0{12})"
+# Bytes 0..345 of the usual header: a name (captured up to its NUL), mode, uid,
+# gid, the size (captured), mtime, a checksum of 6 digits, NUL, space (captured), type "0" or NUL,
+# link name, magic, owner names (any bytes), devmajor, devminor and an empty prefix. What it accepts,
+# tarfile reads the same way; anything else goes to the slower parsers.
+_PLAIN = re.compile(rb"(?=([^\0]{1,100})).{100}" + _F8 * 3 + rb"([0-7]{11})[ \0]" + _F12
+                    + rb"([0-7]{6})\0 [0\0].{172}" + _F8 * 2 + rb"\0", re.DOTALL)
+
+
+def _digit_sums() -> bytes:
+    """The sum of the octal digits of each number below 8**6 (index -> sum), built by concatenation."""
+    table = bytes(range(8))
+    for _ in range(5):
+        table = b"".join(table.translate(bytes((x + d) & 0xFF for x in range(256))) for d in range(8))
+    return table
+
+
+_DIGIT_SUM = _digit_sums()  # 256 KB
 
 
 class TarSample(NamedTuple):
@@ -56,37 +91,109 @@ def _sample_key(name: str) -> tuple[str, str]:
     return name[:cut] + stem, ext if dot else ""
 
 
-class _Cursor:
-    """What `TarInfo.fromtarfile` reads from a TarFile: the file, the next header's offset (it sets
-    it), the name encoding and the global pax headers (as tarfile.open's defaults)."""
+class _Reader:
+    """The tar's bytes for the walk, file-like for tarfile's parser (seek, tell, read): a read at
+    a position outside the buffer fetches `span` bytes there (one pread or one ranged request), and
+    the span adapts (see the module docstring). reads / fetched: requests made and bytes received."""
 
     def __init__(self, fileobj) -> None:
-        self.fileobj = fileobj
+        self.fileobj, self.fd = fileobj, _regular_fd(fileobj)
+        self.buf, self.at, self.used, self.pos = b"", 0, 0, 0
+        self.big = -1  # the end of the header of the buffer's first member of SKIP_GAP bytes or more
+        self.span = FIRST_SPAN
+        self.reads = self.fetched = 0
+
+    def _fetch(self, pos: int, need: int) -> None:
+        if self.buf:  # the next span: what the last read served up to the first large member
+            if self.big >= 0:
+                self.span = max(MIN_SPAN, 1 << (self.big - self.at - 1).bit_length())
+            elif pos - (self.at + len(self.buf)) < SKIP_GAP:  # only small members: read through, more at a time
+                self.span = min(2 * self.span, MAX_SPAN)
+            else:
+                self.span = max(MIN_SPAN, 1 << max(0, self.used - self.at - 1).bit_length())
+        self.buf = self._raw(pos, max(self.span, need))
+        self.at = self.used = pos
+        self.big = -1
+
+    def _raw(self, pos: int, length: int) -> bytes:
+        if self.fd is not None:
+            data = os.pread(self.fd, length, pos)
+        else:
+            self.fileobj.seek(pos)
+            data = self.fileobj.read(length)
+        self.reads, self.fetched = self.reads + 1, self.fetched + len(data)
+        return data
+
+    def block(self, pos: int) -> bytes:
+        """The 512 bytes at pos (fewer at the end of the file)."""
+        at = pos - self.at
+        if at < 0 or at + BLOCK > len(self.buf):
+            self._fetch(pos, BLOCK)
+            at = 0
+        self.used = max(self.used, pos + BLOCK)
+        return self.buf[at:at + BLOCK]
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = pos if whence == io.SEEK_SET else self.pos + pos
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, length: int = -1) -> bytes:
+        pos, at = self.pos, self.pos - self.at
+        if length is None or length < 0 or length > MAX_SPAN:  # rare (big pax / long-name records): as asked
+            if length is None or length < 0:
+                self.fileobj.seek(pos)
+                data = self.fileobj.read()
+            else:
+                data = self._raw(pos, length)
+        else:
+            if at < 0 or at + length > len(self.buf):
+                self._fetch(pos, length)
+                at = 0
+            data = self.buf[at:at + length]
+            self.used = max(self.used, pos + len(data))
+        self.pos += len(data)
+        return data
+
+
+def _regular_fd(fileobj) -> int | None:
+    """The descriptor of a local regular file (read with pread), else None."""
+    try:
+        fd = fileobj.fileno()
+        return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except (AttributeError, OSError, ValueError):  # BytesIO, remote files: no descriptor
+        return None
+
+
+class _Cursor:
+    """What `TarInfo.fromtarfile` reads from a TarFile: the file (a `_Reader`), the next header's
+    offset (it sets it), the name encoding and the global pax headers (as tarfile.open's defaults)."""
+
+    def __init__(self, reader: _Reader) -> None:
+        self.fileobj = reader
         self.offset = 0
         self.encoding = tarfile.ENCODING
         self.errors = "surrogateescape"
         self.pax_headers: dict = {}
         self.checked = b""  # the last plain header's other numeric fields, known to parse
-        self.ahead, self.ahead_at = b"", -1  # bytes read ahead (small members: many headers per read)
-
-    def block(self, pos: int) -> bytes:
-        """The 512 bytes at pos, from the read-ahead when they are in it."""
-        at = pos - self.ahead_at
-        if self.ahead_at < 0 or at < 0 or at + BLOCK > len(self.ahead):
-            self.fileobj.seek(pos)
-            self.ahead, self.ahead_at, at = self.fileobj.read(READ_AHEAD), pos, 0
-        return self.ahead[at:at + BLOCK]
 
 
 class _Samples:
     """Members in file order -> samples: consecutive members with one key are one sample (a name
-    seen again in it starts a new one), its image the first member with an image extension."""
+    seen again in it starts a new one), its image the first member with an image extension. The
+    samples are kept as columns: keys, image members (None: no image), data offsets and sizes, and
+    the reasons of the failed ones by sample number."""
 
     def __init__(self, shard: str, extensions: tuple[str, ...]) -> None:
         self.shard, self.extensions = shard, extensions
-        self.samples: list[TarSample] = []
-        self.key: str | None = None
-        self.members: list[str] = []
+        self.keys: list[str] = []
+        self.places: list[tuple] = []  # per sample: (image member or None, data offset, size)
+        self.errors: dict[int, str] = {}
+        self.kinds: dict[str, bool] = {}  # extension (after the key) -> whether it is an image's
+        self.key: str | None = None  # the open sample: its key, member names and image
+        self.names: list[str] = []
         self.image: tuple | None = None  # (member, offset, size) or (member, "link", target) / ("error", reason)
         self.regular: dict[str, tuple[int, int]] = {}  # member name -> (data offset, size): link targets
         self.linked: dict[str, str] = {}  # link member name -> target name (for chains)
@@ -94,10 +201,10 @@ class _Samples:
 
     def add(self, name: str, image: tuple | None) -> None:
         key, ext = _sample_key(name)
-        if key != self.key or name in self.members:  # a new sample (or the same key again)
+        if key != self.key or name in self.names:  # a new sample (or the same key again)
             self.close()
-            self.key, self.members, self.image = key, [], None
-        self.members.append(name)
+            self.key, self.names, self.image = key, [], None
+        self.names.append(name)
         if self.image is None and image is not None and ext and \
                 "." + ext[ext.rfind(".") + 1:].lower() in self.extensions:
             self.image = (name, *image)
@@ -106,23 +213,24 @@ class _Samples:
         if self.key is None:
             return
         key, image, self.key = self.key, self.image, None
+        at = len(self.keys)
+        self.keys.append(key)
         if image is None:
-            shown = ", ".join(self.members[:4]) + (", ..." if len(self.members) > 4 else "")
-            self.samples.append(TarSample(key, None, error=f"no image in this sample of {self.shard} ({shown})"))
-        elif image[1] == "error":
-            self.samples.append(TarSample(key, image[0], error=image[2]))
-        elif image[1] == "link":  # the target's name until resolve_links
-            self.pending.append(len(self.samples))
-            self.samples.append(TarSample(key, image[0], error=image[2]))
-        else:
-            self.samples.append(TarSample(key, *image))
+            shown = ", ".join(self.names[:4]) + (", ..." if len(self.names) > 4 else "")
+            self.errors[at] = f"no image in this sample of {self.shard} ({shown})"
+            image = (None, 0, 0)
+        elif image[1] == "error" or image[1] == "link":  # a link: the target's name until resolve_links
+            if image[1] == "link":
+                self.pending.append(at)
+            self.errors[at] = image[2]
+            image = (image[0], 0, 0)
+        self.places.append(image)
 
     def resolve_links(self) -> None:
         """Each link sample gets its target's data, or the reason it has none."""
         normal: dict[str, tuple[int, int]] | None = None
         for at in self.pending:
-            sample = self.samples[at]
-            target, found = sample.error, None
+            member, target, found = self.places[at][0], self.errors[at], None
             for _ in range(LINK_HOPS):
                 found = self.regular.get(target)
                 if found is None:
@@ -133,12 +241,22 @@ class _Samples:
                     break
                 target = self.linked[target]
             if found is None:
-                reason = (f"link {sample.member} -> {sample.error}: "
-                          f"{'a chain of links too long' if target in self.linked else 'no such regular member'} "
-                          f"in {self.shard}")
-                self.samples[at] = TarSample(sample.key, sample.member, error=reason)
+                why = "a chain of links too long" if target in self.linked else "no such regular member"
+                self.errors[at] = f"link {member} -> {self.errors[at]}: {why} in {self.shard}"
             else:
-                self.samples[at] = TarSample(sample.key, sample.member, *found)
+                del self.errors[at]
+                self.places[at] = (member, *found)
+
+    def tar_samples(self) -> list[TarSample]:
+        pairs = enumerate(zip(self.keys, self.places, strict=True))
+        return [TarSample(key, *place, self.errors.get(at)) for at, (key, place) in pairs]
+
+    def columns(self) -> tuple[list, list, list]:
+        """The image members, data offsets and sizes as three lists."""
+        if not self.places:
+            return [], [], []
+        members, offsets, sizes = zip(*self.places, strict=True)
+        return list(members), list(offsets), list(sizes)
 
 
 def _link_target(info: tarfile.TarInfo) -> tuple[str, str]:
@@ -226,18 +344,45 @@ class _Damage:
         return f"{kind} tar shard {self.shard}: " + "; ".join(parts)
 
 
-def scan_tar(fileobj, size: int | None, shard: str, extensions: Sequence[str]) -> tuple[list[TarSample], str | None]:
+class TarColumns(NamedTuple):
+    """A scanned shard as columns, one entry per sample (what `scan_tar` gives as TarSamples):
+    keys, image members (None: none), data offsets and sizes, the failed samples' reasons by sample
+    number; problem: the shard's line (None: sound); reads / fetched: reads made, bytes read."""
+
+    keys: list[str]
+    members: list[str | None]
+    offsets: list[int]
+    sizes: list[int]
+    errors: dict[int, str]
+    problem: str | None
+    reads: int
+    fetched: int
+
+
+def scan_columns(fileobj, size: int | None, shard: str, extensions: Sequence[str]) -> TarColumns:
     """The samples of one tar (in file order, grouped by key as WebDataset does), walking the
-    headers only. size: the file's size (None if unknown); extensions: those of image members.
-    Returns (samples, problem): problem is one line saying what was lost and where (None for a
-    sound shard); the samples read around any damage are kept."""
-    samples, damage, cursor = _Samples(shard, tuple(e.lower() for e in extensions)), _Damage(shard), _Cursor(fileobj)
-    pos = 0
+    headers only. fileobj: the open file (seek / read; a local file is read by its descriptor);
+    size: the file's size (None if unknown); extensions: those of image members. The samples
+    read around any damage are kept; the problem line says what was lost and where."""
+    samples, problem, reader = _scan(fileobj, size, shard, extensions)
+    return TarColumns(samples.keys, *samples.columns(), samples.errors, problem, reader.reads, reader.fetched)
+
+
+def scan_tar(fileobj, size: int | None, shard: str, extensions: Sequence[str]) -> tuple[list[TarSample], str | None]:
+    """`scan_columns` as (samples, problem): one TarSample per sample, and the shard's line (None
+    for a sound shard)."""
+    samples, problem, _ = _scan(fileobj, size, shard, extensions)
+    return samples.tar_samples(), problem
+
+
+def _scan(fileobj, size: int | None, shard: str, extensions: Sequence[str]) -> tuple[_Samples, str | None, _Reader]:
+    samples, damage, reader = _Samples(shard, tuple(e.lower() for e in extensions)), _Damage(shard), _Reader(fileobj)
+    cursor, pos = _Cursor(reader), 0
     while pos is not None:
         pos = _step(cursor, pos, size, samples, damage)
     samples.close()
     samples.resolve_links()
-    return samples.samples, damage.line()
+    return samples, damage.line(), reader
 
 
 def _octal(field: bytes) -> int | None:
@@ -289,10 +434,11 @@ def _plain_member(block: bytes, cursor: _Cursor) -> tuple[str, int] | None:
 
 
 def _step(cursor: _Cursor, pos: int, size: int | None, samples: _Samples, damage: _Damage) -> int | None:
-    """Read the member whose header is at pos; the next header's offset, or None at the end."""
+    """Read the member whose header is at pos (and the plain ones after it while their headers are
+    in the read buffer); the next header's offset, or None at the end."""
     fileobj = cursor.fileobj
     try:
-        plain = _plain_member(cursor.block(pos), cursor)
+        plain = _plain_member(fileobj.block(pos), cursor)
     except OSError:
         plain = None  # tarfile's reading below reports it
     if plain is not None and (size is None or pos + BLOCK + plain[1] <= size):
@@ -300,7 +446,9 @@ def _step(cursor: _Cursor, pos: int, size: int | None, samples: _Samples, damage
         data = pos + BLOCK
         samples.regular[name] = (data, length)
         samples.add(name, (data, length))
-        return data + -(-length // BLOCK) * BLOCK
+        if length >= SKIP_GAP and fileobj.big < 0:
+            fileobj.big = data
+        return _plain_run(cursor, data + -(-length // BLOCK) * BLOCK, END if size is None else size, samples)
     try:
         fileobj.seek(pos)
         info = tarfile.TarInfo.fromtarfile(cursor)
@@ -327,6 +475,68 @@ def _step(cursor: _Cursor, pos: int, size: int | None, samples: _Samples, damage
     if image is not None:
         samples.add(info.name, image)
     return cursor.offset
+
+
+def _plain_run(cursor: _Cursor, pos: int, limit: int, samples: _Samples) -> int:
+    """The plain members from pos on while their headers are in the read buffer, as `_plain_member`
+    and `_Samples.add` read them, in a few steps each: `_PLAIN` matches the fields, the checksum
+    is checked on two halves of the block (the checksum field's own bytes taken out by its digit
+    sum). Returns the offset of the first header it leaves to `_step` (the end of the buffer, or a
+    header it does not take: another type, a prefix, damage, a member past limit)."""
+    reader = cursor.fileobj
+    buf, at = reader.buf, reader.at
+    last = at + len(buf) - BLOCK  # the last header offset whose block is in buf
+    if cursor.pax_headers or pos > last:
+        return pos
+    match, adler, digit_sum, regular, exts = _PLAIN.match, zlib.adler32, _DIGIT_SUM, samples.regular, samples.extensions
+    encoding, errors = cursor.encoding, cursor.errors
+    key, names, image = samples.key, samples.names, samples.image
+    keys, places, kinds = samples.keys, samples.places, samples.kinds
+    served, big = pos, reader.big
+    skip = SKIP_GAP if big < 0 else END  # the first large member is noted for the reader
+    while pos <= last:
+        o = pos - at
+        m = match(buf, o, o + 346)
+        if m is None:
+            break
+        raw, length, checksum = m.groups()
+        length, checksum = int(length, 8), int(checksum, 8)
+        data = pos + 512
+        if data + length > limit or (adler(buf[o:o + 256]) & 0xFFFF) + (adler(buf[o + 256:o + 512]) & 0xFFFF) - 66 \
+                != checksum + digit_sum[checksum]:
+            break
+        if raw[-1] == 47 or b"//" in raw:  # a directory to tarfile; posixpath's key rules (_Samples.add)
+            break
+        name = raw.decode(encoding, errors)
+        if "/" in name:
+            dot = name.find(".", name.rfind("/") + 1)
+            k, ext = (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+        else:
+            k, _, ext = name.partition(".")
+        if k != key or name in names:
+            if key is not None:
+                if image is None or image[1].__class__ is not int:  # a failed or linked image: close()
+                    samples.key, samples.names, samples.image = key, names, image
+                    samples.close()
+                else:
+                    keys.append(key)
+                    places.append(image)
+            key, names, image = k, [name], None
+        else:
+            names.append(name)
+        if image is None and ext:
+            is_image = kinds.get(ext)
+            if is_image is None:
+                is_image = kinds[ext] = "." + ext[ext.rfind(".") + 1:].lower() in exts
+            if is_image:
+                image = (name, data, length)
+        regular[name] = (data, length)
+        if length >= skip:
+            big, skip = data, END
+        served, pos = data, data + ((length + 511) & -512)  # the data in whole blocks
+    samples.key, samples.names, samples.image = key, names, image
+    reader.used, reader.big = max(reader.used, served), big
+    return pos
 
 
 def _cause(fileobj, pos: int, exc: BaseException) -> str:

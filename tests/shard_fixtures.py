@@ -6,9 +6,11 @@ Imported as `import shard_fixtures` (pytest puts tests/ on sys.path, see bad_ima
 from __future__ import annotations
 
 import io
+import logging
 import os
 import socket
 import tarfile
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,14 +95,21 @@ def s3_env(endpoint: str) -> dict[str, str]:
 
 
 @contextmanager
-def moto_s3() -> Iterator[str]:
+def moto_s3(served: list[tuple[str, str, int]] | None = None) -> Iterator[str]:
     """moto's S3 server on 127.0.0.1 (a free port) for the duration; yields the endpoint URL, with
-    the AWS variables set in this process's environment meanwhile (restored after)."""
-    from moto.server import ThreadedMotoServer
+    the AWS variables set in this process's environment meanwhile (restored after). served: if
+    given, the server appends (method, path, bytes of the response body) for every request: what
+    was fetched, counted where it is sent."""
+    from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    app = DomainDispatcherApplication(create_backend_app)
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = make_server("127.0.0.1", port, app if served is None else _counting(app, served), threaded=True,
+                         request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     endpoint = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in s3_env(endpoint)}
     os.environ.update(s3_env(endpoint))
@@ -112,7 +121,17 @@ def moto_s3() -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        server.stop()
+        server.shutdown()
+        thread.join()
+
+
+def _counting(app, served: list[tuple[str, str, int]]):
+    """A WSGI wrapper of app that records (method, path, response body bytes) per request."""
+    def counted(environ, start_response):
+        body = list(app(environ, start_response))
+        served.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), sum(len(b) for b in body)))
+        return body
+    return counted
 
 
 def s3fs_client():

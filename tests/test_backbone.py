@@ -177,3 +177,32 @@ def test_unknown_model_and_tag(tmp_path):
     with pytest.raises(ModelLoadError, match="no pretrained tag"):
         load_backbone("ViT-B-16", pretrained="nonsense", cache_dir=tmp_path)
 
+
+
+def test_builtin_model_with_its_own_retrained_checkpoint(tmp_path):
+    """`--model shapes-demo --checkpoint FILE` (weights from benchmarks/train_demo_clip.py) builds
+    the built-in architecture and loads the file's weights; it was refused as an unknown model."""
+    from safetensors.torch import load_file, save_file
+
+    from tagclip_cli.backbone.loading import WEIGHTS_DIR
+
+    sd = load_file(str(WEIGHTS_DIR / "shapes-demo.safetensors"))
+    changed = dict(sd)
+    changed["visual.proj"] = sd["visual.proj"] * 2  # other weights than the shipped ones
+    path = tmp_path / "retrained.safetensors"
+    save_file(changed, str(path))
+    shipped = load_backbone("shapes-demo", cache_dir=tmp_path, model_explicit=True)
+    retrained = load_backbone("shapes-demo", checkpoint=path, cache_dir=tmp_path, model_explicit=True)
+    assert retrained.name == "shapes-demo" and retrained.weights.startswith("checkpoint:")
+    x = torch.randn(1, 3, 224, 224)
+    assert torch.allclose(retrained.encode_image(x), 2 * shipped.encode_image(x), atol=1e-4)
+    with pytest.raises(ModelLoadError, match="do not fit model 'shapes-demo'"):
+        load_backbone("shapes-demo", checkpoint=_tiny_saved(tmp_path), cache_dir=tmp_path, model_explicit=True)
+
+
+def _tiny_saved(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in make_tiny_clip().state_dict().items()}, str(path))
+    return path

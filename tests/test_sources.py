@@ -29,6 +29,7 @@ from shard_fixtures import (
 from tagclip_cli.data import ImageDataset, Preprocess
 from tagclip_cli.errors import UsageError
 from tagclip_cli.jobs.placement import Placement
+from tagclip_cli.shardsources import read_bytes
 from tagclip_cli.sources import ParquetColumns, collect_items, list_tars
 
 PRE = Preprocess(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -484,6 +485,40 @@ def test_s3_shard_deleted_after_listing_fails_its_rows(s3, dataset):
     out = decoded(items)
     assert len(out) == 2 and all("cannot read tar shard s3://bucket/vanish/00002.tar" in im.error for im in out)
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in " ".join(im.error for im in out)
+
+
+def test_a_remote_tar_is_listed_by_ranged_reads_of_its_headers(tmp_path):
+    """Counted by the server: a shard of large members costs its headers (a small fraction of it),
+    one of small members a few large reads (not one request per member); both list as the same
+    file does locally, and the images still read whole."""
+    rng = np.random.default_rng(5)
+    shards = {"large": [(f"{i:05d}.{ext}", rng.bytes(90_000) if ext == "jpg" else b"{}") for i in range(60)
+                        for ext in ("jpg", "json")],
+              "small": [(f"{i:05d}.{ext}", rng.bytes(900) if ext == "jpg" else b"{}") for i in range(400)
+                        for ext in ("jpg", "json")]}
+    from s3fs import S3FileSystem
+
+    served: list[tuple[str, str, int]] = []
+    S3FileSystem.clear_instance_cache()  # list_tars's filesystem must talk to this server, and later ones not
+    with moto_s3(served):
+        fs = s3fs_client()
+        fs.mkdir("ranged")  # moto's buckets live as long as the process
+        for name, members in shards.items():
+            local = write_tar(tmp_path / f"{name}.tar", members)
+            fs.put(str(local), f"ranged/{name}.tar")
+            served.clear()
+            remote = list_tars([f"s3://ranged/{name}.tar"])
+            gets = [n for method, path, n in served if method == "GET" and path.endswith(f"/{name}.tar")]
+            listed = list_tars([str(local)])
+            assert [(it.image_id, it.locator, it.path.split("::")[0]) for it in remote] == \
+                [(it.image_id, it.locator, it.path.split("::")[0]) for it in listed]
+            size = local.stat().st_size
+            if name == "large":  # about one small read per sample, at the headers
+                assert 60 <= len(gets) <= 62 and sum(gets) < size // 10, (len(gets), sum(gets), size)
+                assert read_bytes(remote.item(59)) == members[118][1]  # reading an image reads its data
+            else:  # read through in a few growing reads
+                assert 1 <= len(gets) <= 6 and sum(gets) >= size - 10_240, (len(gets), sum(gets), size)
+    S3FileSystem.clear_instance_cache()
 
 
 def test_unreachable_url_is_a_usage_error_before_any_work():

@@ -165,7 +165,7 @@ def _load_checkpoint(path: Path, model: str, model_explicit: bool, seed: int) ->
         except Exception as exc:
             raise ModelLoadError(f"{path}: OpenAI-layout weights but not a CLIP ViT ({exc})") from exc
         return net, f"{OPENAI_NAME_PREFIX}{_describe_openai(sd)}"
-    net = _create(model, None, seed)
+    net = _builtin_architecture(model) if model in builtin_models() else _create(model, None, seed)
     try:
         net.load_state_dict(_to_open_clip_layout(net, sd), strict=True)
     except RuntimeError as exc:
@@ -258,6 +258,15 @@ def _hub_offline(offline: bool):
         yield
     finally:
         constants.HF_HUB_OFFLINE = saved
+
+
+def _builtin_architecture(name: str) -> torch.nn.Module:
+    """A built-in model's network with fresh weights, for a checkpoint of it (`--model shapes-demo
+    --checkpoint FILE`: weights retrained by benchmarks/train_demo_clip.py)."""
+    import open_clip
+
+    open_clip.add_model_config(WEIGHTS_DIR / f"{name}.json")
+    return open_clip.create_model(name, pretrained=None, device="cpu")
 
 
 def _load_builtin(name: str) -> torch.nn.Module:
