@@ -13,6 +13,7 @@ Sections (each a function, each measured in fresh child processes):
   the process (imports included) and, per item, the peak and the retained growth over the imports;
 - shard start: `tagclip annotate --shard 0/1000` (tiny random CLIP, 80 classes, --workers 0) stopped at
   its first written batch: seconds to that batch and the peak RSS (imports and model included), against N;
+  then a later task (1/1000, reading its share of the plan) and a single process (no --shard);
 - jobs, resume start and merge (benchmarks/scale_jobs.py): a resumed run's scan of N finished images
   (with the manifest, and as the previous version left an output), and `tagclip merge` of N rows
   in one process's layout and in 1,000 shards' (with the previous merge up to --reference-upto).
@@ -198,8 +199,8 @@ def child_start(source: str, out: str, checkpoint: str, cache: str, shard: str) 
                 os._exit(0)
         yield advance
 
-    commands.annotate(source, "coco", out, checkpoint=checkpoint, cache_dir=cache, shard=shard, workers=0,
-                      batch_size=8, progress=progress)
+    commands.annotate(source, "coco", out, checkpoint=checkpoint, cache_dir=cache,
+                      shard=None if shard == "none" else shard, workers=0, batch_size=8, progress=progress)
     print(json.dumps({"seconds": time.perf_counter() - start, "cpu": time.process_time(), "peak_mb": peak_mb(),
                       "share": 0}), flush=True)
 
@@ -241,8 +242,9 @@ def section_listing(root: Path, sizes: list[int], kinds: list[str], own: str = "
 
 def section_shard_start(root: Path, sizes: list[int], kinds: list[str]) -> None:
     """`--shard I/1000` tasks: seconds to the first batch and peak RSS, against N. The first task
-    lists the input and writes the plan; a later task (1/1000, same OUT) reads the plan instead.
-    Over Parquet files (no plan is written) each task lists only its own row groups."""
+    lists the input and writes the plan; a later task (1/1000, same OUT) reads its share of the plan
+    instead. Over Parquet files (no plan is written) each task lists only its own row groups. Then a
+    single process (no --shard, a new OUT), which holds the whole list."""
     sys.path.insert(0, str(HERE))
     from bench_memory import tiny_checkpoint
 
@@ -259,8 +261,9 @@ def section_shard_start(root: Path, sizes: list[int], kinds: list[str]) -> None:
                 tasks = (("0/1000", "first (lists, writes the plan)"), ("1/1000", "later (reads the plan)"))
                 if kind == "parquet":  # no plan: each task lists its own row groups (footers of the rest)
                     tasks = (("0/1000", "first (its own row groups)"), ("1/1000", "later (its own row groups)"))
-                for task, what in tasks:
-                    r = run_child("--child-start", source, str(Path(out) / "tags.parquet"), str(checkpoint),
+                for task, what, name in (*((t, w, "tags") for t, w in tasks),
+                                         ("none", "single process (no --shard)", "single")):
+                    r = run_child("--child-start", source, str(Path(out) / f"{name}.parquet"), str(checkpoint),
                                   str(cache), task)
                     print(f"  {kind:8s} N={n:>9,d}  {what:31s} share {r['share']:>7,d}  {r['seconds']:6.1f} s "
                           f"(CPU {r.get('cpu', float('nan')):5.1f} s)  peak {r['peak_mb']:7.0f} MB  ({load()})",

@@ -126,22 +126,28 @@ def collect_items(images: str | None, manifest: PathLike | None = None, image_ro
 def planned_items(out: PathLike, placement: Placement, images: str | None, manifest: PathLike | None = None,
                   image_root: PathLike | None = None, images_parquet: str | None = None,
                   image_column: str | None = None, id_column: str | None = None,
-                  whole: bool = False) -> Sequence[ImageItem]:
+                  batch_size: int | None = None, whole: bool = False) -> Sequence[ImageItem]:
     """The input items: for a --shard task or a torchrun rank other than 0, read from the plan the
-    first task wrote beside the parts when it lists the same input (jobs/plan.py); else listed
-    (and marked with their input, so that the plan gets written). A --shard task (not under
-    torchrun) without a plan lists only its own row groups of Parquet inputs (jobs/listing.py),
-    unless whole (a method that fits on the whole collection)."""
+    first task wrote beside the parts when it lists the same input (jobs/plan.py): only this
+    placement's share of the windows of batch_size's run when it is given (not whole), else all of
+    it; else listed (and marked with their input, so that the plan gets written). A --shard task
+    (not under torchrun) without a plan lists only its own row groups of Parquet inputs
+    (jobs/listing.py), unless whole (a method that fits on the whole collection)."""
     from tagclip_cli.jobs.parts import parts_dir
     from tagclip_cli.jobs.plan import input_key, read_plan
+    from tagclip_cli.jobs.runner import WINDOW_BATCHES
 
+    window = None if batch_size is None or whole else batch_size * WINDOW_BATCHES
     key = None if images == "-" or str(out) == "-" else input_key(
         images=images, manifest=manifest, image_root=image_root, images_parquet=images_parquet,
         image_column=image_column, id_column=id_column)
-    if key is not None and (placement.shard is not None or not placement.leader):
-        planned = read_plan(parts_dir(Path(out)), key)
+    parts = None if key is None else parts_dir(Path(out))
+    later = placement.shard is not None or not placement.leader
+    if parts is not None and later and (parts / "items.parquet").is_file():  # (written before the plan)
+        planned = read_plan(parts, key, placement, window)
         if planned is not None:
-            log.info("read the input list (%d images) from the plan in %s", len(planned), parts_dir(Path(out)))
+            held = "" if planned.held is None else f", {len(planned.held)} of them this task's"
+            log.info("read the input list (%d images%s) from the plan in %s", len(planned), held, parts)
             return planned
     own = (placement.rank, placement.world) if key is not None and placement.shard is not None \
         and not placement.distributed and not whole else None
@@ -204,7 +210,7 @@ def annotate(
     placement = job_placement(shard, str(out), overwrite, images)
     voc = vocabulary(vocab, background, no_background)
     items = planned_items(out, placement, images, manifest, image_root, images_parquet, image_column, id_column,
-                          whole=method == "piaa")  # PIAA fits on the whole collection
+                          batch_size, whole=method == "piaa")  # PIAA fits on the whole collection
     cfg = TagCLIPConfig(tag_threshold=tag_threshold, use_background=not no_background,
                         class_thresholds=class_thresholds(thresholds, voc.classes, tag_threshold))
     model_opts = model_options(model, pretrained, checkpoint, device, cache_dir, precision)
@@ -304,7 +310,8 @@ def segment(
     seg_cfg = segment_config(setting, method, crf, key_smoothing, prompt_denoising,
                              None if save_cams is None else ("grid" if cams_grid else "image"), rcs)
     voc = vocabulary(vocab, background, no_background)
-    items = planned_items(out, placement, images, manifest, image_root, images_parquet, image_column, id_column)
+    items = planned_items(out, placement, images, manifest, image_root, images_parquet, image_column, id_column,
+                          batch_size)
     cfg = tagclip_config(setting, tag_threshold, no_background, thresholds, voc.classes)
     opts = SegmentOptions(
         items=items, vocab=voc, out=paths["out"], model=model_options(model, pretrained, checkpoint, device, cache_dir,

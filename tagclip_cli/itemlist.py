@@ -11,6 +11,7 @@ columns. `ItemList.of` turns any sequence of `ImageItem`s into columns (the Pyth
 
 from __future__ import annotations
 
+import os
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -40,6 +41,31 @@ def _join(*parts) -> pa.Array:
     return pc.binary_join_element_wise(*values, pa.scalar("", pa.large_string()))
 
 
+def _take(column: pa.Array | pa.ChunkedArray, rows: np.ndarray) -> pa.Array:
+    """column[rows] (rows increasing) as one array, taken chunk by chunk (no copy of the whole)."""
+    if isinstance(column, pa.Array):
+        return column.take(pa.array(rows))
+    taken, start = [], 0
+    for chunk in column.chunks:
+        lo, hi = np.searchsorted(rows, [start, start + len(chunk)])
+        if hi > lo:
+            taken.append(chunk.take(pa.array(rows[lo:hi] - start)))
+        start += len(chunk)
+    return pa.concat_arrays(taken) if taken else pa.array([], column.type)
+
+
+def common_folder(chunks: list[pa.Array]) -> str:
+    """The longest prefix ending in "/" that every string of the chunks starts with ("" if none):
+    that of the smallest and the largest (in code point order, as UTF-8 bytes sort)."""
+    column = pa.chunked_array(chunks, pa.large_string())
+    if not len(column):
+        return ""
+    extremes = pc.min_max(column)
+    low, high = extremes["min"].as_py(), extremes["max"].as_py()
+    shared = len(os.path.commonprefix([low, high]))
+    return low[:low.rfind("/", 0, shared) + 1]
+
+
 def _concat(chunks: list[pa.Array]) -> pa.ChunkedArray:
     """The chunks as one column without copying them (a concatenation would hold both at once)."""
     return pa.chunked_array(chunks, pa.large_string())
@@ -48,7 +74,8 @@ def _concat(chunks: list[pa.Array]) -> pa.ChunkedArray:
 class ItemList(Sequence):
     """Items 0..n-1 as columns (see the module docstring).
 
-    ids: image_id (large_string, already fit for UTF-8 outputs). paths: per item, the path after
+    ids: image_id after `id_prefix` (large_string, already fit for UTF-8 outputs; a path list's
+    lines share their folders: `front_coded`). paths: per item, the path after
     `prefix` (PLAIN and ERROR items), the member name (TAR), unused (PARQUET); None means the path
     is `prefix + id`. raw_paths: the few paths that are not valid UTF-8 (opened as they are; the
     outputs get them escaped). coco_ids: int64 or None. For tar / Parquet inputs: shards (the
@@ -58,8 +85,9 @@ class ItemList(Sequence):
 
     def __init__(self, ids: pa.Array, paths: pa.Array | None = None, prefix: str = "",
                  coco_ids: pa.Array | None = None, raw_paths: dict[int, str] | None = None,
-                 shard_cols: dict | None = None) -> None:
+                 shard_cols: dict | None = None, id_prefix: str = "") -> None:
         self.ids = ids
+        self.id_prefix = id_prefix
         self.paths = paths
         self.prefix = prefix
         self.coco_ids = coco_ids
@@ -76,10 +104,21 @@ class ItemList(Sequence):
         self.errors: dict[int, str] = cols.get("errors", {})
         self.input_key: str | None = None  # what it was listed from (jobs.plan), when known
         self.planned_in: str | None = None  # the work directory whose plan it was read from
+        self.held: np.ndarray | None = None  # the positions of the rows when only a share is held (`hold`)
+        self.held_for: tuple | None = None
+        self.total = len(ids)
+
+    def hold(self, positions: np.ndarray, total: int, owner: tuple) -> ItemList:
+        """Make this list, whose rows are the items at `positions` (increasing) of a list of `total`,
+        stand for that list in the share of `owner` only (jobs/plan.py reads no more of a plan):
+        len() is total, item(i) is item i (IndexError for an item not held), the errors and raw
+        paths are keyed by position. owner: what jobs.placement deals this share to."""
+        self.held, self.total, self.held_for = np.asarray(positions, dtype=np.int64), total, owner
+        return self
 
     # ---- the sequence ----
     def __len__(self) -> int:
-        return len(self.ids)
+        return self.total
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -103,33 +142,59 @@ class ItemList(Sequence):
 
     @property
     def positions(self) -> np.ndarray:
-        """The global index of each item (0..n-1 here; a `take` share has its own)."""
-        return np.arange(len(self), dtype=np.int64)
+        """The global index of each item (0..n-1 here, those held of a `hold` list; a `take` share
+        has its own)."""
+        return np.arange(len(self), dtype=np.int64) if self.held is None else self.held
 
     def item(self, i: int) -> ImageItem:
         """Item i as an `ImageItem` (made now, not kept)."""
-        image_id = self.ids[i].as_py()
-        coco_id = None if self.coco_ids is None else self.coco_ids[i].as_py()
-        kind = PLAIN if self.kinds is None else int(self.kinds[i])
+        r = i if self.held is None else self._row(i)
+        image_id = self.id_prefix + self.ids[r].as_py()
+        coco_id = None if self.coco_ids is None else self.coco_ids[r].as_py()
+        kind = PLAIN if self.kinds is None else int(self.kinds[r])
         if kind == PLAIN:
-            return ImageItem(i, image_id, self._plain_path(i, image_id), coco_id)
-        shard = self.shards[self.shard_of[i]]
-        unit = int(self.units[i])
+            return ImageItem(i, image_id, self._plain_path(i, r, image_id), coco_id)
+        shard = self.shards[self.shard_of[r]]
+        unit = int(self.units[r])
         if kind == TAR:
-            locator: tuple = ("tar", int(self.loc_a[i]), int(self.loc_b[i]))
-            path = f"tar://{self.paths[i].as_py()}::{output_text(shard)}"
+            locator: tuple = ("tar", int(self.loc_a[r]), int(self.loc_b[r]))
+            path = f"tar://{self.paths[r].as_py()}::{output_text(shard)}"
         elif kind == PARQUET:
-            locator = ("parquet", int(self.loc_a[i]), int(self.loc_b[i]), self.columns[self.shard_of[i]])
-            path = f"{output_text(shard)}#row={int(self.rows[i])}"
+            locator = ("parquet", int(self.loc_a[r]), int(self.loc_b[r]), self.columns[self.shard_of[r]])
+            path = f"{output_text(shard)}#row={int(self.rows[r])}"
         else:
-            locator, path = ("error", self.errors[i]), self._plain_path(i, image_id)
+            locator, path = ("error", self.errors[i]), self._plain_path(i, r, image_id)
         return ImageItem(i, image_id, path, coco_id, shard, unit, locator)
 
-    def _plain_path(self, i: int, image_id: str) -> str:
+    def keep(self, positions: np.ndarray, owner: tuple) -> None:
+        """Keep only the rows of the items at positions (increasing, all held now), then `hold` them:
+        a process that listed everything keeps its share once the whole list is written."""
+        positions = np.asarray(positions, dtype=np.int64)
+        rows = positions if self.held is None else np.searchsorted(self.held, positions)
+        self.ids = _take(self.ids, rows)
+        self.paths = None if self.paths is None else _take(self.paths, rows)
+        self.coco_ids = None if self.coco_ids is None else _take(self.coco_ids, rows)
+        for name in COLUMN_TYPES:
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name)[rows])
+        if self.errors or self.raw_paths:
+            kept = set(positions.tolist())
+            self.errors = {k: v for k, v in self.errors.items() if k in kept}
+            self.raw_paths = {k: v for k, v in self.raw_paths.items() if k in kept}
+        self.hold(positions, self.total, owner)
+
+    def _row(self, i: int) -> int:
+        """The row of item i in a `hold` list."""
+        row = int(np.searchsorted(self.held, i))
+        if row >= len(self.held) or self.held[row] != i:
+            raise IndexError(f"item {i} is not in the share this process holds")
+        return row
+
+    def _plain_path(self, i: int, row: int, image_id: str) -> str:
         raw = self.raw_paths.get(i) if self.raw_paths else None
         if raw is not None:
             return raw
-        return self.prefix + (image_id if self.paths is None else self.paths[i].as_py())
+        return self.prefix + (image_id if self.paths is None else self.paths[row].as_py())
 
     # ---- columns ----
     def unit_column(self) -> np.ndarray | None:
@@ -138,9 +203,12 @@ class ItemList(Sequence):
 
     def path_column(self, start: int = 0, stop: int | None = None) -> pa.Array:
         """The `path` of items start..stop as one string array (what items.parquet stores)."""
+        if self.held is not None:
+            raise ValueError("a list of which only a share is held has no whole table")
         stop = len(self) if stop is None else stop
         base = (self.ids if self.paths is None else self.paths).slice(start, stop - start)
-        plain = _join(self.prefix, base) if self.prefix else base
+        head = self.prefix + (self.id_prefix if self.paths is None else "")
+        plain = _join(head, base) if head else base
         if self.kinds is None:
             out = plain
         else:
@@ -160,21 +228,40 @@ class ItemList(Sequence):
                 out = pa.array(values, pa.large_string())
         return out.cast(pa.string())
 
+    def id_column(self, start: int, stop: int) -> pa.Array | pa.ChunkedArray:
+        """The image_id of items start..stop (large_string)."""
+        ids = self.ids.slice(start, stop - start)
+        return _join(self.id_prefix, ids) if self.id_prefix else ids
+
     def table(self, start: int = 0, stop: int | None = None) -> pa.Table:
         """Items start..stop as items.parquet's columns: index, image_id, path, coco_id."""
         stop = len(self) if stop is None else stop
         coco = (pa.nulls(stop - start, pa.int64()) if self.coco_ids is None
                 else self.coco_ids.slice(start, stop - start))
+        ids = self.id_column(start, stop).cast(pa.string())
+        same = self.paths is None and not self.prefix and self.kinds is None and not self.raw_paths
         return pa.table({
             "index": pa.array(np.arange(start, stop, dtype=np.int64)),
-            "image_id": self.ids.slice(start, stop - start).cast(pa.string()),
-            "path": self.path_column(start, stop),
+            "image_id": ids,
+            "path": ids if same else self.path_column(start, stop),  # a path list's lines are both
             "coco_id": coco,
         })
 
     def take(self, positions: np.ndarray) -> ItemShare:
         """The items at these (increasing) positions, as a share of the same columns."""
         return ItemShare(self, np.asarray(positions, dtype=np.int64))
+
+    @classmethod
+    def front_coded(cls, ids: list[pa.Array]) -> ItemList:
+        """A list of these ids (chunks of large_string, emptied as they are read), held after the
+        folder prefix they all share (`common_folder`): the lines of a path list of ten million
+        images under one folder cost the folder's length less per image (~25 bytes in benchmarks/)."""
+        prefix = common_folder(ids)
+        kept = []
+        while ids:
+            chunk = ids.pop(0)
+            kept.append(pc.utf8_slice_codeunits(chunk, len(prefix)) if prefix else chunk)
+        return cls(_concat(kept), id_prefix=prefix)
 
     @classmethod
     def of(cls, items: Sequence[ImageItem]) -> ItemList:
@@ -222,7 +309,9 @@ class ItemShare(Sequence):
     def unit_column(self) -> np.ndarray | None:
         """(n,) int64: the unit of work of each of these items, or None for plain files."""
         units = self.base.unit_column()
-        return None if units is None else units[self.positions]
+        if units is None:
+            return None
+        return units[self.positions if self.base.held is None else np.searchsorted(self.base.held, self.positions)]
 
 
 class ItemBuilder:

@@ -535,10 +535,10 @@ def _path_list_column(path: str) -> ItemList | None:
             line += len(lines)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
-    items = ItemList(pa.chunked_array(chunks, pa.large_string()))
     first = next((c[0].as_py() for c in chunks if len(c)), "")
     if first.strip().lower().endswith(SHARD_EXTENSIONS):  # perhaps a list of shards: read it as before
         return None
+    items = ItemList.front_coded(chunks)  # held after the folder the lines share
     _refuse_repeats(items, listing, path)
     _refuse_compressed_column(items)
     return items

@@ -233,3 +233,38 @@ def test_a_repeat_in_a_path_list_file_is_named_by_both_readers(tmp_path):
     path.write_text("a.jpg\n\n \nb.jpg\na.jpg\n")
     with pytest.raises(UsageError, match=rf"^{path}:5: a.jpg was already listed on line 1$"):
         collect_items(str(path))
+
+
+@pytest.mark.parametrize("lines, folder", [
+    (["/data/set/é/a.jpg", "/data/set/é/b.jpg", "/data/set/ë/c.jpg", "/data/set/"], "/data/set/"),
+    (["/data/set/a.jpg", "/data/setx.jpg"], "/data/"),
+    (["rel/a.jpg", "other.jpg"], ""),
+    (["/one/only.jpg"], "/one/"),
+])
+def test_a_path_list_is_held_after_the_folder_its_lines_share(tmp_path, lines, folder):
+    from tagclip_cli.sources import _path_list_column
+
+    path = tmp_path / "list.txt"
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    expected = list(read_path_list(lines, None, str(path)))
+    fast = _path_list_column(str(path))
+    assert fast.id_prefix == folder and fast.ids[0].as_py() == lines[0][len(folder):]
+    assert list(fast) == expected and fast.table().equals(ItemList.of(expected).table())
+    fast.keep(np.array([len(lines) - 1]), (1, 2, 1))  # a share of it keeps the prefix
+    assert fast[len(lines) - 1] == expected[-1] and len(fast.ids) == 1
+    if len(lines) > 1:
+        with pytest.raises(IndexError, match="not in the share"):
+            fast[0]
+
+
+def test_keep_holds_the_rows_of_a_share_of_every_kind(inputs):
+    root, folder, tars, mixed = inputs
+    for source in (folder, tars, mixed, root / "pq"):
+        items = collect_items(str(source))
+        total, positions = len(items), np.arange(1, len(items), 2)
+        expected = [items[int(p)] for p in positions]
+        errors = {p: e for p, e in items.errors.items() if p % 2}
+        items.keep(positions, (1, 2, 1))
+        assert len(items) == total and len(items.ids) == len(positions) and items.errors == errors
+        assert [items[int(p)] for p in positions] == expected
+        assert list(items.take(positions)) == expected

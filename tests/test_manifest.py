@@ -60,6 +60,19 @@ def test_each_part_has_a_line_and_the_scan_does_not_open_parts(tmp_path):
     assert index.failed_indices().tolist() == [9]
 
 
+def test_done_at_answers_for_some_indices_as_the_mask_does(tmp_path):
+    store = open_store(tmp_path, 40)
+    store.write_part(rows([0, 1, 2, 3, 8, 9, 10, 11]))
+    store.write_part(rows([20, 21, 22]))
+    store.write_part(rows([39]))
+    index = store.scan()
+    mask = index.done_mask(40)
+    for positions in (np.arange(40), np.array([3, 4, 7, 8, 11, 12, 19, 20, 22, 23, 38, 39]), np.array([5]),
+                      np.zeros(0, dtype=np.int64)):
+        assert index.done_at(positions).tolist() == mask[positions].tolist()
+    assert PartStore(store.out).remaining(make_items(40), 40).positions.tolist() == np.flatnonzero(~mask).tolist()
+
+
 def test_a_torn_line_is_skipped_and_its_part_read_once(tmp_path):
     store = open_store(tmp_path, 30)
     store.write_part(rows(range(0, 8)))

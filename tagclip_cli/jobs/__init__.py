@@ -5,8 +5,9 @@ Layout beside the output `OUT`: a work directory `OUT.parts/` holding
 - `config.json`: everything that determines the results; a different configuration refuses to resume;
 - `items.parquet`: the full input list (index, image_id, path, coco_id); a different list refuses,
   and `tagclip merge` uses it to prove that every index 0..total-1 has a row;
-- `plan.parquet`: the input list as columns with the input it was listed from, read by later
-  `--shard` tasks and torchrun ranks instead of listing again (`plan`);
+- `plan.arrow`: the input list as columns with the input it was listed from, in record batches of
+  one window, so that later `--shard` tasks and torchrun ranks read only their share of it instead
+  of listing again (`plan`; an earlier version's `plan.parquet` is read whole);
 - `listing/*.parquet`: the pieces of the input list written by `--shard` tasks that listed only
   their own Parquet row groups (no plan yet); `tagclip merge` makes `items.parquet` of them (`listing`);
 - `job.json`: the final format and the batching that was used;

@@ -213,6 +213,17 @@ class PartIndex:
                 mask[max(runs[k], 0):max(runs[k + 1], 0)] = True
         return mask
 
+    def done_at(self, positions: np.ndarray) -> np.ndarray:
+        """(len(positions),) bool: which of these indices (increasing) have a row in some part; no
+        array of all N indices (a --shard task asks about its share only)."""
+        runs = np.fromiter((r for entry in self.entries.values() for r in entry.runs), dtype=np.int64)
+        lo = np.searchsorted(positions, runs[0::2])  # a run covers positions lo..hi-1
+        hi = np.searchsorted(positions, runs[1::2])
+        done = np.zeros(len(positions), dtype=bool)  # one byte per position, set run by run
+        for start, stop in zip(lo.tolist(), hi.tolist(), strict=True):
+            done[start:stop] = True
+        return done
+
     def failed_indices(self) -> np.ndarray:
         """Indices of the rows whose status is "failed", over all parts."""
         return np.fromiter((i for entry in self.entries.values() for i in entry.failed), dtype=np.int64)

@@ -134,7 +134,7 @@ class PartStore:
         elif not store.dir.is_dir():
             raise UsageError(f"{store.dir}: the work directory is not visible here (is OUT on a shared filesystem?)")
         store._check_or_write_config(config, create)
-        store._check_or_write_items(items, create)
+        store._check_or_write_items(items, create, job.get("window", 1))
         store._note_job(job, create)
         if create:  # the leader indexes parts the manifest lacks (an earlier version's) before the others look
             (store.dir / MANIFEST_DIR).mkdir(exist_ok=True)
@@ -185,7 +185,7 @@ class PartStore:
         else:
             raise UsageError(f"{path}: missing (is OUT on a shared filesystem?)")
 
-    def _check_or_write_items(self, items: Sequence[ImageItem], create: bool) -> None:
+    def _check_or_write_items(self, items: Sequence[ImageItem], create: bool, window: int) -> None:
         path = self.dir / "items.parquet"
         if isinstance(items, OwnedItems):  # its piece of the list; `tagclip merge` puts them together
             if path.exists():
@@ -196,13 +196,13 @@ class PartStore:
         columns = ItemList.of(items)
         if path.exists():
             self._check_items(columns)
-        elif create:
+        elif create and columns.held is None:
             check_pieces(self.dir, self.out, len(columns), columns.input_key)
             write_items(columns, path)
         else:
             raise UsageError(f"{path}: missing (is OUT on a shared filesystem?)")
-        if create and columns.input_key is not None and not plan_path(self.dir).exists():
-            write_plan(columns, self.dir, columns.input_key)  # later --shard tasks read it (jobs/plan.py)
+        if create and columns.input_key is not None and columns.held is None and not plan_path(self.dir).exists():
+            write_plan(columns, self.dir, columns.input_key, window)  # later tasks read their share (jobs/plan.py)
 
     def _note_job(self, job: dict, create: bool) -> None:
         path = self.dir / "job.json"
@@ -260,9 +260,9 @@ class PartStore:
 
     def remaining(self, items: Sequence[ImageItem], total: int) -> ItemShare:
         """The items (of an input list of `total`) that have no row yet, in their order."""
-        done = self.index().done_mask(total)
         share = as_share(items)
-        return share.take(share.positions[~done[share.positions]])
+        done = self.index().done_at(share.positions)
+        return share.take(share.positions[~done]) if done.any() else share  # nothing done: no copy
 
     def failed_indices(self) -> np.ndarray:
         """Indices of the rows already in parts whose status is "failed" (for the exit code of a

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from tagclip_cli.data import DecodedImage, bucket_batches
 from tagclip_cli.errors import OutputWriteError, UsageError
-from tagclip_cli.itemlist import total_items
+from tagclip_cli.itemlist import ItemList, ItemShare, total_items
 from tagclip_cli.jobs.parts import PartStore, finished_output
 from tagclip_cli.jobs.placement import Placement
 from tagclip_cli.jobs.session import Session
@@ -121,6 +121,7 @@ def run_job(
         if finished is not None:
             return _already_complete(spec.out, total_items(spec.items), placement, finished)
         store = _open_store(spec, sess)
+        _keep_share(spec.items, mine, placement, spec.window)
         todo = store.remaining(mine, total_items(spec.items))
         sink = PartSink(store, spec.schema, spec.part_size)
     summary = _resume_summary(store, mine.positions, len(todo))
@@ -168,6 +169,14 @@ def _open_store(spec: JobSpec, sess: Session) -> PartStore:
         return lambda: PartStore.open(spec.out, spec.config, spec.items, job, spec.overwrite and create, create)
 
     return sess.leader_first(open_store(True), open_store(False))  # type: ignore[return-value]
+
+
+def _keep_share(items: Sequence[ImageItem], mine: ItemShare, placement: Placement, window: int) -> None:
+    """A process of several that listed the whole input itself (the first --shard task, torchrun's
+    rank 0) keeps only its share once the work directory holds the list (items.parquet, the plan):
+    the rest is never read again here (at 10M images ~0.3-0.5 GB less while the model runs)."""
+    if placement.world > 1 and isinstance(items, ItemList) and items.held is None and items.input_key is not None:
+        items.keep(mine.positions, (placement.rank, placement.world, window))
 
 
 def _resume_summary(store: PartStore | None, mine: np.ndarray, todo: int) -> Summary:
