@@ -88,6 +88,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def env_for(cache: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a `tagclip` subprocess: its own cache, one thread, no torchrun variables."""
+    env = dict(os.environ, TAGCLIP_CACHE_DIR=str(cache), COLUMNS="200", OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    env.update(extra or {})
+    return env
+
+
 def s3_env(endpoint: str) -> dict[str, str]:
     """The usual AWS variables for boto/s3fs: fake credentials and the moto endpoint."""
     return {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": SECRET,

@@ -12,7 +12,6 @@ split by shard, docs/scaleout.md); one image per batch takes that out of the com
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -20,17 +19,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from shard_fixtures import moto_s3, noise_images, s3_env, s3fs_client, write_parquet
+from shard_fixtures import env_for, moto_s3, noise_images, s3_env, s3fs_client, write_parquet
 
 FILES = (("a", 7, 2), ("b", 9, 3), ("c", 6, 4))  # (name, rows, row group size): 4 + 3 + 2 = 9 row groups
-
-
-def env_for(cache: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ, TAGCLIP_CACHE_DIR=str(cache), COLUMNS="200", OMP_NUM_THREADS="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    env.update(extra or {})
-    return env
 
 
 def tagclip(*args: str, cache: Path, env: dict[str, str] | None = None, cwd: Path | None = None

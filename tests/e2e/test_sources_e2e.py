@@ -19,6 +19,7 @@ from shard_fixtures import (
     SECRET,
     add_member,
     encode,
+    env_for,
     link_member,
     moto_s3,
     noise_images,
@@ -33,16 +34,6 @@ from shard_fixtures import (
 
 N_IMAGES = 26
 SHARDS = 4
-
-
-def env_for(cache: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    import os
-
-    env = dict(os.environ, TAGCLIP_CACHE_DIR=str(cache), COLUMNS="200", OMP_NUM_THREADS="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    env.update(extra or {})
-    return env
 
 
 def args_for(images: str | None, out: Path, checkpoint: Path, *extra: str, command: str = "annotate") -> list[str]:
