@@ -75,15 +75,20 @@ def make_folder(root: Path, n: int) -> Path:
     return images
 
 
+def write_paths(listing: Path, images: Path, n: int) -> None:
+    """Write N lines naming the files of make_folder's layout (PER_FOLDER per sub-folder)."""
+    with open(listing, "w") as fh:
+        for start in range(0, n, PER_FOLDER):
+            folder = images / f"{start // PER_FOLDER:05d}"
+            fh.writelines(f"{folder}/{i:010d}.jpg\n" for i in range(start, min(n, start + PER_FOLDER)))
+
+
 def make_pathlist(root: Path, n: int) -> Path:
     """A text file naming the first N files of the folder (absolute paths)."""
     images = make_folder(root, n)
     listing = root / f"paths-{n}.txt"
     if not listing.exists() or not listing.read_text()[:200].startswith(str(images)):
-        with open(listing, "w") as fh:
-            for start in range(0, n, PER_FOLDER):
-                folder = images / f"{start // PER_FOLDER:05d}"
-                fh.writelines(f"{folder}/{i:010d}.jpg\n" for i in range(start, min(n, start + PER_FOLDER)))
+        write_paths(listing, images, n)
     return listing
 
 
@@ -95,10 +100,7 @@ def make_virtual_pathlist(root: Path, n: int) -> Path:
     images = make_folder(root, real)
     listing = root / f"virtual-paths-{n}.txt"
     if not listing.exists():
-        with open(listing, "w") as fh:
-            for start in range(0, n, PER_FOLDER):
-                folder = images / f"{start // PER_FOLDER:05d}"
-                fh.writelines(f"{folder}/{i:010d}.jpg\n" for i in range(start, min(n, start + PER_FOLDER)))
+        write_paths(listing, images, n)
     return listing
 
 
