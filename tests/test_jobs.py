@@ -265,3 +265,17 @@ def test_fail_fast_stops_after_the_window_with_the_failure(tmp_path):
     summary = run(make_items(30), out, fail_fast=True)
     assert summary.failed == 1 and "fail-fast" in summary.note and not out.exists()
     assert np.flatnonzero(PartStore(out).done_mask(30)).tolist() == list(range(8))
+
+
+def test_describe_item_difference_names_the_first_row_that_differs():
+    """Rows null in both lists are the same; the image number is offset + row, or the row's own
+    index when offset holds the indices (a --shard task's own items)."""
+    from tagclip_cli.jobs.parts import describe_item_difference
+
+    def table(paths):
+        return pa.table({"image_id": ["a", "b", "c"], "path": paths, "coco_id": pa.array([None] * 3, pa.int64())})
+
+    previous, current = table([None, "x/b.jpg", "x/c.jpg"]), table([None, "x/b.jpg", "y/c.jpg"])
+    assert describe_item_difference(previous, current, 10).endswith("(image #12: path 'x/c.jpg', now 'y/c.jpg')")
+    assert "(image #70: path" in describe_item_difference(previous, current, np.array([5, 40, 70]))
+    assert describe_item_difference(previous, previous) == "the unfinished run there has a different input list"

@@ -382,13 +382,7 @@ def own_items_differ(path: Path, items: OwnedItems) -> str | None:
     current = items.table().cast(ITEMS_SCHEMA)
     if previous.equals(current):
         return None
-    same = np.ones(len(current), dtype=bool)
-    for name in ITEMS_SCHEMA.names:
-        equal = pc.fill_null(pc.equal(previous.column(name), current.column(name)), False)
-        both_null = pc.and_(pc.is_null(previous.column(name)), pc.is_null(current.column(name)))
-        same &= pc.or_(equal, both_null).to_numpy(zero_copy_only=False)
-    at = int(np.flatnonzero(~same)[0]) if (~same).any() else 0
-    return describe_item_difference(previous.slice(at, 1), current.slice(at, 1), int(items.positions[at]))
+    return describe_item_difference(previous, current, items.positions)
 
 
 def has_previous(out: Path | None, overwrite: bool) -> bool:
@@ -437,16 +431,23 @@ def _retag_command(out: Path, config: RunRecord) -> str:
     return f"`tagclip retag {out}{file}{threshold} --out {new}`"
 
 
-def describe_item_difference(previous: pa.Table, current: pa.Table, offset: int = 0) -> str:
+def describe_item_difference(previous: pa.Table, current: pa.Table, offset: int | np.ndarray = 0) -> str:
+    """The first row where two slices of an input list differ, named by its image number: offset +
+    its row, or offset[row] when offset holds the rows' indices (a --shard task's own items). Rows
+    null in both count as the same."""
     if previous.num_rows != current.num_rows:
         return (f"the unfinished run there has a different input list ({previous.num_rows} images, "
                 f"now {current.num_rows})")
     for name in ("image_id", "path", "coco_id"):
         a, b = previous.column(name), current.column(name)
         if not a.equals(b):
-            differs = pc.invert(pc.fill_null(pc.equal(a, b), False))
-            first = int(np.flatnonzero(differs.to_numpy(zero_copy_only=False))[0])
-            return (f"the unfinished run there has a different input list (image #{first + offset}: "
+            same = pc.or_(pc.fill_null(pc.equal(a, b), False), pc.and_(pc.is_null(a), pc.is_null(b)))
+            differs = np.flatnonzero(~same.to_numpy(zero_copy_only=False))
+            if not len(differs):
+                continue
+            first = int(differs[0])
+            image = first + offset if isinstance(offset, int) else int(offset[first])
+            return (f"the unfinished run there has a different input list (image #{image}: "
                     f"{name} {a[first].as_py()!r}, now {b[first].as_py()!r})")
     return "the unfinished run there has a different input list"
 
