@@ -109,9 +109,10 @@ def class_thresholds(path: PathLike | None, classes: Sequence[str], default: flo
 
 def collect_items(images: str | None, manifest: PathLike | None = None, image_root: PathLike | None = None,
                   images_parquet: str | None = None, image_column: str | None = None,
-                  id_column: str | None = None, own: tuple[int, int] | None = None) -> list[ImageItem]:
+                  id_column: str | None = None, own: tuple | None = None) -> list[ImageItem]:
     """The input items (sources.py); manifest and image root stay strings so that URLs survive.
-    own (rank, world): only the Parquet row groups of that --shard task (sources.collect_items)."""
+    own (rank, world[, TarCounts]): only the row groups / tar shards of that --shard task
+    (sources.collect_items)."""
     from tagclip_cli.sources import ParquetColumns, is_url
     from tagclip_cli.sources import collect_items as collect
 
@@ -131,8 +132,9 @@ def planned_items(out: PathLike, placement: Placement, images: str | None, manif
     first task wrote beside the parts when it lists the same input (jobs/plan.py): only this
     placement's share of the windows of batch_size's run when it is given (not whole), else all of
     it; else listed (and marked with their input, so that the plan gets written). A --shard task
-    (not under torchrun) without a plan lists only its own row groups of Parquet inputs
-    (jobs/listing.py), unless whole (a method that fits on the whole collection)."""
+    (not under torchrun) without a plan lists only its own row groups of Parquet inputs, or its own
+    tar shards (the others' counts shared in the work directory; jobs/listing.py), unless whole (a
+    method that fits on the whole collection)."""
     from tagclip_cli.jobs.parts import parts_dir
     from tagclip_cli.jobs.plan import input_key, read_plan
     from tagclip_cli.jobs.runner import WINDOW_BATCHES
@@ -149,8 +151,11 @@ def planned_items(out: PathLike, placement: Placement, images: str | None, manif
             held = "" if planned.held is None else f", {len(planned.held)} of them this task's"
             log.info("read the input list (%d images%s) from the plan in %s", len(planned), held, parts)
             return planned
-    own = (placement.rank, placement.world) if key is not None and placement.shard is not None \
-        and not placement.distributed and not whole else None
+    own = None
+    if key is not None and placement.shard is not None and not placement.distributed and not whole:
+        from tagclip_cli.jobs.listing import tar_counts
+
+        own = (placement.rank, placement.world, tar_counts(parts, Path(out), key, placement.rank))
     items = collect_items(images, manifest, image_root, images_parquet, image_column, id_column, own)
     if key is not None and hasattr(items, "input_key"):
         items.input_key = key

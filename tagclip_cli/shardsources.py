@@ -14,10 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -142,6 +144,85 @@ def list_tars(urls: Sequence[str]) -> ItemList:
     for problem in problems:
         log.warning("%s", problem)
     return builder.build()
+
+
+class ShardCount(NamedTuple):
+    """What one tar shard adds to the input list: rows (its samples, plus one when a problem was
+    found in it) and, when none of it could be read, the reason (as the full listing words it)."""
+
+    rows: int
+    unreadable: str | None = None
+
+
+def _shard_count(shard: TarColumns) -> ShardCount:
+    problem = shard.problem is not None
+    return ShardCount(len(shard.keys) + problem, shard.problem if problem and not shard.keys else None)
+
+
+class TarCounts:
+    """The row counts of the tar shards of an input, for a `--shard` task that lists only its own
+    shards: what it counted itself (`add`), and `complete`, which counts every other shard by walking
+    its headers (keeping only the count). jobs/listing.py's board shares counts between the tasks of
+    an array through the work directory, so that a task counts only what no other task has."""
+
+    def __init__(self) -> None:
+        self.known: dict[int, ShardCount] = {}
+        self.shards = 0
+
+    def begin(self, shards: int) -> None:
+        self.shards = shards
+
+    def add(self, shard: int, count: ShardCount, owned: bool = True) -> None:
+        self.known[shard] = count
+
+    def complete(self, count: Callable[[int], ShardCount], threads: int, listed_in: float) -> dict[int, ShardCount]:
+        """The counts of all shards 0..shards-1; count(s) walks shard s. listed_in: the seconds the
+        task took to list its own shards."""
+        self.count_missing([s for s in range(self.shards) if s not in self.known], count, threads)
+        return self.known
+
+    def count_missing(self, missing: Sequence[int], count: Callable[[int], ShardCount], threads: int,
+                      until: float | None = None) -> None:
+        """Count these shards (threads at a time), in order; stop once time.monotonic() passes until."""
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for at in range(0, len(missing), threads):
+                batch = missing[at:at + threads]
+                for shard, found in zip(batch, pool.map(count, batch), strict=True):
+                    self.add(shard, found, owned=False)
+                if until is not None and time.monotonic() >= until:
+                    return
+
+
+def list_tars_share(urls: Sequence[str], rank: int, world: int, counts: TarCounts | None = None
+                    ) -> tuple[ItemList, np.ndarray, int]:
+    """The samples of the tar shards a `--shard` task owns (shard % world == rank), listed without
+    the others': their global indices come from the other shards' row counts (`counts`: shared by
+    the other tasks, or counted here from their headers). Returns (their columns, their global
+    indices, the number of rows of the whole input): the same items, ids, indices, warnings and
+    errors as `list_tars` gives for those shards."""
+    counts = TarCounts() if counts is None else counts
+    counts.begin(len(urls))
+    names, owned, threads = _shard_names(urls, TAR_EXTENSIONS), range(rank, len(urls), world), _list_threads(urls)
+    listed: dict[int, TarColumns] = {}
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for shard_index, shard in zip(owned, pool.map(_list_one_tar, [urls[s] for s in owned]), strict=True):
+            listed[shard_index] = shard
+            counts.add(shard_index, _shard_count(shard))
+    known = counts.complete(lambda s: _shard_count(_list_one_tar(urls[s])), threads, time.monotonic() - start)
+    unreadable = [known[s].unreadable for s in range(len(urls))]
+    if all(problem is not None for problem in unreadable):
+        raise UsageError(unreadable[0] + (f" (and the {len(urls) - 1} other shards)" if len(urls) > 1 else ""))
+    rows = np.array([known[s].rows for s in range(len(urls))], dtype=np.int64)
+    firsts = np.cumsum(rows) - rows
+    builder = ItemBuilder()
+    for shard_index, shard in listed.items():
+        _add_tar_samples(builder, urls[shard_index], names[shard_index], shard_index, shard)
+    for shard in listed.values():
+        if shard.problem is not None:
+            log.warning("%s", shard.problem)
+    indices = [np.arange(firsts[s], firsts[s] + rows[s]) for s in owned]
+    return builder.build(), np.concatenate([np.zeros(0, np.int64), *indices]), int(rows.sum())
 
 
 def _add_tar_samples(builder: ItemBuilder, url: str, name: str, shard_index: int, shard: TarColumns) -> None:

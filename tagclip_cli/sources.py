@@ -36,6 +36,7 @@ from tagclip_cli.shardsources import (  # noqa: F401  (the tar / Parquet names, 
     list_parquet,
     list_parquet_share,
     list_tars,
+    list_tars_share,
     read_bytes,
 )
 from tagclip_cli.sourcebase import (  # noqa: F401  (importable from here as before)
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 # a line that line.strip() empties: only characters Python calls whitespace (all below U+3001)
 BLANK_LINE = "^[" + "".join(f"\\x{{{ord(c):x}}}" for c in map(chr, range(0x3001)) if c.isspace()) + "]*$"
 REPEAT_SLICE = 1 << 16  # sorted ids compared (or paths checked) this many at a time
-Own = tuple[int, int] | None  # a --shard task's (rank, world): list only what it owns (Parquet row groups)
+Own = tuple | None  # a --shard task's (rank, world[, TarCounts]): list only what it owns (row groups, tar shards)
 
 
 # ---- folders, path lists, manifests ---------------------------------------------------------------
@@ -379,12 +380,19 @@ def _folder_of_shards(files: list[str]) -> tuple[str, list[str]] | None:
 
 
 def _from_shards(kind: str, urls: list[str], columns: ParquetColumns, own: Own = None) -> ItemList | OwnedItems:
-    """The items of tar shards or Parquet files; with own (rank, world) and Parquet, only those of
-    the row groups that --shard task owns (list_parquet_share: the other files' footers are read,
-    nothing else of them). Tars are listed whole (an index depends on the earlier shards' counts)."""
-    if own is not None and kind == "parquet":
-        return OwnedItems(*list_parquet_share(urls, own[0], own[1], columns))
-    return list_tars(urls) if kind == "tar" else list_parquet(urls, columns)
+    """The items of tar shards or Parquet files; with own (rank, world[, tar counts]) only those of
+    the row groups or tar shards that --shard task owns: list_parquet_share reads the other files'
+    footers, nothing else of them; list_tars_share takes the other shards' row counts from the
+    counts (shared by the other tasks, see jobs/listing.py) and walks the headers of those it lacks."""
+    if own is None:
+        return list_tars(urls) if kind == "tar" else list_parquet(urls, columns)
+    rank, world, *counts = own
+    if kind == "parquet":
+        return OwnedItems(*list_parquet_share(urls, rank, world, columns))
+    items = OwnedItems(*list_tars_share(urls, rank, world, *counts))
+    if columns.image or columns.id:  # as collect_items says it of a whole list of tars
+        raise UsageError("--image-column / --id-column apply to Parquet inputs")
+    return items
 
 
 def collect_items(
@@ -396,7 +404,8 @@ def collect_items(
     (paths on stdin), tar shards (a pattern, one tar, a folder of tars), Parquet files with image
     bytes (images_parquet, or .parquet inputs), or a COCO manifest with its image root; local or
     URLs. Raises UsageError when nothing usable is given. own (rank, world): a --shard task that
-    lists only its own row groups of Parquet inputs (an `OwnedItems`; other inputs are listed whole)."""
+    lists only its own row groups of Parquet inputs or its own tar shards (an `OwnedItems`; other
+    inputs are listed whole)."""
     given = [name for name, value in (("IMAGES", images), ("--manifest", manifest),
                                       ("--images-parquet", images_parquet)) if value is not None]
     if len(given) > 1:
@@ -420,7 +429,7 @@ def collect_items(
     else:
         items = _collect_images(images, image_root, stdin, columns, own)
         where = "stdin" if images == "-" else images
-    owned = isinstance(items, OwnedItems)  # Parquet files (all unreadable: refused by the listing)
+    owned = isinstance(items, OwnedItems)  # Parquet files or tars (all unreadable: refused by the listing)
     if (columns.image or columns.id) and not owned and not has_parquet(items):
         raise UsageError("--image-column / --id-column apply to Parquet inputs")
     if not (items.total if owned else items):

@@ -10,12 +10,24 @@ tasks that listed the whole input (a plan, an earlier run) mix freely with them 
 A piece records the input it was listed from and the number of images of the whole input: a
 task of another input refuses to join (ConfigMismatchError), as does a whole-list run whose count
 differs from the pieces'.
+
+Tar shards give no count without walking their headers, so the tasks of an array share their
+counts (`TarCountBoard`): each task publishes the row counts of the shards it listed in
+`OUT.parts/listing/counts/` (small JSON files, written once, atomically) and reads the others'; a
+shard whose count has not appeared after a short wait is counted by the task itself from its
+headers (in an order of its own, so that tasks counting at once mostly count different shards) and
+published too, so a later task, or one of a throttled array, reads no byte of the shards it does
+not own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +38,19 @@ from tagclip_cli.errors import ConfigMismatchError, IncompleteRunError
 from tagclip_cli.fileio import atomic_path
 from tagclip_cli.itemlist import OwnedItems
 from tagclip_cli.jobs.merge import iter_merged
+from tagclip_cli.shardsources import ShardCount, TarCounts
+
+log = logging.getLogger(__name__)
 
 LISTING_DIR = "listing"
 LISTING_KEY = b"tagclip.listing"
 ITEMS_SCHEMA = pa.schema([("index", pa.int64()), ("image_id", pa.string()), ("path", pa.string()),
                           ("coco_id", pa.int64())])
 ITEMS_SLICE = 1 << 16  # items.parquet is written and compared this many rows at a time (row groups)
+COUNTS_DIR = "counts"
+COUNT_WAIT = (2.0, 60.0)  # seconds a task waits for the other tasks' tar counts: at least, at most
+POLL = 0.5  # seconds between looks at the counts folder while waiting
+PUBLISH_EVERY = 1.0  # a task publishes what it counted at most this often
 
 
 def piece_name(items: OwnedItems) -> str:
@@ -117,3 +136,112 @@ def rows_at(path: Path, positions: np.ndarray, columns: list[str]) -> pa.Table:
             tables.append(rows.take(pa.array(positions[lo:hi] - start)))
         start = stop
     return pa.concat_tables(tables) if tables else stored.schema_arrow.empty_table().select(columns)
+
+
+class TarCountBoard(TarCounts):
+    """The tar shards' row counts shared by the --shard tasks of an array through the work
+    directory (see the module docstring). `complete` waits for the counts it lacks while others
+    appear: at least COUNT_WAIT[0] s or twice the time the task took to list its own shards, longer
+    while new counts keep coming, never more than COUNT_WAIT[1] s (an interrupt stops it at once);
+    then it counts the missing shards itself, a second at a time, looking again in between."""
+
+    def __init__(self, parts: Path, out: Path, key: str, rank: int) -> None:
+        super().__init__()
+        self.folder = Path(parts) / LISTING_DIR / COUNTS_DIR
+        self.parts, self.out, self.key, self.rank = Path(parts), out, key, rank
+        self.seen: set[str] = set()  # count files read
+        self.fresh: dict[int, ShardCount] = {}  # counted here, not published yet
+        self.published_at = time.monotonic()
+        self.shared = True  # False once the work directory turned out not writable: counted alone
+        self.counted = 0  # shards of other tasks counted here
+
+    def add(self, shard: int, count: ShardCount, owned: bool = True) -> None:
+        self._take({shard: count})
+        self.counted += not owned
+        if owned or count.unreadable is None:  # (an unreadable count is published by the shard's owner only)
+            self.fresh[shard] = count
+        if time.monotonic() - self.published_at >= PUBLISH_EVERY:
+            self.publish()
+
+    def publish(self) -> None:
+        """Write the counts made here since the last time, as one new file."""
+        self.published_at = time.monotonic()
+        if not self.fresh or not self.shared:
+            return
+        counts = sorted(self.fresh.items())
+        text = json.dumps({"input": self.key, "shards": self.shards, "counts": [[s, c.rows] for s, c in counts],
+                           "unreadable": {str(s): c.unreadable for s, c in counts if c.unreadable is not None}})
+        name = f"{counts[0][0]:08d}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+        try:
+            self.parts.mkdir(exist_ok=True)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.folder / name) as tmp:
+                tmp.write_text(text)
+        except OSError as exc:  # (OutputWriteError too) the other tasks count for themselves
+            log.info("cannot share tar shard counts in %s (%s); counting alone", self.folder, exc)
+            self.shared = False
+        self.seen.add(name)
+        self.fresh = {}
+
+    def complete(self, count: Callable[[int], ShardCount], threads: int, listed_in: float) -> dict[int, ShardCount]:
+        self.publish()
+        wait = min(COUNT_WAIT[1], max(COUNT_WAIT[0], 2 * listed_in))
+        start = time.monotonic()
+        deadline, order = start + wait, None
+        while True:
+            found = self._published()
+            missing = [s for s in range(self.shards) if s not in self.known]
+            if not missing:
+                break
+            now = time.monotonic()
+            if found and now < deadline:  # others are still publishing: keep waiting for them
+                deadline = min(start + COUNT_WAIT[1], max(deadline, now + wait))
+            if now < deadline and self.shared:
+                time.sleep(min(POLL, deadline - now))
+                continue
+            if order is None:  # this task's own order, so that tasks counting at once count different shards
+                order = np.random.default_rng(self.rank).permutation(self.shards)
+            missing = [int(s) for s in order if s not in self.known]
+            self.count_missing(missing, count, threads, until=time.monotonic() + PUBLISH_EVERY)
+            self.publish()
+        if self.counted:
+            log.info("counted %d tar shards of other tasks from their headers (their counts were not in %s)",
+                     self.counted, self.folder)
+        return self.known
+
+    def _published(self) -> dict[int, ShardCount]:
+        """The counts in the files of other tasks not read before (taken into `known`)."""
+        try:
+            names = sorted(n for n in os.listdir(self.folder) if n.endswith(".json") and n not in self.seen)
+        except OSError:  # not there yet
+            return {}
+        found: dict[int, ShardCount] = {}
+        for name in names:
+            info = json.loads((self.folder / name).read_text())
+            if info.get("input") != self.key or info.get("shards") != self.shards:
+                raise ConfigMismatchError(
+                    f"{self.out}: the --shard tasks there listed a different input ({name}: {info.get('shards')} "
+                    f"tar shards, now {self.shards}); rerun with the same inputs, or start a new OUT")
+            unreadable = info.get("unreadable", {})
+            found.update({s: ShardCount(rows, unreadable.get(str(s))) for s, rows in info["counts"]})
+            self.seen.add(name)
+        self._take(found)
+        return found
+
+    def _take(self, found: dict[int, ShardCount]) -> None:
+        for shard, count in found.items():
+            had = self.known.setdefault(shard, count)
+            if had.rows != count.rows:
+                raise ConfigMismatchError(
+                    f"{self.out}: tar shard #{shard} of the input has {had.rows} rows here, {count.rows} as another "
+                    "--shard task counted it (did the shard change?); rerun every task on the same input, or start "
+                    "a new OUT")
+
+
+def tar_counts(parts: Path, out: Path, key: str, rank: int) -> TarCounts:
+    """Where a --shard task over tars finds the other shards' counts: the board in the work
+    directory, unless OUT is a finished output with no work directory (it is left as it is: the
+    task counts alone, and is then told the output is complete)."""
+    if Path(out).exists() and not Path(parts).is_dir():
+        return TarCounts()
+    return TarCountBoard(parts, out, key, rank)
