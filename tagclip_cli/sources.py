@@ -32,6 +32,8 @@ from tagclip_cli.fileio import output_text
 from tagclip_cli.itemlist import CHUNK, ItemBuilder, ItemList, OwnedItems, has_parquet
 from tagclip_cli.shardsources import (  # noqa: F401  (the tar / Parquet names, importable from here as before)
     ParquetColumns,
+    ShardCount,
+    TarCounts,
     expand_urls,
     list_parquet,
     list_parquet_share,

@@ -38,7 +38,7 @@ from tagclip_cli.errors import ConfigMismatchError, IncompleteRunError
 from tagclip_cli.fileio import atomic_path
 from tagclip_cli.itemlist import OwnedItems
 from tagclip_cli.jobs.merge import iter_merged
-from tagclip_cli.shardsources import ShardCount, TarCounts
+from tagclip_cli.sources import ShardCount, TarCounts
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,7 @@ class TarCountBoard(TarCounts):
         self.published_at = time.monotonic()
         if not self.fresh or not self.shared:
             return
+        self._published()  # (refuses first when the counts there are of another input)
         counts = sorted(self.fresh.items())
         text = json.dumps({"input": self.key, "shards": self.shards, "counts": [[s, c.rows] for s, c in counts],
                            "unreadable": {str(s): c.unreadable for s, c in counts if c.unreadable is not None}})
@@ -219,9 +220,10 @@ class TarCountBoard(TarCounts):
         for name in names:
             info = json.loads((self.folder / name).read_text())
             if info.get("input") != self.key or info.get("shards") != self.shards:
-                raise ConfigMismatchError(
-                    f"{self.out}: the --shard tasks there listed a different input ({name}: {info.get('shards')} "
-                    f"tar shards, now {self.shards}); rerun with the same inputs, or start a new OUT")
+                what = "other input arguments" if info.get("shards") == self.shards else \
+                    f"{info.get('shards')} tar shards, now {self.shards}"
+                raise ConfigMismatchError(f"{self.out}: the --shard tasks there listed a different input ({name}: "
+                                          f"{what}); rerun with the same inputs, or start a new OUT")
             unreadable = info.get("unreadable", {})
             found.update({s: ShardCount(rows, unreadable.get(str(s))) for s, rows in info["counts"]})
             self.seen.add(name)
