@@ -167,3 +167,44 @@ def test_a_task_of_another_input_is_refused(dataset, tiny_checkpoint, cache, tmp
     assert len(other.stderr.strip().splitlines()) == 1
     assert "the --shard tasks there listed a different input" in other.stderr
     assert "22 images, now 16" in other.stderr
+
+
+TARS = "data/{00000..00004}.tar"  # (named, not globbed: a task's copy lacks the shards it does not own)
+
+
+def test_tar_tasks_read_only_their_shards_and_the_merge_is_the_same_file(tiny_checkpoint, cache, tmp_path):
+    """--shard tasks over tars with no plan: the first one (nothing published yet) counts the other
+    shards from their headers and publishes the counts; the later ones run on a copy holding only
+    their own shards. A whole-list run on a copy of the parts finds every image done and merges to
+    the single process's bytes; `tagclip merge` of the tasks' pieces gives its rows and metadata."""
+    from shard_fixtures import write_dataset
+
+    pristine, _ = write_dataset(tmp_path / "pristine", noise_images(14, seed=23, sizes=((64, 48), (48, 64))), shards=5)
+    shutil.copytree(pristine, tmp_path / "data")
+    ref = tagclip(*annotate(TARS, tmp_path / "ref.parquet", tiny_checkpoint), cache=cache, cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    out, world = tmp_path / "own.parquet", 3
+    for rank in range(world):
+        if rank:
+            for shard in range(5):
+                if shard % world != rank:
+                    (tmp_path / "data" / f"{shard:05d}.tar").unlink(missing_ok=True)
+                else:
+                    shutil.copy(pristine / f"{shard:05d}.tar", tmp_path / "data")
+        proc = tagclip(*annotate(TARS, out, tiny_checkpoint, "--shard", f"{rank}/{world}"), cache=cache, cwd=tmp_path)
+        assert proc.returncode == 0 and "0 failed" in proc.stderr, proc.stderr
+        assert ("counted 3 tar shards of other tasks" in proc.stderr) == (rank == 0), proc.stderr
+    parts = tmp_path / "own.parquet.parts"
+    assert not (parts / "items.parquet").exists() and len(list((parts / "listing").glob("*.parquet"))) == world
+    shutil.rmtree(tmp_path / "data")
+    shutil.copytree(pristine, tmp_path / "data")
+    shutil.copytree(parts, tmp_path / "again.parquet.parts")
+    again = tagclip(*annotate(TARS, tmp_path / "again.parquet", tiny_checkpoint), cache=cache, cwd=tmp_path)
+    assert again.returncode == 0 and "0 done, 14 skipped (already done)" in again.stderr, again.stderr
+    assert (tmp_path / "again.parquet").read_bytes() == (tmp_path / "ref.parquet").read_bytes()
+    merged = tagclip("merge", str(out), cache=cache)
+    assert merged.returncode == 0 and "merged 14 rows" in merged.stderr, merged.stderr
+    table, reference = pq.read_table(out), pq.read_table(tmp_path / "ref.parquet")
+    assert table.schema.equals(reference.schema, check_metadata=True)
+    for name in reference.column_names:
+        assert table.column(name).equals(reference.column(name)), name
