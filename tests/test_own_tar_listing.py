@@ -188,18 +188,23 @@ def test_the_wait_is_bounded_then_the_task_counts_alone(tmp_path, monkeypatch):
     own = own_listing(str(tars), 1, 3, TarCountBoard(tmp_path / "parts", tmp_path / "x", "key", 1))
     assert 0.3 <= time.monotonic() - start < 3.0
     assert own.total == 6 and own.positions.tolist() == [2, 3]
-    assert len(list((tmp_path / "parts" / "listing" / "counts").glob("*.json"))) >= 1
+    assert len(list((tmp_path / "parts" / "listing" / "counts").glob("*/*.json"))) >= 1  # published
 
 
-def test_counts_of_another_input_or_a_changed_shard_are_refused(tmp_path, no_wait):
+def test_counts_of_another_input_are_apart_those_of_a_changed_shard_refused(tmp_path, no_wait):
     tars, _ = write_dataset(tmp_path, noise_images(6), shards=3)
-    parts = tmp_path / "parts"
-    own_listing(str(tars), 0, 3, TarCountBoard(parts, tmp_path / "x", "key", 0))
-    with pytest.raises(ConfigMismatchError, match=r"x: the --shard tasks there listed a different input"):
-        own_listing(str(tars), 1, 3, TarCountBoard(parts, tmp_path / "x", "other key", 1))
+    parts, out = tmp_path / "parts", tmp_path / "x"
+    own_listing(str(tars), 0, 3, TarCountBoard(parts, out, "key", 0))
+    READS.clear()
+    source = f"tarrecording://{tars}"
+    other = own_listing(source, 1, 3, TarCountBoard(parts, out, "other key", 1))  # not this key's counts
+    assert other.total == 6 and set(READS) == {str(tars / f"0000{s}.tar") for s in range(3)}
+    with pytest.raises(ConfigMismatchError, match=r"x: the --shard tasks there listed a different input "
+                                                  r"\(.*\.json: 3 tar shards, now 2\)"):
+        own_listing(str(tars / "0000{0,1}.tar"), 1, 2, TarCountBoard(parts, out, "key", 1))
     write_tar(tars / "00001.tar", [("a.png", encode(noise_images(1)[0]))])  # 2 samples before, 1 now
     with pytest.raises(ConfigMismatchError, match=r"tar shard #1 of the input has 1 rows here, 2 as another"):
-        own_listing(str(tars), 1, 3, TarCountBoard(parts, tmp_path / "x", "key", 1))
+        own_listing(str(tars), 1, 3, TarCountBoard(parts, out, "key", 1))
 
 
 def test_a_finished_output_without_a_work_directory_is_left_alone(tmp_path):

@@ -1,6 +1,9 @@
-"""List once (issue 25): the first task writes the plan beside the parts; later --shard tasks and
-torchrun ranks other than 0 read it instead of listing the input again; a single process still
-lists and is refused when its input changed under an unfinished run."""
+"""List once (issue 25): the first task that lists the whole input writes the plan beside the parts;
+later --shard tasks and torchrun ranks other than 0 read it instead of listing the input again; a
+single process still lists and is refused when its input changed under an unfinished run. (A
+--shard task over tars with no plan lists only its own shards, tests/test_own_tar_listing.py: here
+the tars' plan is written by a task of a method that fits on the whole collection, which lists it
+whole.)"""
 
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from test_jobs import run
 
 from tagclip_cli.commands import planned_items
 from tagclip_cli.errors import ConfigMismatchError
-from tagclip_cli.itemlist import COLUMN_TYPES, ERROR, ItemList
+from tagclip_cli.itemlist import COLUMN_TYPES, ERROR, ItemList, OwnedItems
+from tagclip_cli.jobs import listing
 from tagclip_cli.jobs.parts import PartStore, merge_output, parts_dir
 from tagclip_cli.jobs.placement import Placement
 from tagclip_cli.jobs.plan import OLD_PLAN_NAME, PLAN_KEY, plan_path, read_plan, write_plan
@@ -26,6 +30,11 @@ from tagclip_cli.sources import ImageItem, collect_items
 JOB = {"window": 4}
 
 
+@pytest.fixture(autouse=True)
+def no_wait(monkeypatch):  # a tar task lists its own shards: it counts the others' at once
+    monkeypatch.setattr(listing, "COUNT_WAIT", (0.0, 0.0))
+
+
 @pytest.fixture
 def data(tmp_path):
     tars, folder = write_dataset(tmp_path / "in", noise_images(9), shards=3)
@@ -33,7 +42,7 @@ def data(tmp_path):
 
 
 def first_task(out, source, **inputs):
-    items = planned_items(out, Placement(rank=0, world=3, shard=(0, 3)), source, **inputs)
+    items = planned_items(out, Placement(rank=0, world=3, shard=(0, 3)), source, whole=True, **inputs)
     PartStore.open(out, RunRecord(), items, JOB)
     return items
 
@@ -72,18 +81,18 @@ def test_another_input_or_a_damaged_plan_is_listed_again(data, tmp_path, caplog)
     out = tmp_path / "out.parquet"
     first_task(out, str(tars))
     other = planned_items(out, Placement(rank=1, world=3, shard=(1, 3)), str(tars / "0000{0,1}.tar"))
-    assert len(other) == 6 and other.planned_in is None  # another input argument: listed
+    assert isinstance(other, OwnedItems) and other.total == 6  # another input argument: listed (its own shard)
     plan_path(parts_dir(out)).write_bytes(b"not parquet")
     with caplog.at_level(logging.WARNING):
         again = planned_items(out, Placement(rank=1, world=3, shard=(1, 3)), str(tars))
-    assert "cannot use the input plan" in caplog.text and len(again) == 9 and again.planned_in is None
+    assert "cannot use the input plan" in caplog.text and isinstance(again, OwnedItems) and again.total == 9
 
 
 def test_tasks_starting_together_write_the_same_plan(data, tmp_path):
-    tars, _ = data
+    _, folder = data
     out = tmp_path / "out.parquet"
-    a = planned_items(out, Placement(rank=0, world=2, shard=(0, 2)), str(tars))
-    b = planned_items(out, Placement(rank=1, world=2, shard=(1, 2)), str(tars))  # both listed: no plan yet
+    a = planned_items(out, Placement(rank=0, world=2, shard=(0, 2)), str(folder))
+    b = planned_items(out, Placement(rank=1, world=2, shard=(1, 2)), str(folder))  # both listed: no plan yet
     PartStore.open(out, RunRecord(), a, JOB)
     first = plan_path(parts_dir(out)).read_bytes()
     PartStore.open(out, RunRecord(), b, JOB)  # finds items.parquet and the plan: checks, keeps them
@@ -187,7 +196,11 @@ def test_shard_tasks_keep_or_read_only_their_share_and_merge_to_one_process_outp
             items = planned_items(out, placement, source, batch_size=2)
             expected = placement.share(collect_items(source), 8)
             summary = run(items, out, placement)
-            assert summary.total == len(expected) and items.held is not None
+            assert summary.total == len(expected)
+            if source == str(tars):  # each task lists its own shards (no plan)
+                assert isinstance(items, OwnedItems) and list(items) == list(expected) and items.total == 30
+                continue
+            assert items.held is not None
             held.append(len(items.ids))
             assert held[-1] == len(expected) and len(items) == 30
         assert merge_output(out) == 30
@@ -201,4 +214,4 @@ def test_a_plan_without_its_items_parquet_is_not_used(data, tmp_path):
     first_task(out, str(tars))
     (parts_dir(out) / "items.parquet").unlink()
     again = planned_items(out, Placement(rank=1, world=3, shard=(1, 3)), str(tars), batch_size=1)
-    assert again.planned_in is None and again.held is None and len(again) == 9  # listed
+    assert isinstance(again, OwnedItems) and again.total == 9 and len(again) == 3  # listed: its own shard

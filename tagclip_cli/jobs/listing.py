@@ -13,7 +13,9 @@ differs from the pieces'.
 
 Tar shards give no count without walking their headers, so the tasks of an array share their
 counts (`TarCountBoard`): each task publishes the row counts of the shards it listed in
-`OUT.parts/listing/counts/` (small JSON files, written once, atomically) and reads the others'; a
+`OUT.parts/listing/counts/<digest of the input>/` (small JSON files, written once, atomically; a
+task of another input, refused when it meets the pieces or items.parquet, leaves its counts apart)
+and reads the others'; a
 shard whose count has not appeared after a short wait is counted by the task itself from its
 headers (in an order of its own, so that tasks counting at once mostly count different shards) and
 published too, so a later task, or one of a throttled array, reads no byte of the shards it does
@@ -147,7 +149,7 @@ class TarCountBoard(TarCounts):
 
     def __init__(self, parts: Path, out: Path, key: str, rank: int) -> None:
         super().__init__()
-        self.folder = Path(parts) / LISTING_DIR / COUNTS_DIR
+        self.folder = Path(parts) / LISTING_DIR / COUNTS_DIR / hashlib.sha256(key.encode()).hexdigest()[:16]
         self.parts, self.out, self.key, self.rank = Path(parts), out, key, rank
         self.seen: set[str] = set()  # count files read
         self.fresh: dict[int, ShardCount] = {}  # counted here, not published yet
@@ -219,11 +221,10 @@ class TarCountBoard(TarCounts):
         found: dict[int, ShardCount] = {}
         for name in names:
             info = json.loads((self.folder / name).read_text())
-            if info.get("input") != self.key or info.get("shards") != self.shards:
-                what = "other input arguments" if info.get("shards") == self.shards else \
-                    f"{info.get('shards')} tar shards, now {self.shards}"
-                raise ConfigMismatchError(f"{self.out}: the --shard tasks there listed a different input ({name}: "
-                                          f"{what}); rerun with the same inputs, or start a new OUT")
+            if info.get("input") != self.key or info.get("shards") != self.shards:  # (a pattern that matches more now)
+                raise ConfigMismatchError(
+                    f"{self.out}: the --shard tasks there listed a different input ({name}: {info.get('shards')} tar "
+                    f"shards, now {self.shards}); rerun with the same inputs, or start a new OUT")
             unreadable = info.get("unreadable", {})
             found.update({s: ShardCount(rows, unreadable.get(str(s))) for s, rows in info["counts"]})
             self.seen.add(name)
