@@ -161,9 +161,11 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child_listing(source: str, own: str = "") -> None:
+def child_listing(source: str, own: str = "", counts: str = "") -> None:
     """Print {seconds, items, base_mb, peak_mb, retained_mb} for collect_items(source); own "I/N":
-    what --shard I/N lists without a plan (its own row groups of Parquet inputs)."""
+    what --shard I/N lists without a plan (its own row groups of Parquet inputs, its own tar shards);
+    counts: a folder standing for OUT, whose work directory shares the tar counts between tasks
+    (jobs/listing.py; without it the task counts every other shard itself)."""
     import gc
 
     import torch  # noqa: F401  (the imports of a run, in the baseline)
@@ -177,7 +179,12 @@ def child_listing(source: str, own: str = "") -> None:
     gc.collect()
     base = rss_mb()
     start, cpu = time.perf_counter(), time.process_time()
-    items = collect_items(source, **({"own": tuple(map(int, own.split("/")))} if own else {}))
+    share = tuple(map(int, own.split("/"))) if own else None
+    if counts:
+        from tagclip_cli.jobs.listing import TarCountBoard
+
+        share = (*share, TarCountBoard(Path(counts) / "out.parts", Path(counts) / "out", "bench", share[0]))
+    items = collect_items(source, **({"own": share} if share else {}))
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     gc.collect()
     total = getattr(items, "total", len(items))
@@ -233,13 +240,27 @@ def section_listing(root: Path, sizes: list[int], kinds: list[str], own: str = "
     for kind in kinds:
         for n in sizes:
             source = str(MAKERS[kind](root, n))
-            r = run_child("--child-listing", source, own)
-            per = 1e6 / r["items"]
-            grow = max(0.0, r["peak_mb"] - r["base_mb"]) * 2**20 / r["items"]
-            kept = r["retained_mb"] * 2**20 / r["items"]
-            print(f"  {kind:8s} N={r['items']:>9,d}  {r['seconds'] * per:6.2f} us/item (CPU {r['cpu'] * per:5.2f})  "
-                  f"peak {r['peak_mb']:7.0f} MB  +{grow:5.0f} B/item  retained {kept:5.0f} B/item  ({load()})",
-                  flush=True)
+            for counts, what in tar_count_runs(root, kind, own):
+                r = run_child("--child-listing", source, own, counts)
+                per = 1e6 / r["items"]
+                grow = max(0.0, r["peak_mb"] - r["base_mb"]) * 2**20 / r["items"]
+                kept = r["retained_mb"] * 2**20 / r["items"]
+                print(f"  {kind:8s} N={r['items']:>9,d}  {r['seconds'] * per:6.2f} us/item "
+                      f"(CPU {r['cpu'] * per:5.2f})  peak {r['peak_mb']:7.0f} MB  +{grow:5.0f} B/item  "
+                      f"retained {kept:5.0f} B/item  ({load()})"
+                      + (f"  {what}: {r['seconds']:.2f} s (CPU {r['cpu']:.2f} s)" if what else ""), flush=True)
+
+
+def tar_count_runs(root: Path, kind: str, own: str) -> list[tuple[str, str]]:
+    """(counts folder, what) of each listing to measure: one; for a --shard task over tars with the
+    tar share (jobs/listing.py's TarCountBoard), three: alone (no work directory: it counts every other
+    shard itself, at once), the first task of an array (waits for counts, then counts and publishes
+    them) and a task that finds them all published."""
+    if not (own and kind == "tars" and "TarCountBoard" in (Path(CODE[0]) / "tagclip_cli/jobs/listing.py").read_text()):
+        return [("", "")]
+    board = tempfile.mkdtemp(dir=root)
+    return [("", "alone (counts the other shards)"), (board, "first (waits, counts, publishes)"),
+            (board, "counts published")]
 
 
 def section_shard_start(root: Path, sizes: list[int], kinds: list[str]) -> None:
@@ -263,6 +284,8 @@ def section_shard_start(root: Path, sizes: list[int], kinds: list[str]) -> None:
                 tasks = (("0/1000", "first (lists, writes the plan)"), ("1/1000", "later (reads the plan)"))
                 if kind == "parquet":  # no plan: each task lists its own row groups (footers of the rest)
                     tasks = (("0/1000", "first (its own row groups)"), ("1/1000", "later (its own row groups)"))
+                if kind == "tars":  # (before the tar share: the first lists and writes the plan, later read it)
+                    tasks = (("0/1000", "first (own shards, counts rest)"), ("1/1000", "later (own shards+counts)"))
                 for task, what, name in (*((t, w, "tags") for t, w in tasks),
                                          ("none", "single process (no --shard)", "single")):
                     r = run_child("--child-start", source, str(Path(out) / f"{name}.parquet"), str(checkpoint),
@@ -297,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume-only", action="store_true", help="jobs: only the resume start (e.g. at 10M)")
     parser.add_argument("--tmp", default=None, help="jobs: where to make the work directories (default: $TMPDIR)")
     parser.add_argument("--own", default="", help="listing: what --shard I/N lists without a plan (e.g. 0/1000)")
-    parser.add_argument("--child-listing", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child-listing", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--child-start", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_listing:
