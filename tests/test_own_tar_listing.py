@@ -3,13 +3,15 @@ the other shards shared through jobs/listing.py's TarCountBoard): the same items
 and errors as the full listing for every split, whichever task comes first; no byte of another
 task's shard read once the counts are published (recorded by a real fsspec filesystem), only its
 headers when the task has to count it; tasks running at once wait for each other's counts rather
-than walk each other's shards; the wait is bounded; counts of another input or of a changed shard
-are refused in one line."""
+than walk each other's shards; the wait is bounded and an interrupt stops it; counts of another
+input are kept apart, those of a changed shard or shard list refused in one line."""
 
 from __future__ import annotations
 
 import io
 import logging
+import os
+import signal
 import threading
 import time
 from collections import defaultdict
@@ -189,6 +191,18 @@ def test_the_wait_is_bounded_then_the_task_counts_alone(tmp_path, monkeypatch):
     assert 0.3 <= time.monotonic() - start < 3.0
     assert own.total == 6 and own.positions.tolist() == [2, 3]
     assert len(list((tmp_path / "parts" / "listing" / "counts").glob("*/*.json"))) >= 1  # published
+
+
+def test_an_interrupt_stops_the_wait_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(listing, "COUNT_WAIT", (60.0, 60.0))
+    tars, _ = write_dataset(tmp_path, noise_images(4), shards=2)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    start = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        own_listing(str(tars), 0, 2, TarCountBoard(tmp_path / "parts", tmp_path / "x", "key", 0))
+    timer.join()
+    assert time.monotonic() - start < 5.0
 
 
 def test_counts_of_another_input_are_apart_those_of_a_changed_shard_refused(tmp_path, no_wait):

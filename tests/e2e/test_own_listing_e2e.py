@@ -208,3 +208,6 @@ def test_tar_tasks_read_only_their_shards_and_the_merge_is_the_same_file(tiny_ch
     assert table.schema.equals(reference.schema, check_metadata=True)
     for name in reference.column_names:
         assert table.column(name).equals(reference.column(name)), name
+    rerun = tagclip(*annotate(TARS, out, tiny_checkpoint, "--shard", "1/3"), cache=cache, cwd=tmp_path)
+    assert rerun.returncode == 0 and "already complete" in rerun.stderr, rerun.stderr
+    assert not (tmp_path / "own.parquet.parts").exists()  # (nothing created beside the finished output)
