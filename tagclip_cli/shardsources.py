@@ -148,15 +148,17 @@ def list_tars(urls: Sequence[str]) -> ItemList:
 
 class ShardCount(NamedTuple):
     """What one tar shard adds to the input list: rows (its samples, plus one when a problem was
-    found in it) and, when none of it could be read, the reason (as the full listing words it)."""
+    found in it), when none of it could be read the reason (as the full listing words it), and
+    whether it was read without any problem."""
 
     rows: int
     unreadable: str | None = None
+    sound: bool = True
 
 
 def _shard_count(shard: TarColumns) -> ShardCount:
     problem = shard.problem is not None
-    return ShardCount(len(shard.keys) + problem, shard.problem if problem and not shard.keys else None)
+    return ShardCount(len(shard.keys) + problem, shard.problem if problem and not shard.keys else None, not problem)
 
 
 class TarCounts:

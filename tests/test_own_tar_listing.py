@@ -9,6 +9,7 @@ input are kept apart, those of a changed shard or shard list refused in one line
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import signal
@@ -111,6 +112,22 @@ def test_the_tasks_own_items_are_the_full_listing_s_whichever_task_comes_first(t
             assert sorted(got, key=lambda it: it.index) == list(full), world
     for rank in range(3):  # alone (no work directory to share counts in): the same, counted here
         assert list(own_listing(str(tars), rank, 3)) == list(Placement(rank, 3).share(full, 8))
+
+
+def test_a_damaged_shard_s_count_is_published_by_its_owner_only_and_junk_is_ignored(tars, tmp_path, no_wait,
+                                                                                   caplog):
+    full = collect_items(str(tars))
+    parts = tmp_path / "parts"
+    own_listing(str(tars), 0, 9, TarCountBoard(parts, tmp_path / "x", "key", 0))  # counts shards 1..8 itself
+    published = set()
+    for path in (parts / "listing" / "counts").glob("*/*.json"):
+        published |= {shard for shard, _ in json.loads(path.read_text())["counts"]}
+    assert published == {0, 1, 2, 3, 4, 5, 8}  # not t-cut (6) nor u-junk (7): a failed read may be fleeting
+    next((parts / "listing" / "counts").iterdir()).joinpath("junk.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="tagclip_cli"):
+        own = own_listing(str(tars), 6, 9, TarCountBoard(parts, tmp_path / "x", "key", 6))
+    assert "junk.json: not a file of tar shard counts" in caplog.text
+    assert list(own) == list(Placement(6, 9).share(full, 8)) and own[len(own) - 1].image_id == "t-cut/<unreadable>"
 
 
 def test_nothing_listable_is_the_same_usage_error(tmp_path, no_wait):

@@ -15,11 +15,10 @@ Tar shards give no count without walking their headers, so the tasks of an array
 counts (`TarCountBoard`): each task publishes the row counts of the shards it listed in
 `OUT.parts/listing/counts/<digest of the input>/` (small JSON files, written once, atomically; a
 task of another input, refused when it meets the pieces or items.parquet, leaves its counts apart)
-and reads the others'; a
-shard whose count has not appeared after a short wait is counted by the task itself from its
-headers (in an order of its own, so that tasks counting at once mostly count different shards) and
-published too, so a later task, or one of a throttled array, reads no byte of the shards it does
-not own.
+and reads the others'; a shard whose count has not appeared after a short wait is counted by the
+task itself from its headers (in an order of its own, so that tasks counting at once mostly count
+different shards) and published too, so a later task, or one of a throttled array, reads no byte
+of the shards it does not own.
 """
 
 from __future__ import annotations
@@ -160,8 +159,8 @@ class TarCountBoard(TarCounts):
     def add(self, shard: int, count: ShardCount, owned: bool = True) -> None:
         self._take({shard: count})
         self.counted += not owned
-        if owned or count.unreadable is None:  # (an unreadable count is published by the shard's owner only)
-            self.fresh[shard] = count
+        if owned or count.sound:  # (a damaged shard's count is published by its owner only: a read that
+            self.fresh[shard] = count  # failed for a moment here must not become every task's count)
         if time.monotonic() - self.published_at >= PUBLISH_EVERY:
             self.publish()
 
@@ -220,14 +219,19 @@ class TarCountBoard(TarCounts):
             return {}
         found: dict[int, ShardCount] = {}
         for name in names:
-            info = json.loads((self.folder / name).read_text())
+            self.seen.add(name)
+            try:
+                info = json.loads((self.folder / name).read_text())
+                counts = [(int(s), int(rows)) for s, rows in info["counts"]]
+            except (OSError, ValueError, KeyError, TypeError) as exc:  # not ours: its shards are counted here
+                log.warning("%s: not a file of tar shard counts (%s); ignored", self.folder / name, exc)
+                continue
             if info.get("input") != self.key or info.get("shards") != self.shards:  # (a pattern that matches more now)
                 raise ConfigMismatchError(
                     f"{self.out}: the --shard tasks there listed a different input ({name}: {info.get('shards')} tar "
                     f"shards, now {self.shards}); rerun with the same inputs, or start a new OUT")
             unreadable = info.get("unreadable", {})
-            found.update({s: ShardCount(rows, unreadable.get(str(s))) for s, rows in info["counts"]})
-            self.seen.add(name)
+            found.update({s: ShardCount(rows, unreadable.get(str(s))) for s, rows in counts})
         self._take(found)
         return found
 
