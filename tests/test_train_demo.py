@@ -240,3 +240,64 @@ def test_attention_loss_layers_follow_dmar_or_clsseg_caa_range(monkeypatch, choi
     expected = slice(lo - 1, hi) if choice == "caa" else slice(4, 7)
     assert trainer.attention_layers == expected
     assert len(range(8)[trainer.attention_layers]) == (7 if choice == "caa" else 3)
+
+
+def test_object_priority_counts_object_pixels_more_and_keeps_distributions() -> None:
+    train = _load("train_demo_clip")
+    from tagclip_cli.synthetic import OBJECT_CLASSES
+
+    n_obj = len(OBJECT_CLASSES)
+    shares = torch.zeros(1, 3, 18)
+    shares[0, 0, 3], shares[0, 0, n_obj] = 0.25, 0.75  # a quarter of an object on stuff
+    shares[0, 1, n_obj + 1] = 1.0  # stuff only
+    shares[0, 2, 0], shares[0, 2, 5] = 0.5, 0.5  # two objects
+    assert train.object_priority(shares, 1.0) is shares
+    weighted = train.object_priority(shares, 4.0)
+    assert float(weighted[0, 0, 3]) == pytest.approx(4 / 7)
+    assert torch.equal(weighted[0, 1], shares[0, 1])
+    assert torch.allclose(weighted[0, 2], shares[0, 2])
+    assert torch.allclose(weighted.sum(dim=-1), torch.ones(1, 3))
+
+
+def test_cam_loss_trains_the_grad_cams_clsseg_reads() -> None:
+    """The Grad-CAM loss sees exactly CLS-SEG's Grad-CAM of each object (methods.clses.grad_cams:
+    softmax over the image's objects and the background classes), and trains the last block through
+    the cams' channel weights (double backward)."""
+    import open_clip
+
+    from tagclip_cli.backbone import Backbone
+    from tagclip_cli.methods.clses import grad_cams
+    from tagclip_cli.synthetic import OBJECT_CLASSES
+
+    train = _load("train_demo_clip")
+    torch.manual_seed(2)
+    model = open_clip.CLIP(**TINY)
+    bb = Backbone(model=model, tokenizer=None, name="tiny", weights="test", device=torch.device("cpu"), cache_dir=None)
+    model.requires_grad_(True)
+    images = torch.randn(2, 3, 32, 32)
+    n_obj = len(OBJECT_CLASSES)
+    shares = torch.zeros(2, 4, 18)  # 2 images, 2x2 patches
+    shares[0, :, 2] = torch.tensor([0.5, 0, 0, 0.25])
+    shares[0, :, 5] = torch.tensor([0, 0.5, 0, 0])
+    shares[1, :, 7] = torch.tensor([0, 0, 1, 0.5])
+    shares[:, :, n_obj] = 1 - shares.sum(dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(18, 16), dim=-1)
+    scale = model.logit_scale.exp().detach()
+    out = train.training_forward(bb, images)
+    slots = train.slot_cams(out, text, shares, scale)
+    assert len(slots) == 2 and slots[1][2].tolist() == [True, False]
+    with torch.no_grad():
+        dense = bb.dense_forward(images, keep_pre_last=True)
+    for b, classes in ((0, [2, 5]), (1, [7])):
+        rows = classes + list(range(n_obj, 18))
+        ref = grad_cams(bb, dense.pre_last[b], text[rows], len(classes))
+        low, high = ref.amin(dim=1, keepdim=True), ref.amax(dim=1, keepdim=True)
+        ref = (ref - low) / (high - low + 1e-5)
+        for k, cls in enumerate(classes):
+            cam, target, has = slots[k]
+            assert bool(has[b])
+            assert torch.allclose(cam[b].detach(), ref[k], atol=1e-5), (b, k, cam[b], ref[k])
+            assert torch.equal(target[b], shares[b, :, cls])
+    train.cam_loss(out, text, shares, scale).backward()
+    # The last block's attention reaches the cams only through their channel weights (the gradient).
+    assert model.visual.transformer.resblocks[-1].attn.in_proj_weight.grad.abs().sum() > 0

@@ -463,12 +463,17 @@ def block_outputs(visual: torch.nn.Module, pixels: Tensor, keep: Sequence[int],
     return out
 
 
-def block_forward_ln1_leaf(block: torch.nn.Module, x: Tensor, workspace: Workspace) -> tuple[Tensor, Tensor, Tensor]:
+def block_forward_ln1_leaf(
+    block: torch.nn.Module, x: Tensor, workspace: Workspace, leaf: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
     """An ordinary block whose ln_1 output is made a fresh autograd leaf (Grad-CAM, docs/algorithm.md
     §8). Call under `torch.enable_grad()` with x (B, T, W) not requiring grad. Returns (new x, the
     ln_1 leaf (B, T, W) requiring grad, attention map (B, T, T)). The ln_1 output feeds only the
-    attention, so the gradient on the leaf is the gradient the reference records with a hook on ln_1."""
-    ln1 = block.ln_1(x).detach().requires_grad_(True)
+    attention, so the gradient on the leaf is the gradient the reference records with a hook on ln_1.
+    leaf=False keeps ln_1 in x's graph (training through a Grad-CAM: the demo model's cam loss)."""
+    ln1 = block.ln_1(x)
+    if leaf:
+        ln1 = ln1.detach().requires_grad_(True)
     out, attn = self_attention(block, ln1, workspace)
     return residual_block(block, x, out), ln1, attn
 

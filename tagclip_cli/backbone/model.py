@@ -167,10 +167,10 @@ class Backbone:
         the ordinary attention map (B, T, T))."""
         return encoder.value_path_block(self._block(index), x, self._workspace, map_out)
 
-    def block_forward_ln1_leaf(self, index: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Block `index` with its ln_1 output as an autograd leaf (Grad-CAM); see
-        `encoder.block_forward_ln1_leaf`. Returns (new x, ln_1 leaf, attention map)."""
-        return encoder.block_forward_ln1_leaf(self._block(index), x, self._workspace)
+    def block_forward_ln1_leaf(self, index: int, x: Tensor, leaf: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """Block `index` with its ln_1 output as an autograd leaf (Grad-CAM; leaf=False: kept in x's
+        graph); see `encoder.block_forward_ln1_leaf`. Returns (new x, ln_1 output, attention map)."""
+        return encoder.block_forward_ln1_leaf(self._block(index), x, self._workspace, leaf)
 
     def block_keys(self, index: int, x: Tensor) -> Tensor:
         """Keys (B, T, W) of block `index` for tokens x (B, T, W) (MaskCLIP's key smoothing)."""
