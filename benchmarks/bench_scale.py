@@ -21,6 +21,7 @@ Sections (each a function, each measured in fresh child processes):
     .venv/bin/python benchmarks/bench_scale.py --quick          # 20k and 100k, a few minutes (make bench)
     .venv/bin/python benchmarks/bench_scale.py                  # 100k and 1M
     .venv/bin/python benchmarks/bench_scale.py --sizes 10000000 --resume-only   # resume start at 10M
+    .venv/bin/python benchmarks/bench_scale.py --sizes 10000000 --merge-only    # the two merges at 10M
     .venv/bin/python benchmarks/bench_scale.py --sizes 10000000 --kinds pathlist-virtual --sections listing,shard-start
 """
 
@@ -301,7 +302,8 @@ def section_jobs(root: Path, sizes: list[int], kinds: list[str], options: argpar
     from scale_jobs import run_sections
 
     with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=options.tmp) as work:
-        run_sections(Path(work), sizes, options.shards, options.reference_upto, merge=not options.resume_only)
+        run_sections(Path(work), sizes, options.shards, options.reference_upto, merge=not options.resume_only,
+                     resume=not options.merge_only)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -318,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-upto", type=int, default=1_000_000,
                         help="jobs: also time the previous merge up to this many rows")
     parser.add_argument("--resume-only", action="store_true", help="jobs: only the resume start (e.g. at 10M)")
+    parser.add_argument("--merge-only", action="store_true", help="jobs: only the merges (e.g. at 10M)")
     parser.add_argument("--tmp", default=None, help="jobs: where to make the work directories (default: $TMPDIR)")
     parser.add_argument("--own", default="", help="listing: what --shard I/N lists without a plan (e.g. 0/1000)")
     parser.add_argument("--child-listing", nargs=3, help=argparse.SUPPRESS)
@@ -339,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.workdir or tmp)
         root.mkdir(parents=True, exist_ok=True)
-        chosen = args.sections or ("jobs" if args.resume_only else "listing,shard-start,jobs")
+        chosen = args.sections or ("jobs" if args.resume_only or args.merge_only else "listing,shard-start,jobs")
         for name in chosen.split(","):
             sections[name](root, *(quick[name] if args.quick and name in quick else (sizes, kinds)))
 

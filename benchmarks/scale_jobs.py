@@ -221,11 +221,13 @@ def merge_section(root: Path, n: int, shards: int, reference: bool) -> dict:
 BASELINE: dict = {}
 
 
-def run_sections(root: Path, sizes: list[int], shards: int, reference_upto: int, merge: bool = True) -> None:
+def run_sections(root: Path, sizes: list[int], shards: int, reference_upto: int, merge: bool = True,
+                 resume: bool = True) -> None:
     BASELINE.update(measure("imports", root / "none.parquet"))
     print(f"a process that only imports: peak RSS {BASELINE['peak_mb']:.0f} MB (the +MB below are over it)")
     for n in sizes:
-        resume_section(root, n)
+        if resume:
+            resume_section(root, n)
         if not merge:
             continue
         one = merge_section(root, n, 1, n <= reference_upto)

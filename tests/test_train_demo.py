@@ -30,6 +30,20 @@ TINY = {
 }
 
 
+def _trainable_tiny(seed: int):
+    """(open_clip CLIP of TINY's config seeded with seed, the tool's Backbone around it), gradients
+    on (as training does: Backbone freezes its model)."""
+    import open_clip
+
+    from tagclip_cli.backbone import Backbone
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY)
+    bb = Backbone(model=model, tokenizer=None, name="tiny", weights="test", device=torch.device("cpu"), cache_dir=None)
+    model.requires_grad_(True)
+    return model, bb
+
+
 def test_bf16_shadow_gives_fp32_master_grads_close_to_fp32() -> None:
     import open_clip
 
@@ -99,15 +113,8 @@ def test_patch_targets_are_pixel_shares_of_objects_then_stuff() -> None:
 
 
 def test_patch_loss_reads_the_value_path_tokens_the_tagger_scores() -> None:
-    import open_clip
-
-    from tagclip_cli.backbone import Backbone
-
     train = _load("train_demo_clip")
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**TINY)
-    bb = Backbone(model=model, tokenizer=None, name="tiny", weights="test", device=torch.device("cpu"), cache_dir=None)
-    model.requires_grad_(True)
+    model, bb = _trainable_tiny(0)
     images = torch.randn(2, 3, 32, 32)
     patches, cls, attn = train.value_path_and_class_token(bb, images)
     with torch.no_grad():
@@ -146,15 +153,8 @@ def test_attention_loss_rewards_attention_within_a_label() -> None:
 def test_training_forward_pools_the_projected_patch_tokens_open_clip_gives() -> None:
     """The pooled loss trains the image feature CLS-SEG's Grad-CAM scores: the mean of the ordinary
     last block's projected patch tokens (the tokens open_clip's VisionTransformer returns, projected)."""
-    import open_clip
-
-    from tagclip_cli.backbone import Backbone
-
     train = _load("train_demo_clip")
-    torch.manual_seed(1)
-    model = open_clip.CLIP(**TINY)
-    bb = Backbone(model=model, tokenizer=None, name="tiny", weights="test", device=torch.device("cpu"), cache_dir=None)
-    model.requires_grad_(True)  # as training does: Backbone freezes its model
+    model, bb = _trainable_tiny(1)
     images = torch.randn(3, 3, 32, 32)
     out = train.training_forward(bb, images)
     model.visual.output_tokens = True
@@ -263,17 +263,11 @@ def test_cam_loss_trains_the_grad_cams_clsseg_reads() -> None:
     """The Grad-CAM loss sees exactly CLS-SEG's Grad-CAM of each object (methods.clses.grad_cams:
     softmax over the image's objects and the background classes), and trains the last block through
     the cams' channel weights (double backward)."""
-    import open_clip
-
-    from tagclip_cli.backbone import Backbone
     from tagclip_cli.methods.clses import grad_cams
     from tagclip_cli.synthetic import OBJECT_CLASSES
 
     train = _load("train_demo_clip")
-    torch.manual_seed(2)
-    model = open_clip.CLIP(**TINY)
-    bb = Backbone(model=model, tokenizer=None, name="tiny", weights="test", device=torch.device("cpu"), cache_dir=None)
-    model.requires_grad_(True)
+    model, bb = _trainable_tiny(2)
     images = torch.randn(2, 3, 32, 32)
     n_obj = len(OBJECT_CLASSES)
     shares = torch.zeros(2, 4, 18)  # 2 images, 2x2 patches
