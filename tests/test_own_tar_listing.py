@@ -213,12 +213,17 @@ def test_the_wait_is_bounded_then_the_task_counts_alone(tmp_path, monkeypatch):
 def test_an_interrupt_stops_the_wait_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(listing, "COUNT_WAIT", (60.0, 60.0))
     tars, _ = write_dataset(tmp_path, noise_images(4), shards=2)
+    # Python's own Ctrl-C handler (an earlier test in the same process may have left another one)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     start = time.monotonic()
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        own_listing(str(tars), 0, 2, TarCountBoard(tmp_path / "parts", tmp_path / "x", "key", 0))
-    timer.join()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            own_listing(str(tars), 0, 2, TarCountBoard(tmp_path / "parts", tmp_path / "x", "key", 0))
+    finally:
+        timer.join()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - start < 5.0
 
 
