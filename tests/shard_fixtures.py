@@ -11,16 +11,52 @@ import os
 import socket
 import tarfile
 import threading
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 from PIL import Image
 
 SECRET = "tagclip-test-secret-9f3b1c"  # the fake AWS secret: must never appear in any output
+
+
+class _RecordingFile(LocalFileOpener):
+    """A local file whose every read is recorded as (offset, length) in its file system's `reads`;
+    without a descriptor when the file system says so (tarscan then reads it as a remote file)."""
+
+    def fileno(self):
+        if not self.fs.descriptor:
+            raise io.UnsupportedOperation("no descriptor here")
+        return super().fileno()
+
+    def read(self, *args):
+        at = self.tell()
+        data = super().read(*args)
+        with self.fs.lock:
+            self.fs.reads[self.path].append((at, len(data)))
+        return data
+
+
+def recording_filesystem(protocol: str, descriptor: bool = True) -> dict[str, list[tuple[int, int]]]:
+    """Register `protocol://`: local files, every read recorded per path as (offset, length) in the
+    returned dict (the real fsspec machinery, only the reads noted); descriptor=False: the files
+    have no descriptor, so that they are read through `read` as remote ones are."""
+    reads: dict[str, list[tuple[int, int]]] = defaultdict(list)
+
+    class Recording(LocalFileSystem):
+        def _open(self, path, mode="rb", block_size=None, **kwargs):
+            return _RecordingFile(self._strip_protocol(path), mode, fs=self, **kwargs)
+
+    Recording.protocol = (protocol,)
+    Recording.reads, Recording.lock, Recording.descriptor = reads, threading.Lock(), descriptor
+    fsspec.register_implementation(protocol, Recording, clobber=True)
+    return reads
 
 
 def encode(arr: np.ndarray, fmt: str = "PNG") -> bytes:

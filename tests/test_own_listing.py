@@ -6,15 +6,11 @@ an existing items.parquet checked against a task's own rows."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
-from shard_fixtures import noise_images, write_dataset, write_parquet
+from shard_fixtures import noise_images, recording_filesystem, write_dataset, write_parquet
 
 from tagclip_cli.errors import ConfigMismatchError, IncompleteRunError
 from tagclip_cli.itemlist import ItemList, OwnedItems, total_items
@@ -23,27 +19,7 @@ from tagclip_cli.jobs.parts import items_table, own_items_differ, write_items
 from tagclip_cli.jobs.placement import Placement
 from tagclip_cli.sources import collect_items, read_bytes
 
-READS: dict[str, list[tuple[int, int]]] = defaultdict(list)
-
-
-class CountingFile(LocalFileOpener):
-    def read(self, *args):
-        at = self.tell()
-        data = super().read(*args)
-        READS[self.path].append((at, len(data)))
-        return data
-
-
-class CountingFileSystem(LocalFileSystem):
-    """Local files under `counting://`, every read recorded as (offset, length) per path."""
-
-    protocol = ("counting",)
-
-    def _open(self, path, mode="rb", block_size=None, **kwargs):
-        return CountingFile(self._strip_protocol(path), mode, fs=self, **kwargs)
-
-
-fsspec.register_implementation("counting", CountingFileSystem, clobber=True)
+READS = recording_filesystem("counting")  # local files under counting://, every read recorded
 
 
 @pytest.fixture(scope="module")

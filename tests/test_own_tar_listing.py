@@ -8,19 +8,15 @@ input are kept apart, those of a changed shard or shard list refused in one line
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import signal
 import threading
 import time
-from collections import defaultdict
 
-import fsspec
 import pytest
-from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
-from shard_fixtures import encode, noise_images, tar_layout, write_dataset, write_tar
+from shard_fixtures import encode, noise_images, recording_filesystem, tar_layout, write_dataset, write_tar
 
 from tagclip_cli.errors import ConfigMismatchError, UsageError
 from tagclip_cli.itemlist import OwnedItems
@@ -30,33 +26,9 @@ from tagclip_cli.jobs.placement import Placement
 from tagclip_cli.shardsources import TarCounts
 from tagclip_cli.sources import ParquetColumns, collect_items
 
-READS: dict[str, list[tuple[int, int]]] = defaultdict(list)
-LOCK = threading.Lock()
-
-
-class RecordingFile(LocalFileOpener):
-    """A local file without a descriptor (so tarscan reads it through `read`, as a remote one),
-    every read recorded as (offset, length)."""
-
-    def fileno(self):
-        raise io.UnsupportedOperation("no descriptor here")
-
-    def read(self, *args):
-        at = self.tell()
-        data = super().read(*args)
-        with LOCK:
-            READS[self.path].append((at, len(data)))
-        return data
-
-
-class RecordingFileSystem(LocalFileSystem):
-    protocol = ("tarrecording",)
-
-    def _open(self, path, mode="rb", block_size=None, **kwargs):
-        return RecordingFile(self._strip_protocol(path), mode, fs=self, **kwargs)
-
-
-fsspec.register_implementation("tarrecording", RecordingFileSystem, clobber=True)
+# local files under tarrecording:// with no descriptor (read through `read`, as a remote tar), every
+# read recorded
+READS = recording_filesystem("tarrecording", descriptor=False)
 
 
 @pytest.fixture(scope="module")
