@@ -111,7 +111,7 @@ def collect_items(images: str | None, manifest: PathLike | None = None, image_ro
                   images_parquet: str | None = None, image_column: str | None = None,
                   id_column: str | None = None, own: tuple | None = None) -> list[ImageItem]:
     """The input items (sources.py); manifest and image root stay strings so that URLs survive.
-    own (rank, world[, TarCounts]): only the row groups / tar shards of that --shard task
+    own (rank, world): only the row groups / tar shards of that --shard task
     (sources.collect_items)."""
     from tagclip_cli.sources import ParquetColumns, is_url
     from tagclip_cli.sources import collect_items as collect
@@ -133,7 +133,7 @@ def planned_items(out: PathLike, placement: Placement, images: str | None, manif
     placement's share of the windows of batch_size's run when it is given (not whole), else all of
     it; else listed (and marked with their input, so that the plan gets written). A --shard task
     (not under torchrun) without a plan lists only its own row groups of Parquet inputs, or its own
-    tar shards (the others' counts shared in the work directory; jobs/listing.py), unless whole (a
+    tar shards (numbered locally, reading nothing of the others; jobs/listing.py), unless whole (a
     method that fits on the whole collection)."""
     from tagclip_cli.jobs.parts import parts_dir
     from tagclip_cli.jobs.plan import input_key, read_plan
@@ -153,9 +153,7 @@ def planned_items(out: PathLike, placement: Placement, images: str | None, manif
             return planned
     own = None
     if key is not None and placement.shard is not None and not placement.distributed and not whole:
-        from tagclip_cli.jobs.listing import tar_counts
-
-        own = (placement.rank, placement.world, tar_counts(parts, Path(out), key, placement.rank))
+        own = (placement.rank, placement.world)
     items = collect_items(images, manifest, image_root, images_parquet, image_column, id_column, own)
     if key is not None and hasattr(items, "input_key"):
         items.input_key = key

@@ -29,6 +29,16 @@ CHUNK = 1 << 16  # values buffered as Python objects before they become an Arrow
 COLUMN_CODES = {"shard_of": "i", "units": "q", "kinds": "B", "loc_a": "q", "loc_b": "q", "rows": "q"}
 COLUMN_TYPES = {"shard_of": np.int32, "units": np.int64, "kinds": np.uint8, "loc_a": np.int64, "loc_b": np.int64,
                 "rows": np.int64}
+# Local indices: a `--shard` task over tars that lists only its own shards numbers sample p of shard s
+# LOCAL_BASE + (s << SHARD_SHIFT) + p; they sort as the global indices will, and `tagclip merge`
+# turns them into global ones once every shard's count is known (jobs/listing.py `Numbering`).
+LOCAL_BASE = 1 << 62
+SHARD_SHIFT = 32
+
+
+def local_indices(shard: int, count: int) -> np.ndarray:
+    """The local indices of the `count` rows of tar shard number `shard`."""
+    return LOCAL_BASE + (shard << SHARD_SHIFT) + np.arange(count, dtype=np.int64)
 
 
 def _strings(values: list[str]) -> pa.Array:
@@ -482,19 +492,28 @@ class _SparseShare(ItemShare):
 
 class OwnedItems(ItemShare):
     """The items of the units (tar shards / row groups) one `--shard` task owns, listed without the
-    rest of the input (shardsources.list_parquet_share): `base` holds only their columns, `positions`
-    are their global indices (increasing), `total` the number of items of the whole input. Items
-    come out with their global index; `take` gives a subset of the same kind."""
+    rest of the input (shardsources.list_parquet_share / list_tars_share): `base` holds only their
+    columns, `positions` their indices (increasing), `total` the number of items of the whole input.
+    Items come out with their index; `take` gives a subset of the same kind.
 
-    def __init__(self, base: ItemList, positions: np.ndarray, total: int, local: np.ndarray | None = None) -> None:
+    Parquet: global indices. Tars: local ones (`local_indices`); then `total` is None and `counts`
+    the row count of each tar shard it owns, `shards` the number of tar shards of the input."""
+
+    def __init__(self, base: ItemList, positions: np.ndarray, total: int | None, local: np.ndarray | None = None,
+                 counts: dict[int, int] | None = None, shards: int | None = None) -> None:
         super().__init__(base, np.asarray(positions, dtype=np.int64))
         self.total = total
         self.local = np.arange(len(self.positions), dtype=np.int64) if local is None else local
+        self.counts, self.shards = counts, shards
         self.input_key: str | None = None  # what it was listed from (jobs.plan), when known
+
+    @property
+    def numbered_locally(self) -> bool:
+        return self.counts is not None
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return OwnedItems(self.base, self.positions[i], self.total, self.local[i])
+            return self._like(self.positions[i], self.local[i])
         return self._item(int(self.local[i]), int(self.positions[i]))
 
     def __iter__(self) -> Iterator[ImageItem]:
@@ -504,22 +523,28 @@ class OwnedItems(ItemShare):
     def _item(self, k: int, index: int) -> ImageItem:
         return replace(self.base.item(k), index=index)
 
+    def _like(self, positions: np.ndarray, local: np.ndarray) -> OwnedItems:
+        same = OwnedItems(self.base, positions, self.total, local, self.counts, self.shards)
+        same.input_key = self.input_key
+        return same
+
     def take(self, positions: np.ndarray) -> OwnedItems:
         positions = np.asarray(positions, dtype=np.int64)
-        return OwnedItems(self.base, positions, self.total, self.local[np.searchsorted(self.positions, positions)])
+        return self._like(positions, self.local[np.searchsorted(self.positions, positions)])
 
     def unit_column(self) -> np.ndarray | None:
         units = self.base.unit_column()
         return None if units is None else units[self.local]
 
     def table(self) -> pa.Table:
-        """These items as items.parquet's rows (index, image_id, path, coco_id), by global index."""
+        """These items as items.parquet's rows (index, image_id, path, coco_id), by their index."""
         table = self.base.table().take(pa.array(self.local))
         return table.set_column(0, "index", pa.array(self.positions))
 
 
-def total_items(items: Sequence[ImageItem]) -> int:
-    """The number of items of the whole input (of which `OwnedItems` hold a task's own)."""
+def total_items(items: Sequence[ImageItem]) -> int | None:
+    """The number of items of the whole input (of which `OwnedItems` hold a task's own); None when
+    not known (a task over tars that numbered its own shards locally)."""
     return items.total if isinstance(items, OwnedItems) else len(items)
 
 

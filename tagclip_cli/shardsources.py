@@ -14,18 +14,16 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 
 from tagclip_cli.errors import UsageError
 from tagclip_cli.fileio import output_text
-from tagclip_cli.itemlist import ERROR, PARQUET, TAR, ItemBuilder, ItemList
+from tagclip_cli.itemlist import ERROR, PARQUET, TAR, ItemBuilder, ItemList, local_indices
 from tagclip_cli.sourcebase import (
     IMAGE_EXTENSIONS,
     PARQUET_EXTENSIONS,
@@ -155,85 +153,42 @@ def list_tars(urls: Sequence[str]) -> ItemList:
     return builder.build()
 
 
-class ShardCount(NamedTuple):
-    """What one tar shard adds to the input list: rows (its samples, plus one when a problem was
-    found in it), when none of it could be read the reason (as the full listing words it), and
-    whether it was read without any problem."""
-
-    rows: int
-    unreadable: str | None = None
-    sound: bool = True
-
-
-def _shard_count(shard: TarColumns) -> ShardCount:
-    problem = shard.problem is not None
-    return ShardCount(len(shard.keys) + problem, shard.problem if problem and not shard.keys else None, not problem)
-
-
-class TarCounts:
-    """The row counts of the tar shards of an input, for a `--shard` task that lists only its own
-    shards: what it counted itself (`add`), and `complete`, which counts every other shard by walking
-    its headers (keeping only the count). jobs/listing.py's board shares counts between the tasks of
-    an array through the work directory, so that a task counts only what no other task has."""
-
-    def __init__(self) -> None:
-        self.known: dict[int, ShardCount] = {}
-        self.shards = 0
-
-    def begin(self, shards: int) -> None:
-        self.shards = shards
-
-    def add(self, shard: int, count: ShardCount, owned: bool = True) -> None:
-        self.known[shard] = count
-
-    def complete(self, count: Callable[[int], ShardCount], threads: int, listed_in: float) -> dict[int, ShardCount]:
-        """The counts of all shards 0..shards-1; count(s) walks shard s. listed_in: the seconds the
-        task took to list its own shards."""
-        self.count_missing([s for s in range(self.shards) if s not in self.known], count, threads)
-        return self.known
-
-    def count_missing(self, missing: Sequence[int], count: Callable[[int], ShardCount], threads: int,
-                      until: float | None = None) -> None:
-        """Count these shards (threads at a time), in order; stop once time.monotonic() passes until."""
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            for at in range(0, len(missing), threads):
-                batch = missing[at:at + threads]
-                for shard, found in zip(batch, pool.map(count, batch), strict=True):
-                    self.add(shard, found, owned=False)
-                if until is not None and time.monotonic() >= until:
-                    return
-
-
-def list_tars_share(urls: Sequence[str], rank: int, world: int, counts: TarCounts | None = None
-                    ) -> tuple[ItemList, np.ndarray, int]:
+def list_tars_share(urls: Sequence[str], rank: int, world: int) -> tuple[ItemList, np.ndarray, dict[int, int]]:
     """The samples of the tar shards a `--shard` task owns (shard % world == rank), listed without
-    the others': their global indices come from the other shards' row counts (`counts`: shared by
-    the other tasks, or counted here from their headers). Returns (their columns, their global
-    indices, the number of rows of the whole input): the same items, ids, indices, warnings and
-    errors as `list_tars` gives for those shards."""
-    counts = TarCounts() if counts is None else counts
-    counts.begin(len(urls))
-    names, owned, threads = _shard_names(urls, TAR_EXTENSIONS), range(rank, len(urls), world), _list_threads(urls)
-    listed: dict[int, TarColumns] = {}
-    start = time.monotonic()
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    reading a byte of the others: each sample is numbered with its local index
+    (itemlist.local_indices: its shard and its place in it), since its global index needs the row
+    counts of every earlier shard; `tagclip merge` renumbers. Returns (their columns, their local
+    indices, the row count of each owned shard): the same items, ids, warnings and error rows as
+    `list_tars` gives for those shards. UsageError as `list_tars` gives it when no owned shard can
+    be read and no other shard exists (a task whose own shards all fail while others exist writes
+    their error rows instead)."""
+    names, owned = _shard_names(urls, TAR_EXTENSIONS), range(rank, len(urls), world)
+    builder, counts, problems, readable = ItemBuilder(), {}, [], False
+    with ThreadPoolExecutor(max_workers=_list_threads(urls)) as pool:
         for shard_index, shard in zip(owned, pool.map(_list_one_tar, [urls[s] for s in owned]), strict=True):
-            listed[shard_index] = shard
-            counts.add(shard_index, _shard_count(shard))
-    known = counts.complete(lambda s: _shard_count(_list_one_tar(urls[s])), threads, time.monotonic() - start)
-    unreadable = [known[s].unreadable for s in range(len(urls))]
-    if all(problem is not None for problem in unreadable):
-        raise UsageError(unreadable[0] + (f" (and the {len(urls) - 1} other shards)" if len(urls) > 1 else ""))
-    rows = np.array([known[s].rows for s in range(len(urls))], dtype=np.int64)
-    firsts = np.cumsum(rows) - rows
-    builder = ItemBuilder()
-    for shard_index, shard in listed.items():
-        _add_tar_samples(builder, urls[shard_index], names[shard_index], shard_index, shard)
-    for shard in listed.values():
-        if shard.problem is not None:
-            log.warning("%s", shard.problem)
-    indices = [np.arange(firsts[s], firsts[s] + rows[s]) for s in owned]
-    return builder.build(), np.concatenate([np.zeros(0, np.int64), *indices]), int(rows.sum())
+            readable = readable or bool(shard.keys) or shard.problem is None
+            if shard.problem is not None:
+                problems.append(shard.problem)
+            _add_tar_samples(builder, urls[shard_index], names[shard_index], shard_index, shard)
+            counts[shard_index] = len(shard.keys) + (shard.problem is not None)
+    if len(owned) and not readable and not _any_exists(url for s, url in enumerate(urls) if s % world != rank):
+        raise UsageError(problems[0] + (f" (and the {len(urls) - 1} other shards)" if len(urls) > 1 else ""))
+    for problem in problems:
+        log.warning("%s", problem)
+    indices = [local_indices(s, counts[s]) for s in owned]
+    return builder.build(), np.concatenate([np.zeros(0, np.int64), *indices]), counts
+
+
+def _any_exists(urls: Iterable[str]) -> bool:
+    """Whether any of these files exists (asked of the file system, none of them read)."""
+    for url in urls:
+        fs, p = _fs(url)
+        try:
+            if fs.exists(p):
+                return True
+        except Exception:  # unreachable: as if it were not there
+            continue
+    return False
 
 
 def _add_tar_samples(builder: ItemBuilder, url: str, name: str, shard_index: int, shard: TarColumns) -> None:

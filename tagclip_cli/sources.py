@@ -32,8 +32,6 @@ from tagclip_cli.fileio import output_text
 from tagclip_cli.itemlist import CHUNK, ItemBuilder, ItemList, OwnedItems, has_parquet
 from tagclip_cli.shardsources import (  # noqa: F401  (the tar / Parquet names, importable from here as before)
     ParquetColumns,
-    ShardCount,
-    TarCounts,
     expand_urls,
     list_parquet,
     list_parquet_share,
@@ -60,7 +58,7 @@ log = logging.getLogger(__name__)
 # a line that line.strip() empties: only characters Python calls whitespace (all below U+3001)
 BLANK_LINE = "^[" + "".join(f"\\x{{{ord(c):x}}}" for c in map(chr, range(0x3001)) if c.isspace()) + "]*$"
 REPEAT_SLICE = 1 << 16  # sorted ids compared (or paths checked) this many at a time
-Own = tuple | None  # a --shard task's (rank, world[, TarCounts]): list only what it owns (row groups, tar shards)
+Own = tuple[int, int] | None  # a --shard task's (rank, world): list only what it owns (row groups, tar shards)
 
 
 # ---- folders, path lists, manifests ---------------------------------------------------------------
@@ -382,19 +380,19 @@ def _folder_of_shards(files: list[str]) -> tuple[str, list[str]] | None:
 
 
 def _from_shards(kind: str, urls: list[str], columns: ParquetColumns, own: Own = None) -> ItemList | OwnedItems:
-    """The items of tar shards or Parquet files; with own (rank, world[, tar counts]) only those of
-    the row groups or tar shards that --shard task owns: list_parquet_share reads the other files'
-    footers, nothing else of them; list_tars_share takes the other shards' row counts from the
-    counts (shared by the other tasks, see jobs/listing.py) and walks the headers of those it lacks."""
+    """The items of tar shards or Parquet files; with own (rank, world) only those of the row
+    groups or tar shards that --shard task owns: list_parquet_share reads the other files' footers,
+    nothing else of them (global indices); list_tars_share reads nothing of the other shards and
+    numbers its own samples locally (itemlist.local_indices)."""
     if own is None:
         return list_tars(urls) if kind == "tar" else list_parquet(urls, columns)
-    rank, world, *counts = own
+    rank, world = own
     if kind == "parquet":
         return OwnedItems(*list_parquet_share(urls, rank, world, columns))
-    items = OwnedItems(*list_tars_share(urls, rank, world, *counts))
+    base, indices, counts = list_tars_share(urls, rank, world)
     if columns.image or columns.id:  # as collect_items says it of a whole list of tars
         raise UsageError("--image-column / --id-column apply to Parquet inputs")
-    return items
+    return OwnedItems(base, indices, None, counts=counts, shards=len(urls))
 
 
 def collect_items(
@@ -434,11 +432,21 @@ def collect_items(
     owned = isinstance(items, OwnedItems)  # Parquet files or tars (all unreadable: refused by the listing)
     if (columns.image or columns.id) and not owned and not has_parquet(items):
         raise UsageError("--image-column / --id-column apply to Parquet inputs")
-    if not (items.total if owned else items):
+    if not _any_items(items):
         raise UsageError(f"{_safe(str(where))}: no images found (extensions: "
                          f"{', '.join(e[1:] for e in IMAGE_EXTENSIONS)}; or tar shards, Parquet files)")
     pa.default_memory_pool().release_unused()  # what listing freed (chunks, sort indices) goes back
     return items
+
+
+def _any_items(items: ItemList | OwnedItems) -> bool:
+    """Whether the input has images: a --shard task over tars knows it of its own shards only, so it
+    says no only when it owns them all (others may hold images it has not looked at)."""
+    if not isinstance(items, OwnedItems):
+        return bool(items)
+    if items.numbered_locally:
+        return bool(len(items)) or len(items.counts) < items.shards  # type: ignore[arg-type]
+    return bool(items.total)
 
 
 def _collect_images(images: str, image_root: str | Path | None, stdin: TextIO | None,

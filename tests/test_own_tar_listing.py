@@ -1,29 +1,25 @@
-"""A `--shard` task's own listing of tar shards (shardsources.list_tars_share, the row counts of
-the other shards shared through jobs/listing.py's TarCountBoard): the same items, indices, warnings
-and errors as the full listing for every split, whichever task comes first; no byte of another
-task's shard read once the counts are published (recorded by a real fsspec filesystem), only its
-headers when the task has to count it; tasks running at once wait for each other's counts rather
-than walk each other's shards; the wait is bounded and an interrupt stops it; counts of another
-input are kept apart, those of a changed shard or shard list refused in one line."""
+"""A `--shard` task's own listing of tar shards (shardsources.list_tars_share): its own shards only,
+numbered with local indices (itemlist.local_indices) that jobs/listing.py's `Numbering` turns into
+the full listing's indices once every shard's count is known from the tasks' pieces. The same items,
+warnings and errors as the full listing for every split; no byte of another task's shard read
+(recorded by a real fsspec filesystem); the pieces put together into items.parquet, refused while a
+shard's owner has not listed it, or when a shard changed between tasks."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import signal
-import threading
-import time
+from dataclasses import replace
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
-from shard_fixtures import encode, noise_images, recording_filesystem, tar_layout, write_dataset, write_tar
+from shard_fixtures import encode, noise_images, recording_filesystem, write_dataset, write_tar
 
-from tagclip_cli.errors import ConfigMismatchError, UsageError
-from tagclip_cli.itemlist import OwnedItems
-from tagclip_cli.jobs import listing
-from tagclip_cli.jobs.listing import TarCountBoard
+from tagclip_cli.errors import ConfigMismatchError, IncompleteRunError, UsageError
+from tagclip_cli.itemlist import LOCAL_BASE, OwnedItems, local_indices
+from tagclip_cli.jobs.listing import LISTING_DIR, Numbering, assemble_items, shard_numbering, write_piece
+from tagclip_cli.jobs.parts import items_table
 from tagclip_cli.jobs.placement import Placement
-from tagclip_cli.shardsources import TarCounts
 from tagclip_cli.sources import ParquetColumns, collect_items
 
 # local files under tarrecording:// with no descriptor (read through `read`, as a remote tar), every
@@ -35,7 +31,7 @@ READS = recording_filesystem("tarrecording", descriptor=False)
 def tars(tmp_path_factory):
     """Nine shards: five sound ones of 5, 5, 5, 5 and 3 samples, one with a key repeated (`#2`),
     one cut in the middle of a member (its samples before the cut, then a failed row), one that is
-    no tar at all (one failed row), one empty of images."""
+    no tar at all (one failed row), one without images (a sample of text only: a failed row)."""
     root = tmp_path_factory.mktemp("own_tars")
     folder, _ = write_dataset(root, noise_images(23, seed=8), shards=5)
     one, two = encode(noise_images(1, seed=1)[0]), encode(noise_images(1, seed=2)[0])
@@ -48,18 +44,24 @@ def tars(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def no_wait(monkeypatch):
-    monkeypatch.setattr(listing, "COUNT_WAIT", (0.0, 0.0))
-
-
-def own_listing(source: str, rank: int, world: int, counts: TarCounts | None = None) -> OwnedItems:
-    items = collect_items(source, own=(rank, world) if counts is None else (rank, world, counts))
-    assert isinstance(items, OwnedItems)
+def own_listing(source: str, rank: int, world: int) -> OwnedItems:
+    items = collect_items(source, own=(rank, world))
+    assert isinstance(items, OwnedItems) and items.numbered_locally and items.total is None
     return items
 
 
-def test_the_tasks_own_items_are_the_full_listing_s_whichever_task_comes_first(tars, tmp_path, no_wait, caplog):
+def own_places(own: OwnedItems) -> list[int]:
+    """Each item's place in its shard."""
+    return [k for s in sorted(own.counts) for k in range(own.counts[s])]
+
+
+def numbering_of(tasks: list[OwnedItems]) -> Numbering:
+    """The numbering every task's counts give (as `tagclip merge` learns it from their pieces)."""
+    counts = {s: n for task in tasks for s, n in task.counts.items()}
+    return Numbering.of_counts(np.array([counts[s] for s in range(tasks[0].shards)]))
+
+
+def test_the_tasks_own_items_are_the_full_listing_s_once_renumbered(tars, caplog):
     with caplog.at_level(logging.WARNING, logger="tagclip_cli"):
         full = collect_items(str(tars))
     warned = caplog.records[:]
@@ -69,52 +71,59 @@ def test_the_tasks_own_items_are_the_full_listing_s_whichever_task_comes_first(t
                                                                                       "v-text/a"]
     assert ids[-3] == "t-cut/<unreadable>" and full[-3].locator[0] == "error"
     for world in (1, 2, 3, 4, 9, 12):
-        for order in (range(world), reversed(range(world))):  # the first task counts the others' shards
-            parts, got = tmp_path / f"{world}-{order.__class__.__name__}.parts", []
-            for rank in order:
-                caplog.clear()
-                with caplog.at_level(logging.WARNING, logger="tagclip_cli"):
-                    own = own_listing(str(tars), rank, world, TarCountBoard(parts, tmp_path / "x", "key", rank))
-                assert own.total == len(full)
-                assert list(own) == list(Placement(rank, world).share(full, 8)), (rank, world)
-                mine = {it.shard for it in own}
-                assert [r.getMessage() for r in caplog.records] == [
-                    r.getMessage() for r in warned if any(str(shard) in r.getMessage() for shard in mine)]
-                got += list(own)
-            assert sorted(got, key=lambda it: it.index) == list(full), world
-    for rank in range(3):  # alone (no work directory to share counts in): the same, counted here
-        assert list(own_listing(str(tars), rank, 3)) == list(Placement(rank, 3).share(full, 8))
+        tasks = []
+        for rank in range(world):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="tagclip_cli"):
+                own = own_listing(str(tars), rank, world)
+            assert sorted(own.counts) == list(range(rank, 9, world))
+            expected = list(Placement(rank, world).share(full, 8))
+            assert [it.image_id for it in own] == [it.image_id for it in expected]
+            assert list(own) == [replace(it, index=int(p)) for it, p in zip(expected, own.positions, strict=True)]
+            assert own.positions.tolist() == [LOCAL_BASE + (it.shard_index << 32) + k for it, k in
+                                              zip(own, own_places(own), strict=True)]
+            mine = {it.shard for it in own}
+            assert [r.getMessage() for r in caplog.records] == [
+                r.getMessage() for r in warned if any(str(shard) in r.getMessage() for shard in mine)]
+            tasks.append(own)
+        numbering = numbering_of(tasks)
+        assert numbering.total == len(full)
+        for rank, own in enumerate(tasks):  # renumbered: the full listing's indices of this task's share
+            assert numbering.to_global(own.positions).tolist() == [
+                it.index for it in Placement(rank, world).share(full, 8)], (rank, world)
 
 
-def test_a_damaged_shard_s_count_is_published_by_its_owner_only_and_junk_is_ignored(tars, tmp_path, no_wait,
-                                                                                   caplog):
-    full = collect_items(str(tars))
-    parts = tmp_path / "parts"
-    own_listing(str(tars), 0, 9, TarCountBoard(parts, tmp_path / "x", "key", 0))  # counts shards 1..8 itself
-    published = set()
-    for path in (parts / "listing" / "counts").glob("*/*.json"):
-        published |= {shard for shard, _ in json.loads(path.read_text())["counts"]}
-    assert published == {0, 1, 2, 3, 4, 5, 8}  # not t-cut (6) nor u-junk (7): a failed read may be fleeting
-    next((parts / "listing" / "counts").iterdir()).joinpath("junk.json").write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="tagclip_cli"):
-        own = own_listing(str(tars), 6, 9, TarCountBoard(parts, tmp_path / "x", "key", 6))
-    assert "junk.json: not a file of tar shard counts" in caplog.text
-    assert list(own) == list(Placement(6, 9).share(full, 8)) and own[len(own) - 1].image_id == "t-cut/<unreadable>"
+def test_local_indices_sort_as_global_ones_and_global_ones_pass_through():
+    numbering = Numbering.of_counts(np.array([3, 0, 2, 4]))
+    local = np.concatenate([local_indices(s, n) for s, n in enumerate([3, 0, 2, 4])])
+    assert numbering.to_global(local).tolist() == list(range(9))
+    mixed = np.array([5, int(local_indices(2, 2)[1]), 0, int(local_indices(9, 1)[0])])
+    assert numbering.to_global(mixed).tolist() == [5, 4, 0, mixed[3]]  # shard 9 is not known: left local
+    assert Numbering(np.array([0, -1, 3])).to_global(local_indices(1, 2)).tolist() == local_indices(1, 2).tolist()
 
 
-def test_nothing_listable_is_the_same_usage_error(tmp_path, no_wait):
+def test_nothing_listable_is_the_same_usage_error_and_a_task_of_unreadable_shards_writes_their_rows(tmp_path):
     with pytest.raises(UsageError) as whole:
         collect_items(str(tmp_path / "nope-{0..2}.tar"))
     assert "(and the 2 other shards)" in str(whole.value)
-    for rank in range(3):
-        board = TarCountBoard(tmp_path / "parts", tmp_path / "x", "key", rank)
+    for rank in range(3):  # none of the shards exists: refused as the full listing does, naming its own first
         with pytest.raises(UsageError) as own:
-            own_listing(str(tmp_path / "nope-{0..2}.tar"), rank, 3, board)
-        assert str(own.value) == str(whole.value)
+            own_listing(str(tmp_path / "nope-{0..2}.tar"), rank, 3)
+        assert str(own.value) == str(whole.value).replace("nope-0", f"nope-{rank}")
     write_tar(tmp_path / "nope-1.tar", [("a.png", encode(noise_images(1)[0]))])
+    alone = own_listing(str(tmp_path / "nope-{0..2}.tar"), 0, 3)  # another shard exists: its error row
+    assert [it.locator[0] for it in alone] == ["error"] and alone.counts == {0: 1}
+    assert "cannot read tar shard" in alone[0].locator[1]
     for own in (None, (0, 3), (1, 3)):
         with pytest.raises(UsageError, match=r"^--image-column / --id-column apply to Parquet inputs$"):
             collect_items(str(tmp_path / "nope-{0..2}.tar"), columns=ParquetColumns("jpg"), own=own)
+    (tmp_path / "empty").mkdir()
+    write_tar(tmp_path / "empty" / "0.tar", [])
+    write_tar(tmp_path / "empty" / "1.tar", [("a.png", encode(noise_images(1)[0]))])
+    nothing = own_listing(str(tmp_path / "empty" / "{0,1}.tar"), 0, 2)  # its shard is empty, another is not
+    assert not len(nothing) and nothing.counts == {0: 0}
+    with pytest.raises(UsageError, match="no images found"):  # a task that owns every shard knows there are none
+        own_listing(str(tmp_path / "empty" / "0.tar"), 0, 1)
 
 
 def big_shards(folder, shards: int = 4, samples: int = 6):
@@ -127,96 +136,61 @@ def big_shards(folder, shards: int = 4, samples: int = 6):
     return folder
 
 
-def test_a_task_reads_nothing_of_other_shards_once_counted_and_only_headers_to_count(tmp_path, no_wait):
-    folder = big_shards(tmp_path / "big")
-    parts, world = tmp_path / "parts", 4
-    source = f"tarrecording://{folder}/*.tar"
-    READS.clear()
-    first = own_listing(source, 2, world, TarCountBoard(parts, tmp_path / "x", "key", 2))  # no counts yet
-    for s in range(world):  # it walked the others' shards for their counts: header blocks and what follows
-        path = str(folder / f"{s:02d}.tar")
-        shard = folder / f"{s:02d}.tar"
-        headers = [offset for _, offset, _ in tar_layout(shard)]
-        reads = READS.pop(path)  # (after the last header: what is left, to check the end of the archive)
-        assert all(at in headers or at > headers[-1] for at, _ in reads), (s, reads)
-        if s != 2:
-            assert sum(length for _, length in reads) < 0.2 * shard.stat().st_size, (s, reads)
-    assert not READS
-    for rank in range(world):  # the counts are published now: each task reads its own shard only
-        own = own_listing(source, rank, world, TarCountBoard(parts, tmp_path / "x", "key", rank))
-        assert set(READS) == {str(folder / f"{rank:02d}.tar")}, rank
-        assert own.total == first.total == 4 * 6
+def test_a_task_reads_no_byte_of_the_shards_it_does_not_own(tmp_path):
+    folder = big_shards(tmp_path / "big", shards=5)
+    world, source = 3, f"tarrecording://{folder}/*.tar"
+    for rank in (2, 0, 1):  # nothing published, no work directory: each task alone
         READS.clear()
+        own = own_listing(source, rank, world)
+        mine = {str(folder / f"{s:02d}.tar") for s in range(rank, 5, world)}
+        assert set(READS) == mine, rank  # its own shards, by their headers (not the 200 KB members)
+        for path in mine:
+            assert sum(length for _, length in READS[path]) < 0.2 * (tmp_path / path).stat().st_size
+        assert own.counts == {s: 6 for s in range(rank, 5, world)}
 
 
-def test_tasks_at_once_wait_for_each_other_s_counts(tmp_path, monkeypatch):
-    monkeypatch.setattr(listing, "COUNT_WAIT", (10.0, 30.0))  # long enough for the other thread to start
-    folder = big_shards(tmp_path / "big", shards=3)
-    source, parts, world = f"tarrecording://{folder}/*.tar", tmp_path / "parts", 3
-    READS.clear()
-    results: dict[int, OwnedItems] = {}
-
-    def task(rank: int) -> None:
-        results[rank] = own_listing(source, rank, world, TarCountBoard(parts, tmp_path / "x", "key", rank))
-
-    threads = [threading.Thread(target=task, args=(rank,)) for rank in range(world)]
-    start = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert time.monotonic() - start < 10.0  # each went on as soon as the others' counts were there
-    assert set(READS) == {str(folder / f"{s:02d}.tar") for s in range(world)}
-    full = collect_items(source)
-    for rank in range(world):
-        assert list(results[rank]) == list(Placement(rank, world).share(full, 8))
+def test_the_pieces_make_items_parquet_once_every_shard_is_listed(tars, tmp_path):
+    full = collect_items(str(tars))
+    out, parts = tmp_path / "out.parquet", tmp_path / "out.parquet.parts"
+    parts.mkdir()
+    world = 4
+    for rank in (3, 1, 0, 2):
+        own = own_listing(str(tars), rank, world)
+        own.input_key = "the input"
+        write_piece(parts, out, own)
+        if rank != 2:
+            with pytest.raises(IncompleteRunError, match=r"2 of 9 tar shards have not been listed yet \(e\.g\. #2, #6\)"
+                               if rank == 0 else r"tar shards have not been listed yet"):
+                assemble_items(parts, out)
+            assert shard_numbering(parts) is None
+    assert len(list((parts / LISTING_DIR).glob("*.parquet"))) == world
+    assert shard_numbering(parts).total == len(full)
+    assert assemble_items(parts, out)
+    assert pq.read_table(parts / "items.parquet").equals(items_table(list(full)))
 
 
-def test_the_wait_is_bounded_then_the_task_counts_alone(tmp_path, monkeypatch):
-    monkeypatch.setattr(listing, "COUNT_WAIT", (0.3, 0.6))
+def test_a_task_of_another_input_or_a_changed_shard_is_refused(tmp_path):
     tars, _ = write_dataset(tmp_path, noise_images(6), shards=3)
-    start = time.monotonic()
-    own = own_listing(str(tars), 1, 3, TarCountBoard(tmp_path / "parts", tmp_path / "x", "key", 1))
-    assert 0.3 <= time.monotonic() - start < 3.0
-    assert own.total == 6 and own.positions.tolist() == [2, 3]
-    assert len(list((tmp_path / "parts" / "listing" / "counts").glob("*/*.json"))) >= 1  # published
-
-
-def test_an_interrupt_stops_the_wait_at_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(listing, "COUNT_WAIT", (60.0, 60.0))
-    tars, _ = write_dataset(tmp_path, noise_images(4), shards=2)
-    # Python's own Ctrl-C handler (an earlier test in the same process may have left another one)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
-    start = time.monotonic()
-    timer.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            own_listing(str(tars), 0, 2, TarCountBoard(tmp_path / "parts", tmp_path / "x", "key", 0))
-    finally:
-        timer.join()
-        signal.signal(signal.SIGINT, previous)
-    assert time.monotonic() - start < 5.0
-
-
-def test_counts_of_another_input_are_apart_those_of_a_changed_shard_refused(tmp_path, no_wait):
-    tars, _ = write_dataset(tmp_path, noise_images(6), shards=3)
-    parts, out = tmp_path / "parts", tmp_path / "x"
-    own_listing(str(tars), 0, 3, TarCountBoard(parts, out, "key", 0))
-    READS.clear()
-    source = f"tarrecording://{tars}"
-    other = own_listing(source, 1, 3, TarCountBoard(parts, out, "other key", 1))  # not this key's counts
-    assert other.total == 6 and set(READS) == {str(tars / f"0000{s}.tar") for s in range(3)}
+    out, parts = tmp_path / "x", tmp_path / "parts"
+    parts.mkdir()
+    first = own_listing(str(tars), 0, 3)
+    first.input_key = "key"
+    write_piece(parts, out, first)
+    other = own_listing(str(tars / "0000{0,1}.tar"), 1, 2)
+    other.input_key = "key"  # (the same arguments, a pattern that matches fewer files now)
     with pytest.raises(ConfigMismatchError, match=r"x: the --shard tasks there listed a different input "
-                                                  r"\(.*\.json: 3 tar shards, now 2\)"):
-        own_listing(str(tars / "0000{0,1}.tar"), 1, 2, TarCountBoard(parts, out, "key", 1))
-    write_tar(tars / "00001.tar", [("a.png", encode(noise_images(1)[0]))])  # 2 samples before, 1 now
-    with pytest.raises(ConfigMismatchError, match=r"tar shard #1 of the input has 1 rows here, 2 as another"):
-        own_listing(str(tars), 1, 3, TarCountBoard(parts, out, "key", 1))
+                                                  r"\(.*\.parquet: 3 tar shards, now 2\)"):
+        write_piece(parts, out, other)
+    again = own_listing(str(tars), 0, 3)
+    write_tar(tars / "00000.tar", [("a.png", encode(noise_images(1)[0]))])  # 2 samples before, 1 now
+    changed = own_listing(str(tars), 0, 3)
+    again.input_key = changed.input_key = "key"
+    write_piece(parts, out, again)  # the same piece again: accepted
+    with pytest.raises(ConfigMismatchError, match=r"tar shard #0 of the input has 1 rows here, 2 as another"):
+        write_piece(parts, out, changed)
+    whole = collect_items(str(tars))
+    whole.input_key = "key"
+    from tagclip_cli.jobs.listing import Listed, check_pieces
 
-
-def test_a_finished_output_without_a_work_directory_is_left_alone(tmp_path):
-    (tmp_path / "out.parquet").write_bytes(b"finished")
-    assert type(listing.tar_counts(tmp_path / "out.parquet.parts", tmp_path / "out.parquet", "k", 0)) is TarCounts
-    assert isinstance(listing.tar_counts(tmp_path / "new.parquet.parts", tmp_path / "new.parquet", "k", 0),
-                      TarCountBoard)
+    with pytest.raises(ConfigMismatchError, match=r"tar shard #0 of the input has 1 rows here, 2 as another"):
+        check_pieces(parts, out, Listed.of(whole), whole)  # a whole-list run finds the shard changed too

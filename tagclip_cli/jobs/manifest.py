@@ -26,8 +26,8 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from tagclip_cli.errors import UsageError
 from tagclip_cli.fileio import fsync_dir
+from tagclip_cli.itemlist import LOCAL_BASE
 from tagclip_cli.record import METADATA_KEY
 
 log = logging.getLogger(__name__)
@@ -169,11 +170,36 @@ def read_part_entry(path: Path) -> PartEntry:
 
 
 class PartIndex:
-    """The entries of the part files present in a work directory, by part name."""
+    """The entries of the part files present in a work directory, by part name (`bounds`: the first
+    and last index of the parts whose indices were renumbered, in place of those of their names)."""
 
-    def __init__(self, entries: dict[str, PartEntry], adopted: int = 0) -> None:
+    def __init__(self, entries: dict[str, PartEntry], adopted: int = 0,
+                 bounds: dict[str, tuple[int, int]] | None = None) -> None:
         self.entries = entries
         self.adopted = adopted
+        self.bounds = bounds or {}
+
+    def local(self) -> list[str]:
+        """The parts numbered with local indices (a --shard task over tars, itemlist.LOCAL_BASE)."""
+        return [name for name, entry in self.entries.items() if entry.runs and entry.runs[0] >= LOCAL_BASE]
+
+    def renumbered(self, to_global: Callable[[np.ndarray], np.ndarray]) -> PartIndex:
+        """This index with the local indices of its parts made global by to_global (runs, failed
+        indices, first and last index; the runs of a part stay runs: none crosses a tar shard)."""
+        names = self.local()
+        if not names:
+            return self
+        runs = [np.asarray(self.entries[name].runs, dtype=np.int64) for name in names]
+        failed = [np.asarray(self.entries[name].failed, dtype=np.int64) for name in names]
+        sizes = [len(r) for r in runs] + [len(f) for f in failed]
+        mapped = np.split(to_global(np.concatenate([np.zeros(0, np.int64), *runs, *failed])), np.cumsum(sizes)[:-1])
+        entries, bounds = dict(self.entries), dict(self.bounds)
+        for k, name in enumerate(names):
+            new_runs, new_failed = mapped[k], mapped[len(names) + k]
+            entries[name] = replace(self.entries[name], runs=tuple(new_runs.tolist()),
+                                    failed=tuple(new_failed.tolist()))
+            bounds[name] = (int(new_runs[0]), int(new_runs[-1]) - 1)
+        return PartIndex(entries, self.adopted, bounds)
 
     @classmethod
     def scan(cls, directory: Path, writer: ManifestWriter | None = None) -> PartIndex:
@@ -200,6 +226,9 @@ class PartIndex:
         """(first index, last index, name) of every part, by first index."""
         found = []
         for name in self.entries:
+            if name in self.bounds:
+                found.append((*self.bounds[name], name))
+                continue
             match = PART_NAME.fullmatch(name)
             found.append((int(match[1]), int(match[2]), name))  # type: ignore[index]
         return sorted(found)

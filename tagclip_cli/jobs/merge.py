@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tagclip_cli.errors import IncompleteRunError
+from tagclip_cli.itemlist import LOCAL_BASE
 
 MERGE_MEMORY = 32 << 20  # bytes of waiting pieces kept in memory before they are spilled
 
@@ -112,10 +113,12 @@ def first_rows(table: pa.Table) -> pa.Table:
 
 
 def iter_merged(parts: Sequence[tuple[int, Path]], schema: pa.Schema, total: int, chunk: int,
-                spill_root: Path, budget: int | None = None) -> Iterator[pa.Table]:
+                spill_root: Path, budget: int | None = None,
+                renumber: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[pa.Table]:
     """The rows of the parts ((first index, path), by first index) in index order, one row per
     index, `chunk` indices at a time (budget: bytes of waiting rows held in memory, default
-    MERGE_MEMORY). Raises IncompleteRunError if an index below total has no row."""
+    MERGE_MEMORY; renumber: makes the local indices of a part global, jobs/listing.Numbering).
+    Raises IncompleteRunError if an index below total has no row."""
     chunks = -(-total // chunk)
     buffer = ChunkBuffer(schema, spill_root / f".merge-{uuid.uuid4().hex[:12]}.arrows",
                          MERGE_MEMORY if budget is None else budget)
@@ -125,7 +128,7 @@ def iter_merged(parts: Sequence[tuple[int, Path]], schema: pa.Schema, total: int
             start, end = number * chunk, (number + 1) * chunk
             buffer.current = number
             while following < len(parts) and parts[following][0] < end:
-                table = pq.read_table(parts[following][1]).cast(schema)
+                table = _renumbered(pq.read_table(parts[following][1]).cast(schema), renumber)
                 for at, piece in split_by_chunk(table, chunk, chunks):
                     buffer.add(at, piece)
                 following += 1
@@ -136,6 +139,17 @@ def iter_merged(parts: Sequence[tuple[int, Path]], schema: pa.Schema, total: int
                 yield merged
     finally:
         buffer.close()
+
+
+def _renumbered(table: pa.Table, renumber: Callable[[np.ndarray], np.ndarray] | None) -> pa.Table:
+    """The table with its local indices made global (a part of global indices as it is)."""
+    if renumber is None or not table.num_rows:
+        return table
+    index = table.column("index").to_numpy()
+    if index.max() < LOCAL_BASE:
+        return table
+    at = table.schema.get_field_index("index")
+    return table.set_column(at, table.schema.field(at), pa.array(renumber(index), pa.int64()))
 
 
 def _check_complete(merged: pa.Table, start: int, stop: int) -> None:

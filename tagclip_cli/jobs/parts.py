@@ -7,7 +7,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +23,18 @@ from tagclip_cli.errors import (
 )
 from tagclip_cli.faults import deferred_signals
 from tagclip_cli.fileio import atomic_path, write_json_atomic
-from tagclip_cli.itemlist import ItemList, ItemShare, OwnedItems, as_share
+from tagclip_cli.itemlist import LOCAL_BASE, ItemList, ItemShare, OwnedItems, as_share, total_items
 from tagclip_cli.jobs.listing import (
     ITEMS_SCHEMA,
     ITEMS_SLICE,
+    Listed,
+    Numbering,
     assemble_items,
     check_pieces,
+    positions_in,
     rows_at,
+    shard_numbering,
+    whole_list_numbering,
     write_piece,
 )
 from tagclip_cli.jobs.manifest import MANIFEST_DIR, ManifestWriter, PartEntry, PartIndex
@@ -105,6 +110,7 @@ class PartStore:
         self.dir = parts_dir(self.out)
         self.manifest = ManifestWriter(self.dir / MANIFEST_DIR)
         self._index: PartIndex | None = None  # the scan at the start of this process
+        self._numbering: Numbering | None = None  # local indices -> global ones, once known
 
     @classmethod
     def open(
@@ -151,7 +157,7 @@ class PartStore:
         if (self.dir / "items.parquet").exists():
             self._check_items(items)
         elif isinstance(items, OwnedItems):
-            check_pieces(self.dir, self.out, items.total, items.input_key)
+            check_pieces(self.dir, self.out, Listed.of(items))
 
     def _refuse_existing_output(self, config: RunRecord) -> None:
         if self.out.exists() and not self.dir.exists():
@@ -167,7 +173,7 @@ class PartStore:
         """The input list against items.parquet, a slice at a time (not when it was read from this
         directory's plan, which was written with items.parquet from the same listing)."""
         if isinstance(items, OwnedItems):  # a --shard task that listed only its own row groups
-            difference = own_items_differ(self.dir / "items.parquet", items)
+            difference = own_items_differ(self.dir / "items.parquet", items, self.numbering())
         else:
             columns = ItemList.of(items)
             if columns.planned_in == str(self.dir):
@@ -197,10 +203,12 @@ class PartStore:
         if path.exists():
             self._check_items(columns)
         elif create and columns.held is None:
-            check_pieces(self.dir, self.out, len(columns), columns.input_key)
+            check_pieces(self.dir, self.out, Listed.of(columns), columns)
             write_items(columns, path)
         else:
             raise UsageError(f"{path}: missing (is OUT on a shared filesystem?)")
+        if columns.held is None:  # a whole list: it numbers the local indices of tar tasks' parts itself
+            self._numbering = whole_list_numbering(columns)
         if create and columns.input_key is not None and columns.held is None and not plan_path(self.dir).exists():
             write_plan(columns, self.dir, columns.input_key, window)  # later tasks read their share (jobs/plan.py)
 
@@ -250,24 +258,50 @@ class PartStore:
             self._index = self.scan()
         return self._index
 
+    def numbering(self) -> Numbering | None:
+        """Local indices -> global ones (jobs/listing.py), when known: from the whole list this
+        process listed, else the pieces of every tar shard or the plan."""
+        if self._numbering is None:
+            self._numbering = shard_numbering(self.dir)
+        return self._numbering
+
+    def global_index(self, index: PartIndex) -> PartIndex:
+        """index with the local indices of --shard tasks over tars made global, as far as known."""
+        if not index.local():
+            return index
+        numbering = self.numbering()
+        return index if numbering is None else index.renumbered(numbering.to_global)
+
     def part_files(self) -> list[tuple[int, int, Path]]:
-        """(first index, last index, path) of every complete part, by first index."""
-        return [(lo, hi, self.dir / name) for lo, hi, name in self.scan().parts()]
+        """(first index, last index, path) of every complete part, by first (global) index."""
+        return [(lo, hi, self.dir / name) for lo, hi, name in self.global_index(self.scan()).parts()]
 
     def done_mask(self, total: int) -> np.ndarray:
         """(total,) bool: which indices already have a row (one bit per image, not a set of rows)."""
-        return self.scan().done_mask(total)
+        return self.global_index(self.scan()).done_mask(total)
 
-    def remaining(self, items: Sequence[ImageItem], total: int) -> ItemShare:
-        """The items (of an input list of `total`) that have no row yet, in their order."""
+    def remaining(self, items: Sequence[ImageItem], total: int | None = None) -> ItemShare:
+        """The items that have no row yet, in their order (local indices: among the parts of local
+        indices, as the task that numbered them wrote them)."""
         share = as_share(items)
-        done = self.index().done_at(share.positions)
+        local = bool(len(share.positions)) and share.positions[-1] >= LOCAL_BASE
+        done = (self.index() if local else self.global_index(self.index())).done_at(share.positions)
         return share.take(share.positions[~done]) if done.any() else share  # nothing done: no copy
 
-    def failed_indices(self) -> np.ndarray:
+    def failed_indices(self, local: bool = False) -> np.ndarray:
         """Indices of the rows already in parts whose status is "failed" (for the exit code of a
-        resumed run: the output has them even though this run did not meet them)."""
-        return self.index().failed_indices()
+        resumed run: the output has them even though this run did not meet them); local: as the
+        parts hold them, else global as far as known."""
+        return (self.index() if local else self.global_index(self.index())).failed_indices()
+
+    def left(self, items: Sequence[ImageItem]) -> int | None:
+        """The number of images of the whole input without a row; None when not known yet (a task
+        over tars whose fellow tasks have not all listed their shards)."""
+        total = total_items(items)
+        if total is None:
+            numbering = self.numbering()
+            total = None if numbering is None else numbering.total
+        return None if total is None else len(self.missing(total))
 
     # ---- writing ----
     def write_part(self, table: pa.Table) -> Path:
@@ -301,7 +335,12 @@ class PartStore:
         """The rows of all parts in index order, one row per index, `chunk` indices at a time: a
         streaming merge that reads each part once (jobs/merge.py)."""
         parts = [(lo, path) for lo, _, path in self.part_files()]
-        return iter_merged(parts, schema, total, chunk, self.dir)
+        return iter_merged(parts, schema, total, chunk, self.dir, renumber=self.renumber())
+
+    def renumber(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """What makes the local indices of the parts' rows global in a merge (None: none to make)."""
+        numbering = self.numbering() if self.scan().local() else None
+        return None if numbering is None else numbering.to_global
 
     def merge(self, schema: pa.Schema, total: int, fmt: str = "parquet", wait_seconds: float = 0.0,
               options: dict | None = None) -> int:
@@ -362,10 +401,12 @@ def _finished_own(out: Path, config: RunRecord, items: OwnedItems) -> int | None
         if not RecordIO.same(read_record(out), config):
             return None
         stored = pq.ParquetFile(out)
-        if stored.metadata.num_rows != items.total or stored.schema_arrow.names[:2] != ["index", "image_id"]:
+        names = stored.schema_arrow.names
+        if items.total not in (None, stored.metadata.num_rows) or names[:2] != ["index", "image_id"]:
             return None
         keys = [c for c in ("index", "image_id", "path") if c in stored.schema_arrow.names]
-        if not rows_at(out, items.positions, keys).equals(items.table().select(keys)):
+        positions = positions_in(out, items)  # (a task over tars: where its shards' rows are)
+        if positions is None or not rows_at(out, positions, keys).equals(_numbered(items, positions).select(keys)):
             return None
         status = pq.read_table(out, columns=["status"]).column("status")
         return len(status) - int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
@@ -373,16 +414,24 @@ def _finished_own(out: Path, config: RunRecord, items: OwnedItems) -> int | None
         return None
 
 
-def own_items_differ(path: Path, items: OwnedItems) -> str | None:
-    """items_differ for a --shard task's own items: items.parquet's rows at their indices."""
+def own_items_differ(path: Path, items: OwnedItems, numbering: Numbering | None = None) -> str | None:
+    """items_differ for a --shard task's own items: items.parquet's rows at their (global) indices."""
     total = pq.ParquetFile(path).metadata.num_rows
-    if total != items.total:
+    if items.total not in (None, total):
         return f"the unfinished run there has a different input list ({total} images, now {items.total})"
-    previous = rows_at(path, items.positions, ITEMS_SCHEMA.names).cast(ITEMS_SCHEMA)
-    current = items.table().cast(ITEMS_SCHEMA)
+    positions = positions_in(path, items, numbering)
+    if positions is None:
+        return "the unfinished run there has a different input list (this task's tar shards are not in it)"
+    previous = rows_at(path, positions, ITEMS_SCHEMA.names).cast(ITEMS_SCHEMA)
+    current = _numbered(items, positions).cast(ITEMS_SCHEMA)
     if previous.equals(current):
         return None
-    return describe_item_difference(previous, current, items.positions)
+    return describe_item_difference(previous, current, positions)
+
+
+def _numbered(items: OwnedItems, positions: np.ndarray) -> pa.Table:
+    """The task's items as items.parquet's rows, at these global indices."""
+    return items.table().set_column(0, "index", pa.array(positions, pa.int64()))
 
 
 def has_previous(out: Path | None, overwrite: bool) -> bool:
@@ -476,7 +525,7 @@ def merge_output(out: Path) -> int:
     if not (store.dir / "items.parquet").exists():
         assemble_items(store.dir, store.out)  # the pieces of --shard tasks that listed their own share
     total = store.total()
-    index = store.scan()
+    index = store.global_index(store.scan())
     missing = np.flatnonzero(~index.done_mask(total))
     if len(missing):
         raise IncompleteRunError(store.describe_missing(missing, total))
@@ -490,7 +539,8 @@ def merge_output(out: Path) -> int:
                 "were the shards started with different options? Rerun that shard's work with --overwrite "
                 "in a fresh output")
     job = store.job()
-    merged = iter_merged([(lo, store.dir / name) for lo, _, name in parts], schema, total, ROW_GROUP_SIZE, store.dir)
+    merged = iter_merged([(lo, store.dir / name) for lo, _, name in parts], schema, total, ROW_GROUP_SIZE, store.dir,
+                         renumber=store.renumber())
     rows = write_final(job.get("format", "parquet"), merged, store.out, schema, job.get("final_options"))
     store.cleanup()
     return rows

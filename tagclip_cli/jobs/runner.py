@@ -12,10 +12,11 @@ from typing import TextIO
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from tagclip_cli.data import DecodedImage, bucket_batches
 from tagclip_cli.errors import OutputWriteError, UsageError
-from tagclip_cli.itemlist import ItemList, ItemShare, total_items
+from tagclip_cli.itemlist import LOCAL_BASE, ItemList, ItemShare, total_items
 from tagclip_cli.jobs.parts import PartStore, finished_output
 from tagclip_cli.jobs.placement import Placement
 from tagclip_cli.jobs.session import Session
@@ -119,10 +120,10 @@ def run_job(
         resumable = not spec.overwrite and spec.format == "parquet"
         finished = finished_output(spec.out, spec.config, spec.items) if resumable else None
         if finished is not None:
-            return _already_complete(spec.out, total_items(spec.items), placement, finished)
+            return _already_complete(spec.out, spec.items, placement, finished)
         store = _open_store(spec, sess)
         _keep_share(spec.items, mine, placement, spec.window)
-        todo = store.remaining(mine, total_items(spec.items))
+        todo = store.remaining(mine)
         sink = PartSink(store, spec.schema, spec.part_size)
     summary = _resume_summary(store, mine.positions, len(todo))
     if progress:
@@ -139,7 +140,7 @@ def check_before_loading(out: Path, config: RunRecord, items: Sequence[ImageItem
     inputs (ConfigMismatchError, naming each changed setting); None when there is work to do."""
     finished = finished_output(out, config, items) if output_format == "parquet" else None
     if finished is not None:
-        return _already_complete(out, total_items(items), placement, finished)
+        return _already_complete(out, items, placement, finished)
     PartStore(out).refuse_other_settings(config, items)
     return None
 
@@ -151,9 +152,12 @@ def _stdout_sink(spec: JobSpec, placement: Placement, stdout: TextIO | None) -> 
     return JsonLinesSink(stdout or sys.stdout, spec.config.classes or ())
 
 
-def _already_complete(out: Path, total: int, placement: Placement, failed: int) -> Summary:
+def _already_complete(out: Path, items: Sequence[ImageItem], placement: Placement, failed: int) -> Summary:
     """Rerunning a finished command is a no-op, as `make` would do (job arrays retry whole
     commands); exit 1 still reports failed rows, as after a resumed run."""
+    total = total_items(items)
+    if total is None:  # (a task over tars that numbered its own shards: the output's rows)
+        total = pq.ParquetFile(out).metadata.num_rows
     return Summary(total=total, skipped=total, failed_before=failed if placement.leader else 0,
                    leader=placement.leader, merged=True,
                    note=f"{out} is already complete for these images and this configuration; "
@@ -184,7 +188,7 @@ def _resume_summary(store: PartStore | None, mine: np.ndarray, todo: int) -> Sum
     by an earlier run (and how many of them failed, for the exit code)."""
     summary = Summary(total=len(mine), skipped=len(mine) - todo)
     if store is not None and summary.skipped:
-        failed = store.failed_indices()
+        failed = store.failed_indices(local=bool(len(mine)) and mine[-1] >= LOCAL_BASE)
         at = np.searchsorted(mine, failed)
         summary.failed_before = int((mine[np.minimum(at, len(mine) - 1)] == failed).sum()) if len(mine) else 0
         log.info("%d images already done in %s; %d to go", summary.skipped, store.dir, todo)
@@ -238,7 +242,7 @@ def _finish(spec: JobSpec, sess: Session, store: PartStore | None, summary: Summ
         total.note = f"stopped at the first failure (--fail-fast); finished parts are kept in {store.dir}"
         return total
     if not placement.merges:
-        total.note = _shard_note(spec, placement, len(store.missing(total_items(spec.items))))
+        total.note = _shard_note(spec, placement, store.left(spec.items))
         return total
     rows = store.merge(spec.schema, total_items(spec.items), spec.format,
                        wait_seconds=60.0 if placement.distributed else 0.0, options=spec.final_options)
@@ -248,8 +252,12 @@ def _finish(spec: JobSpec, sess: Session, store: PartStore | None, summary: Summ
     return total
 
 
-def _shard_note(spec: JobSpec, placement: Placement, left: int) -> str:
-    """What to do after one --shard finished: merge now, or when the other shards are done."""
+def _shard_note(spec: JobSpec, placement: Placement, left: int | None) -> str:
+    """What to do after one --shard finished: merge now, or when the other shards are done (left:
+    the images without a row; None: not known, some tasks over tars have not listed their shards)."""
+    if left is None:
+        return (f"{placement.describe()} finished. The tasks of some other tar shards have not listed them yet; when "
+                f"all shards are done, run `tagclip merge {spec.out}`")
     return (
         f"{placement.describe()} finished. "
         + (f"All shards are done: run `tagclip merge {spec.out}`" if not left else
