@@ -165,8 +165,10 @@ def peak_mb() -> float:
 def child_listing(source: str, own: str = "", counts: str = "") -> None:
     """Print {seconds, items, base_mb, peak_mb, retained_mb} for collect_items(source); own "I/N":
     what --shard I/N lists without a plan (its own row groups of Parquet inputs, its own tar shards);
-    counts: a folder standing for OUT, whose work directory shares the tar counts between tasks
-    (jobs/listing.py; without it the task counts every other shard itself)."""
+    counts (only for a --code checkout from before local numbering, which had jobs/listing.py's
+    TarCountBoard): a folder standing for OUT, whose work directory shares the tar counts between
+    tasks (without it that task counts every other shard itself). items: the whole input's count
+    when the listing knows it, else (tars numbered locally) the items listed."""
     import gc
 
     import torch  # noqa: F401  (the imports of a run, in the baseline)
@@ -188,7 +190,8 @@ def child_listing(source: str, own: str = "", counts: str = "") -> None:
     items = collect_items(source, **({"own": share} if share else {}))
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     gc.collect()
-    total = getattr(items, "total", len(items))
+    total = getattr(items, "total", None)
+    total = len(items) if total is None else total
     print(json.dumps({"seconds": seconds, "cpu": cpu, "items": total, "listed": len(items), "base_mb": base,
                       "peak_mb": peak_mb(), "retained_mb": rss_mb() - base}))
 
@@ -253,12 +256,13 @@ def section_listing(root: Path, sizes: list[int], kinds: list[str], own: str = "
 
 
 def tar_count_runs(root: Path, kind: str, own: str) -> list[tuple[str, str]]:
-    """(counts folder, what) of each listing to measure: one; for a --shard task over tars with the
-    tar share (jobs/listing.py's TarCountBoard), three: alone (no work directory: it counts every other
-    shard itself, at once), the first task of an array (waits for counts, then counts and publishes
-    them) and a task that finds them all published."""
+    """(counts folder, what) of each listing to measure: one (a --shard task over tars: its own shards,
+    numbered locally; N/item figures are then per item listed); for a --code checkout with the
+    earlier tar share (jobs/listing.py's TarCountBoard), three: alone (no work directory: it counts
+    every other shard itself, at once), the first task of an array (waits for counts, then counts and
+    publishes them) and a task that finds them all published."""
     if not (own and kind == "tars" and "TarCountBoard" in (Path(CODE[0]) / "tagclip_cli/jobs/listing.py").read_text()):
-        return [("", "")]
+        return [("", "own shards only (local numbering)" if own and kind == "tars" else "")]
     board = tempfile.mkdtemp(dir=root)
     return [("", "alone (counts the other shards)"), (board, "first (waits, counts, publishes)"),
             (board, "counts published")]
@@ -285,8 +289,8 @@ def section_shard_start(root: Path, sizes: list[int], kinds: list[str]) -> None:
                 tasks = (("0/1000", "first (lists, writes the plan)"), ("1/1000", "later (reads the plan)"))
                 if kind == "parquet":  # no plan: each task lists its own row groups (footers of the rest)
                     tasks = (("0/1000", "first (its own row groups)"), ("1/1000", "later (its own row groups)"))
-                if kind == "tars":  # (before the tar share: the first lists and writes the plan, later read it)
-                    tasks = (("0/1000", "first (own shards, counts rest)"), ("1/1000", "later (own shards+counts)"))
+                if kind == "tars":  # no plan: each task lists its own shards, numbered locally
+                    tasks = (("0/1000", "first (own shards, local)"), ("1/1000", "later (own shards, local)"))
                 for task, what, name in (*((t, w, "tags") for t, w in tasks),
                                          ("none", "single process (no --shard)", "single")):
                     r = run_child("--child-start", source, str(Path(out) / f"{name}.parquet"), str(checkpoint),

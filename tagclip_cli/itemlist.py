@@ -523,6 +523,13 @@ class OwnedItems(ItemShare):
     def _item(self, k: int, index: int) -> ImageItem:
         return replace(self.base.item(k), index=index)
 
+    def any_images(self) -> bool:
+        """Whether the input has images: a task over tars knows it of its own shards only, so it says
+        no only when it owns them all (others may hold images it has not looked at)."""
+        if self.numbered_locally:
+            return bool(len(self)) or len(self.counts) < self.shards  # type: ignore[arg-type,operator]
+        return bool(self.total)
+
     def _like(self, positions: np.ndarray, local: np.ndarray) -> OwnedItems:
         same = OwnedItems(self.base, positions, self.total, local, self.counts, self.shards)
         same.input_key = self.input_key

@@ -432,21 +432,11 @@ def collect_items(
     owned = isinstance(items, OwnedItems)  # Parquet files or tars (all unreadable: refused by the listing)
     if (columns.image or columns.id) and not owned and not has_parquet(items):
         raise UsageError("--image-column / --id-column apply to Parquet inputs")
-    if not _any_items(items):
+    if not (items.any_images() if isinstance(items, OwnedItems) else items):
         raise UsageError(f"{_safe(str(where))}: no images found (extensions: "
                          f"{', '.join(e[1:] for e in IMAGE_EXTENSIONS)}; or tar shards, Parquet files)")
     pa.default_memory_pool().release_unused()  # what listing freed (chunks, sort indices) goes back
     return items
-
-
-def _any_items(items: ItemList | OwnedItems) -> bool:
-    """Whether the input has images: a --shard task over tars knows it of its own shards only, so it
-    says no only when it owns them all (others may hold images it has not looked at)."""
-    if not isinstance(items, OwnedItems):
-        return bool(items)
-    if items.numbered_locally:
-        return bool(len(items)) or len(items.counts) < items.shards  # type: ignore[arg-type]
-    return bool(items.total)
 
 
 def _collect_images(images: str, image_root: str | Path | None, stdin: TextIO | None,

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from shard_fixtures import noise_images, write_dataset
-from test_jobs import fake_process, fake_records, run, spec
+from test_jobs import CONFIG, fake_process, fake_records, run, spec
 
 from tagclip_cli.commands import planned_items
 from tagclip_cli.errors import ConfigMismatchError
@@ -225,3 +225,32 @@ def test_a_plan_without_its_items_parquet_is_not_used(data, tmp_path):
     (parts_dir(out) / "items.parquet").unlink()
     again = planned_items(out, Placement(rank=1, world=3, shard=(1, 3)), str(tars), batch_size=1)
     assert isinstance(again, OwnedItems) and again.counts == {1: 3} and len(again) == 3  # listed: its own shard
+
+
+def test_local_and_global_parts_on_one_output_merge_to_one_process_output(many, tmp_path):
+    """A tar task numbers its shards locally (no plan yet); then a whole list is written (the plan)
+    and the other tasks read their share from it (global indices): `tagclip merge` renumbers the
+    first task's parts and gives the one-process rows. A whole-list run finds the local parts done."""
+    tars, _ = many
+    source, full = str(tars), collect_items(str(tars))
+    single = tmp_path / "single.parquet"
+    run(collect_items(source), single)
+    same = ["index", "image_id", "status", "error"]
+    for finish in ("plan tasks", "whole-list run"):
+        out = tmp_path / f"{finish}.parquet"
+        local = planned_items(out, Placement(rank=1, world=3, shard=(1, 3)), source, batch_size=2)
+        assert isinstance(local, OwnedItems) and local.numbered_locally
+        run_by_image(local, out, Placement(rank=1, world=3, shard=(1, 3)), full)
+        if finish == "whole-list run":  # lists everything, skips the local task's images, merges
+            summary = run_by_image(collect_items(source), out, Placement(), full)
+            assert summary.skipped == len(local) and summary.done + summary.failed == 30 - len(local)
+        else:
+            whole = planned_items(out, Placement(rank=0, world=3, shard=(0, 3)), source, whole=True)
+            PartStore.open(out, CONFIG, whole, {"window": 8})  # a whole list on the output: items.parquet, the plan
+            for rank in (2, 0):
+                placement = Placement(rank=rank, world=3, shard=(rank, 3))
+                planned = planned_items(out, placement, source, batch_size=2)
+                assert planned.held is not None  # read from the plan: global indices
+                run_by_image(planned, out, placement, full)
+            assert merge_output(out) == 30
+        assert pq.read_table(out, columns=same).equals(pq.read_table(single, columns=same)), finish

@@ -337,9 +337,10 @@ class PartStore:
         parts = [(lo, path) for lo, _, path in self.part_files()]
         return iter_merged(parts, schema, total, chunk, self.dir, renumber=self.renumber())
 
-    def renumber(self) -> Callable[[np.ndarray], np.ndarray] | None:
-        """What makes the local indices of the parts' rows global in a merge (None: none to make)."""
-        numbering = self.numbering() if self.scan().local() else None
+    def renumber(self, index: PartIndex | None = None) -> Callable[[np.ndarray], np.ndarray] | None:
+        """What makes the local indices of the parts' rows global in a merge (None: none to make);
+        index: the scan the merge reads (default: a new one)."""
+        numbering = self.numbering() if (self.scan() if index is None else index).local() else None
         return None if numbering is None else numbering.to_global
 
     def merge(self, schema: pa.Schema, total: int, fmt: str = "parquet", wait_seconds: float = 0.0,
@@ -525,7 +526,8 @@ def merge_output(out: Path) -> int:
     if not (store.dir / "items.parquet").exists():
         assemble_items(store.dir, store.out)  # the pieces of --shard tasks that listed their own share
     total = store.total()
-    index = store.global_index(store.scan())
+    raw = store.scan()
+    index = store.global_index(raw)
     missing = np.flatnonzero(~index.done_mask(total))
     if len(missing):
         raise IncompleteRunError(store.describe_missing(missing, total))
@@ -540,7 +542,7 @@ def merge_output(out: Path) -> int:
                 "in a fresh output")
     job = store.job()
     merged = iter_merged([(lo, store.dir / name) for lo, _, name in parts], schema, total, ROW_GROUP_SIZE, store.dir,
-                         renumber=store.renumber())
+                         renumber=store.renumber(raw))
     rows = write_final(job.get("format", "parquet"), merged, store.out, schema, job.get("final_options"))
     store.cleanup()
     return rows

@@ -169,45 +169,76 @@ def test_a_task_of_another_input_is_refused(dataset, tiny_checkpoint, cache, tmp
     assert "22 images, now 16" in other.stderr
 
 
-TARS = "data/{00000..00004}.tar"  # (named, not globbed: a task's copy lacks the shards it does not own)
+def tar_dataset(root: Path) -> Path:
+    """Six shards: 0, 1 and 3 plain, 2 empty, 4 with a key repeated (`#2`), 5 cut in the middle of a
+    member (its samples before the cut, then a failed row)."""
+    from shard_fixtures import encode, write_dataset, write_tar
+
+    tars, _ = write_dataset(root, noise_images(9, seed=23, sizes=((64, 48), (48, 64))), shards=3)
+    (tars / "00002.tar").rename(tars / "00003.tar")
+    write_tar(tars / "00002.tar", [])
+    one, two = noise_images(2, seed=24, sizes=((64, 48),))
+    write_tar(tars / "00004.tar", [("k.png", encode(one)), ("x.png", encode(two)), ("k.png", encode(two))])
+    members = [(f"{k:03d}.png", encode(arr)) for k, arr in enumerate(noise_images(4, seed=25, sizes=((48, 64),)))]
+    whole = write_tar(root / "whole.tar", members).read_bytes()
+    (tars / "00005.tar").write_bytes(whole[: len(whole) // 2])
+    return tars
 
 
-def test_tar_tasks_read_only_their_shards_and_the_merge_is_the_same_file(tiny_checkpoint, cache, tmp_path):
-    """--shard tasks over tars with no plan: the first one (nothing published yet) counts the other
-    shards from their headers and publishes the counts; the later ones run on a copy holding only
-    their own shards. A whole-list run on a copy of the parts finds every image done and merges to
-    the single process's bytes; `tagclip merge` of the tasks' pieces gives its rows and metadata."""
-    from shard_fixtures import write_dataset
+def own_copy(pristine: Path, data: Path, rank: int, world: int) -> None:
+    """data/: only the shards task rank/world owns (shard % world == rank)."""
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir()
+    for shard in range(rank, 6, world):
+        shutil.copy(pristine / f"{shard:05d}.tar", data)
 
-    pristine, _ = write_dataset(tmp_path / "pristine", noise_images(14, seed=23, sizes=((64, 48), (48, 64))), shards=5)
+
+def test_tar_tasks_number_their_own_shards_and_the_merge_renumbers_to_one_process(tiny_checkpoint, cache, tmp_path):
+    """--shard tasks over tars with no plan, each on a copy holding only its own shards, in the
+    order 0, 2, 1; task 0 is killed after its first part and resumed before the others run. The
+    merge refuses while task 1 has not run (naming its shards), then gives the single process's rows
+    and metadata; a whole-list run on a copy of the parts finds every image done and writes the
+    single process's bytes; a rerun of a task after the merge finds the output complete."""
+    from conftest import kill_after_first_part
+
+    pristine = tar_dataset(tmp_path / "pristine")
+    tars = f"{tmp_path}/data/{{00000..00005}}.tar"  # (absolute: kill_after_first_part runs in another folder)
     shutil.copytree(pristine, tmp_path / "data")
-    ref = tagclip(*annotate(TARS, tmp_path / "ref.parquet", tiny_checkpoint), cache=cache, cwd=tmp_path)
-    assert ref.returncode == 0, ref.stderr
-    out, world = tmp_path / "own.parquet", 3
-    for rank in range(world):
-        if rank:
-            for shard in range(5):
-                if shard % world != rank:
-                    (tmp_path / "data" / f"{shard:05d}.tar").unlink(missing_ok=True)
-                else:
-                    shutil.copy(pristine / f"{shard:05d}.tar", tmp_path / "data")
-        proc = tagclip(*annotate(TARS, out, tiny_checkpoint, "--shard", f"{rank}/{world}"), cache=cache, cwd=tmp_path)
-        assert proc.returncode == 0 and "0 failed" in proc.stderr, proc.stderr
-        assert ("counted 3 tar shards of other tasks" in proc.stderr) == (rank == 0), proc.stderr
-    parts = tmp_path / "own.parquet.parts"
+    ref = tagclip(*annotate(tars, tmp_path / "ref.parquet", tiny_checkpoint), cache=cache)
+    assert ref.returncode == 1 and "failed" in ref.stderr, ref.stderr  # (the cut shard's failed row)
+    reference = pq.read_table(tmp_path / "ref.parquet")
+    out, parts, world = tmp_path / "own.parquet", tmp_path / "own.parquet.parts", 3
+    own_copy(pristine, tmp_path / "data", 0, world)
+    args = annotate(tars, out, tiny_checkpoint, "--shard", f"0/{world}", "--part-size", "1")
+    assert kill_after_first_part(args, env_for(cache), parts) < 0
+    written = sum(pq.read_metadata(p).num_rows for p in parts.glob("part-*.parquet"))
+    assert 0 < written < 6 and min(pq.read_table(parts / next(iter(sorted(p.name for p in parts.glob("part-*"))))
+                                   ).column("index").to_pylist()) >= 1 << 62  # local indices
+    resumed = tagclip(*args, cache=cache)
+    assert resumed.returncode == 0 and f"{6 - written} done, {written} skipped" in resumed.stderr, resumed.stderr
+    for rank in (2, 1):
+        if rank == 1:
+            early = tagclip("merge", str(out), cache=cache)
+            assert early.returncode == 2 and "Traceback" not in early.stderr and len(early.stderr.splitlines()) == 1
+            assert "2 of 6 tar shards have not been listed yet (e.g. #1, #4)" in early.stderr, early.stderr
+        own_copy(pristine, tmp_path / "data", rank, world)
+        proc = tagclip(*annotate(tars, out, tiny_checkpoint, "--shard", f"{rank}/{world}"), cache=cache)
+        assert proc.returncode == (1 if rank == 2 else 0), proc.stderr  # (task 2 owns the cut shard)
+        assert ("All shards are done" in proc.stderr) == (rank == 1), proc.stderr
     assert not (parts / "items.parquet").exists() and len(list((parts / "listing").glob("*.parquet"))) == world
     shutil.rmtree(tmp_path / "data")
     shutil.copytree(pristine, tmp_path / "data")
     shutil.copytree(parts, tmp_path / "again.parquet.parts")
-    again = tagclip(*annotate(TARS, tmp_path / "again.parquet", tiny_checkpoint), cache=cache, cwd=tmp_path)
-    assert again.returncode == 0 and "0 done, 14 skipped (already done)" in again.stderr, again.stderr
+    again = tagclip(*annotate(tars, tmp_path / "again.parquet", tiny_checkpoint), cache=cache)
+    assert again.returncode == 1 and f"0 done, {reference.num_rows} skipped" in again.stderr, again.stderr
     assert (tmp_path / "again.parquet").read_bytes() == (tmp_path / "ref.parquet").read_bytes()
     merged = tagclip("merge", str(out), cache=cache)
-    assert merged.returncode == 0 and "merged 14 rows" in merged.stderr, merged.stderr
-    table, reference = pq.read_table(out), pq.read_table(tmp_path / "ref.parquet")
+    assert merged.returncode == 0 and f"merged {reference.num_rows} rows" in merged.stderr, merged.stderr
+    table = pq.read_table(out)
     assert table.schema.equals(reference.schema, check_metadata=True)
     for name in reference.column_names:
         assert table.column(name).equals(reference.column(name)), name
-    rerun = tagclip(*annotate(TARS, out, tiny_checkpoint, "--shard", "1/3"), cache=cache, cwd=tmp_path)
-    assert rerun.returncode == 0 and "already complete" in rerun.stderr, rerun.stderr
+    assert "k#2" in " ".join(table.column("image_id").to_pylist())
+    rerun = tagclip(*annotate(tars, out, tiny_checkpoint, "--shard", "1/3"), cache=cache)
+    assert rerun.returncode == 1 and "already complete" in rerun.stderr, rerun.stderr  # (1: the failed rows)
     assert not (tmp_path / "own.parquet.parts").exists()  # (nothing created beside the finished output)
