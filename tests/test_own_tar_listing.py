@@ -194,3 +194,16 @@ def test_a_task_of_another_input_or_a_changed_shard_is_refused(tmp_path):
 
     with pytest.raises(ConfigMismatchError, match=r"tar shard #0 of the input has 1 rows here, 2 as another"):
         check_pieces(parts, out, Listed.of(whole), whole)  # a whole-list run finds the shard changed too
+
+
+def test_global_pieces_of_the_version_before_local_numbering_are_refused(tmp_path):
+    tars, _ = write_dataset(tmp_path, noise_images(6), shards=3)
+    out, parts = tmp_path / "x", tmp_path / "parts"
+    parts.mkdir()
+    local = own_listing(str(tars), 1, 3)
+    old = OwnedItems(local.base, np.array([2, 3]), 6)  # what a task of the earlier version wrote: global indices
+    old.input_key = local.input_key = "key"
+    write_piece(parts, out, old)
+    with pytest.raises(ConfigMismatchError, match=r"x: the --shard tasks there numbered their images as an earlier "
+                                                  r"version of tagclip-cli did \(000000000002-"):
+        write_piece(parts, out, local)
