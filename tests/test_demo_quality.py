@@ -21,13 +21,14 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 STREAM = 3000
 COUNT = 24
-# Measured on the shipped weights (mAP all / non-salient, 24 scenes): class token 82.3 / 59.9,
-# coarse 95.9 / 92.7, coarse + DMAR 96.1 / 93.3, full TagCLIP 96.0 / 93.0 (the weights shipped
-# before them: 73.6 / 45.4, 88.3 / 81.8, 90.6 / 82.1, 90.4 / 82.1). The full-vs-class-token margins
-# stay below the measured gaps of both (13.7 / 33.1 now, 16.8 / 36.7 before). DMAR's gain on these
-# scenes is small (+0.2 / +0.6; before +2.3 / +0.3; -0.1 / -0.4 on the 300 benchmark scenes of
-# docs/performance.md, where it trades recall for precision), so its guard only fails a clear
-# loss; full is within 0.1 of coarse + DMAR here, so CWR's guard too only fails a clear loss.
+# Measured on the shipped weights (mAP all / non-salient, 24 scenes): class token 86.1 / 63.6,
+# coarse 99.5 / 99.6, coarse + DMAR 99.6 / 99.8, full TagCLIP 99.6 / 99.8 (the two weights shipped
+# before them: 82.3 / 59.9, 95.9 / 92.7, 96.1 / 93.3, 96.0 / 93.0; and 73.6 / 45.4, 88.3 / 81.8,
+# 90.6 / 82.1, 90.4 / 82.1). The full-vs-class-token margins stay below the measured gaps of all three
+# (13.5 / 36.2 now, 13.7 / 33.1 and 16.8 / 36.7 before). DMAR's gain on these scenes is small (+0.1 /
+# +0.2; before +0.2 / +0.6 and +2.3 / +0.3), so its guard only fails a clear loss; full equals
+# coarse + DMAR here (the patch scores leave CWR nothing to add), so CWR's guard too only fails a
+# clear loss.
 MARGIN_ALL = 10.0
 MARGIN_NON_SALIENT = 12.0
 DMAR_GAIN_ALL = -2.0

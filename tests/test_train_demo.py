@@ -295,3 +295,40 @@ def test_cam_loss_trains_the_grad_cams_clsseg_reads() -> None:
     train.cam_loss(out, text, shares, scale).backward()
     # The last block's attention reaches the cams only through their channel weights (the gradient).
     assert model.visual.transformer.resblocks[-1].attn.in_proj_weight.grad.abs().sum() > 0
+
+
+def test_local_score_loss_scores_what_dmar_would_without_its_masks() -> None:
+    """The local-score loss reads TagCLIP's own first refinement (docs/algorithm.md §3: the mean of
+    the maps of layers L-3..L-1 times P_coarse; k = 0 turns the vote mask off) and its maximum over
+    patches per object class (§4), and scores it against which objects the scene holds."""
+    from tagclip_cli.synthetic import OBJECT_CLASSES
+    from tagclip_cli.tagclip import coarse_scores, layer_range, refined_attention
+
+    train = _load("train_demo_clip")
+    model, bb = _trainable_tiny(3)
+    images = torch.randn(2, 3, 32, 32)
+    n_obj = len(OBJECT_CLASSES)
+    shares = torch.zeros(2, 4, 18)
+    shares[0, :, 4] = torch.tensor([0.5, 0, 0, 0])
+    shares[1, :, 9] = torch.tensor([0, 1.0, 0.25, 0])
+    shares[:, :, n_obj + 2] = 1 - shares.sum(dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(18, 16), dim=-1)
+    scale = model.logit_scale.exp().detach()
+    out = train.training_forward(bb, images)
+    layers = layer_range((-3, -1), bb.num_layers)
+    locals_ = []
+    for b in range(2):
+        attn = out.attn[b, :, 1:, 1:].detach().float()
+        first = refined_attention(attn, layers, 0) @ coarse_scores(out.patches[b].detach(), text, float(scale))
+        locals_.append(first[:, :n_obj].amax(dim=0))
+    expected = torch.nn.functional.binary_cross_entropy(
+        torch.stack(locals_).clamp(1e-6, 1 - 1e-6), (shares[..., :n_obj].sum(dim=1) > 0).float())
+    trainer_layers = slice(max(0, bb.num_layers - 4), bb.num_layers - 1)
+    loss = train.local_score_loss(out, text, shares, scale, trainer_layers)
+    assert torch.allclose(loss.detach(), expected, atol=1e-6), (loss, expected)
+    # Another scene content gives another loss: the presence targets are read.
+    other = shares.clone()
+    other[0, :, 4], other[0, :, 5] = 0, shares[0, :, 4]
+    assert not torch.allclose(train.local_score_loss(out, text, other, scale, trainer_layers).detach(), expected)
+    loss.backward()
+    assert model.visual.transformer.resblocks[0].attn.in_proj_weight.grad.abs().sum() > 0
