@@ -332,3 +332,36 @@ def test_local_score_loss_scores_what_dmar_would_without_its_masks() -> None:
     assert not torch.allclose(train.local_score_loss(out, text, other, scale, trainer_layers).detach(), expected)
     loss.backward()
     assert model.visual.transformer.resblocks[0].attn.in_proj_weight.grad.abs().sum() > 0
+
+
+def test_crop_loss_classifies_cwr_crops_of_the_scene_objects() -> None:
+    """The crop loss cuts, per scene, one present object's CWR crop (the box around the patches whose
+    normalised share of it is above CWR's 0.5, docs/algorithm.md §5) and scores the class token of
+    Backbone.masked_cls_forward on it against that object (P_global's softmax)."""
+    from tagclip_cli.synthetic import OBJECT_CLASSES
+
+    train = _load("train_demo_clip")
+    model, bb = _trainable_tiny(4)
+    images = torch.randn(3, 3, 32, 32)
+    n_obj = len(OBJECT_CLASSES)
+    shares = torch.zeros(3, 4, 18)  # 2x2 patches
+    shares[0, :, 6] = torch.tensor([0, 0.8, 0, 0.5])  # right column
+    shares[1, :, 2] = torch.tensor([0.1, 0, 0, 0])  # a small object in one patch: the box is that patch
+    shares[:, :, n_obj + 1] = 1 - shares.sum(dim=-1)  # scene 2: stuff only, no crop
+    crops, masks, classes = train.cwr_crops(bb, images, shares, np.random.default_rng(0))
+    assert classes.tolist() == [6, 2]
+    # Scene 0's box is the right column (both patches above half the max share): its pixels, resized.
+    expected = torch.nn.functional.interpolate(images[0:1, :, :, 16:], size=(32, 32), mode="bilinear",
+                                               align_corners=False)[0]
+    assert torch.allclose(crops[0], expected, atol=1e-6)
+    assert masks[0].all() and masks[1].all()
+    assert torch.allclose(crops[1], torch.nn.functional.interpolate(
+        images[1:2, :, :16, :16], size=(32, 32), mode="bilinear", align_corners=False)[0], atol=1e-6)
+    text = torch.nn.functional.normalize(torch.randn(18, 16), dim=-1)
+    scale = model.logit_scale.exp().detach()
+    loss = train.crop_loss(bb, images, shares, text, scale, np.random.default_rng(0))
+    with torch.no_grad():
+        logits = scale * torch.nn.functional.normalize(bb.masked_cls_forward(crops, masks), dim=-1) @ text.T
+    assert torch.allclose(loss.detach(), torch.nn.functional.cross_entropy(logits, classes), atol=1e-5)
+    loss.backward()
+    assert model.visual.class_embedding.grad.abs().sum() > 0
