@@ -125,9 +125,10 @@ from torch.utils.data import DataLoader, Dataset
 from tagclip_cli.backbone import Backbone
 from tagclip_cli.methods.clses import CLS_SEG_TEMPLATES, ClsSegConfig
 from tagclip_cli.synthetic import DEFAULT_SIZE, OBJECT_CLASSES, STUFF_CLASSES, Scene, generate_scene
-from tagclip_cli.tagclip import TagCLIPConfig, crop_for_cwr, cwr_box, tagclip_templates
+from tagclip_cli.tagclip import TagCLIPConfig, coarse_scores, crop_for_cwr, cwr_box, tagclip_templates
 
 log = logging.getLogger("train_demo_clip")
+TAGCLIP = TagCLIPConfig()  # the tool's defaults: DMAR's layers, CWR's box threshold and mask value
 
 TRAIN_STREAM = 0  # scene stream used for training; benchmarks use other streams
 MODEL_NAME = "shapes-demo"
@@ -296,7 +297,7 @@ def local_score_loss(out: Forward, class_text: torch.Tensor, shares: torch.Tenso
     in psi to stay on the object. patches / attn as in :class:`Forward`, class_text (18, D)
     normalised, shares (B, N, 18) plain pixel shares, layers psi (DMAR's L-3..L-1)."""
     maps = out.attn[:, layers, 1:, 1:].float().mean(dim=1)  # (B, N, N)
-    coarse = (scale * torch.nn.functional.normalize(out.patches.float(), dim=-1) @ class_text.T).softmax(dim=-1)
+    coarse = coarse_scores(out.patches, class_text, scale)  # (B, N, 18), P_coarse with scale's gradient
     local = (maps @ coarse)[..., : len(OBJECT_CLASSES)].amax(dim=1).clamp(1e-6, 1 - 1e-6)  # (B, 12)
     present = (shares[..., : len(OBJECT_CLASSES)].sum(dim=1) > 0).float()
     return torch.nn.functional.binary_cross_entropy(local, present)
@@ -309,14 +310,14 @@ def cwr_crops(bb: Backbone, images: torch.Tensor, shares: torch.Tensor, rng: np.
     CWR's 0.5 (the object's pixel shares standing in for its refined score), cut and resized by
     `tagclip.crop_for_cwr`. images (B, 3, S, S) normalised, shares (B, N, 18). Returns (crops (K, 3,
     S, S) fp32, patch masks (K, N) bool, the objects' classes (K,)), K <= B."""
-    cfg, grid = TagCLIPConfig(), bb.native_grid
+    grid = bb.native_grid
     crops, masks, classes = [], [], []
     for b in range(images.shape[0]):
         present = torch.nonzero(shares[b, :, : len(OBJECT_CLASSES)].sum(dim=0) > 0).flatten()
         if not len(present):
             continue
         cls = int(present[rng.integers(len(present))])
-        box = cwr_box(shares[b, :, cls], grid, cls, cfg.cwr_patch_threshold, False)
+        box = cwr_box(shares[b, :, cls], grid, cls, TAGCLIP.cwr_patch_threshold, False)
         crop, mask = crop_for_cwr(images[b].float(), box, bb.patch_size, grid)
         crops.append(crop)
         masks.append(mask)
@@ -332,7 +333,7 @@ def crop_loss(bb: Backbone, images: torch.Tensor, shares: torch.Tensor, class_te
     The class token otherwise learns only from captions naming the salient object, and CWR, which
     averages P_global into the local score, then added nothing to the patch scores."""
     crops, masks, classes = cwr_crops(bb, images, shares, rng)
-    embedded = bb.masked_cls_forward(crops.to(images.dtype), masks, TagCLIPConfig().cwr_mask_value)
+    embedded = bb.masked_cls_forward(crops.to(images.dtype), masks, TAGCLIP.cwr_mask_value)
     logits = scale * torch.nn.functional.normalize(embedded.float(), dim=-1) @ class_text.T
     return torch.nn.functional.cross_entropy(logits, classes)
 
@@ -524,7 +525,8 @@ class Trainer:
                            device=torch.device("cpu"), cache_dir=None)  # fmt: skip
         self.compute.requires_grad_(True)
         self.templates = tagclip_templates()
-        self.dmar_layers = slice(max(0, self.bb.num_layers - 4), self.bb.num_layers - 1)  # L-3..L-1 (0-based)
+        lo, hi = TAGCLIP.layers_for(self.bb.num_layers)  # DMAR's 1-based inclusive range (L-3..L-1)
+        self.dmar_layers = slice(lo - 1, hi)
         if args.attention_layers == "caa":  # 0-based slice of CLS-SEG's 1-based inclusive CAA range
             lo, hi = ClsSegConfig().layers_for(self.bb.num_layers)
             self.attention_layers = slice(lo - 1, hi)

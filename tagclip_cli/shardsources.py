@@ -147,7 +147,7 @@ def list_tars(urls: Sequence[str]) -> ItemList:
                 problems.append(shard.problem)
             _add_tar_samples(builder, url, name, shard_index, shard)
     if not readable:
-        raise UsageError(problems[0] + (f" (and the {len(urls) - 1} other shards)" if len(urls) > 1 else ""))
+        raise _none_readable(problems, urls)
     for problem in problems:
         log.warning("%s", problem)
     return builder.build()
@@ -172,11 +172,16 @@ def list_tars_share(urls: Sequence[str], rank: int, world: int) -> tuple[ItemLis
             _add_tar_samples(builder, urls[shard_index], names[shard_index], shard_index, shard)
             counts[shard_index] = len(shard.keys) + (shard.problem is not None)
     if len(owned) and not readable and not _any_exists(url for s, url in enumerate(urls) if s % world != rank):
-        raise UsageError(problems[0] + (f" (and the {len(urls) - 1} other shards)" if len(urls) > 1 else ""))
+        raise _none_readable(problems, urls)
     for problem in problems:
         log.warning("%s", problem)
     indices = [local_indices(s, counts[s]) for s in owned]
     return builder.build(), np.concatenate([np.zeros(0, np.int64), *indices]), counts
+
+
+def _none_readable(problems: list[str], urls: Sequence[str]) -> UsageError:
+    """The error of a tar input none of whose shards can be read: the first shard's problem."""
+    return UsageError(problems[0] + (f" (and the {len(urls) - 1} other shards)" if len(urls) > 1 else ""))
 
 
 def _any_exists(urls: Iterable[str]) -> bool:
