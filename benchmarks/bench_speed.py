@@ -22,7 +22,21 @@ rotating order (the machine is shared and noisy: the ratios are the figure):
   difference), the CWR crop forward; the rest of annotate and segment's CLS-SEG part by difference.
 - segment (naive): the naive TagCLIP time of the same images plus a naive CLIP-ES pass (its own
   dense forward, one last-block backward and one affinity computation per tag), as the reference
-  runs classify.py and then generate_cams.
+  runs classify.py and then generate_cams;
+- one layer's attention (after the timed rounds, on the first batch's first same-size group): the
+  fused kernel of the encoder-only row against the parts of the explicit attention every
+  map-making layer runs (fp32 scores and softmax, head mean, value mixing), on the same q, k, v.
+  Their ratio is the machine's price of a map: it is what moves annotate's ratio to the
+  encoder-only row from one CPU to another (about even on AVX512-BF16 without AMX; several times
+  in bf16 on an AMX Xeon, whose fused bf16 kernel runs on AMX tiles while the map's fp32 scores
+  cannot);
+- one batch's memory (annotate and segment, each in a fresh child process with glibc's mmap
+  threshold fixed at 64 KiB, so that freed tensors leave the resident set): the live peak of one
+  first batch, the same from run to run; the peak-per-batch column of the first table also counts
+  what the allocator kept from earlier methods and moves by 100 MB and more between runs.
+
+Machine line: the CPU's model name and the instruction sets that pick the kernels (torch's CPU
+capability, AMX, AVX512-BF16): ratios from different CPUs are not comparable.
 
 Peak RSS per method is the process's VmHWM, reset before each method (/proc/self/clear_refs), so
 it includes the model (about 0.6 GB) and whatever the allocator kept from earlier methods; peak
@@ -66,6 +80,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,6 +90,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -91,6 +107,25 @@ VOC_SIZES = ((500, 375), (375, 500))
 
 
 # ---- measurement helpers ---------------------------------------------------------------------------
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the instruction sets that decide the bf16 and attention kernels
+    (torch's CPU capability; AMX and AVX512-BF16 from /proc/cpuinfo where there is one)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = [torch.backends.cpu.get_cpu_capability()]
+    isa += [name for flag, name in (("amx_tile", "AMX"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    return f"{model} ({', '.join(isa)})"
 
 
 def reset_peak_rss() -> bool:
@@ -233,6 +268,54 @@ def profile_stages(bb: Backbone, tagger: Tagger, images: Sequence[Tensor], crops
     stages["crops"] = stages.get("crops", 0.0) + time.perf_counter() - start
 
 
+def attention_profile(bb: Backbone, pixels: Tensor, repeats: int = 3) -> dict[str, float]:
+    """One layer's attention (the first block) on one batch (B, 3, H, W), milliseconds, the minimum
+    of `repeats`, on the same q, k and v (their projections are not timed: every path has them):
+    the fused kernel of the encoder-only row (`fused_attention`'s scaled_dot_product_attention)
+    against the parts of the explicit attention that a map-making layer runs (`backbone.encoder`:
+    fp32 scores and softmax, the head mean that is the layer's map, the value mixing with its
+    low-precision copy of the probabilities). Their ratio is what each map costs on this machine.
+    It depends on the CPU (with AMX, the fused bf16 kernel is several times faster than the fp32
+    scores; without it they are about even), which is why annotate's ratio to the encoder-only row
+    differs between machines."""
+    from tagclip_cli.backbone.encoder import Workspace, head_average, mix_values, softmax_attention, split_qkv
+
+    block = bb.visual.transformer.resblocks[0]
+    workspace = Workspace()
+    with torch.inference_mode(), bb.autocast():
+        y = block.ln_1(bb.embed(pixels))
+        q, k, v = split_qkv(block.attn, y)
+        probs = softmax_attention(q, k, None, workspace)
+
+        def best(fn: Callable[[], object]) -> float:
+            fn()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return 1000 * min(times)
+
+        return {
+            "fused attention (encoder-only)": best(lambda: F.scaled_dot_product_attention(q, k, v)),
+            "explicit: scores + softmax (fp32)": best(lambda: softmax_attention(q, k, None, workspace)),
+            "explicit: head mean (the map)": best(lambda: head_average(probs, None)),
+            "explicit: P @ V (with the low-precision copy)": best(lambda: mix_values(probs, v, workspace)),
+        }
+
+
+def print_attention_profile(rows: dict[str, float], shape: tuple[int, ...]) -> None:
+    b, t = shape[0], shape[1]
+    print()
+    print(f"| one layer's attention, batch of {b}, {t} tokens | ms |")
+    print("| --- | ---: |")
+    for name, ms in rows.items():
+        print(f"| {name} | {ms:.1f} |")
+    fused = rows["fused attention (encoder-only)"]
+    explicit = sum(ms for name, ms in rows.items() if name.startswith("explicit"))
+    print(f"| explicit total / fused | {explicit / fused:.2f}x |")
+
+
 def print_profile(stages: dict[str, float], annotate: float, segment: float | None) -> dict[str, float]:
     """The stage table of the quick run (seconds summed over its batches); returns the rows."""
     rows = {
@@ -258,11 +341,84 @@ def make_segmenter(bb: Backbone, vocab, tagger: Tagger, skip: bool):
         return None
     try:
         from tagclip_cli.methods.clses import ClsSegSegments
-    except ImportError:
-        return None
+    except ImportError:  # trees before the method registry (e.g. 083e69e), for before/after runs
+        try:
+            from tagclip_cli.segment import Segmenter as ClsSegSegments
+        except ImportError:
+            return None
     segmenter = ClsSegSegments(bb, vocab, run_tagclip=False)
     segmenter.tagger = tagger  # TagCLIP runs inside segment(), on the same dense forward
     return segmenter
+
+
+# ---- one batch's memory in a fresh process -------------------------------------------------------
+
+# glibc's mmap threshold fixed (and no trimming left to chance): every allocation of 64 KiB or more
+# is its own mapping, returned to the OS when freed, so the resident set follows the live tensors and
+# the peak is the batch's own, the same on every run (the peak-per-batch column above also counts
+# whatever the allocator kept from earlier methods and moves from run to run by 100 MB and more).
+BATCH_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def batch_memory_child(args: argparse.Namespace, workdir: Path) -> int:
+    """--memory-of annotate|segment: the rise of the peak RSS over one first batch (the quick run's
+    first `--batch-size` photos) in this fresh process, printed as `BATCH_MEMORY <MB>`."""
+    bb = load_random(args, workdir, "fp32")
+    fast = bb if args.precision == "fp32" else load_random(args, workdir, args.precision)
+    vocab = load_vocabulary("voc")
+    bb.cache_dir = workdir / "cache"
+    text = bb.text_classifier(vocab.all_names, ("a photo of a {}.",))
+    paths = make_photos(workdir / "photos", args.batch_size)
+    pre = Preprocess(bb.patch_size, bb.mean, bb.std)
+    rgb = [load_rgb(str(p)) for p in paths]
+    images, sizes = [pre(im) for im in rgb], [(im.height, im.width) for im in rgb]
+    tagger = Tagger(fast, vocab, text=text)
+    segmenter = make_segmenter(fast, vocab, tagger, False) if args.memory_of == "segment" else None
+    if args.memory_of == "segment" and segmenter is None:
+        print("BATCH_MEMORY nan")
+        return 0
+    with torch.inference_mode():
+        before = peak_rss_mb("VmRSS")
+        if not reset_peak_rss():
+            print("BATCH_MEMORY nan")
+            return 0
+        if segmenter is not None:
+            segmenter.segment(images, sizes, keep_cams=True)
+        else:
+            tagger.tag(images)
+        print(f"BATCH_MEMORY {peak_rss_mb() - before:.1f}")
+    return 0
+
+
+def batch_memory(args: argparse.Namespace) -> dict[str, float]:
+    """Annotate's and segment's memory for one batch, each in a fresh child process under
+    BATCH_MEMORY_ENV (Linux with glibc; elsewhere empty)."""
+    if not Path("/proc/self/clear_refs").exists() or platform.libc_ver()[0] != "glibc":
+        return {}
+    result = {}
+    for what in ("annotate", "segment"):
+        command = [sys.executable, str(Path(__file__).resolve()), "--memory-of", what, "--precision", args.precision,
+                   "--batch-size", str(args.batch_size), "--model", args.model, "--device", args.device]
+        command += ["--threads", str(args.threads)] if args.threads else []
+        command += ["--init-logit-scale"] if args.init_logit_scale else []
+        done = subprocess.run(command, env={**os.environ, **BATCH_MEMORY_ENV}, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("BATCH_MEMORY ")]
+        if done.returncode or not lines:
+            last = (done.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"# batch memory of {what}: the child process failed: {last}")
+            continue
+        result[what] = float(lines[-1].split()[1])
+    return result
+
+
+def print_batch_memory(memory: dict[str, float], batch_size: int) -> None:
+    if not memory:
+        return
+    print()
+    print(f"| one batch of {batch_size}, fresh process, allocations of 64 KiB+ mapped and unmapped (live peak) | MB |")
+    print("| --- | ---: |")
+    for what, mb in memory.items():
+        print(f"| {what} | {mb:.0f} |")
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -311,6 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="sweep: timed batches per configuration (default 2)")
     ap.add_argument("--no-segment", action="store_true", help="skip the segment measurements")
     ap.add_argument("--json", "--json-out", dest="json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--memory-of", choices=("annotate", "segment"), default=None,
+                    help=argparse.SUPPRESS)  # the child process of the one-batch memory table
     args = ap.parse_args(argv)
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     bad = [p for p in precisions if p not in ("fp32", "bf16", "fp16")]
@@ -347,19 +505,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="tagclip-bench-"))
     try:
+        if args.memory_of:
+            return batch_memory_child(args, workdir)
         return run(args, count, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def load_random(args: argparse.Namespace, workdir: Path, precision: str) -> Backbone:
+    """The benchmark's seeded random model in `precision` (the same weights for every precision)."""
+    model = load_backbone(args.model, pretrained="random", device=args.device, cache_dir=workdir / "cache",
+                          precision=precision)
+    if not args.init_logit_scale:
+        with torch.no_grad():
+            model.model.logit_scale.fill_(math.log(100.0))
+    return model
+
+
 def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
     def load(precision: str) -> Backbone:
-        model = load_backbone(args.model, pretrained="random", device=args.device, cache_dir=workdir / "cache",
-                              precision=precision)
-        if not args.init_logit_scale:
-            with torch.no_grad():
-                model.model.logit_scale.fill_(math.log(100.0))
-        return model
+        return load_random(args, workdir, precision)
 
     bb = load("fp32")  # the naive loop's (and the text tower's) backbone
     fast = bb if args.precision == "fp32" else load(args.precision)  # same seed: the same weights
@@ -372,8 +537,7 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
         f"{torch.get_num_threads()} threads"
     )
     print(
-        f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"load average {os.getloadavg()[0]:.1f}",
+        f"# machine: {cpu_description()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
 
@@ -440,7 +604,12 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
             flush=True,
         )
 
-    stats = {"candidates": candidates, "crops": crops, "tags": tags, "max_diff": max_diff,
+    first = [images[i] for i in batches[0]]
+    same = torch.stack([img for img in first if img.shape == first[0].shape])
+    attention = attention_profile(fast, same)
+    stats = {"attention_ms": attention, "attention_shape": (same.shape[0], 1 + same.shape[-2] * same.shape[-1]
+                                                            // fast.patch_size ** 2),
+             "candidates": candidates, "crops": crops, "tags": tags, "max_diff": max_diff,
              "max_cam_diff": max_cam_diff, "same_tags": same_tags, "decode_s": decode_s, "names": len(names)}
     return report(args, count, (ours, slow, enc, seg_ours, seg_cams), segmenter is not None, stages, stats, setup)
 
@@ -476,6 +645,9 @@ def report(args: argparse.Namespace, count: int, timed_methods: tuple[Method, ..
     max_diff, max_cam_diff, same_tags = stats["max_diff"], stats["max_cam_diff"], stats["same_tags"]
     print_methods(methods := methods_of(ours, slow, enc, seg_ours, seg_cams, segmented))
     profile = print_profile(stages, ours.seconds, seg_ours.seconds if segmented else None)
+    print_attention_profile(stats["attention_ms"], stats["attention_shape"])
+    memory = batch_memory(args)
+    print_batch_memory(memory, args.batch_size)
     print()
     print(
         f"CWR candidates per image: mean {statistics.mean(candidates):.2f}, max {max(candidates)}; "
@@ -508,6 +680,8 @@ def report(args: argparse.Namespace, count: int, timed_methods: tuple[Method, ..
         "methods": {m.name: {"seconds": m.seconds, "images_per_s": m.rate, "peak_rss_mb": m.peak_rss,
                              "peak_per_batch_mb": m.batch_peak} for m in methods},
         "profile_s": profile,
+        "attention_layer_ms": stats["attention_ms"],
+        "batch_memory_mb": memory,
         "candidates_mean": statistics.mean(candidates),
         "crops": crops,
         "max_score_diff": max_diff,
