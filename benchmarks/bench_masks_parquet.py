@@ -33,10 +33,11 @@ def make_parts(out: Path, n: int) -> None:
     import pyarrow as pa
 
     from tagclip_cli.jobs.parts import PartStore
+    from tagclip_cli.record import RunRecord
     from tagclip_cli.sources import ImageItem
     from tagclip_cli.writers import mask_entries, segment_row, segment_schema
 
-    config = {"tool": "tagclip-cli", "classes": CLASSES}
+    config = RunRecord(classes=CLASSES)
     items = [ImageItem(i, f"{i // 1000:03d}/{i:06d}.jpg", f"/data/{i:06d}.jpg") for i in range(n)]
     store = PartStore.open(out, config, items, {"format": "masks-parquet"})
     schema = segment_schema(config)

@@ -106,3 +106,18 @@ def test_a_part_missing_under_the_merge_is_refused_not_skipped(tmp_path):
     with pytest.raises(IncompleteRunError, match="image #8 has no row"):
         list(iter_merged(without, SCHEMA, 600, 256, store.dir, budget=1))
     assert [p.name for p in store.dir.iterdir() if p.name.startswith(".merge")] == []
+
+
+def test_masks_parquet_benchmark_makes_and_merges_a_segment_run(tmp_path):
+    """benchmarks/bench_masks_parquet.py (run by `make bench`) writes a segment run's parts through
+    the PartStore and merges them into the masks Parquet: it must follow the store's API (it once
+    passed a plain dict where the store takes a RunRecord, and `make bench` failed there)."""
+    import bench_masks_parquet as bench
+
+    out = tmp_path / "masks.parquet"
+    bench.make_parts(out, 12)
+    result = bench.merge(out, 12)
+    table = pq.read_table(out)
+    assert result["images"] == 12 and result["rows"] == table.num_rows >= 12  # 1-3 masks per image
+    assert sorted(set(table.column("image_id").to_pylist())) == [f"000/{i:06d}.jpg" for i in range(12)]
+    assert set(table.column("status").to_pylist()) == {"ok"}
