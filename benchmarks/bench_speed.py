@@ -129,6 +129,18 @@ def cpu_description() -> str:
     return f"{model} ({', '.join(isa)})"
 
 
+def minimum_times(fns: Sequence[Callable[[], object]], repeats: int) -> list[float]:
+    """Each function's minimum wall time (s) over `repeats` calls, the functions alternating: on a
+    virtual machine whose single runs scatter by several percent, the minimum is the cost."""
+    best = [math.inf] * len(fns)
+    for _ in range(repeats):
+        for j, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[j] = min(best[j], time.perf_counter() - start)
+    return best
+
+
 def reset_peak_rss() -> bool:
     """Reset the process's peak RSS (VmHWM) to its current RSS; False where Linux does not allow it."""
     try:
@@ -179,6 +191,16 @@ class Method:
 
 
 # ---- inputs -------------------------------------------------------------------------------------
+
+
+def load_photos(bb: Backbone, paths: Sequence[Path]) -> tuple[list[Tensor], list[tuple[int, int]], float]:
+    """Photos decoded and preprocessed for bb: (images, original (h, w) sizes, seconds spent
+    decoding, resizing and normalising)."""
+    pre = Preprocess(bb.patch_size, bb.mean, bb.std)
+    start = time.perf_counter()
+    rgb = [load_rgb(str(p)) for p in paths]
+    images = [pre(im) for im in rgb]
+    return images, [(im.height, im.width) for im in rgb], time.perf_counter() - start
 
 
 def make_photos(root: Path, count: int, seed: int = 0) -> list[Path]:
@@ -287,22 +309,15 @@ def attention_profile(bb: Backbone, pixels: Tensor, repeats: int = 3) -> dict[st
         y = block.ln_1(bb.embed(pixels))
         q, k, v = split_qkv(block.attn, y)
         probs = softmax_attention(q, k, None, workspace)
-
-        def best(fn: Callable[[], object]) -> float:
-            fn()
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            return 1000 * min(times)
-
-        return {
-            "fused attention (encoder-only)": best(lambda: F.scaled_dot_product_attention(q, k, v)),
-            "explicit: scores + softmax (fp32)": best(lambda: softmax_attention(q, k, None, workspace)),
-            "explicit: head mean (the map)": best(lambda: head_average(probs, None)),
-            "explicit: P @ V (with the low-precision copy)": best(lambda: mix_values(probs, v, workspace)),
+        parts = {
+            "fused attention (encoder-only)": lambda: F.scaled_dot_product_attention(q, k, v),
+            "explicit: scores + softmax (fp32)": lambda: softmax_attention(q, k, None, workspace),
+            "explicit: head mean (the map)": lambda: head_average(probs, None),
+            "explicit: P @ V (with the low-precision copy)": lambda: mix_values(probs, v, workspace),
         }
+        for fn in parts.values():  # warm-up
+            fn()
+        return {name: 1000 * t for name, t in zip(parts, minimum_times(list(parts.values()), repeats), strict=True)}
 
 
 def print_attention_profile(rows: dict[str, float], shape: tuple[int, ...]) -> None:
@@ -361,18 +376,6 @@ def make_segmenter(bb: Backbone, vocab, tagger: Tagger, skip: bool):
 BATCH_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def minimum_pair(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Each function's minimum wall time over `repeats` calls, the two alternating (--repeat): on a
-    virtual machine whose single runs scatter by several percent, the minimum is the cost."""
-    best = [math.inf, math.inf]
-    for _ in range(repeats):
-        for j, fn in enumerate((first, second)):
-            start = time.perf_counter()
-            fn()
-            best[j] = min(best[j], time.perf_counter() - start)
-    return best[0], best[1]
-
-
 def batch_memory_child(args: argparse.Namespace, workdir: Path) -> int:
     """--memory-of annotate|segment: the rise of the peak RSS over one first batch (the quick run's
     first `--batch-size` photos) in this fresh process, printed as `BATCH_MEMORY <MB>`."""
@@ -381,10 +384,7 @@ def batch_memory_child(args: argparse.Namespace, workdir: Path) -> int:
     vocab = load_vocabulary("voc")
     bb.cache_dir = workdir / "cache"
     text = bb.text_classifier(vocab.all_names, ("a photo of a {}.",))
-    paths = make_photos(workdir / "photos", args.batch_size)
-    pre = Preprocess(bb.patch_size, bb.mean, bb.std)
-    rgb = [load_rgb(str(p)) for p in paths]
-    images, sizes = [pre(im) for im in rgb], [(im.height, im.width) for im in rgb]
+    images, sizes, _ = load_photos(bb, make_photos(workdir / "photos", args.batch_size))
     tagger = Tagger(fast, vocab, text=text)
     segmenter = make_segmenter(fast, vocab, tagger, False) if args.memory_of == "segment" else None
     if args.memory_of == "segment" and segmenter is None:
@@ -564,13 +564,7 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
     tagger = Tagger(fast, vocab, text=text)
     naive = NaiveTagCLIP(bb, vocab.classes, vocab.background, (), text=text)
 
-    paths = make_photos(workdir / "photos", count)
-    pre = Preprocess(bb.patch_size, bb.mean, bb.std)
-    start = time.perf_counter()
-    rgb = [load_rgb(str(p)) for p in paths]
-    images = [pre(im) for im in rgb]
-    original_sizes = [(im.height, im.width) for im in rgb]
-    decode_s = time.perf_counter() - start
+    images, original_sizes, decode_s = load_photos(bb, make_photos(workdir / "photos", count))
 
     with torch.inference_mode():  # warm-up (kernels, allocator); the rotating order does the rest
         tagger.tag(images[:1])
@@ -607,9 +601,10 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
             enc.run(lambda c=c, k=k, batch=batch: encoder_only(fast, batch, c, k), len(batch))
             profile_stages(fast, tagger, batch, c, k, stages)
             if args.repeat > 1:
-                repeated.append(minimum_pair(lambda batch=batch: tagger.tag(batch),
-                                             lambda c=c, k=k, batch=batch: encoder_only(fast, batch, c, k),
-                                             args.repeat))
+                annotate_s, encoder_s = minimum_times([lambda batch=batch: tagger.tag(batch),
+                                                       lambda c=c, k=k, batch=batch: encoder_only(fast, batch, c, k)],
+                                                      args.repeat)
+                repeated.append((annotate_s, encoder_s))
         for j, (out, ref) in enumerate(zip(got["ours"], got["naive"], strict=True)):
             candidates.append(len(out.candidates))
             crops += len(out.boxes)
@@ -632,6 +627,7 @@ def run(args: argparse.Namespace, count: int, workdir: Path) -> int:
     attention = attention_profile(fast, same)
     tokens = 1 + same.shape[-2] * same.shape[-1] // fast.patch_size ** 2
     stats = {"repeated": repeated, "attention_ms": attention, "attention_shape": (same.shape[0], tokens),
+             "batch_memory": batch_memory(args),
              "candidates": candidates, "crops": crops, "tags": tags, "max_diff": max_diff,
              "max_cam_diff": max_cam_diff, "same_tags": same_tags, "decode_s": decode_s, "names": len(names)}
     return report(args, count, (ours, slow, enc, seg_ours, seg_cams), segmenter is not None, stages, stats, setup)
@@ -669,7 +665,7 @@ def report(args: argparse.Namespace, count: int, timed_methods: tuple[Method, ..
     print_methods(methods := methods_of(ours, slow, enc, seg_ours, seg_cams, segmented))
     profile = print_profile(stages, ours.seconds, seg_ours.seconds if segmented else None)
     print_attention_profile(stats["attention_ms"], stats["attention_shape"])
-    memory = batch_memory(args)
+    memory = stats["batch_memory"]
     print_batch_memory(memory, args.batch_size)
     print()
     print(
@@ -825,12 +821,8 @@ def sweep(args: argparse.Namespace, precisions: Sequence[str], batch_sizes: Sequ
     count = args.rounds * max(batch_sizes)
     count += count % 2  # half of each VOC size
     paths = make_photos(workdir / "photos", count)
-    pre = Preprocess(bb.patch_size, bb.mean, bb.std)
-    start = time.perf_counter()
-    rgb = [load_rgb(str(p)) for p in paths]
-    images = [pre(im) for im in rgb]
-    decode_per_image = (time.perf_counter() - start) / count
-    sizes = [(im.height, im.width) for im in rgb]
+    images, sizes, decode_s = load_photos(bb, paths)
+    decode_per_image = decode_s / count
     gpu_decode = gpu_jpeg_decode_rate(paths, device)
     by_shape: dict[tuple, list[int]] = {}
     for i, img in enumerate(images):
